@@ -1,0 +1,250 @@
+//! The CPU backend: f32 arithmetic, GEMMs through the `gemm` crate, everything else data-parallel
+//! with rayon. It runs on whatever rayon pool is current (the engine installs its pinned pool).
+//!
+//! This backend is the numerical reference: it must match Hugging Face transformers in float32.
+
+mod attention;
+
+use rayon::prelude::*;
+
+use super::{AttentionShape, Backend, KvCacheShape};
+use crate::error::{Error, Result};
+use crate::model::{F32Data, HostTensor};
+use crate::runner::ForwardBatch;
+
+/// Rows per rayon task in element-wise kernels: keeps tasks big enough to amortise scheduling.
+const ROWS_PER_TASK: usize = 4;
+
+/// A row-major f32 matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    /// Number of rows (tokens).
+    pub rows: usize,
+    /// Number of columns.
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    /// A matrix owning `data`.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        debug_assert_eq!(rows * cols, data.len());
+        CpuTensor { rows, cols, data }
+    }
+}
+
+/// A weight: a host tensor, possibly still a view of the mapped checkpoint.
+pub struct CpuWeight {
+    shape: Vec<usize>,
+    data: F32Data,
+}
+
+impl CpuWeight {
+    fn rows(&self) -> usize {
+        self.shape[0]
+    }
+    fn cols(&self) -> usize {
+        self.shape.get(1).copied().unwrap_or(1)
+    }
+}
+
+/// The KV cache: per layer, keys and values as `[slots, kv_heads * head_dim]`.
+pub struct CpuKvCache {
+    shape: KvCacheShape,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// The CPU backend (stateless; threads come from the current rayon pool).
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// A CPU backend.
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn shape_err(op: &str, msg: String) -> Error {
+    Error::Backend(format!("{op}: {msg}"))
+}
+
+/// `dst[m, n] = lhs[m, k] @ rhs^T` where `rhs` is `[n, k]` row-major (an nn.Linear weight);
+/// `dst` is added to when `accumulate` (used to start from a bias).
+pub fn matmul_nt(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, k: usize, accumulate: bool) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == n * k, "matmul_nt: bad sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above guarantee every index the strides reach is in bounds:
+    // dst is m x n (row stride n), lhs m x k (row stride k), rhs viewed as k x n with column stride k.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+fn rms_norm_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
+    let ss: f64 = src.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    let inv = 1.0 / ((ss / src.len() as f64) as f32 + eps).sqrt();
+    for ((d, &x), &g) in dst.iter_mut().zip(src).zip(w) {
+        *d = g * (x * inv);
+    }
+}
+
+impl Backend for CpuBackend {
+    type Weight = CpuWeight;
+    type Tensor = CpuTensor;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, t: HostTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight { shape: t.shape, data: t.data })
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache> {
+        let per_layer = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
+        let alloc = || -> Result<Vec<f32>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(per_layer)
+                .map_err(|_| Error::Backend(format!("cannot allocate {} MiB of KV cache", per_layer * 4 >> 20)))?;
+            v.resize(per_layer, 0.0);
+            Ok(v)
+        };
+        let mut k = Vec::with_capacity(shape.num_layers);
+        let mut v = Vec::with_capacity(shape.num_layers);
+        for _ in 0..shape.num_layers {
+            k.push(alloc()?);
+            v.push(alloc()?);
+        }
+        Ok(CpuKvCache { shape, k, v })
+    }
+
+    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let (vocab, width) = (table.rows(), table.cols());
+        let mut out = vec![0f32; ids.len() * width];
+        for (row, &id) in out.chunks_exact_mut(width).zip(ids) {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary ({vocab})")));
+            }
+            row.copy_from_slice(&table.data[id * width..(id + 1) * width]);
+        }
+        Ok(CpuTensor::new(ids.len(), width, out))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        if w.data.len() != x.cols {
+            return Err(shape_err("rms_norm", format!("weight {} for width {}", w.data.len(), x.cols)));
+        }
+        let mut out = vec![0f32; x.data.len()];
+        out.par_chunks_mut(x.cols).zip(x.data.par_chunks(x.cols)).with_min_len(ROWS_PER_TASK).for_each(|(d, s)| {
+            rms_norm_row(s, &w.data, eps, d);
+        });
+        Ok(CpuTensor::new(x.rows, x.cols, out))
+    }
+
+    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        if residual.data.len() != x.data.len() || w.data.len() != x.cols {
+            return Err(shape_err("add_rms_norm", format!("residual {} vs x {}x{}", residual.data.len(), x.rows, x.cols)));
+        }
+        let cols = x.cols;
+        let mut out = vec![0f32; x.data.len()];
+        out.par_chunks_mut(cols)
+            .zip(residual.data.par_chunks_mut(cols))
+            .zip(x.data.par_chunks(cols))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|((d, r), s)| {
+                for (r, &s) in r.iter_mut().zip(s) {
+                    *r += s;
+                }
+                rms_norm_row(r, &w.data, eps, d);
+            });
+        Ok(CpuTensor::new(x.rows, cols, out))
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
+        let (n, k) = (w.rows(), w.cols());
+        if x.cols != k {
+            return Err(shape_err("linear", format!("input width {} for weight {:?}", x.cols, w.shape)));
+        }
+        let mut out = vec![0f32; x.rows * n];
+        if let Some(b) = bias {
+            if b.data.len() != n {
+                return Err(shape_err("linear", format!("bias {} for {n} outputs", b.data.len())));
+            }
+            for row in out.chunks_exact_mut(n) {
+                row.copy_from_slice(&b.data);
+            }
+        }
+        matmul_nt(&mut out, &x.data, &w.data, x.rows, n, k, bias.is_some());
+        Ok(CpuTensor::new(x.rows, n, out))
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        let half = gate_up.cols / 2;
+        let mut out = vec![0f32; gate_up.rows * half];
+        out.par_chunks_mut(half).zip(gate_up.data.par_chunks(gate_up.cols)).with_min_len(ROWS_PER_TASK).for_each(
+            |(d, s)| {
+                let (g, u) = s.split_at(half);
+                for ((d, &g), &u) in d.iter_mut().zip(g).zip(u) {
+                    *d = g / (1.0 + (-g).exp()) * u;
+                }
+            },
+        );
+        Ok(CpuTensor::new(gate_up.rows, half, out))
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor> {
+        let mut out = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            let r = r as usize;
+            if r >= x.rows {
+                return Err(shape_err("gather_rows", format!("row {r} of {}", x.rows)));
+            }
+            out.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(CpuTensor::new(rows.len(), x.cols, out))
+    }
+
+    fn attention(
+        &self,
+        qkv: &mut CpuTensor,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        batch: &ForwardBatch,
+        shape: &AttentionShape,
+    ) -> Result<CpuTensor> {
+        attention::attention(qkv, cache, layer, batch, shape)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}

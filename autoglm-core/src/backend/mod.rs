@@ -1,0 +1,95 @@
+//! The small set of fused operations the GLM model is written against.
+//!
+//! The model (`model::glm`) calls only these; a backend owns its tensors and KV cache. The CPU
+//! backend is the numerical reference (f32 everywhere); other backends are tested against it.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::model::HostTensor;
+use crate::runner::ForwardBatch;
+
+/// Shape of the paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    /// Bytes of one block across all layers, keys and values, at `bytes_per_elem`.
+    pub fn block_bytes(&self, bytes_per_elem: usize) -> usize {
+        2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * bytes_per_elem
+    }
+}
+
+/// Attention geometry of one layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Leading dims of each head rotated by rope (interleaved pairs).
+    pub rotary_dim: usize,
+    /// Rope base.
+    pub rope_theta: f32,
+    /// Softmax scale, usually `head_dim^-0.5`.
+    pub scale: f32,
+}
+
+/// Rope inverse frequencies as Hugging Face computes them (in f32).
+pub fn rope_inv_freq(rotary_dim: usize, theta: f32) -> Vec<f32> {
+    (0..rotary_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary_dim as f32)).collect()
+}
+
+/// Fused operations on a device. Activations are `[rows, cols]` matrices, one row per token.
+pub trait Backend: Send + Sync + 'static {
+    /// A parameter resident on the device.
+    type Weight: Send + Sync;
+    /// An activation matrix.
+    type Tensor: Send;
+    /// The paged KV cache of all layers.
+    type KvCache: Send;
+
+    /// A short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+    /// Takes a host tensor onto the device (converting to the backend's storage type).
+    fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
+    /// Allocates a zeroed KV cache.
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache>;
+    /// Rows `ids` of `table`.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `rmsnorm(x) * w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// `residual += x`, then returns `rmsnorm(residual) * w`.
+    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// `x @ w^T + bias` for `w` of shape `[out, in]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
+    /// `silu(gate) * up` where each row of `gate_up` is `[gate | up]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rows `rows` of `x`, in order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor>;
+    /// Applies rope to the q and k parts of a fused `[q | k | v]` activation, writes k and v into the
+    /// cache of `layer` at the batch's slots, and returns causal attention over each sequence's context.
+    fn attention(
+        &self,
+        qkv: &mut Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        batch: &ForwardBatch,
+        shape: &AttentionShape,
+    ) -> Result<Self::Tensor>;
+    /// Copies an activation to the host, row-major.
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}

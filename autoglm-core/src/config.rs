@@ -1,0 +1,95 @@
+//! Engine configuration: plain structs with `Default` and `validate()`.
+
+use crate::error::{Error, Result};
+
+/// The paged KV cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the pool; `None` sizes the pool from `memory_bytes`.
+    pub num_blocks: Option<usize>,
+    /// Memory for the KV cache when `num_blocks` is `None`.
+    pub memory_bytes: usize,
+    /// Reuse cached full blocks of identical prompt prefixes across requests.
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { block_size: 16, num_blocks: None, memory_bytes: 512 << 20, enable_prefix_caching: true }
+    }
+}
+
+/// Continuous batching limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Sequences running at once.
+    pub max_num_seqs: usize,
+    /// Tokens (prefill chunks plus decodes) in one forward pass.
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence (prompt plus output); `None` takes the model's `max_position_embeddings`,
+    /// capped by what the KV pool holds.
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 2048, max_model_len: None }
+    }
+}
+
+/// Which cores the engine thread and the compute pool run on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ThreadingConfig {
+    /// Core for the engine (scheduling) thread; `None` leaves it unpinned.
+    pub engine_core: Option<usize>,
+    /// Cores for the compute pool, one thread per entry; empty uses every core this process may run
+    /// on, unpinned.
+    pub compute_cores: Vec<usize>,
+    /// Compute threads when `compute_cores` is empty; `None` is one per allowed core.
+    pub num_threads: Option<usize>,
+}
+
+/// Everything an [`Engine`](crate::Engine) needs besides the model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EngineConfig {
+    /// KV cache.
+    pub cache: CacheConfig,
+    /// Batching.
+    pub scheduler: SchedulerConfig,
+    /// Thread placement.
+    pub threading: ThreadingConfig,
+    /// Seed for requests that give none (each request draws its own seed from it).
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.cache;
+        if c.block_size == 0 || c.block_size > 1024 {
+            return Err(Error::config("cache.block_size", format!("{} (must be 1..=1024)", c.block_size)));
+        }
+        if c.num_blocks == Some(0) {
+            return Err(Error::config("cache.num_blocks", "0 (must be positive)"));
+        }
+        if c.num_blocks.is_none() && c.memory_bytes == 0 {
+            return Err(Error::config("cache.memory_bytes", "0 (must be positive)"));
+        }
+        let s = &self.scheduler;
+        if s.max_num_seqs == 0 {
+            return Err(Error::config("scheduler.max_num_seqs", "0 (must be positive)"));
+        }
+        if s.max_num_batched_tokens == 0 {
+            return Err(Error::config("scheduler.max_num_batched_tokens", "0 (must be positive)"));
+        }
+        if s.max_model_len == Some(0) {
+            return Err(Error::config("scheduler.max_model_len", "0 (must be positive)"));
+        }
+        if self.threading.num_threads == Some(0) {
+            return Err(Error::config("threading.num_threads", "0 (must be positive)"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,424 @@
+//! The engine thread: schedule -> forward -> sample -> emit, until shut down.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::block_manager::BlockManager;
+use super::scheduler::{Scheduler, SchedulerOutput};
+use super::sequence::{SeqId, Sequence};
+use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
+use crate::backend::Backend;
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::model::GlmModel;
+use crate::runner::ForwardBatch;
+use crate::sampling::{self, FinishReason, SamplerState};
+use crate::threading;
+use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
+
+pub(crate) struct NewRequest {
+    pub(crate) id: RequestId,
+    pub(crate) req: Request,
+    pub(crate) tx: flume::Sender<Result<RequestOutput>>,
+}
+
+struct RequestState {
+    tx: flume::Sender<Result<RequestOutput>>,
+    req: Request,
+    seqs: Vec<SeqId>,
+    choices_left: usize,
+    usage: Usage,
+    /// Generation stops at this many output tokens (max_tokens capped by the context length).
+    max_output: usize,
+}
+
+/// Output processing of one choice.
+struct ChoiceState {
+    request: RequestId,
+    index: usize,
+    sampler: SamplerState,
+    detok: Option<IncrementalDetokenizer>,
+    /// Text decoded so far and how much of it was emitted.
+    text: String,
+    emitted: usize,
+    first_schedule: bool,
+}
+
+struct Core<B: Backend> {
+    backend: B,
+    model: GlmModel<B>,
+    cache: B::KvCache,
+    tokenizer: Option<Arc<Tokenizer>>,
+    scheduler: Scheduler,
+    requests: HashMap<RequestId, RequestState>,
+    choices: HashMap<SeqId, ChoiceState>,
+    next_seq: SeqId,
+    arrivals: u64,
+    seed_rng: SamplerState,
+    max_model_len: usize,
+    eos: Vec<u32>,
+    stats: Arc<EngineStats>,
+    logits_scratch: Vec<f32>,
+}
+
+/// Memory the OS says is available, in bytes (Linux), if known.
+fn mem_available() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub(crate) fn run<B: Backend>(
+    backend: B,
+    model: GlmModel<B>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    rx: flume::Receiver<Command>,
+    ready: flume::Sender<Result<usize>>,
+) {
+    let started = (|| -> Result<(Core<B>, rayon::ThreadPool)> {
+        if let Some(core) = config.threading.engine_core {
+            threading::pin_current_thread(core)?;
+        }
+        let pool = threading::build_compute_pool(&config.threading)?;
+        let mc = model.config().clone();
+        let bs = config.cache.block_size;
+        let block_bytes = model.kv_cache_shape(1, bs).block_bytes(4);
+        let num_blocks = config.cache.num_blocks.unwrap_or(config.cache.memory_bytes / block_bytes);
+        if num_blocks == 0 {
+            return Err(Error::config(
+                "cache.memory_bytes",
+                format!("{} bytes hold no KV block ({block_bytes} bytes each)", config.cache.memory_bytes),
+            ));
+        }
+        let kv_bytes = num_blocks * block_bytes;
+        if let Some(avail) = mem_available() {
+            if kv_bytes > avail {
+                return Err(Error::config(
+                    "cache",
+                    format!("the KV cache needs {} MiB but only {} MiB of memory is available", kv_bytes >> 20, avail >> 20),
+                ));
+            }
+        }
+        let max_model_len = match config.scheduler.max_model_len {
+            Some(len) if len > mc.max_position_embeddings => {
+                return Err(Error::config(
+                    "scheduler.max_model_len",
+                    format!("{len} exceeds the model's max_position_embeddings {}", mc.max_position_embeddings),
+                ))
+            }
+            Some(len) => len,
+            None => mc.max_position_embeddings,
+        }
+        .min(num_blocks * bs);
+        let cache = backend.alloc_kv_cache(model.kv_cache_shape(num_blocks, bs))?;
+        let mut eos = mc.eos_token_ids.clone();
+        if let Some(t) = &tokenizer {
+            eos.extend_from_slice(t.eos_token_ids());
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
+        let blocks = BlockManager::new(num_blocks, bs, config.cache.enable_prefix_caching);
+        let scheduler =
+            Scheduler::new(blocks, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens);
+        let core = Core {
+            backend,
+            model,
+            cache,
+            tokenizer,
+            scheduler,
+            requests: HashMap::new(),
+            choices: HashMap::new(),
+            next_seq: 1,
+            arrivals: 0,
+            seed_rng: SamplerState::new(config.seed),
+            max_model_len,
+            eos,
+            stats,
+            logits_scratch: Vec::new(),
+        };
+        Ok((core, pool))
+    })();
+    let (mut core, pool) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(core.max_model_len));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(|| core.run_loop(&rx))));
+    if result.is_err() {
+        core.fail_all(|| Error::Backend("the engine thread panicked; see stderr".into()));
+    }
+}
+
+impl<B: Backend> Core<B> {
+    fn run_loop(&mut self, rx: &flume::Receiver<Command>) {
+        loop {
+            if !self.scheduler.has_work() {
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                if !self.handle(cmd) {
+                    return;
+                }
+            }
+            if self.scheduler.has_work() {
+                self.step();
+            }
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(new) => self.add_request(*new),
+            Command::Cancel(id) => self.abort_request(id, None),
+            Command::Shutdown => {
+                self.fail_all(|| Error::EngineShutdown);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn add_request(&mut self, new: NewRequest) {
+        let NewRequest { id, req, tx } = new;
+        let n = req.params.n;
+        let max_output = req.params.max_tokens.min(self.max_model_len - req.prompt.len());
+        let base_seed = req.params.seed.unwrap_or_else(|| rand_seed(&mut self.seed_rng));
+        let mut seqs = Vec::with_capacity(n);
+        for index in 0..n {
+            let seq_id = self.next_seq;
+            self.next_seq += 1;
+            self.arrivals += 1;
+            self.scheduler.add(Sequence::new(seq_id, req.prompt.clone(), req.priority, self.arrivals));
+            let detok = self.tokenizer.as_ref().map(|_| IncrementalDetokenizer::new(req.params.skip_special_tokens));
+            self.choices.insert(
+                seq_id,
+                ChoiceState {
+                    request: id,
+                    index,
+                    sampler: SamplerState::new(base_seed.wrapping_add(index as u64)),
+                    detok,
+                    text: String::new(),
+                    emitted: 0,
+                    first_schedule: true,
+                },
+            );
+            seqs.push(seq_id);
+        }
+        let usage = Usage { prompt_tokens: req.prompt.len(), ..Default::default() };
+        self.requests.insert(id, RequestState { tx, req, seqs, choices_left: n, usage, max_output });
+    }
+
+    /// Removes a request; sends `err` (if any) to its stream.
+    fn abort_request(&mut self, id: RequestId, err: Option<Error>) {
+        let Some(state) = self.requests.remove(&id) else { return };
+        for seq in &state.seqs {
+            self.scheduler.remove(*seq);
+            self.choices.remove(seq);
+        }
+        if let Some(e) = err {
+            let _ = state.tx.send(Err(e));
+        }
+        self.publish_stats();
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> Error) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.abort_request(id, Some(err()));
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.waiting.store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        s.running.store(self.scheduler.num_running(), Ordering::Relaxed);
+        s.kv_blocks_used.store(self.scheduler.block_manager().num_used(), Ordering::Relaxed);
+    }
+
+    fn build_batch(&self, plan: &SchedulerOutput) -> ForwardBatch {
+        let bs = self.scheduler.block_manager().block_size();
+        let stride = plan
+            .scheduled
+            .iter()
+            .map(|s| self.scheduler.get(s.seq_id).map_or(0, |q| q.block_table.len()))
+            .max()
+            .unwrap_or(1);
+        let mut batch = ForwardBatch::new(stride);
+        for s in &plan.scheduled {
+            let seq = self.scheduler.get(s.seq_id).expect("scheduled sequence exists");
+            batch.push_seq(&seq.tokens[s.start..s.start + s.len], s.start, &seq.block_table, bs);
+            if s.sample {
+                batch.logits_indices.push(batch.num_tokens() as u32 - 1);
+            }
+        }
+        batch
+    }
+
+    fn step(&mut self) {
+        let plan = self.scheduler.schedule();
+        self.stats.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        if plan.scheduled.is_empty() {
+            // Nothing fits: only possible if a lone sequence outgrew the pool, which max_model_len
+            // prevents; fail the waiting requests rather than spin.
+            self.fail_all(|| Error::Backend("the KV cache cannot hold any waiting sequence".into()));
+            return;
+        }
+        for s in &plan.scheduled {
+            if let Some(c) = self.choices.get_mut(&s.seq_id) {
+                if c.first_schedule {
+                    c.first_schedule = false;
+                    if c.index == 0 {
+                        if let Some(r) = self.requests.get_mut(&c.request) {
+                            r.usage.cached_prompt_tokens = s.start;
+                        }
+                    }
+                }
+            }
+        }
+        let batch = self.build_batch(&plan);
+        let logits = self.model.forward(&self.backend, &batch, &mut self.cache);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = e.to_string();
+                let reqs: Vec<RequestId> =
+                    plan.scheduled.iter().filter_map(|s| self.choices.get(&s.seq_id).map(|c| c.request)).collect();
+                for r in reqs {
+                    self.abort_request(r, Some(Error::Backend(msg.clone())));
+                }
+                return;
+            }
+        };
+        self.scheduler.commit(&plan);
+        let prompt_computed: usize = plan
+            .scheduled
+            .iter()
+            .filter_map(|s| self.scheduler.get(s.seq_id).map(|q| s.len.min(q.prompt_len.saturating_sub(s.start))))
+            .sum();
+        self.stats.prompt_tokens_computed.fetch_add(prompt_computed as u64, Ordering::Relaxed);
+        let vocab = self.model.config().vocab_size;
+        let mut row = 0;
+        for s in plan.scheduled.iter().filter(|s| s.sample) {
+            let l = &logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            self.sample_and_emit(s.seq_id, l);
+        }
+        self.publish_stats();
+    }
+
+    fn sample_and_emit(&mut self, seq_id: SeqId, logits: &[f32]) {
+        let Some(choice) = self.choices.get_mut(&seq_id) else { return };
+        let Some(req) = self.requests.get_mut(&choice.request) else { return };
+        let seq = self.scheduler.get(seq_id).expect("sampled sequence exists");
+        let params = &req.req.params;
+        self.logits_scratch.clear();
+        self.logits_scratch.extend_from_slice(logits);
+        let token =
+            sampling::sample(&mut self.logits_scratch, params, &seq.tokens[..seq.prompt_len], seq.output(), &mut choice.sampler);
+        let logprobs = params.logprobs.map(|n| sampling::logprobs_of(logits, token, n));
+        let n_out = seq.output().len() + 1;
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        req.usage.completion_tokens += 1;
+
+        let mut finish = None;
+        let is_stop_token = (!params.ignore_eos && self.eos.contains(&token)) || params.stop_token_ids.contains(&token);
+        if is_stop_token {
+            finish = Some(FinishReason::Stop);
+        } else if let (Some(detok), Some(tok)) = (choice.detok.as_mut(), self.tokenizer.as_deref()) {
+            match detok.push(tok, token) {
+                Ok(delta) => choice.text.push_str(&delta),
+                Err(e) => {
+                    let id = choice.request;
+                    self.abort_request(id, Some(e));
+                    return;
+                }
+            }
+        }
+        let mut end = choice.text.len();
+        if finish.is_none() && !params.stop.is_empty() {
+            if let Some(pos) = find_stop(&choice.text, choice.emitted, &params.stop) {
+                choice.text.truncate(pos);
+                end = pos;
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && n_out >= req.max_output {
+            finish = Some(FinishReason::Length);
+        }
+        if finish == Some(FinishReason::Length) {
+            if let (Some(detok), Some(tok)) = (choice.detok.as_mut(), self.tokenizer.as_deref()) {
+                choice.text.push_str(&detok.flush(tok).unwrap_or_default());
+                end = choice.text.len();
+            }
+        }
+        if finish.is_none() {
+            // Hold back what could still become a stop string.
+            let hold = params.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
+            end = floor_char_boundary(&choice.text, choice.text.len().saturating_sub(hold)).max(choice.emitted);
+        }
+        let text = choice.text[choice.emitted..end].to_string();
+        choice.emitted = end;
+        let mut out = RequestOutput {
+            index: choice.index,
+            token_ids: vec![token],
+            text,
+            logprobs: logprobs.into_iter().collect(),
+            finish_reason: finish,
+            usage: None,
+        };
+        let request = choice.request;
+        if finish.is_some() {
+            req.choices_left -= 1;
+            if req.choices_left == 0 {
+                out.usage = Some(req.usage);
+            }
+        }
+        let sent = req.tx.send(Ok(out)).is_ok();
+        if !sent {
+            self.abort_request(request, None);
+            return;
+        }
+        if finish.is_some() {
+            self.scheduler.remove(seq_id);
+            self.choices.remove(&seq_id);
+            if self.requests.get(&request).is_some_and(|r| r.choices_left == 0) {
+                self.requests.remove(&request);
+            }
+        } else {
+            self.scheduler.append_token(seq_id, token);
+        }
+    }
+}
+
+fn rand_seed(state: &mut SamplerState) -> u64 {
+    state.next_u64()
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Byte offset of the earliest stop string that occurs in `text` at or after `from`.
+fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from)).min()
+}

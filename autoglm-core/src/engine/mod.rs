@@ -1,0 +1,377 @@
+//! The engine: a `Send + Sync` handle in front of one engine thread.
+//!
+//! [`Engine::submit`] validates a request and hands it to the engine thread, which loops
+//! schedule -> forward -> sample -> emit. Each request gets its own channel of
+//! [`RequestOutput`] events ([`RequestStream`]); dropping the stream cancels the request and frees
+//! its KV blocks. Dropping the last `Engine` handle stops the thread after it fails what is left.
+
+pub mod block_manager;
+mod core;
+pub mod scheduler;
+pub mod sequence;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::model::{GlmModel, ModelConfig};
+use crate::sampling::{FinishReason, SamplingParams, TokenLogprobs};
+use crate::tokenizer::Tokenizer;
+
+/// Identifies a request.
+pub type RequestId = u64;
+
+/// A request: prompt token ids, sampling parameters and a priority.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Prompt token ids (non-empty).
+    pub prompt: Vec<u32>,
+    /// How to sample.
+    pub params: SamplingParams,
+    /// Smaller runs first; default 0.
+    pub priority: i32,
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV blocks were reused from the prefix cache (first scheduling).
+    pub cached_prompt_tokens: usize,
+}
+
+/// One event of a request's stream: what one choice produced in one engine step.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RequestOutput {
+    /// Which choice (0..n).
+    pub index: usize,
+    /// New token ids.
+    pub token_ids: Vec<u32>,
+    /// New text (held back while it might be the start of a stop string; never half a character).
+    pub text: String,
+    /// Logprobs of each new token, when asked for.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// Set on the choice's last event.
+    pub finish_reason: Option<FinishReason>,
+    /// Set on the request's last event.
+    pub usage: Option<Usage>,
+}
+
+/// A finished choice, as [`Engine::generate`] returns it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Completion {
+    /// Generated token ids.
+    pub token_ids: Vec<u32>,
+    /// Generated text.
+    pub text: String,
+    /// Per-token logprobs, when asked for.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// Why it ended.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A finished request.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerateOutput {
+    /// One per choice, by index.
+    pub choices: Vec<Completion>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// Live counters of the engine, updated every step.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences waiting.
+    pub waiting: AtomicUsize,
+    /// Sequences running.
+    pub running: AtomicUsize,
+    /// KV blocks referenced by sequences.
+    pub kv_blocks_used: AtomicUsize,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: AtomicUsize,
+    /// Forward passes run.
+    pub steps: AtomicU64,
+    /// Preemptions so far.
+    pub preemptions: AtomicU64,
+    /// Prompt tokens computed (excluding prefix-cache hits).
+    pub prompt_tokens_computed: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+}
+
+pub(crate) enum Command {
+    Submit(Box<core::NewRequest>),
+    Cancel(RequestId),
+    Shutdown,
+}
+
+struct Shared {
+    commands: flume::Sender<Command>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_id: AtomicU64,
+    stats: Arc<EngineStats>,
+    model_config: ModelConfig,
+    tokenizer: Option<Arc<Tokenizer>>,
+    max_model_len: usize,
+    config: EngineConfig,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The engine loop fails what is in flight and returns.
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Handle to a running engine. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.shared.model_config.architecture).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads a checkpoint directory (config, weights, tokenizer) on the CPU backend and starts the
+    /// engine thread.
+    pub fn from_dir(dir: &Path, config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let backend = CpuBackend::new();
+        let model = GlmModel::load(dir, &backend)?;
+        Engine::new(backend, model, Some(tokenizer), config)
+    }
+
+    /// Starts an engine over an already-loaded model. Without a tokenizer, requests are token ids
+    /// only and outputs carry no text.
+    pub fn new<B: Backend>(backend: B, model: GlmModel<B>, tokenizer: Option<Tokenizer>, config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let model_config = model.config().clone();
+        if let Some(t) = &tokenizer {
+            if t.vocab_size() > model_config.vocab_size {
+                return Err(Error::config(
+                    "vocab_size",
+                    format!("the tokenizer has {} tokens but the model only {}", t.vocab_size(), model_config.vocab_size),
+                ));
+            }
+        }
+        let tokenizer = tokenizer.map(Arc::new);
+        let stats = Arc::new(EngineStats::default());
+        let (commands, rx) = flume::unbounded();
+        let (ready_tx, ready_rx) = flume::bounded(1);
+        let core_config = config.clone();
+        let core_stats = stats.clone();
+        let core_tokenizer = tokenizer.clone();
+        let thread = std::thread::Builder::new()
+            .name("autoglm-engine".into())
+            .spawn(move || core::run(backend, model, core_tokenizer, core_config, core_stats, rx, ready_tx))
+            .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
+        let max_model_len = match ready_rx.recv() {
+            Ok(Ok(len)) => len,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Backend("the engine thread stopped during start-up".into()));
+            }
+        };
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                commands,
+                thread: Mutex::new(Some(thread)),
+                next_id: AtomicU64::new(1),
+                stats,
+                model_config,
+                tokenizer,
+                max_model_len,
+                config,
+            }),
+        })
+    }
+
+    /// The tokenizer; an error for an engine built without one.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.shared.tokenizer.as_deref().ok_or_else(|| Error::Tokenizer("this engine was built without a tokenizer".into()))
+    }
+
+    /// The model's configuration.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.shared.model_config
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// Longest sequence (prompt plus output) the engine accepts.
+    pub fn max_model_len(&self) -> usize {
+        self.shared.max_model_len
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    /// Submits a prompt with priority 0.
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream> {
+        self.submit_request(Request { prompt, params, priority: 0 })
+    }
+
+    /// Validates and submits a request; its events arrive on the returned stream.
+    pub fn submit_request(&self, req: Request) -> Result<RequestStream> {
+        self.validate(&req)?;
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = flume::unbounded();
+        let n = req.params.n;
+        self.shared
+            .commands
+            .send(Command::Submit(Box::new(core::NewRequest { id, req, tx })))
+            .map_err(|_| Error::EngineShutdown)?;
+        Ok(RequestStream { id, rx, commands: self.shared.commands.clone(), choices_left: n, closed: false })
+    }
+
+    fn validate(&self, req: &Request) -> Result<()> {
+        req.params.validate()?;
+        if req.prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = self.shared.model_config.vocab_size;
+        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        let max = self.shared.max_model_len;
+        if req.prompt.len() >= max {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt has {} tokens but the context length is {max} (room for at least one generated token is needed)",
+                req.prompt.len()
+            )));
+        }
+        if !req.params.stop.is_empty() && self.shared.tokenizer.is_none() {
+            return Err(Error::InvalidRequest("stop strings need a tokenizer; this engine has none".into()));
+        }
+        Ok(())
+    }
+
+    /// Submits and waits for the whole result.
+    pub fn generate(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<GenerateOutput> {
+        let n = params.n;
+        let stream = self.submit(prompt, params)?;
+        collect(stream, n)
+    }
+}
+
+/// Gathers a stream's events into finished choices.
+pub fn collect(stream: RequestStream, n: usize) -> Result<GenerateOutput> {
+    let mut out = GenerateOutput { choices: vec![Completion::default(); n], usage: Usage::default() };
+    for ev in stream {
+        let ev = ev?;
+        let c = &mut out.choices[ev.index];
+        c.token_ids.extend_from_slice(&ev.token_ids);
+        c.text.push_str(&ev.text);
+        c.logprobs.extend(ev.logprobs);
+        if ev.finish_reason.is_some() {
+            c.finish_reason = ev.finish_reason;
+        }
+        if let Some(u) = ev.usage {
+            out.usage = u;
+        }
+    }
+    Ok(out)
+}
+
+/// The events of one request. Iterating blocks; [`RequestStream::recv_async`] awaits. Dropping it
+/// before the end cancels the request.
+pub struct RequestStream {
+    id: RequestId,
+    rx: flume::Receiver<Result<RequestOutput>>,
+    commands: flume::Sender<Command>,
+    choices_left: usize,
+    closed: bool,
+}
+
+impl RequestStream {
+    /// The request's id.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    fn on_event(&mut self, ev: std::result::Result<Result<RequestOutput>, flume::RecvError>) -> Option<Result<RequestOutput>> {
+        if self.closed {
+            return None;
+        }
+        match ev {
+            Ok(Ok(out)) => {
+                if out.finish_reason.is_some() {
+                    self.choices_left = self.choices_left.saturating_sub(1);
+                }
+                Some(Ok(out))
+            }
+            Ok(Err(e)) => {
+                self.closed = true;
+                Some(Err(e))
+            }
+            Err(_) => {
+                self.closed = true;
+                // Closed before every choice finished: the engine stopped under us.
+                (self.choices_left > 0).then_some(Err(Error::EngineShutdown))
+            }
+        }
+    }
+
+    /// The next event, blocking; `None` at the end.
+    pub fn recv(&mut self) -> Option<Result<RequestOutput>> {
+        let ev = self.rx.recv();
+        self.on_event(ev)
+    }
+
+    /// The next event, awaiting; `None` at the end.
+    pub async fn recv_async(&mut self) -> Option<Result<RequestOutput>> {
+        let ev = self.rx.recv_async().await;
+        self.on_event(ev)
+    }
+
+    /// Cancels the request now (also done on drop).
+    pub fn cancel(&mut self) {
+        if !self.closed {
+            let _ = self.commands.send(Command::Cancel(self.id));
+            self.closed = true;
+        }
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = Result<RequestOutput>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if self.choices_left > 0 {
+            let _ = self.commands.send(Command::Cancel(self.id));
+        }
+    }
+}

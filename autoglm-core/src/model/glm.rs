@@ -1,0 +1,150 @@
+//! The GLM family (`GlmForCausalLM`, `Glm4ForCausalLM`) written once against [`Backend`].
+//!
+//! Differences between the variants are config flags: GLM4 adds `post_self_attn_layernorm` and
+//! `post_mlp_layernorm`; q/k/v biases follow `attention_bias`; `lm_head` may be tied. q, k and v
+//! are fused into one projection at load so each layer runs one GEMM for them.
+
+use std::path::Path;
+
+use super::{Checkpoint, HostTensor, ModelConfig, WeightSource};
+use crate::backend::{AttentionShape, Backend, KvCacheShape};
+use crate::error::Result;
+use crate::runner::ForwardBatch;
+
+struct GlmLayer<B: Backend> {
+    input_norm: B::Weight,
+    qkv: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    o_proj: B::Weight,
+    post_self_attn_norm: Option<B::Weight>,
+    post_attention_norm: B::Weight,
+    gate_up: B::Weight,
+    down: B::Weight,
+    post_mlp_norm: Option<B::Weight>,
+}
+
+/// A loaded GLM model on backend `B`.
+pub struct GlmModel<B: Backend> {
+    config: ModelConfig,
+    embed: B::Weight,
+    layers: Vec<GlmLayer<B>>,
+    norm: B::Weight,
+    /// `None` when tied to the embedding.
+    lm_head: Option<B::Weight>,
+    attn: AttentionShape,
+}
+
+impl<B: Backend> GlmModel<B> {
+    /// Loads `config.json` and the safetensors weights of a checkpoint directory.
+    pub fn load(dir: &Path, backend: &B) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_source(config, &ckpt, backend)
+    }
+
+    /// Builds the model from any weight source (a checkpoint, random weights).
+    pub fn from_source(config: ModelConfig, src: &dyn WeightSource, backend: &B) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let up = |t: HostTensor| backend.upload(t);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let t = |name: &str, shape: &[usize]| src.tensor(&format!("{p}.{name}"), shape);
+            let qkv = HostTensor::concat_rows(&[
+                t("self_attn.q_proj.weight", &[q, h])?,
+                t("self_attn.k_proj.weight", &[kv, h])?,
+                t("self_attn.v_proj.weight", &[kv, h])?,
+            ]);
+            let qkv_bias = if c.attention_bias {
+                Some(up(HostTensor::concat_rows(&[
+                    t("self_attn.q_proj.bias", &[q])?,
+                    t("self_attn.k_proj.bias", &[kv])?,
+                    t("self_attn.v_proj.bias", &[kv])?,
+                ]))?)
+            } else {
+                None
+            };
+            let post = |name: &str| -> Result<Option<B::Weight>> {
+                if c.has_post_norms() {
+                    Ok(Some(up(t(name, &[h])?)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(GlmLayer {
+                input_norm: up(t("input_layernorm.weight", &[h])?)?,
+                qkv: up(qkv)?,
+                qkv_bias,
+                o_proj: up(t("self_attn.o_proj.weight", &[h, q])?)?,
+                post_self_attn_norm: post("post_self_attn_layernorm.weight")?,
+                post_attention_norm: up(t("post_attention_layernorm.weight", &[h])?)?,
+                gate_up: up(t("mlp.gate_up_proj.weight", &[2 * c.intermediate_size, h])?)?,
+                down: up(t("mlp.down_proj.weight", &[h, c.intermediate_size])?)?,
+                post_mlp_norm: post("post_mlp_layernorm.weight")?,
+            });
+        }
+        let embed = up(src.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
+        let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
+            None
+        } else {
+            Some(up(src.tensor("lm_head.weight", &[c.vocab_size, h])?)?)
+        };
+        let norm = up(src.tensor("model.norm.weight", &[h])?)?;
+        let attn = AttentionShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            rotary_dim: c.rotary_dim,
+            rope_theta: c.rope_theta,
+            scale: (hd as f32).powf(-0.5),
+        };
+        Ok(GlmModel { config, embed, layers, norm, lm_head, attn })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The KV-cache shape for `num_blocks` blocks of `block_size` tokens.
+    pub fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+        KvCacheShape {
+            num_layers: self.config.num_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs the batch, writing its keys/values into `cache`, and returns the logits of the rows in
+    /// `batch.logits_indices` as a row-major `[logits_indices.len(), vocab_size]` host matrix.
+    pub fn forward(&self, backend: &B, batch: &ForwardBatch, cache: &mut B::KvCache) -> Result<Vec<f32>> {
+        let eps = self.config.rms_norm_eps;
+        let mut residual = backend.embedding(&self.embed, &batch.token_ids)?;
+        let mut h = backend.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut qkv = backend.linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;
+            let ctx = backend.attention(&mut qkv, cache, i, batch, &self.attn)?;
+            let mut a = backend.linear(&ctx, &layer.o_proj, None)?;
+            if let Some(w) = &layer.post_self_attn_norm {
+                a = backend.rms_norm(&a, w, eps)?;
+            }
+            h = backend.add_rms_norm(&mut residual, &a, &layer.post_attention_norm, eps)?;
+            let gate_up = backend.linear(&h, &layer.gate_up, None)?;
+            let act = backend.silu_mul(&gate_up)?;
+            let mut m = backend.linear(&act, &layer.down, None)?;
+            if let Some(w) = &layer.post_mlp_norm {
+                m = backend.rms_norm(&m, w, eps)?;
+            }
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |l| &l.input_norm);
+            h = backend.add_rms_norm(&mut residual, &m, next_norm, eps)?;
+        }
+        let h = backend.gather_rows(&h, &batch.logits_indices)?;
+        let logits = backend.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
+        backend.to_host(&logits)
+    }
+}

@@ -1,0 +1,210 @@
+//! Safetensors checkpoints, single-file or sharded, memory-mapped.
+//!
+//! Each file is mapped once; a tensor is read once, when the backend takes it. f32 tensors that are
+//! aligned in the map are handed out as views of the map (no copy); bf16/f16 are widened to f32 in
+//! parallel. A missing file, a truncated file, a missing tensor or a wrong shape is an error naming
+//! the file and tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// f32 data either borrowed from a memory map or owned.
+pub enum F32Data {
+    /// A view into a mapped file (already checked for alignment and length).
+    Mapped {
+        /// The mapping that owns the bytes.
+        map: Arc<Mmap>,
+        /// Byte offset of the first element.
+        offset: usize,
+        /// Number of f32 elements.
+        len: usize,
+    },
+    /// Data converted or built in memory.
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for F32Data {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Data::Mapped { map, offset, len } => bytemuck::cast_slice(&map[*offset..*offset + len * 4]),
+            F32Data::Owned(v) => v,
+        }
+    }
+}
+
+/// A tensor on the host in f32, row-major.
+pub struct HostTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` elements.
+    pub data: F32Data,
+}
+
+impl HostTensor {
+    /// A tensor owning `data`.
+    pub fn owned(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data: F32Data::Owned(data) }
+    }
+
+    /// Stacks 2-D tensors (or 1-D vectors) along the first dimension into one owned tensor.
+    pub fn concat_rows(parts: &[HostTensor]) -> HostTensor {
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        let mut shape = parts[0].shape.clone();
+        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        HostTensor::owned(shape, data)
+    }
+}
+
+struct TensorEntry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range within the file.
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint directory, mapped but not yet read.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::checkpoint(&index, "no `weight_map` object"))?;
+            let mut names: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file
+                    .as_str()
+                    .ok_or_else(|| Error::checkpoint(&index, format!("weight_map[{tensor:?}] is not a file name")))?;
+                if !names.iter().any(|n| n == file) {
+                    names.push(file.to_string());
+                }
+            }
+            names.sort();
+            names
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(Error::io(
+                    &single,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or model.safetensors.index.json"),
+                ));
+            }
+            vec!["model.safetensors".to_string()]
+        };
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: HashMap::new() };
+        for name in shard_names {
+            if name.contains('/') || name.contains("..") {
+                return Err(Error::checkpoint(&index, format!("shard name {name:?} leaves the model directory")));
+            }
+            ckpt.add_file(dir.join(name))?;
+        }
+        Ok(ckpt)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map is read-only; a checkpoint modified while mapped is outside our contract,
+        // as for every mmap-based loader (safetensors, candle, vLLM).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let st = SafeTensors::deserialize(&map)
+            .map_err(|e| Error::checkpoint(&path, format!("not a valid safetensors file: {e}")))?;
+        let file_idx = self.files.len();
+        let base = map.as_ptr() as usize;
+        for (name, view) in st.tensors() {
+            let start = view.data().as_ptr() as usize - base;
+            let entry =
+                TensorEntry { file: file_idx, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
+            if self.tensors.insert(name.clone(), entry).is_some() {
+                return Err(Error::checkpoint(&path, format!("tensor {name:?} appears in more than one shard")));
+            }
+        }
+        drop(st);
+        self.files.push((path, Arc::new(map)));
+        Ok(())
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.end - t.start).sum()
+    }
+
+    fn some_path(&self) -> PathBuf {
+        self.files.first().map(|f| f.0.clone()).unwrap_or_default()
+    }
+
+    /// Reads `name` as f32, checking it has `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(self.some_path(), format!("tensor {name:?} is missing")))?;
+        let (path, map) = &self.files[entry.file];
+        if entry.shape != shape {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name:?} has shape {:?}, expected {:?}", entry.shape, shape),
+            ));
+        }
+        let bytes = &map[entry.start..entry.end];
+        let len = shape.iter().product::<usize>();
+        let data = match entry.dtype {
+            Dtype::F32 => {
+                if cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() {
+                    F32Data::Mapped { map: map.clone(), offset: entry.start, len }
+                } else {
+                    F32Data::Owned(
+                        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    )
+                }
+            }
+            Dtype::BF16 => F32Data::Owned(widen(bytes, |b| half::bf16::from_bits(b).to_f32())),
+            Dtype::F16 => F32Data::Owned(widen(bytes, |b| half::f16::from_bits(b).to_f32())),
+            other => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor {name:?} has dtype {other:?}; supported: F32, BF16, F16"),
+                ))
+            }
+        };
+        Ok(HostTensor { shape: shape.to_vec(), data })
+    }
+}
+
+fn widen(bytes: &[u8], f: impl Fn(u16) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / 2];
+    out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(2 << 16)).for_each(|(dst, src)| {
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *d = f(u16::from_le_bytes([s[0], s[1]]));
+        }
+    });
+    out
+}

@@ -1,0 +1,380 @@
+//! Sampling parameters and the sampler.
+//!
+//! The sampler follows vLLM's order: repetition / presence / frequency penalties, then temperature,
+//! then top-k, top-p and min-p, then a draw from the request's own RNG. Each sequence owns its RNG,
+//! so a seeded request gives the same tokens whatever else is in the batch. Logprobs are those of
+//! the model's raw distribution (before penalties and temperature), as vLLM reports them.
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Largest `logprobs` (top-N) a request may ask for.
+pub const MAX_LOGPROBS: usize = 20;
+
+/// How a request is sampled and when it stops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Independent completions of the same prompt.
+    pub n: usize,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; in (0, 1].
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; in [0, 1].
+    pub min_p: f32,
+    /// Divides positive (multiplies negative) logits of tokens seen in prompt or output; > 0.
+    pub repetition_penalty: f32,
+    /// Subtracted once from logits of tokens already generated; in [-2, 2].
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from logits of tokens already generated; in [-2, 2].
+    pub frequency_penalty: f32,
+    /// Seed of this request's RNG; `None` draws one.
+    pub seed: Option<u64>,
+    /// Token ids that end the sequence (kept in `token_ids`, not in the text).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end the sequence; not included in the output text.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Return the top-N logprobs of every generated token (and the chosen token's); at most 20.
+    pub logprobs: Option<usize>,
+    /// Leave special tokens out of the text.
+    pub skip_special_tokens: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            n: 1,
+            max_tokens: 16,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            stop_token_ids: Vec::new(),
+            stop: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (temperature 0), other fields default.
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+
+    /// Whether this is greedy decoding.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < 1e-5
+    }
+
+    /// Rejects values outside their ranges, naming the field and value.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, v: String, want: &str| Err(Error::InvalidRequest(format!("{field} = {v}: {want}")));
+        if self.n == 0 || self.n > 128 {
+            return bad("n", self.n.to_string(), "must be in 1..=128");
+        }
+        if self.max_tokens == 0 {
+            return bad("max_tokens", "0".into(), "must be at least 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", self.temperature.to_string(), "must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p.to_string(), "must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p.to_string(), "must be in [0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty", self.repetition_penalty.to_string(), "must be > 0");
+        }
+        for (field, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(field, v.to_string(), "must be in [-2, 2]");
+            }
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_LOGPROBS {
+                return bad("logprobs", k.to_string(), "must be at most 20");
+            }
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return bad("stop", "\"\"".into(), "stop strings must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// Cancelled, or failed inside the engine.
+    Abort,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Logprobs of one generated token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The chosen token.
+    pub token_id: u32,
+    /// Its logprob under the model's raw distribution.
+    pub logprob: f32,
+    /// The most likely tokens and their logprobs, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampling state: its RNG.
+pub(crate) struct SamplerState {
+    rng: ChaCha8Rng,
+}
+
+impl SamplerState {
+    pub(crate) fn new(seed: u64) -> Self {
+        SamplerState { rng: ChaCha8Rng::seed_from_u64(seed) }
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// `log_softmax` of `logits` at `ids`, plus the top `n`.
+pub(crate) fn logprobs_of(logits: &[f32], token_id: u32, n: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let lp = |id: u32| (logits[id as usize] as f64 - lse) as f32;
+    let mut top: Vec<u32> = (0..logits.len() as u32).collect();
+    if n > 0 && n < top.len() {
+        top.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    }
+    top.truncate(n);
+    top.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    TokenLogprobs { token_id, logprob: lp(token_id), top: top.into_iter().map(|id| (id, lp(id))).collect() }
+}
+
+/// Index of the largest value; the first one on ties (as `torch.argmax`).
+pub(crate) fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+    if p.repetition_penalty != 1.0 {
+        let mut seen = vec![false; logits.len()];
+        for &t in prompt.iter().chain(output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, _) in logits.iter_mut().zip(seen).filter(|(_, s)| *s) {
+            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+}
+
+/// Picks the next token. `logits` is scratch (modified in place).
+pub(crate) fn sample(
+    logits: &mut [f32],
+    p: &SamplingParams,
+    prompt: &[u32],
+    output: &[u32],
+    state: &mut SamplerState,
+) -> u32 {
+    apply_penalties(logits, p, prompt, output);
+    if p.is_greedy() {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / p.temperature;
+    // Candidates sorted by logit, best first; top-k and top-p only need a prefix of that order.
+    let mut cand: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+    if cand.is_empty() {
+        return argmax(logits);
+    }
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let max = logits[argmax(logits) as usize] * inv_t;
+    let weight = |i: u32| ((logits[i as usize] * inv_t - max) as f64).exp();
+    let total: f64 = cand.iter().map(|&i| weight(i)).sum();
+    let mut keep = cand.len();
+    if p.top_k > 0 && p.top_k < keep {
+        keep = p.top_k;
+    }
+    // Sort only as far as needed: a prefix of 1024 usually holds the top-p mass.
+    let mut sorted_len = keep.min(1024);
+    loop {
+        if sorted_len < cand.len() {
+            cand.select_nth_unstable_by(sorted_len - 1, by_logit);
+        }
+        cand[..sorted_len].sort_unstable_by(by_logit);
+        let kept_mass: f64 = cand[..sorted_len].iter().map(|&i| weight(i)).sum();
+        if sorted_len >= keep || p.top_p >= 1.0 || kept_mass >= p.top_p as f64 * total {
+            break;
+        }
+        sorted_len = (sorted_len * 8).min(keep);
+    }
+    keep = keep.min(sorted_len);
+    let kept_total: f64 = cand[..keep].iter().map(|&i| weight(i)).sum();
+    if p.top_p < 1.0 {
+        let target = p.top_p as f64 * kept_total;
+        let mut cum = 0.0;
+        for (j, &i) in cand[..keep].iter().enumerate() {
+            cum += weight(i);
+            if cum >= target {
+                keep = j + 1;
+                break;
+            }
+        }
+    }
+    if p.min_p > 0.0 {
+        // The best candidate has weight 1 (it defines `max`).
+        let floor = p.min_p as f64;
+        keep = cand[..keep].iter().take_while(|&&i| weight(i) >= floor).count().max(1);
+    }
+    let mass: f64 = cand[..keep].iter().map(|&i| weight(i)).sum();
+    let mut u = state.uniform() * mass;
+    for &i in &cand[..keep] {
+        u -= weight(i);
+        if u < 0.0 {
+            return i;
+        }
+    }
+    cand[keep - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams { temperature: 1.0, ..Default::default() };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut l = vec![0.0, 3.0, 3.0, 1.0];
+        assert_eq!(sample(&mut l, &SamplingParams::greedy(), &[], &[], &mut SamplerState::new(0)), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = vec![0.5, 0.1, 2.0, 1.9, -1.0];
+        for seed in 0..50 {
+            let mut l = logits.clone();
+            assert_eq!(sample(&mut l, &params(|p| p.top_k = 1), &[], &[], &mut SamplerState::new(seed)), 2);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // probs ~ [0.64, 0.24, 0.09, 0.03]
+        let logits = vec![3.0, 2.0, 1.0, -0.1];
+        for seed in 0..200 {
+            let mut l = logits.clone();
+            let t = sample(&mut l, &params(|p| p.top_p = 0.7), &[], &[], &mut SamplerState::new(seed));
+            assert!(t <= 1, "top_p 0.7 kept token {t}");
+            let mut l = logits.clone();
+            let t = sample(&mut l, &params(|p| p.min_p = 0.3), &[], &[], &mut SamplerState::new(seed));
+            assert!(t <= 1, "min_p 0.3 kept token {t}");
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = vec![0.0f32, (3.0f32).ln()]; // probs 0.25 / 0.75
+        let mut state = SamplerState::new(7);
+        let ones = (0..4000).filter(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut state) == 1).count();
+        assert!((2850..3150).contains(&ones), "{ones} of 4000");
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = SamplerState::new(seed);
+            (0..20).map(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut s)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+    }
+
+    #[test]
+    fn penalties_change_the_choice() {
+        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
+        assert_eq!(sample(&mut vec![2.0, 1.5], &p, &[0], &[], &mut SamplerState::new(0)), 1);
+        let p = SamplingParams { frequency_penalty: 0.3, ..SamplingParams::greedy() };
+        assert_eq!(sample(&mut vec![2.0, 1.5], &p, &[], &[0, 0], &mut SamplerState::new(0)), 1);
+        let p = SamplingParams { presence_penalty: 0.3, ..SamplingParams::greedy() };
+        assert_eq!(sample(&mut vec![2.0, 1.9], &p, &[], &[0], &mut SamplerState::new(0)), 1);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax() {
+        let lp = logprobs_of(&[1.0, 2.0, 3.0], 0, 2);
+        let z = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        assert!((lp.logprob as f64 - (1.0 - z)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let e = SamplingParams { top_p: 1.5, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("top_p") && e.contains("1.5"), "{e}");
+        let e = SamplingParams { max_tokens: 0, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("max_tokens"), "{e}");
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

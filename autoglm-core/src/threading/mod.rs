@@ -1,0 +1,86 @@
+//! CPU-affinity worker threads.
+//!
+//! The engine thread and the compute pool can be pinned to configured cores with
+//! `sched_setaffinity`. Cores are checked against the set this process may run on (which inside a
+//! cgroup or cpuset can be smaller than the machine), so a core that does not exist or is not
+//! allowed is a clear error rather than a silent no-op.
+
+use crate::config::ThreadingConfig;
+use crate::error::{Error, Result};
+
+/// The cores this process may run on (its affinity mask), ascending.
+pub fn allowed_cores() -> Vec<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, and the size passed is its own.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: pid 0 is this thread; `set` is a valid, writable cpu_set_t of the given size.
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        if rc == 0 {
+            // SAFETY: CPU_ISSET reads the initialised set for indices below CPU_SETSIZE.
+            return (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+        }
+    }
+    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+}
+
+/// Checks that every core in `cores` is one this process may run on.
+pub fn check_cores(cores: &[usize]) -> Result<()> {
+    let allowed = allowed_cores();
+    for &c in cores {
+        if !allowed.contains(&c) {
+            return Err(Error::Affinity(format!(
+                "core {c} is not available to this process (allowed cores: {allowed:?})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to `core`.
+pub fn pin_current_thread(core: usize) -> Result<()> {
+    check_cores(&[core])?;
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: as in `allowed_cores`; `core` is below CPU_SETSIZE because it is in the allowed set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid cpu_set_t and `core` < CPU_SETSIZE.
+        unsafe { libc::CPU_SET(core, &mut set) };
+        // SAFETY: pid 0 is the calling thread; `set` is valid for the size given.
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        if rc != 0 {
+            return Err(Error::Affinity(format!("sched_setaffinity({core}): {}", std::io::Error::last_os_error())));
+        }
+    }
+    Ok(())
+}
+
+/// The cores the calling thread is pinned to now.
+pub fn current_thread_cores() -> Vec<usize> {
+    allowed_cores()
+}
+
+/// Builds the compute pool described by `cfg`, each worker pinned to its core when cores are given.
+pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
+    check_cores(&cfg.compute_cores)?;
+    if let Some(c) = cfg.engine_core {
+        check_cores(&[c])?;
+    }
+    let threads = if cfg.compute_cores.is_empty() {
+        cfg.num_threads.unwrap_or_else(|| allowed_cores().len().max(1))
+    } else {
+        cfg.compute_cores.len()
+    };
+    let cores = cfg.compute_cores.clone();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("autoglm-compute-{i}"))
+        .start_handler(move |i| {
+            if let Some(&core) = cores.get(i) {
+                // Checked above; a failure here would only leave the worker unpinned.
+                let _ = pin_current_thread(core);
+            }
+        })
+        .build()
+        .map_err(|e| Error::Affinity(format!("cannot start the compute pool: {e}")))
+}

@@ -1,0 +1,1 @@
+//! Python bindings for autoglm (see its own issue).
