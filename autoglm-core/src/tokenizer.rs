@@ -89,11 +89,8 @@ impl Tokenizer {
             }
         }
         if eos.is_empty() {
-            let eos_str = special
-                .iter()
-                .find(|(k, _)| *k == "eos_token")
-                .map(|(_, s)| s.as_str());
-            eos.extend(eos_str.and_then(|s| tok.token_to_id(s)));
+            let eos_token = special.iter().find(|(k, _)| *k == "eos_token");
+            eos.extend(eos_token.and_then(|(_, s)| tok.token_to_id(s)));
         }
         let inner = Inner {
             tok,
@@ -193,12 +190,9 @@ impl Tokenizer {
         if let Some(t) = tools {
             ctx.push(("tools", Value::from_serialize(t)));
         }
-        ctx.extend(
-            inner
-                .special
-                .iter()
-                .map(|(k, v)| (*k, Value::from(v.as_str()))),
-        );
+        for (k, v) in &inner.special {
+            ctx.push((k, Value::from(v.as_str())));
+        }
         template.render(Value::from_iter(ctx)).map_err(err)
     }
 
@@ -315,6 +309,12 @@ fn template_error(origin: &Path, name: &str, e: &minijinja::Error) -> Error {
     Error::Template(msg)
 }
 
+type JinjaResult<T> = std::result::Result<T, minijinja::Error>;
+
+fn jinja_error(msg: String) -> minijinja::Error {
+    minijinja::Error::new(ErrorKind::InvalidOperation, msg)
+}
+
 /// A minijinja environment configured like transformers' chat-template environment.
 fn new_environment() -> Environment<'static> {
     let mut env = Environment::new();
@@ -323,12 +323,9 @@ fn new_environment() -> Environment<'static> {
     env.set_keep_trailing_newline(false);
     env.set_undefined_behavior(UndefinedBehavior::Lenient);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        },
-    );
+    env.add_function("raise_exception", |msg: String| -> JinjaResult<Value> {
+        Err(jinja_error(msg))
+    });
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
     env
@@ -336,13 +333,9 @@ fn new_environment() -> Environment<'static> {
 
 /// `strftime_now(format)`: the local time formatted by the C library, as Python's `strftime` does.
 #[cfg(unix)]
-fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
-    let err = |msg: String| minijinja::Error::new(ErrorKind::InvalidOperation, msg);
-    let c_format = std::ffi::CString::new(format.as_str()).map_err(|_| {
-        err(format!(
-            "strftime_now: format {format:?} contains a NUL byte"
-        ))
-    })?;
+fn strftime_now(format: String) -> JinjaResult<String> {
+    let c_format = std::ffi::CString::new(format.as_str())
+        .map_err(|_| jinja_error(format!("strftime_now: NUL byte in {format:?}")))?;
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -352,7 +345,9 @@ fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error>
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers refer to live, properly aligned values; localtime_r is thread-safe.
     if unsafe { libc::localtime_r(&now, &mut tm) }.is_null() {
-        return Err(err("strftime_now: cannot determine the local time".into()));
+        return Err(jinja_error(
+            "strftime_now: cannot determine the local time".into(),
+        ));
     }
     let mut buf = vec![0u8; 256 + 16 * format.len()];
     // SAFETY: `buf` is writable for `buf.len()` bytes, `c_format` is NUL-terminated and `tm` was
@@ -364,11 +359,10 @@ fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error>
 
 /// `strftime_now(format)`: unavailable off Unix.
 #[cfg(not(unix))]
-fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
-    Err(minijinja::Error::new(
-        ErrorKind::InvalidOperation,
-        format!("strftime_now({format:?}) is only supported on Unix"),
-    ))
+fn strftime_now(format: String) -> JinjaResult<String> {
+    Err(jinja_error(format!(
+        "strftime_now({format:?}) is only supported on Unix"
+    )))
 }
 
 /// How [`tojson`] lays out JSON, after Python's `json.dumps` arguments.
@@ -381,8 +375,7 @@ struct JsonStyle {
 
 /// `tojson(indent=None, ensure_ascii=False, sort_keys=False)`, like transformers' filter, which
 /// calls Python's `json.dumps` (no HTML escaping, unlike minijinja's built-in).
-fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
-    let bad = |msg: String| minijinja::Error::new(ErrorKind::InvalidOperation, msg);
+fn tojson(value: Value, kwargs: Kwargs) -> JinjaResult<Value> {
     let indent: Option<Value> = kwargs.get("indent")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
@@ -393,7 +386,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
             (Some(n), _) => Some(" ".repeat(usize::try_from(n).unwrap_or(0))),
             (None, Some(s)) => Some(s.to_owned()),
             _ => {
-                return Err(bad(format!(
+                return Err(jinja_error(format!(
                     "tojson: indent must be an int or a string, not {v}"
                 )))
             }
@@ -407,7 +400,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja:
         sort_keys: sort_keys.unwrap_or(false),
     };
     let json = serde_json::to_value(&value)
-        .map_err(|e| bad(format!("tojson: cannot serialize {value}: {e}")))?;
+        .map_err(|e| jinja_error(format!("tojson: cannot serialize {value}: {e}")))?;
     let mut out = String::new();
     write_json(&mut out, &json, &style, 0);
     Ok(Value::from_safe_string(out))

@@ -375,3 +375,16 @@ fn eos_union_and_no_template() {
     let err = tok.apply_chat_template(&json!([]), None, true).unwrap_err();
     assert!(matches!(err, Error::Template(_)), "{err}");
 }
+
+#[test]
+fn out_of_vocabulary_ids_do_not_panic() {
+    let tok = load(FIXTURES[0]);
+    let _ = tok.decode(&[1_000_000, u32::MAX], false);
+    assert_eq!(tok.decode(&[], true).unwrap(), "");
+    let mut det = IncrementalDetokenizer::new(true);
+    for id in [39, u32::MAX, 565, 593, 600, 369] {
+        let _ = det.push(&tok, id);
+    }
+    let _ = det.flush(&tok);
+    assert!(det.text().starts_with("Hel"), "{:?}", det.text());
+}

@@ -384,25 +384,22 @@ impl<B: Backend> Core<B> {
             usage: None,
         };
         let request = choice.request;
+        let tx = req.tx.clone();
         if finish.is_some() {
             req.choices_left -= 1;
             if req.choices_left == 0 {
                 out.usage = Some(req.usage);
-            }
-        }
-        let sent = req.tx.send(Ok(out)).is_ok();
-        if !sent {
-            self.abort_request(request, None);
-            return;
-        }
-        if finish.is_some() {
-            self.scheduler.remove(seq_id);
-            self.choices.remove(&seq_id);
-            if self.requests.get(&request).is_some_and(|r| r.choices_left == 0) {
                 self.requests.remove(&request);
             }
+            // Free the blocks before the client can see the end of its stream.
+            self.scheduler.remove(seq_id);
+            self.choices.remove(&seq_id);
+            self.publish_stats();
         } else {
             self.scheduler.append_token(seq_id, token);
+        }
+        if tx.send(Ok(out)).is_err() {
+            self.abort_request(request, None);
         }
     }
 }
