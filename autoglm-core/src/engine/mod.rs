@@ -174,6 +174,8 @@ impl Engine {
             }
         }
         let tokenizer = tokenizer.map(Arc::new);
+        // Record the process's cores before the engine thread pins itself.
+        crate::threading::allowed_cores();
         let stats = Arc::new(EngineStats::default());
         let (commands, rx) = flume::unbounded();
         let (ready_tx, ready_rx) = flume::bounded(1);

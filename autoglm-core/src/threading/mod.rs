@@ -8,8 +8,8 @@
 use crate::config::ThreadingConfig;
 use crate::error::{Error, Result};
 
-/// The cores this process may run on (its affinity mask), ascending.
-pub fn allowed_cores() -> Vec<usize> {
+/// The affinity mask of the calling thread, ascending.
+pub fn current_thread_cores() -> Vec<usize> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, and the size passed is its own.
@@ -22,6 +22,14 @@ pub fn allowed_cores() -> Vec<usize> {
         }
     }
     (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+}
+
+/// The cores this process may run on (inside a cgroup or cpuset, possibly fewer than the machine
+/// has), ascending. Taken from the first thread that asks, before autoglm pins anything, so that a
+/// pinned thread (and the threads it spawns, which inherit its mask) still sees the whole set.
+pub fn allowed_cores() -> Vec<usize> {
+    static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    ALLOWED.get_or_init(current_thread_cores).clone()
 }
 
 /// Checks that every core in `cores` is one this process may run on.
@@ -55,11 +63,6 @@ pub fn pin_current_thread(core: usize) -> Result<()> {
     Ok(())
 }
 
-/// The cores the calling thread is pinned to now.
-pub fn current_thread_cores() -> Vec<usize> {
-    allowed_cores()
-}
-
 /// Builds the compute pool described by `cfg`, each worker pinned to its core when cores are given.
 pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
     check_cores(&cfg.compute_cores)?;
@@ -77,8 +80,11 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
         .thread_name(|i| format!("autoglm-compute-{i}"))
         .start_handler(move |i| {
             if let Some(&core) = cores.get(i) {
-                // Checked above; a failure here would only leave the worker unpinned.
-                let _ = pin_current_thread(core);
+                // Checked above against the process's cores; a failure here (the mask changed
+                // under us) leaves the worker unpinned, which costs speed, not correctness.
+                if let Err(e) = pin_current_thread(core) {
+                    eprintln!("autoglm: {e}");
+                }
             }
         })
         .build()
