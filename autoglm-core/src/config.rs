@@ -17,7 +17,12 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { block_size: 16, num_blocks: None, memory_bytes: 512 << 20, enable_prefix_caching: true }
+        CacheConfig {
+            block_size: 16,
+            num_blocks: None,
+            memory_bytes: 512 << 20,
+            enable_prefix_caching: true,
+        }
     }
 }
 
@@ -35,7 +40,11 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 2048, max_model_len: None }
+        SchedulerConfig {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_model_len: None,
+        }
     }
 }
 
@@ -69,7 +78,10 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<()> {
         let c = &self.cache;
         if c.block_size == 0 || c.block_size > 1024 {
-            return Err(Error::config("cache.block_size", format!("{} (must be 1..=1024)", c.block_size)));
+            return Err(Error::config(
+                "cache.block_size",
+                format!("{} (must be 1..=1024)", c.block_size),
+            ));
         }
         if c.num_blocks == Some(0) {
             return Err(Error::config("cache.num_blocks", "0 (must be positive)"));
@@ -79,16 +91,28 @@ impl EngineConfig {
         }
         let s = &self.scheduler;
         if s.max_num_seqs == 0 {
-            return Err(Error::config("scheduler.max_num_seqs", "0 (must be positive)"));
+            return Err(Error::config(
+                "scheduler.max_num_seqs",
+                "0 (must be positive)",
+            ));
         }
         if s.max_num_batched_tokens == 0 {
-            return Err(Error::config("scheduler.max_num_batched_tokens", "0 (must be positive)"));
+            return Err(Error::config(
+                "scheduler.max_num_batched_tokens",
+                "0 (must be positive)",
+            ));
         }
         if s.max_model_len == Some(0) {
-            return Err(Error::config("scheduler.max_model_len", "0 (must be positive)"));
+            return Err(Error::config(
+                "scheduler.max_model_len",
+                "0 (must be positive)",
+            ));
         }
         if self.threading.num_threads == Some(0) {
-            return Err(Error::config("threading.num_threads", "0 (must be positive)"));
+            return Err(Error::config(
+                "threading.num_threads",
+                "0 (must be positive)",
+            ));
         }
         Ok(())
     }

@@ -69,15 +69,24 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::InvalidConfig { field: field.into(), msg: msg.into() }
+        Error::InvalidConfig {
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.into(), msg: msg.into() }
+        Error::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -75,7 +75,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding (temperature 0), other fields default.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     /// Whether this is greedy decoding.
@@ -85,7 +88,9 @@ impl SamplingParams {
 
     /// Rejects values outside their ranges, naming the field and value.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, v: String, want: &str| Err(Error::InvalidRequest(format!("{field} = {v}: {want}")));
+        let bad = |field: &str, v: String, want: &str| {
+            Err(Error::InvalidRequest(format!("{field} = {v}: {want}")))
+        };
         if self.n == 0 || self.n > 128 {
             return bad("n", self.n.to_string(), "must be in 1..=128");
         }
@@ -93,7 +98,11 @@ impl SamplingParams {
             return bad("max_tokens", "0".into(), "must be at least 1");
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature", self.temperature.to_string(), "must be a finite number >= 0");
+            return bad(
+                "temperature",
+                self.temperature.to_string(),
+                "must be a finite number >= 0",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", self.top_p.to_string(), "must be in (0, 1]");
@@ -102,9 +111,16 @@ impl SamplingParams {
             return bad("min_p", self.min_p.to_string(), "must be in [0, 1]");
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad("repetition_penalty", self.repetition_penalty.to_string(), "must be > 0");
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty.to_string(),
+                "must be > 0",
+            );
         }
-        for (field, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(field, v.to_string(), "must be in [-2, 2]");
             }
@@ -162,7 +178,9 @@ pub(crate) struct SamplerState {
 
 impl SamplerState {
     pub(crate) fn new(seed: u64) -> Self {
-        SamplerState { rng: ChaCha8Rng::seed_from_u64(seed) }
+        SamplerState {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
@@ -177,15 +195,32 @@ impl SamplerState {
 /// `log_softmax` of `logits` at `ids`, plus the top `n`.
 pub(crate) fn logprobs_of(logits: &[f32], token_id: u32, n: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let lse = max as f64
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
     let lp = |id: u32| (logits[id as usize] as f64 - lse) as f32;
     let mut top: Vec<u32> = (0..logits.len() as u32).collect();
     if n > 0 && n < top.len() {
-        top.select_nth_unstable_by(n - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        top.select_nth_unstable_by(n - 1, |&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
     }
     top.truncate(n);
-    top.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    TokenLogprobs { token_id, logprob: lp(token_id), top: top.into_iter().map(|id| (id, lp(id))).collect() }
+    top.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    TokenLogprobs {
+        token_id,
+        logprob: lp(token_id),
+        top: top.into_iter().map(|id| (id, lp(id))).collect(),
+    }
 }
 
 /// Index of the largest value; the first one on ties (as `torch.argmax`).
@@ -208,7 +243,11 @@ fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], outpu
             }
         }
         for (l, _) in logits.iter_mut().zip(seen).filter(|(_, s)| *s) {
-            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            *l = if *l > 0.0 {
+                *l / p.repetition_penalty
+            } else {
+                *l * p.repetition_penalty
+            };
         }
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -238,11 +277,17 @@ pub(crate) fn sample(
     }
     let inv_t = 1.0 / p.temperature;
     // Candidates sorted by logit, best first; top-k and top-p only need a prefix of that order.
-    let mut cand: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+    let mut cand: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize].is_finite())
+        .collect();
     if cand.is_empty() {
         return argmax(logits);
     }
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     let max = logits[argmax(logits) as usize] * inv_t;
     let weight = |i: u32| ((logits[i as usize] * inv_t - max) as f64).exp();
     let total: f64 = cand.iter().map(|&i| weight(i)).sum();
@@ -279,7 +324,11 @@ pub(crate) fn sample(
     if p.min_p > 0.0 {
         // The best candidate has weight 1 (it defines `max`).
         let floor = p.min_p as f64;
-        keep = cand[..keep].iter().take_while(|&&i| weight(i) >= floor).count().max(1);
+        keep = cand[..keep]
+            .iter()
+            .take_while(|&&i| weight(i) >= floor)
+            .count()
+            .max(1);
     }
     let mass: f64 = cand[..keep].iter().map(|&i| weight(i)).sum();
     let mut u = state.uniform() * mass;
@@ -297,7 +346,10 @@ mod tests {
     use super::*;
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
-        let mut p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
         f(&mut p);
         p
     }
@@ -305,7 +357,16 @@ mod tests {
     #[test]
     fn greedy_takes_first_max() {
         let mut l = vec![0.0, 3.0, 3.0, 1.0];
-        assert_eq!(sample(&mut l, &SamplingParams::greedy(), &[], &[], &mut SamplerState::new(0)), 1);
+        assert_eq!(
+            sample(
+                &mut l,
+                &SamplingParams::greedy(),
+                &[],
+                &[],
+                &mut SamplerState::new(0)
+            ),
+            1
+        );
     }
 
     #[test]
@@ -313,7 +374,16 @@ mod tests {
         let logits = vec![0.5, 0.1, 2.0, 1.9, -1.0];
         for seed in 0..50 {
             let mut l = logits.clone();
-            assert_eq!(sample(&mut l, &params(|p| p.top_k = 1), &[], &[], &mut SamplerState::new(seed)), 2);
+            assert_eq!(
+                sample(
+                    &mut l,
+                    &params(|p| p.top_k = 1),
+                    &[],
+                    &[],
+                    &mut SamplerState::new(seed)
+                ),
+                2
+            );
         }
     }
 
@@ -323,10 +393,22 @@ mod tests {
         let logits = vec![3.0, 2.0, 1.0, -0.1];
         for seed in 0..200 {
             let mut l = logits.clone();
-            let t = sample(&mut l, &params(|p| p.top_p = 0.7), &[], &[], &mut SamplerState::new(seed));
+            let t = sample(
+                &mut l,
+                &params(|p| p.top_p = 0.7),
+                &[],
+                &[],
+                &mut SamplerState::new(seed),
+            );
             assert!(t <= 1, "top_p 0.7 kept token {t}");
             let mut l = logits.clone();
-            let t = sample(&mut l, &params(|p| p.min_p = 0.3), &[], &[], &mut SamplerState::new(seed));
+            let t = sample(
+                &mut l,
+                &params(|p| p.min_p = 0.3),
+                &[],
+                &[],
+                &mut SamplerState::new(seed),
+            );
             assert!(t <= 1, "min_p 0.3 kept token {t}");
         }
     }
@@ -335,7 +417,9 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let logits = vec![0.0f32, (3.0f32).ln()]; // probs 0.25 / 0.75
         let mut state = SamplerState::new(7);
-        let ones = (0..4000).filter(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut state) == 1).count();
+        let ones = (0..4000)
+            .filter(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut state) == 1)
+            .count();
         assert!((2850..3150).contains(&ones), "{ones} of 4000");
     }
 
@@ -344,7 +428,9 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
             let mut s = SamplerState::new(seed);
-            (0..20).map(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut s)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut s))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
@@ -352,12 +438,48 @@ mod tests {
 
     #[test]
     fn penalties_change_the_choice() {
-        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() };
-        assert_eq!(sample(&mut vec![2.0, 1.5], &p, &[0], &[], &mut SamplerState::new(0)), 1);
-        let p = SamplingParams { frequency_penalty: 0.3, ..SamplingParams::greedy() };
-        assert_eq!(sample(&mut vec![2.0, 1.5], &p, &[], &[0, 0], &mut SamplerState::new(0)), 1);
-        let p = SamplingParams { presence_penalty: 0.3, ..SamplingParams::greedy() };
-        assert_eq!(sample(&mut vec![2.0, 1.9], &p, &[], &[0], &mut SamplerState::new(0)), 1);
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(
+            sample(
+                &mut vec![2.0, 1.5],
+                &p,
+                &[0],
+                &[],
+                &mut SamplerState::new(0)
+            ),
+            1
+        );
+        let p = SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(
+            sample(
+                &mut vec![2.0, 1.5],
+                &p,
+                &[],
+                &[0, 0],
+                &mut SamplerState::new(0)
+            ),
+            1
+        );
+        let p = SamplingParams {
+            presence_penalty: 0.3,
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(
+            sample(
+                &mut vec![2.0, 1.9],
+                &p,
+                &[],
+                &[0],
+                &mut SamplerState::new(0)
+            ),
+            1
+        );
     }
 
     #[test]
@@ -370,11 +492,28 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let e = SamplingParams { top_p: 1.5, ..Default::default() }.validate().unwrap_err().to_string();
+        let e = SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("top_p") && e.contains("1.5"), "{e}");
-        let e = SamplingParams { max_tokens: 0, ..Default::default() }.validate().unwrap_err().to_string();
+        let e = SamplingParams {
+            max_tokens: 0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("max_tokens"), "{e}");
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

@@ -15,17 +15,39 @@ const STEPS: usize = 24;
 
 fn prompts() -> Vec<Vec<u32>> {
     let e = expected("glm4-tiny");
-    let mut p: Vec<Vec<u32>> = e["cases"].as_array().unwrap().iter().map(|c| ids(&c["prompt_token_ids"])).collect();
-    p.extend(e["chat"].as_array().unwrap().iter().map(|c| ids(&c["token_ids"])));
+    let mut p: Vec<Vec<u32>> = e["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ids(&c["prompt_token_ids"]))
+        .collect();
+    p.extend(
+        e["chat"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| ids(&c["token_ids"])),
+    );
     p
 }
 
 fn greedy() -> SamplingParams {
-    SamplingParams { max_tokens: STEPS, ignore_eos: true, ..SamplingParams::greedy() }
+    SamplingParams {
+        max_tokens: STEPS,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    }
 }
 
 fn sampled(seed: u64) -> SamplingParams {
-    SamplingParams { max_tokens: STEPS, ignore_eos: true, temperature: 0.9, top_p: 0.9, seed: Some(seed), ..Default::default() }
+    SamplingParams {
+        max_tokens: STEPS,
+        ignore_eos: true,
+        temperature: 0.9,
+        top_p: 0.9,
+        seed: Some(seed),
+        ..Default::default()
+    }
 }
 
 fn engine(f: impl FnOnce(&mut EngineConfig)) -> Engine {
@@ -37,16 +59,30 @@ fn engine(f: impl FnOnce(&mut EngineConfig)) -> Engine {
 
 /// Submits everything first, then collects, so the requests share engine steps.
 fn together(engine: &Engine, reqs: Vec<(Vec<u32>, SamplingParams)>) -> Vec<GenerateOutput> {
-    let streams: Vec<_> = reqs.into_iter().map(|(p, s)| (s.n, engine.submit(p, s).unwrap())).collect();
-    streams.into_iter().map(|(n, s)| collect(s, n).unwrap()).collect()
+    let streams: Vec<_> = reqs
+        .into_iter()
+        .map(|(p, s)| (s.n, engine.submit(p, s).unwrap()))
+        .collect();
+    streams
+        .into_iter()
+        .map(|(n, s)| collect(s, n).unwrap())
+        .collect()
 }
 
 fn alone(engine: &Engine, reqs: &[(Vec<u32>, SamplingParams)]) -> Vec<Vec<u32>> {
-    reqs.iter().map(|(p, s)| engine.generate(p.clone(), s.clone()).unwrap().choices[0].token_ids.clone()).collect()
+    reqs.iter()
+        .map(|(p, s)| {
+            engine.generate(p.clone(), s.clone()).unwrap().choices[0]
+                .token_ids
+                .clone()
+        })
+        .collect()
 }
 
 fn tokens(outs: &[GenerateOutput]) -> Vec<Vec<u32>> {
-    outs.iter().map(|o| o.choices[0].token_ids.clone()).collect()
+    outs.iter()
+        .map(|o| o.choices[0].token_ids.clone())
+        .collect()
 }
 
 #[test]
@@ -56,7 +92,12 @@ fn greedy_tokens_are_the_same_alone_and_batched() {
     let solo = alone(&e, &reqs);
     assert_eq!(tokens(&together(&e, reqs.clone())), solo);
     // Fixture continuations are the ground truth for the first three.
-    for (case, got) in expected("glm4-tiny")["cases"].as_array().unwrap().iter().zip(&solo) {
+    for (case, got) in expected("glm4-tiny")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&solo)
+    {
         assert_eq!(&ids(&case["greedy_token_ids"]), got);
     }
 }
@@ -72,18 +113,32 @@ fn greedy_tokens_do_not_change_when_mixed_with_sampled_requests() {
         mixed.push((p.clone(), g.clone()));
     }
     let outs = together(&e, mixed);
-    let got: Vec<Vec<u32>> = outs.iter().skip(1).step_by(2).map(|o| o.choices[0].token_ids.clone()).collect();
+    let got: Vec<Vec<u32>> = outs
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|o| o.choices[0].token_ids.clone())
+        .collect();
     assert_eq!(got, solo);
 }
 
 #[test]
 fn seeded_sampling_is_the_same_whatever_the_batch() {
     let e = engine(|_| {});
-    let reqs: Vec<_> = prompts().into_iter().enumerate().map(|(i, p)| (p, sampled(100 + i as u64))).collect();
+    let reqs: Vec<_> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (p, sampled(100 + i as u64)))
+        .collect();
     let solo = alone(&e, &reqs);
     assert_eq!(tokens(&together(&e, reqs.clone())), solo);
-    let other_seed = e.generate(reqs[0].0.clone(), sampled(999)).unwrap().choices[0].token_ids.clone();
-    assert_ne!(other_seed, solo[0], "a different seed should give different samples");
+    let other_seed = e.generate(reqs[0].0.clone(), sampled(999)).unwrap().choices[0]
+        .token_ids
+        .clone();
+    assert_ne!(
+        other_seed, solo[0],
+        "a different seed should give different samples"
+    );
 }
 
 #[test]
@@ -105,7 +160,10 @@ fn preemption_by_recompute_gives_the_same_tokens() {
         c.cache.enable_prefix_caching = false;
     });
     assert_eq!(tokens(&together(&small, reqs.clone())), solo);
-    assert!(small.stats().preemptions.load(Ordering::Relaxed) > 0, "the pool was meant to force preemption");
+    assert!(
+        small.stats().preemptions.load(Ordering::Relaxed) > 0,
+        "the pool was meant to force preemption"
+    );
     // The same with prefix caching on (preempted sequences take their cached blocks back).
     let small = engine(|c| c.cache.num_blocks = Some(20));
     assert_eq!(tokens(&together(&small, reqs)), solo);
@@ -119,7 +177,11 @@ fn prefix_cache_reuses_blocks_and_keeps_tokens() {
     let first = e.generate(prompt.clone(), greedy()).unwrap();
     let second = e.generate(prompt.clone(), greedy()).unwrap();
     assert_eq!(first.usage.cached_prompt_tokens, 0);
-    assert!(second.usage.cached_prompt_tokens >= prompt.len() - 4, "{:?}", second.usage);
+    assert!(
+        second.usage.cached_prompt_tokens >= prompt.len() - 4,
+        "{:?}",
+        second.usage
+    );
     assert_eq!(first.choices[0].token_ids, second.choices[0].token_ids);
 }
 
@@ -127,15 +189,23 @@ fn prefix_cache_reuses_blocks_and_keeps_tokens() {
 fn n_choices_share_a_request() {
     let e = engine(|_| {});
     let p = prompts()[1].clone();
-    let single = e.generate(p.clone(), greedy()).unwrap().choices[0].token_ids.clone();
-    let out = e.generate(p.clone(), SamplingParams { n: 3, ..greedy() }).unwrap();
+    let single = e.generate(p.clone(), greedy()).unwrap().choices[0]
+        .token_ids
+        .clone();
+    let out = e
+        .generate(p.clone(), SamplingParams { n: 3, ..greedy() })
+        .unwrap();
     assert_eq!(out.choices.len(), 3);
     for c in &out.choices {
         assert_eq!(c.token_ids, single);
     }
     assert_eq!(out.usage.completion_tokens, 3 * STEPS);
-    let a = e.generate(p.clone(), SamplingParams { n: 3, ..sampled(5) }).unwrap();
-    let b = e.generate(p, SamplingParams { n: 3, ..sampled(5) }).unwrap();
+    let a = e
+        .generate(p.clone(), SamplingParams { n: 3, ..sampled(5) })
+        .unwrap();
+    let b = e
+        .generate(p, SamplingParams { n: 3, ..sampled(5) })
+        .unwrap();
     assert_eq!(a, b);
     assert_ne!(a.choices[0].token_ids, a.choices[1].token_ids);
 }
@@ -150,17 +220,47 @@ fn stop_strings_and_stop_tokens_end_the_output() {
     let chars: Vec<char> = full.text.chars().collect();
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
     let cut = full.text.find(&stop).unwrap();
-    let got = e.generate(p.clone(), SamplingParams { stop: vec![stop.clone()], ..greedy() }).unwrap().choices.remove(0);
+    let got = e
+        .generate(
+            p.clone(),
+            SamplingParams {
+                stop: vec![stop.clone()],
+                ..greedy()
+            },
+        )
+        .unwrap()
+        .choices
+        .remove(0);
     assert_eq!(got.text, full.text[..cut], "stop {stop:?}");
     assert_eq!(got.finish_reason, Some(FinishReason::Stop));
     // A stop token: kept in token_ids, generation ends there.
     let tok = full.token_ids[5];
     let first = full.token_ids.iter().position(|&t| t == tok).unwrap();
-    let got = e.generate(p.clone(), SamplingParams { stop_token_ids: vec![tok], ..greedy() }).unwrap().choices.remove(0);
+    let got = e
+        .generate(
+            p.clone(),
+            SamplingParams {
+                stop_token_ids: vec![tok],
+                ..greedy()
+            },
+        )
+        .unwrap()
+        .choices
+        .remove(0);
     assert_eq!(got.token_ids, full.token_ids[..=first]);
     assert_eq!(got.finish_reason, Some(FinishReason::Stop));
     // max_tokens.
-    let got = e.generate(p, SamplingParams { max_tokens: 3, ..greedy() }).unwrap().choices.remove(0);
+    let got = e
+        .generate(
+            p,
+            SamplingParams {
+                max_tokens: 3,
+                ..greedy()
+            },
+        )
+        .unwrap()
+        .choices
+        .remove(0);
     assert_eq!(got.token_ids, full.token_ids[..3]);
     assert_eq!(got.finish_reason, Some(FinishReason::Length));
 }
@@ -182,7 +282,10 @@ fn streamed_text_concatenates_to_the_decoded_output() {
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -190,25 +293,57 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn dropping_a_stream_cancels_and_frees_its_blocks() {
     let e = engine(|c| c.scheduler.max_model_len = Some(4096));
-    let long = SamplingParams { max_tokens: 4000, ignore_eos: true, ..SamplingParams::greedy() };
+    let long = SamplingParams {
+        max_tokens: 4000,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
     let mut stream = e.submit(prompts()[2].clone(), long).unwrap();
     stream.next().unwrap().unwrap();
-    wait_for("blocks in use", || e.stats().kv_blocks_used.load(Ordering::Relaxed) > 0);
+    wait_for("blocks in use", || {
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) > 0
+    });
     drop(stream);
     wait_for("blocks back in the pool", || {
-        e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0 && e.stats().running.load(Ordering::Relaxed) == 0
+        e.stats().kv_blocks_used.load(Ordering::Relaxed) == 0
+            && e.stats().running.load(Ordering::Relaxed) == 0
     });
     // The engine still serves requests afterwards.
-    assert_eq!(e.generate(prompts()[0].clone(), greedy()).unwrap().choices[0].token_ids.len(), STEPS);
+    assert_eq!(
+        e.generate(prompts()[0].clone(), greedy()).unwrap().choices[0]
+            .token_ids
+            .len(),
+        STEPS
+    );
 }
 
 #[test]
 fn higher_priority_waiting_requests_run_first() {
     // One sequence at a time: the order of completion is the order of admission.
     let e = engine(|c| c.scheduler.max_num_seqs = 1);
-    let busy = e.submit(prompts()[2].clone(), SamplingParams { max_tokens: 200, ..greedy() }).unwrap();
-    let low = e.submit_request(Request { prompt: prompts()[0].clone(), params: greedy(), priority: 5 }).unwrap();
-    let high = e.submit_request(Request { prompt: prompts()[1].clone(), params: greedy(), priority: -1 }).unwrap();
+    let busy = e
+        .submit(
+            prompts()[2].clone(),
+            SamplingParams {
+                max_tokens: 200,
+                ..greedy()
+            },
+        )
+        .unwrap();
+    let low = e
+        .submit_request(Request {
+            prompt: prompts()[0].clone(),
+            params: greedy(),
+            priority: 5,
+        })
+        .unwrap();
+    let high = e
+        .submit_request(Request {
+            prompt: prompts()[1].clone(),
+            params: greedy(),
+            priority: -1,
+        })
+        .unwrap();
     let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let handles: Vec<_> = [("low", low), ("high", high)]
         .into_iter()

@@ -17,7 +17,11 @@ fn single(tokens: &[u32], start: usize, all_logits: bool) -> ForwardBatch {
     let blocks: Vec<u32> = (0..(start + tokens.len()).div_ceil(BLOCK) as u32).collect();
     let mut b = ForwardBatch::new(blocks.len());
     b.push_seq(tokens, start, &blocks, BLOCK);
-    b.logits_indices = if all_logits { (0..tokens.len() as u32).collect() } else { vec![tokens.len() as u32 - 1] };
+    b.logits_indices = if all_logits {
+        (0..tokens.len() as u32).collect()
+    } else {
+        vec![tokens.len() as u32 - 1]
+    };
     b
 }
 
@@ -29,13 +33,24 @@ fn prompt_logits_match_transformers_at_every_position() {
         let vocab = model.config().vocab_size;
         for case in expected(name)["cases"].as_array().unwrap() {
             let prompt = ids(&case["prompt_token_ids"]);
-            let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(64, BLOCK)).unwrap();
-            let logits = model.forward(&backend, &single(&prompt, 0, true), &mut cache).unwrap();
+            let mut cache = backend
+                .alloc_kv_cache(model.kv_cache_shape(64, BLOCK))
+                .unwrap();
+            let logits = model
+                .forward(&backend, &single(&prompt, 0, true), &mut cache)
+                .unwrap();
             let (shape, want) = expected_tensor(name, case["logits_tensor"].as_str().unwrap());
             assert_eq!(shape, vec![prompt.len(), vocab]);
             for pos in 0..prompt.len() {
-                let e = rel_err(&logits[pos * vocab..(pos + 1) * vocab], &want[pos * vocab..(pos + 1) * vocab]);
-                assert!(e < TOL, "{name}: prompt of {} tokens, position {pos}: relative error {e}", prompt.len());
+                let e = rel_err(
+                    &logits[pos * vocab..(pos + 1) * vocab],
+                    &want[pos * vocab..(pos + 1) * vocab],
+                );
+                assert!(
+                    e < TOL,
+                    "{name}: prompt of {} tokens, position {pos}: relative error {e}",
+                    prompt.len()
+                );
             }
         }
     }
@@ -51,15 +66,26 @@ fn decode_path_logits_and_greedy_tokens_match() {
             let prompt = ids(&case["prompt_token_ids"]);
             let greedy = ids(&case["greedy_token_ids"]);
             let (_, want) = expected_tensor(name, case["greedy_logits_tensor"].as_str().unwrap());
-            let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(64, BLOCK)).unwrap();
-            let mut logits = model.forward(&backend, &single(&prompt, 0, false), &mut cache).unwrap();
+            let mut cache = backend
+                .alloc_kv_cache(model.kv_cache_shape(64, BLOCK))
+                .unwrap();
+            let mut logits = model
+                .forward(&backend, &single(&prompt, 0, false), &mut cache)
+                .unwrap();
             let mut pos = prompt.len();
             for (step, &tok) in greedy.iter().enumerate() {
                 let e = rel_err(&logits, &want[step * vocab..(step + 1) * vocab]);
                 assert!(e < TOL, "{name}: decode step {step}: relative error {e}");
-                let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+                let best = logits
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .unwrap()
+                    .0 as u32;
                 assert_eq!(best, tok, "{name}: greedy token at step {step}");
-                logits = model.forward(&backend, &single(&[tok], pos, false), &mut cache).unwrap();
+                logits = model
+                    .forward(&backend, &single(&[tok], pos, false), &mut cache)
+                    .unwrap();
                 pos += 1;
             }
         }
@@ -87,9 +113,17 @@ fn engine_greedy_continuations_and_top5_logprobs_match() {
             assert_eq!(out.usage.completion_tokens, greedy.len());
             let top: Vec<u32> = c.logprobs[0].top.iter().map(|t| t.0).collect();
             assert_eq!(top, ids(&case["last_top5_ids"]), "{name}");
-            for (got, want) in c.logprobs[0].top.iter().zip(case["last_top5_logprobs"].as_array().unwrap()) {
+            for (got, want) in c.logprobs[0]
+                .top
+                .iter()
+                .zip(case["last_top5_logprobs"].as_array().unwrap())
+            {
                 let want = want.as_f64().unwrap() as f32;
-                assert!((got.1 - want).abs() < 1e-4 * want.abs().max(1.0), "{name}: logprob {} vs {want}", got.1);
+                assert!(
+                    (got.1 - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{name}: logprob {} vs {want}",
+                    got.1
+                );
             }
             assert!((c.logprobs[0].logprob - c.logprobs[0].top[0].1).abs() < 1e-6);
         }

@@ -10,7 +10,12 @@ use proptest::prelude::*;
 enum Op {
     /// A new sequence: prompt made of `len` tokens drawn from a small alphabet (so prefixes repeat),
     /// wanting `gen` tokens, at `priority`.
-    Submit { len: usize, alphabet: u32, gen: usize, priority: i32 },
+    Submit {
+        len: usize,
+        alphabet: u32,
+        gen: usize,
+        priority: i32,
+    },
     /// Run one engine step.
     Step,
     /// Cancel the k-th live sequence.
@@ -19,11 +24,13 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (1usize..40, 1u32..4, 1usize..12, -2i32..3).prop_map(|(len, alphabet, gen, priority)| Op::Submit {
-            len,
-            alphabet,
-            gen,
-            priority
+        (1usize..40, 1u32..4, 1usize..12, -2i32..3).prop_map(|(len, alphabet, gen, priority)| {
+            Op::Submit {
+                len,
+                alphabet,
+                gen,
+                priority,
+            }
         }),
         Just(Op::Step),
         Just(Op::Step),
@@ -43,13 +50,21 @@ struct Sim {
 impl Sim {
     fn step(&mut self) {
         let plan = self.sched.schedule();
-        assert!(plan.num_tokens() <= self.max_tokens_per_step, "budget exceeded");
+        assert!(
+            plan.num_tokens() <= self.max_tokens_per_step,
+            "budget exceeded"
+        );
         let mut seen = std::collections::HashSet::new();
         for s in &plan.scheduled {
-            assert!(seen.insert(s.seq_id), "sequence scheduled twice in one step");
+            assert!(
+                seen.insert(s.seq_id),
+                "sequence scheduled twice in one step"
+            );
             let seq = self.sched.get(s.seq_id).unwrap();
             assert_eq!(s.start, seq.num_computed);
-            assert!(seq.block_table.len() * self.sched.block_manager().block_size() >= s.start + s.len);
+            assert!(
+                seq.block_table.len() * self.sched.block_manager().block_size() >= s.start + s.len
+            );
         }
         self.sched.commit(&plan);
         for s in plan.scheduled.iter().filter(|s| s.sample) {
@@ -129,7 +144,10 @@ fn preemption_frees_the_lowest_priority_latest_sequence() {
     s.append_token(1, 9);
     let plan = s.schedule();
     assert_eq!(plan.preempted, vec![2]);
-    assert_eq!(plan.scheduled.iter().map(|p| p.seq_id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        plan.scheduled.iter().map(|p| p.seq_id).collect::<Vec<_>>(),
+        vec![1]
+    );
     assert_eq!(s.get(2).unwrap().num_computed, 0);
     s.check_invariants();
 }
@@ -141,7 +159,10 @@ fn waiting_sequences_are_admitted_by_priority_then_arrival() {
     s.add(Sequence::new(2, vec![1; 5], -1, 2));
     s.add(Sequence::new(3, vec![1; 5], -1, 3));
     let plan = s.schedule();
-    assert_eq!(plan.scheduled.iter().map(|p| p.seq_id).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(
+        plan.scheduled.iter().map(|p| p.seq_id).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
 }
 
 #[test]
@@ -172,7 +193,10 @@ fn cached_prefix_blocks_are_shared_and_refcounted() {
     let plan = s.schedule();
     let p2 = plan.scheduled.iter().find(|p| p.seq_id == 2).unwrap();
     assert_eq!((p2.start, p2.len), (8, 1));
-    let (t1, t2) = (s.get(1).unwrap().block_table.clone(), s.get(2).unwrap().block_table.clone());
+    let (t1, t2) = (
+        s.get(1).unwrap().block_table.clone(),
+        s.get(2).unwrap().block_table.clone(),
+    );
     assert_eq!(t1[..2], t2[..2]);
     assert_eq!(s.block_manager().ref_count(t1[0]), 2);
     s.check_invariants();

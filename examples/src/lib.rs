@@ -1,1 +1,165 @@
+//! Command-line pieces shared by the example programs: engine and sampling flags, and the bundled
+//! default model.
 
+use std::path::PathBuf;
+
+use autoglm_core::{EngineConfig, SamplingParams};
+use clap::Args;
+
+/// The tiny GLM-4 checkpoint shipped with the repository (random weights).
+pub fn bundled_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/glm4-tiny")
+}
+
+/// Resolves `--model`, falling back to the bundled model with a plain warning.
+pub fn model_dir(model: Option<PathBuf>) -> PathBuf {
+    model.unwrap_or_else(|| {
+        eprintln!(
+            "note: no --model given; using the bundled tiny GLM-4 model at {}.\n      Its weights are RANDOM: expect gibberish, not language.",
+            bundled_model().display()
+        );
+        bundled_model()
+    })
+}
+
+/// A comma-separated list of numbers on the command line, e.g. `1,2,3`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct List<T>(pub Vec<T>);
+
+impl<T: std::str::FromStr> std::str::FromStr for List<T> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .filter(|x| !x.trim().is_empty())
+            .map(|x| {
+                x.trim()
+                    .parse::<T>()
+                    .map_err(|_| format!("{x:?} is not a valid number"))
+            })
+            .collect::<Result<Vec<T>, String>>()
+            .map(List)
+    }
+}
+
+/// Engine flags.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV-cache blocks (default: sized from --kv-cache-mb).
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// Memory for the KV cache, in MiB, when --num-blocks is not given.
+    #[arg(long, default_value_t = 512)]
+    pub kv_cache_mb: usize,
+    /// Disable reuse of cached prompt prefixes.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Tokens per forward pass (prefill chunks plus decodes).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence, prompt plus output (default: the model's).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Pin the engine thread to this core.
+    #[arg(long)]
+    pub engine_core: Option<usize>,
+    /// Pin one compute thread to each of these cores, e.g. 0,1.
+    #[arg(long)]
+    pub compute_cores: Option<List<usize>>,
+    /// Compute threads (when --compute-cores is not given).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags describe.
+    pub fn config(&self) -> EngineConfig {
+        let mut c = EngineConfig::default();
+        c.cache.block_size = self.block_size;
+        c.cache.num_blocks = self.num_blocks;
+        c.cache.memory_bytes = self.kv_cache_mb << 20;
+        c.cache.enable_prefix_caching = !self.no_prefix_caching;
+        c.scheduler.max_num_seqs = self.max_num_seqs;
+        c.scheduler.max_num_batched_tokens = self.max_num_batched_tokens;
+        c.scheduler.max_model_len = self.max_model_len;
+        c.threading.engine_core = self.engine_core;
+        c.threading.compute_cores = self.compute_cores.clone().map(|l| l.0).unwrap_or_default();
+        c.threading.num_threads = self.threads;
+        c
+    }
+}
+
+/// Sampling flags.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below min_p times the best one's probability.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Presence penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Frequency penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Seed of the request's RNG.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop string (repeatable); not included in the output.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Token ids that end generation, e.g. 151329,151336.
+    #[arg(long)]
+    pub stop_token_ids: Option<List<u32>>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Return the top-N logprobs of each generated token.
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+    /// Completions per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+}
+
+impl SamplingArgs {
+    /// The sampling parameters these flags describe.
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            n: self.n,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop_token_ids: self.stop_token_ids.clone().map(|l| l.0).unwrap_or_default(),
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs,
+            skip_special_tokens: true,
+        }
+    }
+}

@@ -50,7 +50,9 @@ pub struct AttentionShape {
 
 /// Rope inverse frequencies as Hugging Face computes them (in f32).
 pub fn rope_inv_freq(rotary_dim: usize, theta: f32) -> Vec<f32> {
-    (0..rotary_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary_dim as f32)).collect()
+    (0..rotary_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / rotary_dim as f32))
+        .collect()
 }
 
 /// Fused operations on a device. Activations are `[rows, cols]` matrices, one row per token.
@@ -73,9 +75,20 @@ pub trait Backend: Send + Sync + 'static {
     /// `rmsnorm(x) * w`.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
     /// `residual += x`, then returns `rmsnorm(residual) * w`.
-    fn add_rms_norm(&self, residual: &mut Self::Tensor, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
     /// `x @ w^T + bias` for `w` of shape `[out, in]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Tensor>;
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Tensor>;
     /// `silu(gate) * up` where each row of `gate_up` is `[gate | up]`.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
     /// Rows `rows` of `x`, in order.

@@ -119,7 +119,12 @@ impl BlockManager {
 
     /// Takes the cached blocks holding the longest prefix of `tokens` made of full blocks, at most
     /// `max_tokens` tokens, into the (empty) `table`; returns their hashes.
-    pub fn take_cached_prefix(&mut self, tokens: &[u32], max_tokens: usize, table: &mut Vec<BlockId>) -> Vec<u64> {
+    pub fn take_cached_prefix(
+        &mut self,
+        tokens: &[u32],
+        max_tokens: usize,
+        table: &mut Vec<BlockId>,
+    ) -> Vec<u64> {
         debug_assert!(table.is_empty());
         let mut hashes = Vec::new();
         if !self.prefix_caching {
@@ -128,7 +133,9 @@ impl BlockManager {
         let mut parent = 0;
         for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(self.block_size) {
             let h = chain_hash(parent, chunk);
-            let Some(&b) = self.by_hash.get(&h) else { break };
+            let Some(&b) = self.by_hash.get(&h) else {
+                break;
+            };
             if self.ref_counts[b as usize] == 0 {
                 self.free.remove(&(self.freed_at[b as usize], b));
             }
@@ -163,14 +170,29 @@ impl BlockManager {
                 counted[b as usize] += 1;
             }
         }
-        assert_eq!(counted, self.ref_counts, "reference counts differ from the block tables");
+        assert_eq!(
+            counted, self.ref_counts,
+            "reference counts differ from the block tables"
+        );
         for (b, &rc) in self.ref_counts.iter().enumerate() {
             let in_free = self.free.contains(&(self.freed_at[b], b as BlockId));
-            assert_eq!(in_free, rc == 0, "block {b}: ref {rc}, in free list {in_free}");
+            assert_eq!(
+                in_free,
+                rc == 0,
+                "block {b}: ref {rc}, in free list {in_free}"
+            );
         }
-        assert_eq!(self.free.len(), counted.iter().filter(|&&c| c == 0).count(), "free list has duplicates");
+        assert_eq!(
+            self.free.len(),
+            counted.iter().filter(|&&c| c == 0).count(),
+            "free list has duplicates"
+        );
         for (&h, &b) in &self.by_hash {
-            assert_eq!(self.hash_of[b as usize], Some(h), "hash index out of date for block {b}");
+            assert_eq!(
+                self.hash_of[b as usize],
+                Some(h),
+                "hash index out of date for block {b}"
+            );
         }
     }
 }

@@ -87,11 +87,17 @@ pub(crate) fn run<B: Backend>(
         let mc = model.config().clone();
         let bs = config.cache.block_size;
         let block_bytes = model.kv_cache_shape(1, bs).block_bytes(4);
-        let num_blocks = config.cache.num_blocks.unwrap_or(config.cache.memory_bytes / block_bytes);
+        let num_blocks = config
+            .cache
+            .num_blocks
+            .unwrap_or(config.cache.memory_bytes / block_bytes);
         if num_blocks == 0 {
             return Err(Error::config(
                 "cache.memory_bytes",
-                format!("{} bytes hold no KV block ({block_bytes} bytes each)", config.cache.memory_bytes),
+                format!(
+                    "{} bytes hold no KV block ({block_bytes} bytes each)",
+                    config.cache.memory_bytes
+                ),
             ));
         }
         let kv_bytes = num_blocks * block_bytes;
@@ -99,7 +105,11 @@ pub(crate) fn run<B: Backend>(
             if kv_bytes > avail {
                 return Err(Error::config(
                     "cache",
-                    format!("the KV cache needs {} MiB but only {} MiB of memory is available", kv_bytes >> 20, avail >> 20),
+                    format!(
+                        "the KV cache needs {} MiB but only {} MiB of memory is available",
+                        kv_bytes >> 20,
+                        avail >> 20
+                    ),
                 ));
             }
         }
@@ -107,7 +117,10 @@ pub(crate) fn run<B: Backend>(
             Some(len) if len > mc.max_position_embeddings => {
                 return Err(Error::config(
                     "scheduler.max_model_len",
-                    format!("{len} exceeds the model's max_position_embeddings {}", mc.max_position_embeddings),
+                    format!(
+                        "{len} exceeds the model's max_position_embeddings {}",
+                        mc.max_position_embeddings
+                    ),
                 ))
             }
             Some(len) => len,
@@ -123,8 +136,11 @@ pub(crate) fn run<B: Backend>(
         eos.dedup();
         stats.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
         let blocks = BlockManager::new(num_blocks, bs, config.cache.enable_prefix_caching);
-        let scheduler =
-            Scheduler::new(blocks, config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens);
+        let scheduler = Scheduler::new(
+            blocks,
+            config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
+        );
         let core = Core {
             backend,
             model,
@@ -151,7 +167,9 @@ pub(crate) fn run<B: Backend>(
         }
     };
     let _ = ready.send(Ok(core.max_model_len));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(|| core.run_loop(&rx))));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.install(|| core.run_loop(&rx))
+    }));
     if result.is_err() {
         core.fail_all(|| Error::Backend("the engine thread panicked; see stderr".into()));
     }
@@ -197,15 +215,29 @@ impl<B: Backend> Core<B> {
     fn add_request(&mut self, new: NewRequest) {
         let NewRequest { id, req, tx } = new;
         let n = req.params.n;
-        let max_output = req.params.max_tokens.min(self.max_model_len - req.prompt.len());
-        let base_seed = req.params.seed.unwrap_or_else(|| rand_seed(&mut self.seed_rng));
+        let max_output = req
+            .params
+            .max_tokens
+            .min(self.max_model_len - req.prompt.len());
+        let base_seed = req
+            .params
+            .seed
+            .unwrap_or_else(|| rand_seed(&mut self.seed_rng));
         let mut seqs = Vec::with_capacity(n);
         for index in 0..n {
             let seq_id = self.next_seq;
             self.next_seq += 1;
             self.arrivals += 1;
-            self.scheduler.add(Sequence::new(seq_id, req.prompt.clone(), req.priority, self.arrivals));
-            let detok = self.tokenizer.as_ref().map(|_| IncrementalDetokenizer::new(req.params.skip_special_tokens));
+            self.scheduler.add(Sequence::new(
+                seq_id,
+                req.prompt.clone(),
+                req.priority,
+                self.arrivals,
+            ));
+            let detok = self
+                .tokenizer
+                .as_ref()
+                .map(|_| IncrementalDetokenizer::new(req.params.skip_special_tokens));
             self.choices.insert(
                 seq_id,
                 ChoiceState {
@@ -220,13 +252,28 @@ impl<B: Backend> Core<B> {
             );
             seqs.push(seq_id);
         }
-        let usage = Usage { prompt_tokens: req.prompt.len(), ..Default::default() };
-        self.requests.insert(id, RequestState { tx, req, seqs, choices_left: n, usage, max_output });
+        let usage = Usage {
+            prompt_tokens: req.prompt.len(),
+            ..Default::default()
+        };
+        self.requests.insert(
+            id,
+            RequestState {
+                tx,
+                req,
+                seqs,
+                choices_left: n,
+                usage,
+                max_output,
+            },
+        );
     }
 
     /// Removes a request; sends `err` (if any) to its stream.
     fn abort_request(&mut self, id: RequestId, err: Option<Error>) {
-        let Some(state) = self.requests.remove(&id) else { return };
+        let Some(state) = self.requests.remove(&id) else {
+            return;
+        };
         for seq in &state.seqs {
             self.scheduler.remove(*seq);
             self.choices.remove(seq);
@@ -246,9 +293,12 @@ impl<B: Backend> Core<B> {
 
     fn publish_stats(&self) {
         let s = &self.stats;
-        s.waiting.store(self.scheduler.num_waiting(), Ordering::Relaxed);
-        s.running.store(self.scheduler.num_running(), Ordering::Relaxed);
-        s.kv_blocks_used.store(self.scheduler.block_manager().num_used(), Ordering::Relaxed);
+        s.waiting
+            .store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        s.running
+            .store(self.scheduler.num_running(), Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.scheduler.block_manager().num_used(), Ordering::Relaxed);
     }
 
     fn build_batch(&self, plan: &SchedulerOutput) -> ForwardBatch {
@@ -256,13 +306,25 @@ impl<B: Backend> Core<B> {
         let stride = plan
             .scheduled
             .iter()
-            .map(|s| self.scheduler.get(s.seq_id).map_or(0, |q| q.block_table.len()))
+            .map(|s| {
+                self.scheduler
+                    .get(s.seq_id)
+                    .map_or(0, |q| q.block_table.len())
+            })
             .max()
             .unwrap_or(1);
         let mut batch = ForwardBatch::new(stride);
         for s in &plan.scheduled {
-            let seq = self.scheduler.get(s.seq_id).expect("scheduled sequence exists");
-            batch.push_seq(&seq.tokens[s.start..s.start + s.len], s.start, &seq.block_table, bs);
+            let seq = self
+                .scheduler
+                .get(s.seq_id)
+                .expect("scheduled sequence exists");
+            batch.push_seq(
+                &seq.tokens[s.start..s.start + s.len],
+                s.start,
+                &seq.block_table,
+                bs,
+            );
             if s.sample {
                 batch.logits_indices.push(batch.num_tokens() as u32 - 1);
             }
@@ -272,11 +334,15 @@ impl<B: Backend> Core<B> {
 
     fn step(&mut self) {
         let plan = self.scheduler.schedule();
-        self.stats.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        self.stats
+            .preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         if plan.scheduled.is_empty() {
             // Nothing fits: only possible if a lone sequence outgrew the pool, which max_model_len
             // prevents; fail the waiting requests rather than spin.
-            self.fail_all(|| Error::Backend("the KV cache cannot hold any waiting sequence".into()));
+            self.fail_all(|| {
+                Error::Backend("the KV cache cannot hold any waiting sequence".into())
+            });
             return;
         }
         for s in &plan.scheduled {
@@ -298,8 +364,11 @@ impl<B: Backend> Core<B> {
             Ok(l) => l,
             Err(e) => {
                 let msg = e.to_string();
-                let reqs: Vec<RequestId> =
-                    plan.scheduled.iter().filter_map(|s| self.choices.get(&s.seq_id).map(|c| c.request)).collect();
+                let reqs: Vec<RequestId> = plan
+                    .scheduled
+                    .iter()
+                    .filter_map(|s| self.choices.get(&s.seq_id).map(|c| c.request))
+                    .collect();
                 for r in reqs {
                     self.abort_request(r, Some(Error::Backend(msg.clone())));
                 }
@@ -310,38 +379,55 @@ impl<B: Backend> Core<B> {
         let prompt_computed: usize = plan
             .scheduled
             .iter()
-            .filter_map(|s| self.scheduler.get(s.seq_id).map(|q| s.len.min(q.prompt_len.saturating_sub(s.start))))
+            .filter_map(|s| {
+                self.scheduler
+                    .get(s.seq_id)
+                    .map(|q| s.len.min(q.prompt_len.saturating_sub(s.start)))
+            })
             .sum();
-        self.stats.prompt_tokens_computed.fetch_add(prompt_computed as u64, Ordering::Relaxed);
+        self.stats
+            .prompt_tokens_computed
+            .fetch_add(prompt_computed as u64, Ordering::Relaxed);
         let vocab = self.model.config().vocab_size;
-        let mut row = 0;
-        for s in plan.scheduled.iter().filter(|s| s.sample) {
+        for (row, s) in plan.scheduled.iter().filter(|s| s.sample).enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
-            row += 1;
             self.sample_and_emit(s.seq_id, l);
         }
         self.publish_stats();
     }
 
     fn sample_and_emit(&mut self, seq_id: SeqId, logits: &[f32]) {
-        let Some(choice) = self.choices.get_mut(&seq_id) else { return };
-        let Some(req) = self.requests.get_mut(&choice.request) else { return };
+        let Some(choice) = self.choices.get_mut(&seq_id) else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&choice.request) else {
+            return;
+        };
         let seq = self.scheduler.get(seq_id).expect("sampled sequence exists");
         let params = &req.req.params;
         self.logits_scratch.clear();
         self.logits_scratch.extend_from_slice(logits);
-        let token =
-            sampling::sample(&mut self.logits_scratch, params, &seq.tokens[..seq.prompt_len], seq.output(), &mut choice.sampler);
-        let logprobs = params.logprobs.map(|n| sampling::logprobs_of(logits, token, n));
+        let token = sampling::sample(
+            &mut self.logits_scratch,
+            params,
+            &seq.tokens[..seq.prompt_len],
+            seq.output(),
+            &mut choice.sampler,
+        );
+        let logprobs = params
+            .logprobs
+            .map(|n| sampling::logprobs_of(logits, token, n));
         let n_out = seq.output().len() + 1;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         req.usage.completion_tokens += 1;
 
         let mut finish = None;
-        let is_stop_token = (!params.ignore_eos && self.eos.contains(&token)) || params.stop_token_ids.contains(&token);
+        let is_stop_token = (!params.ignore_eos && self.eos.contains(&token))
+            || params.stop_token_ids.contains(&token);
         if is_stop_token {
             finish = Some(FinishReason::Stop);
-        } else if let (Some(detok), Some(tok)) = (choice.detok.as_mut(), self.tokenizer.as_deref()) {
+        } else if let (Some(detok), Some(tok)) = (choice.detok.as_mut(), self.tokenizer.as_deref())
+        {
             match detok.push(tok, token) {
                 Ok(delta) => choice.text.push_str(&delta),
                 Err(e) => {
@@ -371,7 +457,8 @@ impl<B: Backend> Core<B> {
         if finish.is_none() {
             // Hold back what could still become a stop string.
             let hold = params.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
-            end = floor_char_boundary(&choice.text, choice.text.len().saturating_sub(hold)).max(choice.emitted);
+            end = floor_char_boundary(&choice.text, choice.text.len().saturating_sub(hold))
+                .max(choice.emitted);
         }
         let text = choice.text[choice.emitted..end].to_string();
         choice.emitted = end;
@@ -417,5 +504,8 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 
 /// Byte offset of the earliest stop string that occurs in `text` at or after `from`.
 fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from)).min()
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from))
+        .min()
 }

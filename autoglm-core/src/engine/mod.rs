@@ -145,7 +145,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.shared.model_config.architecture).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("model", &self.shared.model_config.architecture)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,6 +156,14 @@ impl Engine {
     /// engine thread.
     pub fn from_dir(dir: &Path, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
+        if !dir.is_dir() {
+            let err =
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found");
+            return Err(Error::Io {
+                path: dir.to_owned(),
+                source: err,
+            });
+        }
         let tokenizer = Tokenizer::from_dir(dir)?;
         let backend = CpuBackend::new();
         let model = GlmModel::load(dir, &backend)?;
@@ -162,14 +172,23 @@ impl Engine {
 
     /// Starts an engine over an already-loaded model. Without a tokenizer, requests are token ids
     /// only and outputs carry no text.
-    pub fn new<B: Backend>(backend: B, model: GlmModel<B>, tokenizer: Option<Tokenizer>, config: EngineConfig) -> Result<Engine> {
+    pub fn new<B: Backend>(
+        backend: B,
+        model: GlmModel<B>,
+        tokenizer: Option<Tokenizer>,
+        config: EngineConfig,
+    ) -> Result<Engine> {
         config.validate()?;
         let model_config = model.config().clone();
         if let Some(t) = &tokenizer {
             if t.vocab_size() > model_config.vocab_size {
                 return Err(Error::config(
                     "vocab_size",
-                    format!("the tokenizer has {} tokens but the model only {}", t.vocab_size(), model_config.vocab_size),
+                    format!(
+                        "the tokenizer has {} tokens but the model only {}",
+                        t.vocab_size(),
+                        model_config.vocab_size
+                    ),
                 ));
             }
         }
@@ -184,7 +203,17 @@ impl Engine {
         let core_tokenizer = tokenizer.clone();
         let thread = std::thread::Builder::new()
             .name("autoglm-engine".into())
-            .spawn(move || core::run(backend, model, core_tokenizer, core_config, core_stats, rx, ready_tx))
+            .spawn(move || {
+                core::run(
+                    backend,
+                    model,
+                    core_tokenizer,
+                    core_config,
+                    core_stats,
+                    rx,
+                    ready_tx,
+                )
+            })
             .map_err(|e| Error::Backend(format!("cannot start the engine thread: {e}")))?;
         let max_model_len = match ready_rx.recv() {
             Ok(Ok(len)) => len,
@@ -194,7 +223,9 @@ impl Engine {
             }
             Err(_) => {
                 let _ = thread.join();
-                return Err(Error::Backend("the engine thread stopped during start-up".into()));
+                return Err(Error::Backend(
+                    "the engine thread stopped during start-up".into(),
+                ));
             }
         };
         Ok(Engine {
@@ -213,7 +244,10 @@ impl Engine {
 
     /// The tokenizer; an error for an engine built without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.shared.tokenizer.as_deref().ok_or_else(|| Error::Tokenizer("this engine was built without a tokenizer".into()))
+        self.shared
+            .tokenizer
+            .as_deref()
+            .ok_or_else(|| Error::Tokenizer("this engine was built without a tokenizer".into()))
     }
 
     /// The model's configuration.
@@ -238,7 +272,11 @@ impl Engine {
 
     /// Submits a prompt with priority 0.
     pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream> {
-        self.submit_request(Request { prompt, params, priority: 0 })
+        self.submit_request(Request {
+            prompt,
+            params,
+            priority: 0,
+        })
     }
 
     /// Validates and submits a request; its events arrive on the returned stream.
@@ -251,7 +289,13 @@ impl Engine {
             .commands
             .send(Command::Submit(Box::new(core::NewRequest { id, req, tx })))
             .map_err(|_| Error::EngineShutdown)?;
-        Ok(RequestStream { id, rx, commands: self.shared.commands.clone(), choices_left: n, closed: false })
+        Ok(RequestStream {
+            id,
+            rx,
+            commands: self.shared.commands.clone(),
+            choices_left: n,
+            closed: false,
+        })
     }
 
     fn validate(&self, req: &Request) -> Result<()> {
@@ -261,7 +305,9 @@ impl Engine {
         }
         let vocab = self.shared.model_config.vocab_size;
         if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidRequest(format!("prompt token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(Error::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary (size {vocab})"
+            )));
         }
         let max = self.shared.max_model_len;
         if req.prompt.len() >= max {
@@ -271,7 +317,9 @@ impl Engine {
             )));
         }
         if !req.params.stop.is_empty() && self.shared.tokenizer.is_none() {
-            return Err(Error::InvalidRequest("stop strings need a tokenizer; this engine has none".into()));
+            return Err(Error::InvalidRequest(
+                "stop strings need a tokenizer; this engine has none".into(),
+            ));
         }
         Ok(())
     }
@@ -286,7 +334,10 @@ impl Engine {
 
 /// Gathers a stream's events into finished choices.
 pub fn collect(stream: RequestStream, n: usize) -> Result<GenerateOutput> {
-    let mut out = GenerateOutput { choices: vec![Completion::default(); n], usage: Usage::default() };
+    let mut out = GenerateOutput {
+        choices: vec![Completion::default(); n],
+        usage: Usage::default(),
+    };
     for ev in stream {
         let ev = ev?;
         let c = &mut out.choices[ev.index];
@@ -319,7 +370,10 @@ impl RequestStream {
         self.id
     }
 
-    fn on_event(&mut self, ev: std::result::Result<Result<RequestOutput>, flume::RecvError>) -> Option<Result<RequestOutput>> {
+    fn on_event(
+        &mut self,
+        ev: std::result::Result<Result<RequestOutput>, flume::RecvError>,
+    ) -> Option<Result<RequestOutput>> {
         if self.closed {
             return None;
         }

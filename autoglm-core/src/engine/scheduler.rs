@@ -157,14 +157,22 @@ impl Scheduler {
 
         if out.preempted.is_empty() {
             let seqs = &self.seqs;
-            self.waiting.make_contiguous().sort_by_key(|id| seqs[id].order_key());
+            self.waiting
+                .make_contiguous()
+                .sort_by_key(|id| seqs[id].order_key());
             while budget > 0 && self.running.len() < self.max_num_seqs {
-                let Some(&id) = self.waiting.front() else { break };
+                let Some(&id) = self.waiting.front() else {
+                    break;
+                };
                 let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
                 if seq.block_table.is_empty() {
                     // At least one token must run to produce logits.
                     let max_cached = seq.tokens.len() - 1;
-                    seq.block_hashes = self.blocks.take_cached_prefix(&seq.tokens, max_cached, &mut seq.block_table);
+                    seq.block_hashes = self.blocks.take_cached_prefix(
+                        &seq.tokens,
+                        max_cached,
+                        &mut seq.block_table,
+                    );
                     seq.num_computed = seq.block_hashes.len() * self.blocks.block_size();
                 }
                 let take = seq.num_uncomputed().min(budget);
@@ -195,7 +203,9 @@ impl Scheduler {
     pub fn commit(&mut self, out: &SchedulerOutput) {
         let bs = self.blocks.block_size();
         for s in &out.scheduled {
-            let Some(seq) = self.seqs.get_mut(&s.seq_id) else { continue };
+            let Some(seq) = self.seqs.get_mut(&s.seq_id) else {
+                continue;
+            };
             seq.num_computed = s.start + s.len;
             for b in seq.block_hashes.len()..seq.num_computed / bs {
                 let parent = seq.block_hashes.last().copied().unwrap_or(0);
@@ -224,17 +234,28 @@ impl Scheduler {
 
     /// Checks queue and pool invariants; for tests.
     pub fn check_invariants(&self) {
-        assert_eq!(self.waiting.len() + self.running.len(), self.seqs.len(), "queues and sequence map disagree");
+        assert_eq!(
+            self.waiting.len() + self.running.len(),
+            self.seqs.len(),
+            "queues and sequence map disagree"
+        );
         for id in &self.waiting {
             let s = &self.seqs[id];
             assert_eq!(s.status, SeqStatus::Waiting);
-            assert!(s.block_table.is_empty(), "waiting sequence {id} holds blocks");
+            assert!(
+                s.block_table.is_empty(),
+                "waiting sequence {id} holds blocks"
+            );
         }
         for id in &self.running {
             let s = &self.seqs[id];
             assert_eq!(s.status, SeqStatus::Running);
-            assert!(s.block_table.len() * self.blocks.block_size() >= s.num_computed, "sequence {id} lacks blocks");
+            assert!(
+                s.block_table.len() * self.blocks.block_size() >= s.num_computed,
+                "sequence {id} lacks blocks"
+            );
         }
-        self.blocks.check_invariants(self.seqs.values().map(|s| s.block_table.as_slice()));
+        self.blocks
+            .check_invariants(self.seqs.values().map(|s| s.block_table.as_slice()));
     }
 }

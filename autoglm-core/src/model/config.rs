@@ -98,18 +98,24 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json(&text).map_err(|e| match e {
-            Error::Json { source, .. } => Error::Json { path: path.to_owned(), source },
-            Error::InvalidConfig { field, msg } => {
-                Error::InvalidConfig { field: format!("{}: {field}", path.display()), msg }
-            }
+            Error::Json { source, .. } => Error::Json {
+                path: path.to_owned(),
+                source,
+            },
+            Error::InvalidConfig { field, msg } => Error::InvalidConfig {
+                field: format!("{}: {field}", path.display()),
+                msg,
+            },
             other => other,
         })
     }
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
-            .map_err(|source| Error::Json { path: "config.json".into(), source })?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: "config.json".into(),
+            source,
+        })?;
         raw.into_config()
     }
 }
@@ -168,21 +174,33 @@ impl RawConfig {
         let architecture = Architecture::from_name(&arch_name)?;
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(Error::config("hidden_act", format!("{act:?} is not supported (only \"silu\")")));
+                return Err(Error::config(
+                    "hidden_act",
+                    format!("{act:?} is not supported (only \"silu\")"),
+                ));
             }
         }
         if let Some(scaling) = &self.rope_scaling {
             if !scaling.is_null() {
-                return Err(Error::config("rope_scaling", format!("{scaling} is not supported")));
+                return Err(Error::config(
+                    "rope_scaling",
+                    format!("{scaling} is not supported"),
+                ));
             }
         }
         let rope = self.rope_parameters.as_ref();
         if let Some(kind) = rope.and_then(|r| r.rope_type.as_deref()) {
             if kind != "default" {
-                return Err(Error::config("rope_parameters.rope_type", format!("{kind:?} is not supported")));
+                return Err(Error::config(
+                    "rope_parameters.rope_type",
+                    format!("{kind:?} is not supported"),
+                ));
             }
         }
-        let rope_theta = rope.and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0);
+        let rope_theta = rope
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
         let factor = rope
             .and_then(|r| r.partial_rotary_factor)
             .or(self.partial_rotary_factor)
@@ -194,7 +212,10 @@ impl RawConfig {
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / num_heads);
         let rotary_dim = (head_dim as f64 * factor) as usize;
-        let eos_token_ids = self.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default();
+        let eos_token_ids = self
+            .eos_token_id
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
         let cfg = ModelConfig {
             architecture,
             hidden_size: self.hidden_size,
@@ -237,23 +258,42 @@ impl ModelConfig {
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(Error::config(
                 "num_key_value_heads",
-                format!("{} does not divide num_attention_heads {}", self.num_kv_heads, self.num_heads),
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_kv_heads, self.num_heads
+                ),
             ));
         }
         if self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim || self.rotary_dim == 0 {
             return Err(Error::config(
                 "partial_rotary_factor",
-                format!("gives rotary dim {} for head_dim {} (must be even, 2..=head_dim)", self.rotary_dim, self.head_dim),
+                format!(
+                    "gives rotary dim {} for head_dim {} (must be even, 2..=head_dim)",
+                    self.rotary_dim, self.head_dim
+                ),
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return Err(Error::config("rms_norm_eps", format!("{} is not a non-negative number", self.rms_norm_eps)));
+            return Err(Error::config(
+                "rms_norm_eps",
+                format!("{} is not a non-negative number", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(Error::config("rope_theta", format!("{} is not a positive number", self.rope_theta)));
+            return Err(Error::config(
+                "rope_theta",
+                format!("{} is not a positive number", self.rope_theta),
+            ));
         }
-        if let Some(bad) = self.eos_token_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(Error::config("eos_token_id", format!("{bad} is outside the vocabulary ({})", self.vocab_size)));
+        if let Some(bad) = self
+            .eos_token_ids
+            .iter()
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            return Err(Error::config(
+                "eos_token_id",
+                format!("{bad} is outside the vocabulary ({})", self.vocab_size),
+            ));
         }
         Ok(())
     }

@@ -101,7 +101,14 @@ impl<B: Backend> GlmModel<B> {
             rope_theta: c.rope_theta,
             scale: (hd as f32).powf(-0.5),
         };
-        Ok(GlmModel { config, embed, layers, norm, lm_head, attn })
+        Ok(GlmModel {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            attn,
+        })
     }
 
     /// The model's configuration.
@@ -122,7 +129,12 @@ impl<B: Backend> GlmModel<B> {
 
     /// Runs the batch, writing its keys/values into `cache`, and returns the logits of the rows in
     /// `batch.logits_indices` as a row-major `[logits_indices.len(), vocab_size]` host matrix.
-    pub fn forward(&self, backend: &B, batch: &ForwardBatch, cache: &mut B::KvCache) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch,
+        cache: &mut B::KvCache,
+    ) -> Result<Vec<f32>> {
         let eps = self.config.rms_norm_eps;
         let mut residual = backend.embedding(&self.embed, &batch.token_ids)?;
         let mut h = backend.rms_norm(&residual, &self.layers[0].input_norm, eps)?;

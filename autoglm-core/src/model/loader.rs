@@ -34,7 +34,9 @@ impl std::ops::Deref for F32Data {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
         match self {
-            F32Data::Mapped { map, offset, len } => bytemuck::cast_slice(&map[*offset..*offset + len * 4]),
+            F32Data::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + len * 4])
+            }
             F32Data::Owned(v) => v,
         }
     }
@@ -52,7 +54,10 @@ impl HostTensor {
     /// A tensor owning `data`.
     pub fn owned(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor { shape, data: F32Data::Owned(data) }
+        HostTensor {
+            shape,
+            data: F32Data::Owned(data),
+        }
     }
 
     /// Stacks 2-D tensors (or 1-D vectors) along the first dimension into one owned tensor.
@@ -89,16 +94,19 @@ impl Checkpoint {
         let shard_names: Vec<String> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
             let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::checkpoint(&index, "no `weight_map` object"))?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| Error::checkpoint(&index, format!("weight_map[{tensor:?}] is not a file name")))?;
+                let file = file.as_str().ok_or_else(|| {
+                    Error::checkpoint(&index, format!("weight_map[{tensor:?}] is not a file name"))
+                })?;
                 if !names.iter().any(|n| n == file) {
                     names.push(file.to_string());
                 }
@@ -110,15 +118,24 @@ impl Checkpoint {
             if !single.exists() {
                 return Err(Error::io(
                     &single,
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors or model.safetensors.index.json"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no model.safetensors or model.safetensors.index.json",
+                    ),
                 ));
             }
             vec!["model.safetensors".to_string()]
         };
-        let mut ckpt = Checkpoint { files: Vec::new(), tensors: HashMap::new() };
+        let mut ckpt = Checkpoint {
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
         for name in shard_names {
             if name.contains('/') || name.contains("..") {
-                return Err(Error::checkpoint(&index, format!("shard name {name:?} leaves the model directory")));
+                return Err(Error::checkpoint(
+                    &index,
+                    format!("shard name {name:?} leaves the model directory"),
+                ));
             }
             ckpt.add_file(dir.join(name))?;
         }
@@ -136,10 +153,18 @@ impl Checkpoint {
         let base = map.as_ptr() as usize;
         for (name, view) in st.tensors() {
             let start = view.data().as_ptr() as usize - base;
-            let entry =
-                TensorEntry { file: file_idx, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + view.data().len() };
+            let entry = TensorEntry {
+                file: file_idx,
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                start,
+                end: start + view.data().len(),
+            };
             if self.tensors.insert(name.clone(), entry).is_some() {
-                return Err(Error::checkpoint(&path, format!("tensor {name:?} appears in more than one shard")));
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("tensor {name:?} appears in more than one shard"),
+                ));
             }
         }
         drop(st);
@@ -163,26 +188,37 @@ impl Checkpoint {
 
     /// Reads `name` as f32, checking it has `shape`.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        let entry = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::checkpoint(self.some_path(), format!("tensor {name:?} is missing")))?;
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            Error::checkpoint(self.some_path(), format!("tensor {name:?} is missing"))
+        })?;
         let (path, map) = &self.files[entry.file];
         if entry.shape != shape {
             return Err(Error::checkpoint(
                 path,
-                format!("tensor {name:?} has shape {:?}, expected {:?}", entry.shape, shape),
+                format!(
+                    "tensor {name:?} has shape {:?}, expected {:?}",
+                    entry.shape, shape
+                ),
             ));
         }
         let bytes = &map[entry.start..entry.end];
         let len = shape.iter().product::<usize>();
         let data = match entry.dtype {
             Dtype::F32 => {
-                if cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() {
-                    F32Data::Mapped { map: map.clone(), offset: entry.start, len }
+                if cfg!(target_endian = "little")
+                    && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok()
+                {
+                    F32Data::Mapped {
+                        map: map.clone(),
+                        offset: entry.start,
+                        len,
+                    }
                 } else {
                     F32Data::Owned(
-                        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
                     )
                 }
             }
@@ -195,16 +231,21 @@ impl Checkpoint {
                 ))
             }
         };
-        Ok(HostTensor { shape: shape.to_vec(), data })
+        Ok(HostTensor {
+            shape: shape.to_vec(),
+            data,
+        })
     }
 }
 
 fn widen(bytes: &[u8], f: impl Fn(u16) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0f32; bytes.len() / 2];
-    out.par_chunks_mut(1 << 16).zip(bytes.par_chunks(2 << 16)).for_each(|(dst, src)| {
-        for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *d = f(u16::from_le_bytes([s[0], s[1]]));
-        }
-    });
+    out.par_chunks_mut(1 << 16)
+        .zip(bytes.par_chunks(2 << 16))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f(u16::from_le_bytes([s[0], s[1]]));
+            }
+        });
     out
 }

@@ -17,7 +17,10 @@ pub struct RandomWeights {
 
 impl Default for RandomWeights {
     fn default() -> Self {
-        RandomWeights { seed: 0, scale: 0.05 }
+        RandomWeights {
+            seed: 0,
+            scale: 0.05,
+        }
     }
 }
 
@@ -37,13 +40,15 @@ impl WeightSource for RandomWeights {
         let stream = name.bytes().fold(self.seed, |h, b| splitmix(h ^ b as u64));
         let scale = self.scale;
         let mut data = vec![0f32; len];
-        data.par_chunks_mut(4096).enumerate().for_each(|(chunk, out)| {
-            let mut state = splitmix(stream ^ chunk as u64);
-            for x in out {
-                state = splitmix(state);
-                *x = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
-            }
-        });
+        data.par_chunks_mut(4096)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let mut state = splitmix(stream ^ chunk as u64);
+                for x in out {
+                    state = splitmix(state);
+                    *x = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+                }
+            });
         Ok(HostTensor::owned(shape.to_vec(), data))
     }
 

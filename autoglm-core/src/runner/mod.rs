@@ -43,23 +43,36 @@ impl ForwardBatch {
 
     /// An empty batch whose block tables have `max_blocks_per_seq` entries per sequence.
     pub fn new(max_blocks_per_seq: usize) -> Self {
-        ForwardBatch { query_start: vec![0], max_blocks_per_seq, ..Default::default() }
+        ForwardBatch {
+            query_start: vec![0],
+            max_blocks_per_seq,
+            ..Default::default()
+        }
     }
 
     /// Appends a sequence's chunk: `tokens` at positions `start..start+len`, with its block table
     /// (at most `max_blocks_per_seq` entries, covering every position up to the chunk's end).
-    pub fn push_seq(&mut self, tokens: &[u32], start: usize, block_table: &[u32], block_size: usize) {
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        block_table: &[u32],
+        block_size: usize,
+    ) {
         debug_assert!(block_table.len() <= self.max_blocks_per_seq);
         debug_assert!((start + tokens.len()).div_ceil(block_size) <= block_table.len());
         for (i, &t) in tokens.iter().enumerate() {
             let pos = start + i;
             self.token_ids.push(t);
             self.positions.push(pos as u32);
-            self.slot_mapping.push(block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+            self.slot_mapping.push(
+                block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
+            );
         }
         self.query_start.push(self.token_ids.len() as u32);
         self.context_lens.push((start + tokens.len()) as u32);
         self.block_tables.extend_from_slice(block_table);
-        self.block_tables.resize(self.context_lens.len() * self.max_blocks_per_seq, 0);
+        self.block_tables
+            .resize(self.context_lens.len() * self.max_blocks_per_seq, 0);
     }
 }

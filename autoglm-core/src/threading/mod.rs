@@ -15,10 +15,13 @@ pub fn current_thread_cores() -> Vec<usize> {
         // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, and the size passed is its own.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: pid 0 is this thread; `set` is a valid, writable cpu_set_t of the given size.
-        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        let rc =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
         if rc == 0 {
             // SAFETY: CPU_ISSET reads the initialised set for indices below CPU_SETSIZE.
-            return (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+            return (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+                .collect();
         }
     }
     (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
@@ -55,9 +58,13 @@ pub fn pin_current_thread(core: usize) -> Result<()> {
         // SAFETY: `set` is a valid cpu_set_t and `core` < CPU_SETSIZE.
         unsafe { libc::CPU_SET(core, &mut set) };
         // SAFETY: pid 0 is the calling thread; `set` is valid for the size given.
-        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        let rc =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
         if rc != 0 {
-            return Err(Error::Affinity(format!("sched_setaffinity({core}): {}", std::io::Error::last_os_error())));
+            return Err(Error::Affinity(format!(
+                "sched_setaffinity({core}): {}",
+                std::io::Error::last_os_error()
+            )));
         }
     }
     Ok(())
@@ -70,7 +77,8 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
         check_cores(&[c])?;
     }
     let threads = if cfg.compute_cores.is_empty() {
-        cfg.num_threads.unwrap_or_else(|| allowed_cores().len().max(1))
+        cfg.num_threads
+            .unwrap_or_else(|| allowed_cores().len().max(1))
     } else {
         cfg.compute_cores.len()
     };

@@ -8,7 +8,9 @@ use serde_json::Value;
 pub const FIXTURES: [&str; 2] = ["glm4-tiny", "glm-tiny-bf16"];
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 pub fn expected(name: &str) -> Value {
@@ -21,12 +23,20 @@ pub fn expected_tensor(name: &str, tensor: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(fixture(name).join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(tensor).unwrap();
-    let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     (t.shape().to_vec(), data)
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// max |a - b| / max |b| over one row.
@@ -38,7 +48,8 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 
 /// A copy of a fixture in a fresh temporary directory, for tests that corrupt files.
 pub fn temp_copy(name: &str, tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("autoglm-test-{}-{tag}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("autoglm-test-{}-{tag}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(fixture(name)).unwrap() {

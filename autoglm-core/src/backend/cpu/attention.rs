@@ -43,11 +43,21 @@ fn rope_row(row: &mut [f32], heads: usize, head_dim: usize, inv_freq: &[f32], po
     }
 }
 
-fn check_batch(qkv: &CpuTensor, cache: &CpuKvCache, batch: &ForwardBatch, s: &AttentionShape) -> Result<()> {
+fn check_batch(
+    qkv: &CpuTensor,
+    cache: &CpuKvCache,
+    batch: &ForwardBatch,
+    s: &AttentionShape,
+) -> Result<()> {
     let bad = |msg: String| Err(Error::Backend(format!("attention: {msg}")));
     let width = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
     if qkv.cols != width || qkv.rows != batch.num_tokens() {
-        return bad(format!("qkv is {}x{}, expected {}x{width}", qkv.rows, qkv.cols, batch.num_tokens()));
+        return bad(format!(
+            "qkv is {}x{}, expected {}x{width}",
+            qkv.rows,
+            qkv.cols,
+            batch.num_tokens()
+        ));
     }
     if batch.query_start.len() != batch.num_seqs() + 1 || batch.positions.len() != qkv.rows {
         return bad("inconsistent batch metadata".into());
@@ -57,16 +67,31 @@ fn check_batch(qkv: &CpuTensor, cache: &CpuKvCache, batch: &ForwardBatch, s: &At
         let ctx = batch.context_lens[seq] as usize;
         let needed = ctx.div_ceil(bs);
         let table = batch.block_table(seq);
-        if needed > table.len() || table[..needed].iter().any(|&b| b as usize >= cache.shape.num_blocks) {
-            return bad(format!("sequence {seq}: block table does not cover {ctx} tokens"));
+        if needed > table.len()
+            || table[..needed]
+                .iter()
+                .any(|&b| b as usize >= cache.shape.num_blocks)
+        {
+            return bad(format!(
+                "sequence {seq}: block table does not cover {ctx} tokens"
+            ));
         }
-        let (q0, q1) = (batch.query_start[seq] as usize, batch.query_start[seq + 1] as usize);
+        let (q0, q1) = (
+            batch.query_start[seq] as usize,
+            batch.query_start[seq + 1] as usize,
+        );
         if batch.positions[q0..q1].iter().any(|&p| p as usize >= ctx) {
-            return bad(format!("sequence {seq}: a position lies beyond its context length {ctx}"));
+            return bad(format!(
+                "sequence {seq}: a position lies beyond its context length {ctx}"
+            ));
         }
     }
     let slots = cache.shape.num_blocks * bs;
-    if batch.slot_mapping.iter().any(|&slot| slot as usize >= slots) {
+    if batch
+        .slot_mapping
+        .iter()
+        .any(|&slot| slot as usize >= slots)
+    {
         return bad(format!("slot outside the cache ({slots} slots)"));
     }
     Ok(())
@@ -84,10 +109,13 @@ pub(super) fn attention(
     let (qw, kvw) = (nh * hd, nkv * hd);
     let inv_freq = rope_inv_freq(s.rotary_dim, s.rope_theta);
     let cols = qkv.cols;
-    qkv.data.par_chunks_mut(cols).zip(batch.positions.par_iter()).for_each(|(row, &pos)| {
-        // q and k heads are adjacent in the row, so one pass rotates both.
-        rope_row(&mut row[..qw + kvw], nh + nkv, hd, &inv_freq, pos);
-    });
+    qkv.data
+        .par_chunks_mut(cols)
+        .zip(batch.positions.par_iter())
+        .for_each(|(row, &pos)| {
+            // q and k heads are adjacent in the row, so one pass rotates both.
+            rope_row(&mut row[..qw + kvw], nh + nkv, hd, &inv_freq, pos);
+        });
 
     let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
     for (row, &slot) in qkv.data.chunks_exact(cols).zip(&batch.slot_mapping) {
@@ -99,40 +127,43 @@ pub(super) fn attention(
 
     let mut seq_of_token = vec![0usize; batch.num_tokens()];
     for seq in 0..batch.num_seqs() {
-        seq_of_token[batch.query_start[seq] as usize..batch.query_start[seq + 1] as usize].fill(seq);
+        seq_of_token[batch.query_start[seq] as usize..batch.query_start[seq + 1] as usize]
+            .fill(seq);
     }
     let bs = cache.shape.block_size;
     let group = nh / nkv;
     let mut out = vec![0f32; qkv.rows * qw];
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-        let (t, head) = (idx / nh, idx % nh);
-        let kv_off = (head / group) * hd;
-        let table = batch.block_table(seq_of_token[t]);
-        let n_ctx = batch.positions[t] as usize + 1;
-        let q = &qkv.data[t * cols + head * hd..t * cols + (head + 1) * hd];
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..n_ctx {
-            let slot = table[j / bs] as usize * bs + j % bs;
-            let k = &kc[slot * kvw + kv_off..slot * kvw + kv_off + hd];
-            let sc = dot(q, k) * s.scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        let inv = 1.0 / sum;
-        for (j, &p) in scores.iter().enumerate() {
-            let slot = table[j / bs] as usize * bs + j % bs;
-            let v = &vc[slot * kvw + kv_off..slot * kvw + kv_off + hd];
-            let p = p * inv;
-            for (o, &v) in o.iter_mut().zip(v) {
-                *o += p * v;
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (idx, o)| {
+            let (t, head) = (idx / nh, idx % nh);
+            let kv_off = (head / group) * hd;
+            let table = batch.block_table(seq_of_token[t]);
+            let n_ctx = batch.positions[t] as usize + 1;
+            let q = &qkv.data[t * cols + head * hd..t * cols + (head + 1) * hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..n_ctx {
+                let slot = table[j / bs] as usize * bs + j % bs;
+                let k = &kc[slot * kvw + kv_off..slot * kvw + kv_off + hd];
+                let sc = dot(q, k) * s.scale;
+                max = max.max(sc);
+                scores.push(sc);
             }
-        }
-    });
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            for (j, &p) in scores.iter().enumerate() {
+                let slot = table[j / bs] as usize * bs + j % bs;
+                let v = &vc[slot * kvw + kv_off..slot * kvw + kv_off + hd];
+                let p = p * inv;
+                for (o, &v) in o.iter_mut().zip(v) {
+                    *o += p * v;
+                }
+            }
+        });
     Ok(CpuTensor::new(qkv.rows, qw, out))
 }

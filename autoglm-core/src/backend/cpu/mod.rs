@@ -73,13 +73,28 @@ fn shape_err(op: &str, msg: String) -> Error {
 
 /// `dst[m, n] = lhs[m, k] @ rhs^T` where `rhs` is `[n, k]` row-major (an nn.Linear weight);
 /// `dst` is added to when `accumulate` (used to start from a bias).
-pub fn matmul_nt(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, k: usize, accumulate: bool) {
-    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == n * k, "matmul_nt: bad sizes");
+pub fn matmul_nt(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    assert!(
+        dst.len() == m * n && lhs.len() == m * k && rhs.len() == n * k,
+        "matmul_nt: bad sizes"
+    );
     if m == 0 || n == 0 {
         return;
     }
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threads > 1 && m * n * k > 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the asserts above guarantee every index the strides reach is in bounds:
     // dst is m x n (row stride n), lhs m x k (row stride k), rhs viewed as k x n with column stride k.
     unsafe {
@@ -125,24 +140,22 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, t: HostTensor) -> Result<CpuWeight> {
-        Ok(CpuWeight { shape: t.shape, data: t.data })
+        Ok(CpuWeight {
+            shape: t.shape,
+            data: t.data,
+        })
     }
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache> {
         let per_layer = shape.num_blocks * shape.block_size * shape.num_kv_heads * shape.head_dim;
-        let alloc = || -> Result<Vec<f32>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(per_layer)
-                .map_err(|_| Error::Backend(format!("cannot allocate {} MiB of KV cache", per_layer * 4 >> 20)))?;
-            v.resize(per_layer, 0.0);
-            Ok(v)
-        };
-        let mut k = Vec::with_capacity(shape.num_layers);
-        let mut v = Vec::with_capacity(shape.num_layers);
-        for _ in 0..shape.num_layers {
-            k.push(alloc()?);
-            v.push(alloc()?);
-        }
+        // Zeroed allocations are lazily backed by the OS, so an unused pool costs no memory; the
+        // engine checks the total against available memory before calling this.
+        let k = (0..shape.num_layers)
+            .map(|_| vec![0f32; per_layer])
+            .collect();
+        let v = (0..shape.num_layers)
+            .map(|_| vec![0f32; per_layer])
+            .collect();
         Ok(CpuKvCache { shape, k, v })
     }
 
@@ -152,7 +165,9 @@ impl Backend for CpuBackend {
         for (row, &id) in out.chunks_exact_mut(width).zip(ids) {
             let id = id as usize;
             if id >= vocab {
-                return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary ({vocab})")));
+                return Err(Error::InvalidRequest(format!(
+                    "token id {id} is outside the vocabulary ({vocab})"
+                )));
             }
             row.copy_from_slice(&table.data[id * width..(id + 1) * width]);
         }
@@ -161,18 +176,38 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
         if w.data.len() != x.cols {
-            return Err(shape_err("rms_norm", format!("weight {} for width {}", w.data.len(), x.cols)));
+            return Err(shape_err(
+                "rms_norm",
+                format!("weight {} for width {}", w.data.len(), x.cols),
+            ));
         }
         let mut out = vec![0f32; x.data.len()];
-        out.par_chunks_mut(x.cols).zip(x.data.par_chunks(x.cols)).with_min_len(ROWS_PER_TASK).for_each(|(d, s)| {
-            rms_norm_row(s, &w.data, eps, d);
-        });
+        out.par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks(x.cols))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(d, s)| {
+                rms_norm_row(s, &w.data, eps, d);
+            });
         Ok(CpuTensor::new(x.rows, x.cols, out))
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuTensor> {
         if residual.data.len() != x.data.len() || w.data.len() != x.cols {
-            return Err(shape_err("add_rms_norm", format!("residual {} vs x {}x{}", residual.data.len(), x.rows, x.cols)));
+            return Err(shape_err(
+                "add_rms_norm",
+                format!(
+                    "residual {} vs x {}x{}",
+                    residual.data.len(),
+                    x.rows,
+                    x.cols
+                ),
+            ));
         }
         let cols = x.cols;
         let mut out = vec![0f32; x.data.len()];
@@ -192,12 +227,18 @@ impl Backend for CpuBackend {
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
         let (n, k) = (w.rows(), w.cols());
         if x.cols != k {
-            return Err(shape_err("linear", format!("input width {} for weight {:?}", x.cols, w.shape)));
+            return Err(shape_err(
+                "linear",
+                format!("input width {} for weight {:?}", x.cols, w.shape),
+            ));
         }
         let mut out = vec![0f32; x.rows * n];
         if let Some(b) = bias {
             if b.data.len() != n {
-                return Err(shape_err("linear", format!("bias {} for {n} outputs", b.data.len())));
+                return Err(shape_err(
+                    "linear",
+                    format!("bias {} for {n} outputs", b.data.len()),
+                ));
             }
             for row in out.chunks_exact_mut(n) {
                 row.copy_from_slice(&b.data);
@@ -210,14 +251,15 @@ impl Backend for CpuBackend {
     fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
         let half = gate_up.cols / 2;
         let mut out = vec![0f32; gate_up.rows * half];
-        out.par_chunks_mut(half).zip(gate_up.data.par_chunks(gate_up.cols)).with_min_len(ROWS_PER_TASK).for_each(
-            |(d, s)| {
+        out.par_chunks_mut(half)
+            .zip(gate_up.data.par_chunks(gate_up.cols))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(d, s)| {
                 let (g, u) = s.split_at(half);
                 for ((d, &g), &u) in d.iter_mut().zip(g).zip(u) {
                     *d = g / (1.0 + (-g).exp()) * u;
                 }
-            },
-        );
+            });
         Ok(CpuTensor::new(gate_up.rows, half, out))
     }
 
