@@ -60,9 +60,54 @@ pub struct ThreadingConfig {
     pub num_threads: Option<usize>,
 }
 
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// A CUDA device when one is usable, else the CPU (saying so on stderr).
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// CUDA device `N`.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    Error::config(
+                        "device",
+                        format!("{s:?} (expected auto, cpu, cuda or cuda:N)"),
+                    )
+                }),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// Everything an [`Engine`](crate::Engine) needs besides the model.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct EngineConfig {
+    /// Where the model runs.
+    pub device: Device,
     /// KV cache.
     pub cache: CacheConfig,
     /// Batching.

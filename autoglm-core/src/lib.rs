@@ -28,7 +28,7 @@ pub mod sampling;
 pub mod threading;
 pub mod tokenizer;
 
-pub use config::{CacheConfig, EngineConfig, SchedulerConfig, ThreadingConfig};
+pub use config::{CacheConfig, Device, EngineConfig, SchedulerConfig, ThreadingConfig};
 pub use engine::{Engine, RequestOutput, RequestStream};
 pub use error::{Error, Result};
 pub use sampling::{FinishReason, SamplingParams};

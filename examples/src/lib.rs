@@ -44,6 +44,9 @@ impl<T: std::str::FromStr> std::str::FromStr for List<T> {
 /// Engine flags.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
+    /// Where to run: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: autoglm_core::Device,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -79,7 +82,10 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// The engine configuration these flags describe.
     pub fn config(&self) -> EngineConfig {
-        let mut c = EngineConfig::default();
+        let mut c = EngineConfig {
+            device: self.device,
+            ..Default::default()
+        };
         c.cache.block_size = self.block_size;
         c.cache.num_blocks = self.num_blocks;
         c.cache.memory_bytes = self.kv_cache_mb << 20;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::config::EngineConfig;
+use crate::config::{Device, EngineConfig};
 use crate::error::{Error, Result};
 use crate::model::{GlmModel, ModelConfig};
 use crate::sampling::{FinishReason, SamplingParams, TokenLogprobs};
@@ -152,10 +152,19 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads a checkpoint directory (config, weights, tokenizer) on the CPU backend and starts the
-    /// engine thread.
+    /// Loads a checkpoint directory (config, weights, tokenizer) on the configured device and starts
+    /// the engine thread.
     pub fn from_dir(dir: &Path, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
+        match config.device {
+            Device::Cpu => {}
+            Device::Cuda(n) => {
+                return Err(Error::CudaUnavailable(format!(
+                    "cuda:{n} was asked for, but this build of autoglm has no CUDA backend yet; use device cpu"
+                )))
+            }
+            Device::Auto => eprintln!("autoglm: no CUDA backend in this build; running on the CPU"),
+        }
         if !dir.is_dir() {
             let err =
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found");
