@@ -34,7 +34,7 @@ fn prompt_logits_match_transformers_at_every_position() {
         for case in expected(name)["cases"].as_array().unwrap() {
             let prompt = ids(&case["prompt_token_ids"]);
             let mut cache = backend
-                .alloc_kv_cache(model.kv_cache_shape(64, BLOCK))
+                .alloc_kv_cache(model.kv_cache_shape(128, BLOCK))
                 .unwrap();
             let logits = model
                 .forward(&backend, &single(&prompt, 0, true), &mut cache)
@@ -67,7 +67,7 @@ fn decode_path_logits_and_greedy_tokens_match() {
             let greedy = ids(&case["greedy_token_ids"]);
             let (_, want) = expected_tensor(name, case["greedy_logits_tensor"].as_str().unwrap());
             let mut cache = backend
-                .alloc_kv_cache(model.kv_cache_shape(64, BLOCK))
+                .alloc_kv_cache(model.kv_cache_shape(128, BLOCK))
                 .unwrap();
             let mut logits = model
                 .forward(&backend, &single(&prompt, 0, false), &mut cache)

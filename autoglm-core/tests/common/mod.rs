@@ -5,7 +5,16 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub const FIXTURES: [&str; 2] = ["glm4-tiny", "glm-tiny-bf16"];
+/// The two fixtures shipped with the project and three more shapes made by
+/// `tests/fixtures/extra/generate.py` with transformers: MQA with rope in `rope_parameters`, full
+/// rotary without bias and tied f16 embeddings, and a 300-token prompt on sharded bf16 weights.
+pub const FIXTURES: [&str; 5] = [
+    "glm4-tiny",
+    "glm-tiny-bf16",
+    "extra/glm4-mqa",
+    "extra/glm-full-rotary-nobias",
+    "extra/glm4-long-sharded-bf16",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
