@@ -276,69 +276,62 @@ pub(crate) fn sample(
         return argmax(logits);
     }
     let inv_t = 1.0 / p.temperature;
-    // Candidates sorted by logit, best first; top-k and top-p only need a prefix of that order.
+    let max = logits[argmax(logits) as usize] * inv_t;
+    // Unnormalised probabilities; the most likely token has weight 1.
+    let weight = |i: u32| ((logits[i as usize] * inv_t - max) as f64).exp();
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     let mut cand: Vec<u32> = (0..logits.len() as u32)
         .filter(|&i| logits[i as usize].is_finite())
         .collect();
     if cand.is_empty() {
         return argmax(logits);
     }
-    let by_logit = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    let max = logits[argmax(logits) as usize] * inv_t;
-    let weight = |i: u32| ((logits[i as usize] * inv_t - max) as f64).exp();
-    let total: f64 = cand.iter().map(|&i| weight(i)).sum();
-    let mut keep = cand.len();
-    if p.top_k > 0 && p.top_k < keep {
-        keep = p.top_k;
-    }
-    // Sort only as far as needed: a prefix of 1024 usually holds the top-p mass.
-    let mut sorted_len = keep.min(1024);
-    loop {
-        if sorted_len < cand.len() {
-            cand.select_nth_unstable_by(sorted_len - 1, by_logit);
-        }
-        cand[..sorted_len].sort_unstable_by(by_logit);
-        let kept_mass: f64 = cand[..sorted_len].iter().map(|&i| weight(i)).sum();
-        if sorted_len >= keep || p.top_p >= 1.0 || kept_mass >= p.top_p as f64 * total {
-            break;
-        }
-        sorted_len = (sorted_len * 8).min(keep);
-    }
-    keep = keep.min(sorted_len);
-    let kept_total: f64 = cand[..keep].iter().map(|&i| weight(i)).sum();
-    if p.top_p < 1.0 {
-        let target = p.top_p as f64 * kept_total;
-        let mut cum = 0.0;
-        for (j, &i) in cand[..keep].iter().enumerate() {
-            cum += weight(i);
-            if cum >= target {
-                keep = j + 1;
-                break;
-            }
-        }
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+        cand.truncate(p.top_k);
     }
     if p.min_p > 0.0 {
-        // The best candidate has weight 1 (it defines `max`).
-        let floor = p.min_p as f64;
-        keep = cand[..keep]
-            .iter()
-            .take_while(|&&i| weight(i) >= floor)
-            .count()
-            .max(1);
+        cand.retain(|&i| weight(i) >= p.min_p as f64);
     }
-    let mass: f64 = cand[..keep].iter().map(|&i| weight(i)).sum();
+    if p.top_p < 1.0 {
+        let target = p.top_p as f64 * cand.iter().map(|&i| weight(i)).sum::<f64>();
+        // Sort only as long a prefix as the top-p mass needs (usually a few hundred tokens).
+        let mut sorted = cand.len().min(1024);
+        loop {
+            if sorted < cand.len() {
+                cand.select_nth_unstable_by(sorted - 1, by_logit);
+            }
+            cand[..sorted].sort_unstable_by(by_logit);
+            if sorted == cand.len()
+                || cand[..sorted].iter().map(|&i| weight(i)).sum::<f64>() >= target
+            {
+                break;
+            }
+            sorted = (sorted * 8).min(cand.len());
+        }
+        let mut cum = 0.0;
+        let keep = cand[..sorted]
+            .iter()
+            .position(|&i| {
+                cum += weight(i);
+                cum >= target
+            })
+            .map_or(sorted, |j| j + 1);
+        cand.truncate(keep);
+    }
+    let mass: f64 = cand.iter().map(|&i| weight(i)).sum();
     let mut u = state.uniform() * mass;
-    for &i in &cand[..keep] {
+    for &i in &cand {
         u -= weight(i);
         if u < 0.0 {
             return i;
         }
     }
-    cand[keep - 1]
+    cand[cand.len() - 1]
 }
 
 #[cfg(test)]
@@ -421,6 +414,51 @@ mod tests {
             .filter(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut state) == 1)
             .count();
         assert!((2850..3150).contains(&ones), "{ones} of 4000");
+    }
+
+    #[test]
+    fn plain_temperature_sampling_reaches_the_whole_vocabulary() {
+        // 5000 equally likely tokens: every part of the vocabulary must be reachable.
+        let logits = vec![0f32; 5000];
+        let mut state = SamplerState::new(3);
+        let beyond = (0..2000)
+            .filter(|_| sample(&mut logits.clone(), &params(|_| {}), &[], &[], &mut state) >= 1024)
+            .count();
+        assert!(
+            beyond > 1400,
+            "{beyond} of 2000 samples beyond the first 1024 ids"
+        );
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_the_mass() {
+        // 2000 tokens: one at weight 1, the rest tiny; top_p 0.5 must keep only the first even
+        // though the sorted prefix is shorter than the vocabulary.
+        let mut logits = vec![-20f32; 2000];
+        logits[1500] = 0.0;
+        for seed in 0..20 {
+            let t = sample(
+                &mut logits.clone(),
+                &params(|p| p.top_p = 0.5),
+                &[],
+                &[],
+                &mut SamplerState::new(seed),
+            );
+            assert_eq!(t, 1500);
+        }
+        // With uniform logits, top_p 0.9 keeps ~1800 of 2000 tokens, not a 1024-token prefix.
+        let logits = vec![0f32; 2000];
+        let mut state = SamplerState::new(9);
+        let high = (0..2000).filter(|_| {
+            sample(
+                &mut logits.clone(),
+                &params(|p| p.top_p = 0.9),
+                &[],
+                &[],
+                &mut state,
+            ) >= 1024
+        });
+        assert!(high.count() > 600);
     }
 
     #[test]
