@@ -481,13 +481,7 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert_eq!(
-            sample(
-                &mut vec![2.0, 1.5],
-                &p,
-                &[0],
-                &[],
-                &mut SamplerState::new(0)
-            ),
+            sample(&mut [2.0, 1.5], &p, &[0], &[], &mut SamplerState::new(0)),
             1
         );
         let p = SamplingParams {
@@ -495,13 +489,7 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert_eq!(
-            sample(
-                &mut vec![2.0, 1.5],
-                &p,
-                &[],
-                &[0, 0],
-                &mut SamplerState::new(0)
-            ),
+            sample(&mut [2.0, 1.5], &p, &[], &[0, 0], &mut SamplerState::new(0)),
             1
         );
         let p = SamplingParams {
@@ -509,13 +497,7 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert_eq!(
-            sample(
-                &mut vec![2.0, 1.9],
-                &p,
-                &[],
-                &[0],
-                &mut SamplerState::new(0)
-            ),
+            sample(&mut [2.0, 1.9], &p, &[], &[0], &mut SamplerState::new(0)),
             1
         );
     }

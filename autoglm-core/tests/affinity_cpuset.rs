@@ -13,10 +13,8 @@ fn restrict_to(core: usize) {
     // SAFETY: as above.
     unsafe { libc::CPU_SET(core, &mut set) };
     // SAFETY: pid 0 is this thread; `set` is valid for its size.
-    assert_eq!(
-        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) },
-        0
-    );
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0);
 }
 
 #[test]

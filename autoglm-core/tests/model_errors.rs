@@ -262,6 +262,6 @@ fn pinned_threads_run_on_their_cores() {
         4
     );
     let pool = autoglm_core::threading::build_compute_pool(&cfg.threading).unwrap();
-    let seen = pool.install(|| autoglm_core::threading::current_thread_cores());
+    let seen = pool.install(autoglm_core::threading::current_thread_cores);
     assert_eq!(seen, vec![*cores.last().unwrap()]);
 }

@@ -72,7 +72,6 @@ fn decode_path_logits_and_greedy_tokens_match() {
             let mut logits = model
                 .forward(&backend, &single(&prompt, 0, false), &mut cache)
                 .unwrap();
-            let mut pos = prompt.len();
             for (step, &tok) in greedy.iter().enumerate() {
                 let e = rel_err(&logits, &want[step * vocab..(step + 1) * vocab]);
                 assert!(e < TOL, "{name}: decode step {step}: relative error {e}");
@@ -83,10 +82,10 @@ fn decode_path_logits_and_greedy_tokens_match() {
                     .unwrap()
                     .0 as u32;
                 assert_eq!(best, tok, "{name}: greedy token at step {step}");
+                let pos = prompt.len() + step;
                 logits = model
                     .forward(&backend, &single(&[tok], pos, false), &mut cache)
                     .unwrap();
-                pos += 1;
             }
         }
     }

@@ -87,20 +87,10 @@ fn gemm_serial(
     dst_rs: usize,
     lhs: &[f32],
     rhs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    mnk: (usize, usize, usize),
     acc: bool,
 ) {
-    gemm_call(
-        dst,
-        dst_rs,
-        lhs,
-        rhs,
-        (m, n, k),
-        acc,
-        gemm::Parallelism::None,
-    )
+    gemm_call(dst, dst_rs, lhs, rhs, mnk, acc, gemm::Parallelism::None)
 }
 
 /// `gemm_serial` with a choice of parallelism.
@@ -185,7 +175,7 @@ pub fn matmul_nt(
         dst.par_chunks_mut(rows)
             .zip(rhs.par_chunks(rows * k))
             .for_each(|(d, w)| {
-                gemm_serial(d, d.len(), lhs, w, 1, d.len(), k, accumulate);
+                gemm_serial(d, d.len(), lhs, w, (1, d.len(), k), accumulate);
             });
         return;
     }
@@ -202,7 +192,7 @@ pub fn matmul_nt(
                         .copy_from_slice(&dst[i * n + j0..i * n + j0 + len]);
                 }
             }
-            gemm_serial(&mut block, len, lhs, w, m, len, k, accumulate);
+            gemm_serial(&mut block, len, lhs, w, (m, len, k), accumulate);
             (j0, block)
         })
         .collect();
@@ -219,43 +209,6 @@ fn rms_norm_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
     let inv = 1.0 / ((ss / src.len() as f64) as f32 + eps).sqrt();
     for ((d, &x), &g) in dst.iter_mut().zip(src).zip(w) {
         *d = g * (x * inv);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The skinny (row-split) path and gemm's own path agree for every decode-sized batch,
-    /// with and without a bias to accumulate onto.
-    #[test]
-    fn skinny_products_match_the_blocked_gemm() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        let (n, k) = (1000, 300);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
-            .collect();
-        for m in 1..=6 {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
-                .collect();
-            for acc in [false, true] {
-                let bias: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32).collect();
-                let mut want = if acc { bias.clone() } else { vec![0.0; m * n] };
-                gemm_serial(&mut want, n, &x, &w, m, n, k, acc);
-                let mut got = if acc { bias.clone() } else { vec![0.0; m * n] };
-                pool.install(|| matmul_nt(&mut got, &x, &w, m, n, k, acc));
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                        "m {m} acc {acc}: {a} vs {b}"
-                    );
-                }
-            }
-        }
     }
 }
 
@@ -417,5 +370,42 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The skinny (row-split) path and gemm's own path agree for every decode-sized batch,
+    /// with and without a bias to accumulate onto.
+    #[test]
+    fn skinny_products_match_the_blocked_gemm() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        let (n, k) = (1000, 300);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect();
+        for m in 1..=6 {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
+                .collect();
+            for acc in [false, true] {
+                let bias: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32).collect();
+                let mut want = if acc { bias.clone() } else { vec![0.0; m * n] };
+                gemm_serial(&mut want, n, &x, &w, (m, n, k), acc);
+                let mut got = if acc { bias.clone() } else { vec![0.0; m * n] };
+                pool.install(|| matmul_nt(&mut got, &x, &w, m, n, k, acc));
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "m {m} acc {acc}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 }
