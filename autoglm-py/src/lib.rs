@@ -1,1 +1,51 @@
-//! Python bindings for autoglm (see its own issue).
+//! Python bindings for autoglm: the native module `autoglm._autoglm`, re-exported by the pure
+//! Python package `autoglm` (see `python/autoglm/`).
+//!
+//! Layout: [`engine`] (the `Engine` class: options, submission, waiting), [`stream`] (sync and
+//! async iterators of deltas), [`wait`] (detached blocking waits and the asyncio bridge),
+//! [`params`] (`SamplingParams`), [`prompt`] (prompt parsing and Python-to-JSON), [`outputs`]
+//! (result classes), [`tokenizer`], and [`errors`] (the exception hierarchy and the panic
+//! boundary every entry point runs inside).
+//!
+//! Every wait happens detached from the interpreter (`py.detach`), so any number of Python
+//! threads can submit and wait at once while the engine batches their requests.
+
+use pyo3::prelude::*;
+
+mod engine;
+mod errors;
+mod outputs;
+mod params;
+mod prompt;
+mod stream;
+mod tokenizer;
+mod wait;
+
+/// Panics inside the panic boundary; lets the test suite check that a Rust panic reaches Python
+/// as `AutoglmError` rather than `PanicException`.
+#[pyfunction]
+fn _panic_for_tests(message: &str) -> PyResult<()> {
+    errors::guard(|| panic!("{message}"))
+}
+
+/// The native part of autoglm; import the `autoglm` package instead.
+#[pymodule]
+fn _autoglm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<params::SamplingParams>()?;
+    m.add_class::<tokenizer::Tokenizer>()?;
+    m.add_class::<outputs::RequestOutput>()?;
+    m.add_class::<outputs::CompletionOutput>()?;
+    m.add_class::<outputs::CompletionChunk>()?;
+    m.add_class::<outputs::TokenLogprobs>()?;
+    m.add_class::<outputs::Usage>()?;
+    m.add_class::<outputs::EngineStats>()?;
+    m.add_class::<stream::RequestStream>()?;
+    m.add_class::<stream::AsyncRequestStream>()?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    // A test hook, not part of `from autoglm._autoglm import *`.
+    m.index()?.call_method1("remove", ("_panic_for_tests",))?;
+    Ok(())
+}

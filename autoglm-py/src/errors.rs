@@ -1,0 +1,240 @@
+//! The exception hierarchy and the panic boundary.
+//!
+//! Every core [`Error`] becomes a subclass of `autoglm.AutoglmError` (polars' `exceptions.rs` is the
+//! model). Classes that describe bad input also derive from `ValueError`, which `create_exception!`
+//! cannot express (one base only), so the classes are built once with `type(name, bases, ns)` when
+//! the module is first initialised and kept in a [`PyOnceLock`].
+//!
+//! Every Python entry point runs inside [`guard`], so a Rust panic reaches Python as an
+//! `AutoglmError` rather than pyo3's `PanicException` (a `BaseException` that `except Exception`
+//! does not catch).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use autoglm_core::Error;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+
+/// Which exception class an error maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Base,
+    ModelLoad,
+    InvalidRequest,
+    CudaUnavailable,
+    EngineShutdown,
+    Tokenizer,
+    Template,
+    Affinity,
+    Backend,
+}
+
+/// (kind, Python name, parent kind, also a `ValueError`, docstring), parents before children.
+const CLASSES: [(Kind, &str, Option<Kind>, bool, &str); 9] = [
+    (
+        Kind::Base,
+        "AutoglmError",
+        None,
+        false,
+        "Base class of every error autoglm raises.",
+    ),
+    (
+        Kind::ModelLoad,
+        "ModelLoadError",
+        Some(Kind::Base),
+        false,
+        "The model directory could not be loaded: a missing or unreadable file, malformed JSON, \
+         a truncated or inconsistent checkpoint, an unsupported architecture, or a tokenizer or \
+         chat template that does not load. `path` names the file at fault when there is one.",
+    ),
+    (
+        Kind::InvalidRequest,
+        "InvalidRequestError",
+        Some(Kind::Base),
+        true,
+        "A request, its sampling parameters or an engine option was rejected; the message names \
+         the field and the value.",
+    ),
+    (
+        Kind::CudaUnavailable,
+        "CudaUnavailableError",
+        Some(Kind::Base),
+        false,
+        "A CUDA device was asked for but none is usable.",
+    ),
+    (
+        Kind::EngineShutdown,
+        "EngineShutdownError",
+        Some(Kind::Base),
+        false,
+        "The engine has been closed or its thread has stopped; no more requests are accepted.",
+    ),
+    (
+        Kind::Tokenizer,
+        "TokenizerError",
+        Some(Kind::Base),
+        false,
+        "The tokenizer failed to encode or decode.",
+    ),
+    (
+        Kind::Template,
+        "TemplateError",
+        Some(Kind::Base),
+        false,
+        "The chat template failed to render these messages (or the model has none).",
+    ),
+    (
+        Kind::Affinity,
+        "AffinityError",
+        Some(Kind::Base),
+        false,
+        "Pinning a thread to a CPU core failed.",
+    ),
+    (
+        Kind::Backend,
+        "BackendError",
+        Some(Kind::Base),
+        false,
+        "A backend operation failed (out of memory, kernel error), or an internal error.",
+    ),
+];
+
+static TYPES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
+
+fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
+    let type_ = py.get_type::<PyType>();
+    let mut built: Vec<Py<PyType>> = Vec::with_capacity(CLASSES.len());
+    for (kind, name, parent, value_error, doc) in CLASSES {
+        debug_assert_eq!(kind as usize, built.len());
+        let mut bases = vec![match parent {
+            Some(p) => built[p as usize].bind(py).clone().into_any(),
+            None => py.get_type::<PyException>().into_any(),
+        }];
+        if value_error {
+            bases.push(py.get_type::<PyValueError>().into_any());
+        }
+        let ns = PyDict::new(py);
+        ns.set_item("__module__", "autoglm")?;
+        ns.set_item("__doc__", doc)?;
+        if kind == Kind::ModelLoad {
+            ns.set_item("path", py.None())?;
+        }
+        let cls = type_.call1((name, PyTuple::new(py, bases)?, ns))?;
+        built.push(cls.cast_into::<PyType>()?.unbind());
+    }
+    Ok(built)
+}
+
+fn class(py: Python<'_>, kind: Kind) -> Bound<'_, PyType> {
+    match TYPES.get_or_try_init(py, || build(py)) {
+        Ok(types) => types[kind as usize].bind(py).clone(),
+        // Only reachable if `type()` itself fails; fall back to a class that always exists.
+        Err(_) => py.get_type::<PyException>(),
+    }
+}
+
+/// Adds the exception classes to the module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let types = TYPES.get_or_try_init(py, || build(py))?;
+    for ((_, name, ..), cls) in CLASSES.iter().zip(types) {
+        m.add(*name, cls.bind(py))?;
+    }
+    Ok(())
+}
+
+/// A new exception of `kind` with `msg`.
+pub(crate) fn new_err(kind: Kind, msg: impl Into<String>) -> PyErr {
+    let msg = msg.into();
+    Python::attach(|py| PyErr::from_type(class(py, kind), msg))
+}
+
+/// `InvalidRequestError(msg)`.
+pub(crate) fn invalid(msg: impl Into<String>) -> PyErr {
+    new_err(Kind::InvalidRequest, msg)
+}
+
+/// When an error happened: some core errors mean "bad model" while loading and "bad input" later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Load,
+    Request,
+}
+
+/// Fields of `EngineConfig` (the engine options), as `Error::InvalidConfig` names them.
+fn is_engine_option(field: &str) -> bool {
+    ["cache.", "scheduler.", "threading."]
+        .iter()
+        .any(|p| field.starts_with(p))
+        || field == "device"
+        || field == "seed"
+}
+
+/// Maps a core error to its exception.
+pub(crate) fn to_py(e: Error, phase: Phase) -> PyErr {
+    let msg = e.to_string();
+    let (kind, path) = match &e {
+        Error::Io { path, .. } | Error::Json { path, .. } | Error::Checkpoint { path, .. } => {
+            (Kind::ModelLoad, Some(path.display().to_string()))
+        }
+        Error::UnsupportedArchitecture(_) => (Kind::ModelLoad, None),
+        Error::InvalidConfig { field, .. } if is_engine_option(field) => {
+            (Kind::InvalidRequest, None)
+        }
+        Error::InvalidConfig { .. } | Error::Tokenizer(_) | Error::Template(_)
+            if phase == Phase::Load =>
+        {
+            (Kind::ModelLoad, None)
+        }
+        Error::InvalidConfig { .. } | Error::InvalidRequest(_) => (Kind::InvalidRequest, None),
+        Error::Tokenizer(_) => (Kind::Tokenizer, None),
+        Error::Template(_) => (Kind::Template, None),
+        Error::CudaUnavailable(_) => (Kind::CudaUnavailable, None),
+        Error::EngineShutdown => (Kind::EngineShutdown, None),
+        Error::Affinity(_) => (Kind::Affinity, None),
+        Error::Backend(_) => (Kind::Backend, None),
+        _ => (Kind::Base, None),
+    };
+    Python::attach(|py| {
+        let err = PyErr::from_type(class(py, kind), msg);
+        if let Some(path) = path {
+            // Best effort: the message names the path as well.
+            let _ = err.value(py).setattr("path", path);
+        }
+        err
+    })
+}
+
+/// A request-time core error as an exception.
+pub(crate) fn request_err(e: Error) -> PyErr {
+    to_py(e, Phase::Request)
+}
+
+/// The message of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// The exception a caught panic becomes.
+pub(crate) fn panic_err(payload: &(dyn std::any::Any + Send)) -> PyErr {
+    new_err(
+        Kind::Base,
+        format!(
+            "internal error in autoglm (a Rust panic): {}",
+            panic_message(payload)
+        ),
+    )
+}
+
+/// Runs an entry point's body, turning a panic into `AutoglmError`.
+pub(crate) fn guard<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(panic_err(&*payload)))
+}
