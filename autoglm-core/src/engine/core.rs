@@ -338,11 +338,14 @@ impl<B: Backend> Core<B> {
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         if plan.scheduled.is_empty() {
-            // Nothing fits: only possible if a lone sequence outgrew the pool, which max_model_len
-            // prevents; fail the waiting requests rather than spin.
-            self.fail_all(|| {
-                Error::Backend("the KV cache cannot hold any waiting sequence".into())
-            });
+            // A step that only preempted frees blocks for the next one. One that did nothing at
+            // all means a lone sequence outgrew the pool, which max_model_len prevents; fail the
+            // requests rather than spin.
+            if plan.preempted.is_empty() {
+                self.fail_all(|| {
+                    Error::Backend("the KV cache cannot hold any waiting sequence".into())
+                });
+            }
             return;
         }
         for s in &plan.scheduled {
