@@ -1,10 +1,13 @@
 //! Benchmarks of autoglm: criterion benches of the CPU kernels (`benches/kernels.rs`) and the
 //! end-to-end program `e2e` (`src/bin/e2e.rs`). This library holds what both share: machine
-//! information, a memory-bandwidth probe, model-size presets and a prototype skinny GEMV
-//! ([`gemv`], wired into a backend in [`proto`]) to compare against the `gemm` crate at decode shapes.
+//! information, a memory-bandwidth probe, a meter of other processes' CPU use, model-size presets,
+//! a prototype skinny GEMV ([`gemv`], wired into a backend in [`proto`]) to compare against the
+//! `gemm` crate at decode shapes, and a per-operation timing wrapper for backends ([`timed`]).
+//! Figures and commands: `docs/BENCHMARKS.md`.
 
 pub mod gemv;
 pub mod proto;
+pub mod timed;
 
 use std::time::Instant;
 
@@ -28,7 +31,10 @@ impl Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
-            .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_string()))
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_string())
+            })
             .unwrap_or_else(|| "unknown".into());
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let mem_bytes = meminfo
@@ -37,38 +43,149 @@ impl Machine {
             .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024);
         let cores = autoglm_core::threading::allowed_cores().len().max(1);
-        Machine { cpu, cores, mem_bytes }
+        Machine {
+            cpu,
+            cores,
+            mem_bytes,
+        }
     }
 }
 
-/// Sum of a slice of u64 with eight independent lanes (vectorised; bound by memory, not by adds).
-fn sum_u64(chunk: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    let it = chunk.chunks_exact(8);
-    let tail: u64 = it.remainder().iter().fold(0u64, |a, &b| a.wrapping_add(b));
-    for c in it {
-        for i in 0..8 {
-            acc[i] = acc[i].wrapping_add(c[i]);
+/// The 1-minute load average from /proc/loadavg (other work on the machine skews every figure).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// CPU time counters, to tell how much other processes competed with a benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUsage {
+    at: Instant,
+    /// Busy ticks of the whole machine (/proc/stat: user, nice, system, irq, softirq).
+    busy: u64,
+    /// Ticks stolen by the hypervisor (/proc/stat: steal).
+    steal: u64,
+    /// Ticks this process ran (/proc/self/stat: utime + stime).
+    own: u64,
+}
+
+/// What other work did between two [`CpuUsage`] snapshots.
+#[derive(Debug, Clone, Copy)]
+pub struct Contention {
+    /// Average number of cores busy with other processes.
+    pub other_cores: f64,
+    /// Average number of cores this process kept busy.
+    pub own_cores: f64,
+    /// Average number of cores' worth of time stolen by the hypervisor.
+    pub steal_cores: f64,
+}
+
+impl CpuUsage {
+    /// Reads the counters now (zeros where /proc is missing).
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let get = |i: usize| f.get(i).copied().unwrap_or(0);
+        let busy = get(0) + get(1) + get(2) + get(5) + get(6);
+        let steal = get(7);
+        let own_stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the ")" that closes the command name; utime and stime are fields 14, 15.
+        let own = own_stat
+            .rsplit_once(')')
+            .map(|(_, rest)| {
+                // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+                let v: Vec<&str> = rest.split_whitespace().collect();
+                let field = |n: usize| {
+                    v.get(n - 3)
+                        .and_then(|x| x.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                field(14) + field(15)
+            })
+            .unwrap_or(0);
+        CpuUsage {
+            at: Instant::now(),
+            busy,
+            steal,
+            own,
         }
     }
-    acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
+
+    /// Other processes' and this process's average core use since `self`.
+    pub fn since(&self) -> Contention {
+        let now = CpuUsage::now();
+        // USER_HZ is 100 on every Linux configuration in practice.
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let ticks = |t: u64| t as f64 / 100.0 / secs;
+        let busy = now.busy.saturating_sub(self.busy);
+        let own = now.own.saturating_sub(self.own);
+        Contention {
+            other_cores: ticks(busy.saturating_sub(own)),
+            own_cores: ticks(own),
+            steal_cores: ticks(now.steal.saturating_sub(self.steal)),
+        }
+    }
 }
+
+/// Sum of `chunk` read as `streams` equal parts walked side by side (eight u64 lanes each).
+///
+/// One sequential stream per core leaves bandwidth on the table on many x86 parts (the hardware
+/// prefetchers track several streams; one stream keeps too few cache-line misses in flight), so
+/// the probe also reads 4 and 8 interleaved streams per task and keeps the best, which is what a
+/// well-written kernel can reach and hence the honest roofline.
+fn sum_streams(chunk: &[u64], streams: usize) -> u64 {
+    let part = chunk.len() / streams / 8 * 8;
+    let mut acc = [[0u64; 8]; 8];
+    let mut off = 0;
+    while off < part {
+        for (j, a) in acc.iter_mut().enumerate().take(streams) {
+            let x = &chunk[j * part + off..j * part + off + 8];
+            for i in 0..8 {
+                a[i] = a[i].wrapping_add(x[i]);
+            }
+        }
+        off += 8;
+    }
+    let tail = chunk[streams * part..]
+        .iter()
+        .fold(0u64, |a, &b| a.wrapping_add(b));
+    acc.iter().flatten().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
+/// Streams per task the probe tries (interleaved parts of each 4 MiB task; see `sum_streams`).
+pub const PROBE_STREAMS: [usize; 3] = [1, 4, 8];
 
 /// Result of [`memory_bandwidth`].
 #[derive(Debug, Clone)]
 pub struct Bandwidth {
-    /// Best (highest) of the runs, bytes per second.
+    /// Best (highest) over every run and stream count, bytes per second: the roofline's bandwidth.
     pub best: f64,
-    /// Median of the runs, bytes per second.
+    /// Median over the runs of the best stream count, bytes per second.
     pub median: f64,
+    /// Best with one sequential stream per task (the naive probe), bytes per second.
+    pub single_stream: f64,
+    /// Stream count that gave `best`.
+    pub best_streams: usize,
     /// Bytes read per run.
     pub bytes: usize,
-    /// Runs measured.
+    /// Runs per stream count.
     pub runs: usize,
 }
 
-/// Read bandwidth of main memory: `bytes` of u64 (pre-touched), summed in 256 KiB chunks on the
-/// current rayon pool, `runs` times. Call it inside the pool whose threads you want to measure.
+/// Read bandwidth of main memory: `bytes` of u64 (pre-touched), summed in 4 MiB chunks on the
+/// current rayon pool, `runs` times for each of [`PROBE_STREAMS`]. Call it inside the pool whose
+/// threads you want to measure.
 pub fn memory_bandwidth(bytes: usize, runs: usize) -> Bandwidth {
     let len = bytes / 8;
     let mut buf = vec![0u64; len];
@@ -77,19 +194,42 @@ pub fn memory_bandwidth(bytes: usize, runs: usize) -> Bandwidth {
             *x = (c as u64) << 20 | i as u64;
         }
     });
-    let chunk = (256 << 10) / 8;
-    let mut rates = Vec::with_capacity(runs);
+    let chunk = ((4 << 20) / 8).min(len.max(1));
+    let runs = runs.max(1);
     let mut check = 0u64;
-    for _ in 0..runs.max(1) {
-        let t = Instant::now();
-        let s = buf.par_chunks(chunk).map(sum_u64).reduce(|| 0, u64::wrapping_add);
-        let dt = t.elapsed().as_secs_f64();
-        check = check.wrapping_add(std::hint::black_box(s));
-        rates.push(len as f64 * 8.0 / dt);
+    let mut per_streams = Vec::new();
+    for &streams in &PROBE_STREAMS {
+        let mut rates = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let s = buf
+                .par_chunks(chunk)
+                .map(|c| sum_streams(c, streams))
+                .reduce(|| 0, u64::wrapping_add);
+            let dt = t.elapsed().as_secs_f64();
+            check = check.wrapping_add(std::hint::black_box(s));
+            rates.push(len as f64 * 8.0 / dt);
+        }
+        per_streams.push((streams, rates));
     }
     std::hint::black_box(check);
-    let best = rates.iter().cloned().fold(0.0, f64::max);
-    Bandwidth { best, median: median(&mut rates), bytes: len * 8, runs: rates.len() }
+    let max = |r: &[f64]| r.iter().cloned().fold(0.0, f64::max);
+    let (best_streams, best_rates) = per_streams
+        .iter()
+        .max_by(|a, b| max(&a.1).total_cmp(&max(&b.1)))
+        .cloned()
+        .expect("at least one variant");
+    let single_stream = max(&per_streams[0].1);
+    let best = max(&best_rates);
+    let mut rates = best_rates;
+    Bandwidth {
+        best,
+        median: median(&mut rates),
+        single_stream,
+        best_streams,
+        bytes: len * 8,
+        runs,
+    }
 }
 
 /// Median of `v` (sorted in place); NaN for an empty slice.
@@ -130,9 +270,25 @@ impl ModelShape {
     pub fn preset(name: &str) -> Option<Self> {
         match name.to_ascii_uppercase().as_str() {
             // 50.9M parameters.
-            "50M" => Some(ModelShape { hidden: 512, layers: 10, heads: 8, kv_heads: 2, ffn: 1792, vocab: 16384, head_dim: 64 }),
+            "50M" => Some(ModelShape {
+                hidden: 512,
+                layers: 10,
+                heads: 8,
+                kv_heads: 2,
+                ffn: 1792,
+                vocab: 16384,
+                head_dim: 64,
+            }),
             // 307.8M parameters.
-            "300M" => Some(ModelShape { hidden: 1024, layers: 18, heads: 16, kv_heads: 2, ffn: 3584, vocab: 32768, head_dim: 64 }),
+            "300M" => Some(ModelShape {
+                hidden: 1024,
+                layers: 18,
+                heads: 16,
+                kv_heads: 2,
+                ffn: 3584,
+                vocab: 32768,
+                head_dim: 64,
+            }),
             _ => None,
         }
     }
@@ -179,15 +335,49 @@ mod tests {
 
     #[test]
     fn presets_land_near_their_names() {
-        let p50 = ModelShape::preset("50M").unwrap().config().unwrap().num_parameters();
-        let p300 = ModelShape::preset("300m").unwrap().config().unwrap().num_parameters();
+        let p50 = ModelShape::preset("50M")
+            .unwrap()
+            .config()
+            .unwrap()
+            .num_parameters();
+        let p300 = ModelShape::preset("300m")
+            .unwrap()
+            .config()
+            .unwrap()
+            .num_parameters();
         assert!((45_000_000..55_000_000).contains(&p50), "{p50}");
         assert!((280_000_000..320_000_000).contains(&p300), "{p300}");
     }
 
     #[test]
+    fn stream_sums_agree() {
+        let v: Vec<u64> = (0..10_007u64).map(|i| i * 2_654_435_761).collect();
+        let want = v.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        for s in 1..=8 {
+            assert_eq!(sum_streams(&v, s), want, "{s} streams");
+        }
+    }
+
+    #[test]
+    fn cpu_usage_reads_this_process() {
+        let start = CpuUsage::now();
+        let mut x = 0u64;
+        let t = Instant::now();
+        while t.elapsed().as_millis() < 300 {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let c = start.since();
+        assert!(
+            c.own_cores > 0.3 && c.other_cores >= 0.0 && c.steal_cores >= 0.0,
+            "{c:?}"
+        );
+    }
+
+    #[test]
     fn bandwidth_probe_runs() {
         let bw = memory_bandwidth(8 << 20, 2);
-        assert!(bw.best > 0.0 && bw.best >= bw.median && bw.runs == 2);
+        assert!(
+            bw.best > 0.0 && bw.best >= bw.median && bw.best >= bw.single_stream && bw.runs == 2
+        );
     }
 }

@@ -32,12 +32,17 @@ pub struct ProtoBackend {
 impl ProtoBackend {
     /// A backend using the skinny kernel for activations of at most `max_skinny_rows` rows.
     pub fn new(max_skinny_rows: usize) -> Self {
-        ProtoBackend { inner: CpuBackend::new(), max_skinny_rows }
+        ProtoBackend {
+            inner: CpuBackend::new(),
+            max_skinny_rows,
+        }
     }
 }
 
-fn cpu_of(w: &ProtoWeight, op: &str) -> Result<&CpuWeight> {
-    w.cpu.as_ref().ok_or_else(|| Error::Backend(format!("proto {op}: weight {:?} is not a vector", w.shape)))
+fn cpu_of<'a>(w: &'a ProtoWeight, op: &str) -> Result<&'a CpuWeight> {
+    w.cpu
+        .as_ref()
+        .ok_or_else(|| Error::Backend(format!("proto {op}: weight {:?} is not a vector", w.shape)))
 }
 
 impl Backend for ProtoBackend {
@@ -51,11 +56,18 @@ impl Backend for ProtoBackend {
 
     fn upload(&self, t: HostTensor) -> Result<ProtoWeight> {
         let cpu = if t.shape.len() == 1 {
-            Some(self.inner.upload(HostTensor::owned(t.shape.clone(), t.data.to_vec()))?)
+            Some(
+                self.inner
+                    .upload(HostTensor::owned(t.shape.clone(), t.data.to_vec()))?,
+            )
         } else {
             None
         };
-        Ok(ProtoWeight { shape: t.shape, data: t.data, cpu })
+        Ok(ProtoWeight {
+            shape: t.shape,
+            data: t.data,
+            cpu,
+        })
     }
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache> {
@@ -68,7 +80,9 @@ impl Backend for ProtoBackend {
         for &id in ids {
             let id = id as usize;
             if id >= vocab {
-                return Err(Error::InvalidRequest(format!("token id {id} is outside the vocabulary ({vocab})")));
+                return Err(Error::InvalidRequest(format!(
+                    "token id {id} is outside the vocabulary ({vocab})"
+                )));
             }
             out.extend_from_slice(&table.data[id * width..(id + 1) * width]);
         }
@@ -79,19 +93,37 @@ impl Backend for ProtoBackend {
         self.inner.rms_norm(x, cpu_of(w, "rms_norm")?, eps)
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, x: &CpuTensor, w: &ProtoWeight, eps: f32) -> Result<CpuTensor> {
-        self.inner.add_rms_norm(residual, x, cpu_of(w, "add_rms_norm")?, eps)
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &ProtoWeight,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        self.inner
+            .add_rms_norm(residual, x, cpu_of(w, "add_rms_norm")?, eps)
     }
 
-    fn linear(&self, x: &CpuTensor, w: &ProtoWeight, bias: Option<&ProtoWeight>) -> Result<CpuTensor> {
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        w: &ProtoWeight,
+        bias: Option<&ProtoWeight>,
+    ) -> Result<CpuTensor> {
         let (n, k) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
         if x.cols != k {
-            return Err(Error::Backend(format!("linear: input width {} for weight {:?}", x.cols, w.shape)));
+            return Err(Error::Backend(format!(
+                "linear: input width {} for weight {:?}",
+                x.cols, w.shape
+            )));
         }
         let mut out = vec![0f32; x.rows * n];
         if let Some(b) = bias {
             if b.data.len() != n {
-                return Err(Error::Backend(format!("linear: bias {} for {n} outputs", b.data.len())));
+                return Err(Error::Backend(format!(
+                    "linear: bias {} for {n} outputs",
+                    b.data.len()
+                )));
             }
             for row in out.chunks_exact_mut(n) {
                 row.copy_from_slice(&b.data);
