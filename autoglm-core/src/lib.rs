@@ -23,8 +23,12 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+#[cfg(feature = "server")]
+pub mod net;
 pub mod runner;
 pub mod sampling;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod threading;
 pub mod tokenizer;
 

@@ -4,6 +4,7 @@
 //! backend is the numerical reference (f32 everywhere); other backends are tested against it.
 
 pub mod cpu;
+pub mod null;
 
 use crate::error::Result;
 use crate::model::HostTensor;

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The server's OpenAI-client tests: builds the serve example, starts it on a free loopback port with
+# the bundled tiny model, waits for /ready, runs pytest tests/server with the official `openai`
+# package (from a venv at .venv), and stops the server whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== python venv (.venv) with openai and pytest"
+if [ ! -x .venv/bin/python ]; then
+  if ! python3 -m venv .venv 2>/dev/null; then
+    apt-get update -qq && apt-get install -y -qq python3-venv
+    python3 -m venv .venv
+  fi
+fi
+.venv/bin/python -m pip install -q openai pytest
+
+echo "== build the serve example"
+cargo build --release --example serve
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+log=$(mktemp)
+target/release/examples/serve --host 127.0.0.1 --port "$port" \
+  --model glm4-tiny=tests/fixtures/glm4-tiny >"$log" 2>&1 &
+server=$!
+stop_server() {
+  # SIGTERM is a graceful shutdown; give it 30 s, then kill.
+  if kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server"
+    for _ in $(seq 300); do
+      kill -0 "$server" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$server" 2>/dev/null; then
+      echo "the server did not stop on SIGTERM within 30 s; killing it" >&2
+      kill -KILL "$server"
+    fi
+    wait "$server" 2>/dev/null || true
+  fi
+  rm -f "$log"
+}
+trap stop_server EXIT
+
+echo "== waiting for http://127.0.0.1:$port/ready"
+python3 - "$port" "$server" <<'PY'
+import os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("the server exited before it was ready")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.2)
+sys.exit("the server was not ready within 120 s")
+PY
+
+echo "== pytest tests/server"
+AUTOGLM_SERVER_URL="http://127.0.0.1:$port" .venv/bin/python -m pytest -q tests/server || {
+  echo "--- server log"; cat "$log"; exit 1
+}
+echo "== server tests passed"

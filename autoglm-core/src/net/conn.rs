@@ -1,0 +1,536 @@
+//! Accept loops and per-connection tasks: the connection cap, TLS handshakes, HTTP/1.1 + h2c/h2 via
+//! hyper-util's auto builder, idle timeouts and graceful shutdown.
+//!
+//! One task per connection. Each response body is wrapped so the connection knows a request is
+//! in flight (idle timeouts never cut a stream that is waiting for its next token), and every byte
+//! moved marks the connection active. Over the connection cap a connection is still accepted, gets
+//! an HTTP 503 from [`HttpHandler::overloaded`] and is closed, all within a few seconds at most.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{watch, Notify};
+
+use super::listener::{secs_opt, tune_accepted, BindAddr, Listener, SocketOptions};
+use crate::error::{Error, Result};
+
+/// HTTP limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Open connections at most; one more gets a 503 and is closed.
+    pub max_connections: usize,
+    /// Bytes of request head (HTTP/1 read buffer, at least 8192; HTTP/2 header list). Larger heads
+    /// get a 431.
+    pub max_header_bytes: usize,
+    /// Header fields per HTTP/1 request.
+    pub max_headers: usize,
+    /// Time a client has to send a complete HTTP/1 request head.
+    #[serde(with = "secs_opt")]
+    pub header_read_timeout: Option<Duration>,
+    /// A connection with no request in flight and no bytes moved for this long is closed.
+    #[serde(with = "secs_opt")]
+    pub idle_timeout: Option<Duration>,
+    /// Time a client has to complete the TLS handshake.
+    #[serde(with = "secs_opt")]
+    pub tls_handshake_timeout: Option<Duration>,
+    /// Concurrent streams per HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 PING interval to detect dead peers; `None` disables.
+    #[serde(with = "secs_opt")]
+    pub http2_keepalive_interval: Option<Duration>,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            max_connections: 10_000,
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            header_read_timeout: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(120)),
+            tls_handshake_timeout: Some(Duration::from_secs(10)),
+            http2_max_concurrent_streams: 1024,
+            http2_keepalive_interval: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// What a connection tells the application about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The peer's address; `None` on Unix sockets.
+    pub peer: Option<SocketAddr>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// The application behind the listeners.
+pub trait HttpHandler: Clone + Send + Sync + 'static {
+    /// Response body type.
+    type Body: Body<Data = Bytes, Error = Infallible> + Send + Unpin + 'static;
+    /// Answers one request (on a clone of the handler, so the future borrows nothing).
+    fn handle(
+        self,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<Self::Body>> + Send + 'static;
+    /// The answer to every request on a connection over the cap (a 503).
+    fn overloaded(&self) -> Response<Self::Body>;
+}
+
+/// Lifecycle of the server, watched by every acceptor and connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Stop accepting; finish what is in flight, then close.
+    Draining,
+    /// Close everything now.
+    Closed,
+}
+
+/// Counters shared with whoever reports metrics.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Connections open now (including ones being turned away).
+    pub open_connections: AtomicUsize,
+    /// Connections turned away with a 503 because of the cap.
+    pub rejected_connections: AtomicUsize,
+}
+
+struct Inner<H> {
+    handler: H,
+    http: HttpOptions,
+    socket: SocketOptions,
+    builder: auto::Builder<TokioExecutor>,
+    reject_builder: auto::Builder<TokioExecutor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stats: Arc<NetStats>,
+    phase: watch::Sender<Phase>,
+    all_closed: Notify,
+}
+
+/// Bound listeners plus the application, ready to [`run`](NetServer::run).
+pub struct NetServer<H: HttpHandler> {
+    inner: Arc<Inner<H>>,
+    listeners: Vec<Listener>,
+}
+
+impl<H: HttpHandler> NetServer<H> {
+    /// Binds every address (one socket per acceptor with `SO_REUSEPORT`). Must run inside a tokio
+    /// runtime. `tls` applies to every TCP and Unix listener.
+    pub fn bind(
+        addrs: &[BindAddr],
+        socket: SocketOptions,
+        http: HttpOptions,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handler: H,
+    ) -> Result<Self> {
+        if addrs.is_empty() {
+            return Err(Error::config("listen", "no address to listen on"));
+        }
+        let mut listeners = Vec::new();
+        for a in addrs {
+            listeners.extend(super::listener::bind(a, &socket)?);
+        }
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .max_buf_size(http.max_header_bytes.max(8192))
+            .max_headers(http.max_headers)
+            .header_read_timeout(http.header_read_timeout)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(http.max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_concurrent_streams(http.http2_max_concurrent_streams)
+            .keep_alive_interval(http.http2_keepalive_interval);
+        let mut reject_builder = auto::Builder::new(TokioExecutor::new());
+        reject_builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(2))
+            .keep_alive(false);
+        Ok(NetServer {
+            inner: Arc::new(Inner {
+                handler,
+                http,
+                socket,
+                builder,
+                reject_builder,
+                tls: tls.map(tokio_rustls::TlsAcceptor::from),
+                stats: Arc::default(),
+                phase: watch::Sender::new(Phase::Running),
+                all_closed: Notify::new(),
+            }),
+            listeners,
+        })
+    }
+
+    /// The addresses bound (ports resolved), one per listening socket.
+    pub fn local_addrs(&self) -> Vec<BindAddr> {
+        let mut out: Vec<BindAddr> = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        out.dedup();
+        out
+    }
+
+    /// Connection counters.
+    pub fn stats(&self) -> Arc<NetStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets open requests finish for up
+    /// to `grace`, closes what is left and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+        let unix_paths: Vec<_> = self
+            .listeners
+            .iter()
+            .filter_map(|l| match l.local_addr() {
+                Ok(BindAddr::Unix(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let mut acceptors = Vec::new();
+        for l in self.listeners {
+            acceptors.push(tokio::spawn(accept_loop(self.inner.clone(), l)));
+        }
+        shutdown.await;
+        self.inner.phase.send_replace(Phase::Draining);
+        for a in acceptors {
+            let _ = a.await;
+        }
+        for p in unix_paths {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = tokio::time::timeout(grace, self.inner.wait_closed()).await;
+        self.inner.phase.send_replace(Phase::Closed);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.wait_closed()).await;
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Accepted> {
+    match l {
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+        Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+    }
+}
+
+async fn accept_loop<H: HttpHandler>(inner: Arc<Inner<H>>, listener: Listener) {
+    let mut phase = inner.phase.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = phase.wait_for(|p| *p != Phase::Running) => return,
+            r = accept(&listener) => r,
+        };
+        match accepted {
+            Ok(Accepted::Tcp(s, peer)) => {
+                // A failed option is not worth dropping the client for.
+                let _ = tune_accepted(&s, &inner.socket);
+                let info = ConnInfo {
+                    peer: Some(peer),
+                    tls: false,
+                };
+                inner.clone().spawn_connection(s, info);
+            }
+            Ok(Accepted::Unix(s)) => {
+                let info = ConnInfo {
+                    peer: None,
+                    tls: false,
+                };
+                inner.clone().spawn_connection(s, info);
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning on the error; other
+                // errors (a peer that reset before accept) concern one connection only.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Decrements the open-connection count when a connection task ends.
+struct OpenGuard<H: HttpHandler>(Arc<Inner<H>>);
+
+impl<H: HttpHandler> Drop for OpenGuard<H> {
+    fn drop(&mut self) {
+        if self.0.stats.open_connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+impl<H: HttpHandler> Inner<H> {
+    async fn wait_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            if self.stats.open_connections.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn spawn_connection<I>(self: Arc<Self>, io: I, mut info: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let open = self.stats.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let over = open > self.http.max_connections;
+        let guard = OpenGuard(self.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            if over {
+                self.stats
+                    .rejected_connections
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            match &self.tls {
+                Some(acceptor) => {
+                    let limit = self
+                        .http
+                        .tls_handshake_timeout
+                        .unwrap_or(Duration::from_secs(3600));
+                    let Ok(Ok(tls)) = tokio::time::timeout(limit, acceptor.accept(io)).await else {
+                        return;
+                    };
+                    info.tls = true;
+                    self.serve(tls, info, over).await
+                }
+                None => self.serve(io, info, over).await,
+            }
+        });
+    }
+
+    async fn serve<I>(&self, io: I, info: ConnInfo, over: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::default());
+        let io = TokioIo::new(Tracked {
+            inner: io,
+            activity: activity.clone(),
+        });
+        if over {
+            return self.reject(io).await;
+        }
+        let handler = self.handler.clone();
+        let info = Arc::new(info);
+        let svc_activity = activity.clone();
+        let svc = service_fn(move |req| {
+            let busy = BusyGuard::new(svc_activity.clone());
+            let fut = handler.clone().handle(req, info.clone());
+            async move {
+                let resp = fut.await;
+                Ok::<_, Infallible>(resp.map(|body| Guarded { body, _busy: busy }))
+            }
+        });
+        let conn = self.builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        let mut phase = self.phase.subscribe();
+        if *phase.borrow_and_update() != Phase::Running {
+            conn.as_mut().graceful_shutdown();
+        }
+        let idle = self.http.idle_timeout;
+        let mut tick = tokio::time::interval(idle.unwrap_or(Duration::from_secs(3600)));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                changed = phase.changed() => {
+                    let now = *phase.borrow_and_update();
+                    if changed.is_err() || now == Phase::Closed {
+                        return;
+                    }
+                    if now == Phase::Draining {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                _ = tick.tick(), if idle.is_some() => {
+                    let touched = activity.touched.swap(false, Ordering::Relaxed);
+                    if !touched && activity.busy.load(Ordering::Relaxed) == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers every request on the connection with the handler's 503, then closes it.
+    async fn reject<I>(&self, io: TokioIo<Tracked<I>>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let answered = Arc::new(Notify::new());
+        let handler = self.handler.clone();
+        let signal = answered.clone();
+        let svc = service_fn(move |_req| {
+            signal.notify_one();
+            std::future::ready(Ok::<_, Infallible>(handler.overloaded()))
+        });
+        let conn = self.reject_builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = answered.notified() => {
+                    // HTTP/1 closes by itself (keep-alive off); HTTP/2 gets a GOAWAY after this
+                    // stream.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Whether a connection has a request in flight or moved bytes lately.
+#[derive(Debug)]
+struct Activity {
+    busy: AtomicUsize,
+    touched: AtomicBool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            busy: AtomicUsize::new(0),
+            touched: AtomicBool::new(true),
+        }
+    }
+}
+
+struct BusyGuard(Arc<Activity>);
+
+impl BusyGuard {
+    fn new(a: Arc<Activity>) -> Self {
+        a.busy.fetch_add(1, Ordering::Relaxed);
+        BusyGuard(a)
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.touched.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done or dropped.
+struct Guarded<B> {
+    body: B,
+    _busy: BusyGuard,
+}
+
+impl<B: Body + Unpin> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// An I/O object that marks its connection active whenever bytes move.
+struct Tracked<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I> Tracked<I> {
+    fn touch<T>(&self, r: &Poll<io::Result<T>>) {
+        if matches!(r, Poll::Ready(Ok(_))) {
+            self.activity.touched.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.touch(&r);
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.touch(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.touch(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

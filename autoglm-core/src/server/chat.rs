@@ -1,0 +1,255 @@
+//! `POST /v1/chat/completions`: messages rendered through the model's chat template.
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::body::{json_response, sse_event, sse_response, Body};
+use super::error::ApiError;
+use super::generate::{
+    admit, sse_stream, submit, unix_now, Chunk, EventTemplate, StreamFormat, UsageOut,
+};
+use super::logprobs::ChatLogprobs;
+use super::models::lease_or_404;
+use super::protocol::{
+    check_logprobs, normalize_messages, parse_json, resolve_max_tokens, ChatRequest,
+};
+use super::state::Record;
+use crate::engine::RequestOutput;
+use crate::tokenizer::Tokenizer;
+
+pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let req: ChatRequest = parse_json(body)?;
+    check_logprobs("top_logprobs", req.top_logprobs)?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    if req.top_logprobs.is_some_and(|k| k > 0) && !want_logprobs {
+        return Err(ApiError::bad_param(
+            "top_logprobs",
+            "top_logprobs requires logprobs to be true.",
+        ));
+    }
+    let messages = normalize_messages(req.messages.as_ref())?;
+    if let Some(t) = req.tools.as_ref().filter(|t| !t.is_array() && !t.is_null()) {
+        return Err(ApiError::bad_param(
+            "tools",
+            format!("tools must be a list, not {t}."),
+        ));
+    }
+    let state = rec.state.clone();
+    let lease = lease_or_404(&state.models, req.common.model.as_deref())?;
+    rec.model = Some(lease.name.clone());
+    let lp = want_logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let mut params = req.common.params(lp)?;
+    let tok = lease
+        .engine
+        .tokenizer()
+        .map_err(|_| {
+            ApiError::bad_request(
+                "This model has no tokenizer; use /v1/completions with token ids.",
+            )
+        })?
+        .clone();
+    if rec.wants_prompt_text() {
+        rec.prompt_text = Some(messages.to_string());
+    }
+    let tools = req.tools.as_ref().filter(|t| t.is_array());
+    let text =
+        tok.apply_chat_template(&messages, tools, req.add_generation_prompt.unwrap_or(true))?;
+    let ids = tok.encode(&text, false)?;
+    let (field, requested) = match req.max_completion_tokens {
+        Some(m) => ("max_completion_tokens", Some(m)),
+        None => ("max_tokens", req.common.max_tokens),
+    };
+    params.max_tokens = resolve_max_tokens(
+        field,
+        requested,
+        ids.len(),
+        lease.engine.max_model_len(),
+        "messages",
+    )?;
+    admit(rec, &lease, ids.len())?;
+    let return_ids = req.common.return_token_ids.unwrap_or(false);
+    let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
+    let mut job = submit(lease, rec.detach(), vec![ids], vec![params])?;
+    let id = format!("chatcmpl-{}", job.rec.id);
+    let created = unix_now();
+    let fmt = ChatFormat {
+        plain: EventTemplate::new(
+            &id,
+            "chat.completion.chunk",
+            created,
+            &job.lease.name,
+            b",\"delta\":{\"content\":",
+            b"},\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+        ),
+        id,
+        created,
+        model: job.lease.name.clone(),
+        logprobs: want_logprobs,
+        tok,
+        return_ids,
+        prelude_next: 0,
+    };
+    if req.common.stream() {
+        return Ok(sse_response(sse_stream(
+            job,
+            fmt,
+            req.common.include_usage(),
+        )));
+    }
+    let n = job.num_choices();
+    let mut text = vec![String::new(); n];
+    let mut token_ids = vec![Vec::new(); n];
+    let mut logprobs: Vec<Option<ChatLogprobs>> = vec![None; n];
+    let mut finish = vec![None; n];
+    while let Some(ev) = job.next().await {
+        let (i, out) = match ev {
+            Ok(x) => x,
+            Err(e) => {
+                job.rec.status = e.status.as_u16();
+                return Err(e);
+            }
+        };
+        text[i].push_str(&out.text);
+        token_ids[i].extend_from_slice(&out.token_ids);
+        if want_logprobs {
+            logprobs[i]
+                .get_or_insert_with(Default::default)
+                .push(Some(&fmt.tok), &out.logprobs);
+        }
+        finish[i] = out.finish_reason.map(|f| f.as_str()).or(finish[i]);
+    }
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut v = json!({
+                "index": i,
+                "message": {"role": "assistant", "content": text[i]},
+                "logprobs": logprobs[i],
+                "finish_reason": finish[i],
+            });
+            if return_ids {
+                v["token_ids"] = json!(token_ids[i]);
+            }
+            v
+        })
+        .collect();
+    let mut body = json!({
+        "id": fmt.id,
+        "object": "chat.completion",
+        "created": fmt.created,
+        "model": fmt.model,
+        "choices": choices,
+        "usage": job.usage(),
+    });
+    if return_ids {
+        body["prompt_token_ids"] = json!(prompt_ids);
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// Chat chunks: `{"object": "chat.completion.chunk", "choices": [{"index", "delta", "logprobs",
+/// "finish_reason"}]}`, after one `{"role": "assistant"}` delta per choice.
+struct ChatFormat {
+    /// The common case, written without serde.
+    plain: EventTemplate,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    tok: Tokenizer,
+    return_ids: bool,
+    /// Next choice whose role delta is due.
+    prelude_next: usize,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct StreamChoice<'a> {
+    index: usize,
+    delta: Delta<'a>,
+    logprobs: Option<ChatLogprobs>,
+    finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+}
+
+impl ChatFormat {
+    fn chunk(&self, choice: &StreamChoice<'_>) -> Bytes {
+        sse_event(&Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: std::slice::from_ref(choice),
+            usage: None,
+        })
+    }
+}
+
+impl StreamFormat for ChatFormat {
+    fn prelude(&mut self, num_choices: usize) -> Option<Bytes> {
+        if self.prelude_next >= num_choices {
+            return None;
+        }
+        let index = self.prelude_next;
+        self.prelude_next += 1;
+        Some(self.chunk(&StreamChoice {
+            index,
+            delta: Delta {
+                role: Some("assistant"),
+                content: Some(""),
+            },
+            logprobs: None,
+            finish_reason: None,
+            token_ids: None,
+        }))
+    }
+
+    fn event(&mut self, index: usize, out: &RequestOutput) -> Option<Bytes> {
+        let finish_reason = out.finish_reason.map(|f| f.as_str());
+        if finish_reason.is_none() && !self.logprobs && !self.return_ids {
+            return (!out.text.is_empty()).then(|| self.plain.render(index, &out.text));
+        }
+        if out.text.is_empty()
+            && finish_reason.is_none()
+            && out.logprobs.is_empty()
+            && !self.return_ids
+        {
+            return None;
+        }
+        let logprobs = self.logprobs.then(|| {
+            let mut lp = ChatLogprobs::default();
+            lp.push(Some(&self.tok), &out.logprobs);
+            lp
+        });
+        Some(self.chunk(&StreamChoice {
+            index,
+            delta: Delta {
+                role: None,
+                content: (!out.text.is_empty() || finish_reason.is_none()).then_some(&out.text[..]),
+            },
+            logprobs,
+            finish_reason,
+            token_ids: self.return_ids.then_some(&out.token_ids[..]),
+        }))
+    }
+
+    fn usage(&mut self, usage: &UsageOut) -> Bytes {
+        sse_event(&Chunk::<StreamChoice<'_>> {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices: &[],
+            usage: Some(usage),
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! Server configuration: plain structs with `Default` and `validate()`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::audit::AuditConfig;
+use super::auth::AuthConfig;
+use crate::error::{Error, Result};
+use crate::net::listener::secs_opt;
+use crate::net::{BindAddr, HttpOptions, SocketOptions, TlsFiles};
+
+/// Request limits of the API layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body; larger ones get a 413.
+    pub max_body_bytes: usize,
+    /// Time to receive a request body; slower clients get a 408.
+    #[serde(with = "secs_opt")]
+    pub body_read_timeout: Option<Duration>,
+    /// Longest a generation may run (streamed or not), from arrival; `None` is unlimited. Past it
+    /// a non-streamed request gets a 504 and a stream ends with an error event; either way the
+    /// request is cancelled.
+    #[serde(with = "secs_opt")]
+    pub request_timeout: Option<Duration>,
+    /// Generation requests in flight at most; more get a 503.
+    pub max_concurrent_requests: usize,
+    /// Refuse new generations (503) while a model's engine has this many sequences waiting.
+    pub max_waiting_requests: Option<usize>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 8 << 20,
+            body_read_timeout: Some(Duration::from_secs(30)),
+            request_timeout: None,
+            max_concurrent_requests: 4096,
+            max_waiting_requests: None,
+        }
+    }
+}
+
+/// Everything [`Server::bind`](super::Server::bind) needs besides the models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<BindAddr>,
+    /// Socket options.
+    pub socket: SocketOptions,
+    /// HTTP limits and timeouts.
+    pub http: HttpOptions,
+    /// Serve TLS 1.3 on every listener.
+    pub tls: Option<TlsFiles>,
+    /// API limits.
+    pub limits: Limits,
+    /// Keys, JWTs, roles and rate limits.
+    pub auth: AuthConfig,
+    /// Audit log.
+    pub audit: Option<AuditConfig>,
+    /// On shutdown, how long open requests may take to finish.
+    #[serde(with = "secs_opt")]
+    pub shutdown_grace: Option<Duration>,
+    /// Raise the open-file limit to its hard maximum at start.
+    pub raise_nofile_limit: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![BindAddr::Tcp(([127, 0, 0, 1], 8000).into())],
+            socket: SocketOptions::default(),
+            http: HttpOptions::default(),
+            tls: None,
+            limits: Limits::default(),
+            auth: AuthConfig::default(),
+            audit: None,
+            shutdown_grace: Some(Duration::from_secs(30)),
+            raise_nofile_limit: true,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks ranges and consistency.
+    pub fn validate(&self) -> Result<()> {
+        if self.listen.is_empty() {
+            return Err(Error::config("listen", "no address to listen on"));
+        }
+        if self.socket.acceptors == 0 {
+            return Err(Error::config("socket.acceptors", "0 (must be positive)"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(Error::config(
+                "http.max_connections",
+                "0 (must be positive)",
+            ));
+        }
+        if self.limits.max_body_bytes == 0 {
+            return Err(Error::config(
+                "limits.max_body_bytes",
+                "0 (must be positive)",
+            ));
+        }
+        if self.limits.max_concurrent_requests == 0 {
+            return Err(Error::config(
+                "limits.max_concurrent_requests",
+                "0 (must be positive)",
+            ));
+        }
+        for (i, k) in self.auth.api_keys.iter().enumerate() {
+            let known =
+                k.role == "admin" || k.role == "user" || self.auth.roles.contains_key(&k.role);
+            if !known {
+                return Err(Error::config(
+                    "auth.api_keys",
+                    format!("key {i} has role {:?}, which is not defined", k.role),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

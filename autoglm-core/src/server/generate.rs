@@ -1,0 +1,390 @@
+//! Running an admitted generation: submitting its prompts, reading their events (with latency
+//! metrics and the request deadline), and turning them into one JSON answer or an SSE stream.
+//!
+//! The streamed path allocates one buffer per event and nothing else of its own: the stream state
+//! (engine stream, deadline timer, formatter) lives in one boxed `unfold` for the whole request,
+//! and each event is serialized once into an exact-size buffer handed to hyper as `Bytes`.
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+
+use super::body::{sse_event, SSE_DONE};
+use super::error::ApiError;
+use super::models::ModelLease;
+use super::state::Record;
+use crate::engine::{Request, RequestOutput, RequestStream};
+use crate::error::Result;
+use crate::sampling::SamplingParams;
+
+/// Token counts in OpenAI's shape.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct UsageOut {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) total_tokens: usize,
+}
+
+/// The events of one request, possibly of several prompts.
+enum Events {
+    One(RequestStream),
+    /// Several prompts: forwarding tasks tag each event with its prompt.
+    Many(mpsc::Receiver<(usize, Result<RequestOutput>)>),
+}
+
+impl Events {
+    async fn next(&mut self) -> Option<(usize, Result<RequestOutput>)> {
+        match self {
+            Events::One(s) => s.recv_async().await.map(|e| (0, e)),
+            Events::Many(rx) => rx.recv().await,
+        }
+    }
+}
+
+/// An admitted generation.
+pub(crate) struct Job {
+    events: Events,
+    /// Choices per prompt.
+    pub(crate) n: usize,
+    pub(crate) prompt_lens: Vec<usize>,
+    /// Keeps the model loaded until the last byte.
+    pub(crate) lease: ModelLease,
+    pub(crate) rec: Record,
+    deadline: Option<Pin<Box<Sleep>>>,
+    first_token: bool,
+    /// When each choice last produced output (for inter-token latency).
+    last: Vec<Option<Instant>>,
+    pub(crate) completion_tokens: usize,
+}
+
+/// Submits one engine request per prompt.
+pub(crate) fn submit(
+    lease: ModelLease,
+    mut rec: Record,
+    prompts: Vec<Vec<u32>>,
+    params: Vec<SamplingParams>,
+) -> Result<Job, ApiError> {
+    let priority = rec.principal.as_ref().map_or(0, |p| p.priority);
+    let n = params.first().map_or(1, |p| p.n);
+    let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (prompt, params) in prompts.into_iter().zip(params) {
+        let req = Request {
+            prompt,
+            params,
+            priority,
+        };
+        match lease.engine.submit_request(req) {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                let e = ApiError::from(e);
+                rec.status = e.status.as_u16();
+                return Err(e);
+            }
+        }
+    }
+    rec.prompt_tokens = prompt_lens.iter().sum();
+    let events = if streams.len() == 1 {
+        Events::One(streams.pop().expect("one stream"))
+    } else {
+        let (tx, rx) = mpsc::channel(64);
+        for (i, mut s) in streams.into_iter().enumerate() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        // The client went away: drop the stream, which cancels the request.
+                        _ = tx.closed() => return,
+                        ev = s.recv_async() => match ev {
+                            Some(ev) => if tx.send((i, ev)).await.is_err() { return },
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+        Events::Many(rx)
+    };
+    let deadline = rec
+        .state
+        .config
+        .limits
+        .request_timeout
+        .map(|t| Box::pin(tokio::time::sleep_until((rec.start + t).into())));
+    Ok(Job {
+        events,
+        n,
+        last: vec![None; n * prompt_lens.len()],
+        prompt_lens,
+        lease,
+        rec,
+        deadline,
+        first_token: true,
+        completion_tokens: 0,
+    })
+}
+
+impl Job {
+    /// The next event as (choice index, output); `None` at the end.
+    pub(crate) async fn next(&mut self) -> Option<Result<(usize, RequestOutput), ApiError>> {
+        let ev = match &mut self.deadline {
+            Some(d) => tokio::select! {
+                biased;
+                ev = self.events.next() => ev,
+                _ = d.as_mut() => {
+                    return Some(Err(ApiError::gateway_timeout("The request did not finish within the server's request timeout.")));
+                }
+            },
+            None => self.events.next().await,
+        };
+        let (prompt, ev) = ev?;
+        let out = match ev {
+            Ok(out) => out,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let now = Instant::now();
+        let metrics = &self.rec.state.metrics;
+        if self.first_token {
+            self.first_token = false;
+            metrics.ttft.observe(now - self.rec.start);
+        }
+        let index = prompt * self.n + out.index;
+        if let Some(slot) = self.last.get_mut(index) {
+            if let Some(prev) = slot.replace(now) {
+                metrics.itl.observe(now - prev);
+            }
+        }
+        self.completion_tokens += out.token_ids.len();
+        self.rec.completion_tokens = self.completion_tokens;
+        Some(Ok((index, out)))
+    }
+
+    pub(crate) fn usage(&self) -> UsageOut {
+        let prompt_tokens = self.prompt_lens.iter().sum::<usize>();
+        UsageOut {
+            prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: prompt_tokens + self.completion_tokens,
+        }
+    }
+
+    /// Total choices (prompts times n).
+    pub(crate) fn num_choices(&self) -> usize {
+        self.n * self.prompt_lens.len()
+    }
+}
+
+/// What differs between chat and completion streams: the JSON of each event.
+pub(crate) trait StreamFormat: Send + 'static {
+    /// Events sent before the first token (chat: each choice's assistant role); `None` when done.
+    fn prelude(&mut self, num_choices: usize) -> Option<Bytes>;
+    /// The event for one output; `None` to send nothing (no text, no logprobs, not the end).
+    fn event(&mut self, index: usize, out: &RequestOutput) -> Option<Bytes>;
+    /// The final usage event (`choices: []`).
+    fn usage(&mut self, usage: &UsageOut) -> Bytes;
+}
+
+enum Phase {
+    Prelude,
+    Events,
+    Usage,
+    Done,
+    End,
+}
+
+struct SseState<F> {
+    job: Job,
+    format: F,
+    include_usage: bool,
+    phase: Phase,
+}
+
+/// The SSE body of a job: prelude, one event per output, optional usage, `[DONE]`.
+pub(crate) fn sse_stream<F: StreamFormat>(
+    job: Job,
+    format: F,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    let state = SseState {
+        job,
+        format,
+        include_usage,
+        phase: Phase::Prelude,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            match st.phase {
+                Phase::Prelude => match st.format.prelude(st.job.num_choices()) {
+                    Some(b) => return Some((b, st)),
+                    None => st.phase = Phase::Events,
+                },
+                Phase::Events => match st.job.next().await {
+                    Some(Ok((index, out))) => {
+                        if let Some(b) = st.format.event(index, &out) {
+                            return Some((b, st));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        st.phase = Phase::Done;
+                        return Some((sse_event(&e.envelope()), st));
+                    }
+                    None => st.phase = Phase::Usage,
+                },
+                Phase::Usage => {
+                    st.phase = Phase::Done;
+                    if st.include_usage {
+                        let u = st.job.usage();
+                        return Some((st.format.usage(&u), st));
+                    }
+                }
+                Phase::Done => {
+                    st.phase = Phase::End;
+                    return Some((Bytes::from_static(SSE_DONE), st));
+                }
+                Phase::End => return None,
+            }
+        }
+    })
+}
+
+/// Admission control before submitting: the engine's queue, the in-flight cap, the principal's
+/// token budget. Marks the record as a generation.
+pub(crate) fn admit(
+    rec: &mut Record,
+    lease: &ModelLease,
+    prompt_tokens: usize,
+) -> Result<(), ApiError> {
+    let state = rec.state.clone();
+    if let Some(max) = state.config.limits.max_waiting_requests {
+        let waiting = lease
+            .engine
+            .stats()
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if waiting >= max {
+            return Err(ApiError::overloaded(format!(
+                "The model `{}` has {waiting} requests waiting; retry later.",
+                lease.name
+            )));
+        }
+    }
+    rec.in_flight = Some(state.admit_generation()?);
+    if let Some(p) = &rec.principal {
+        state.limiter.admit_tokens(p, prompt_tokens)?;
+    }
+    rec.generation = true;
+    Ok(())
+}
+
+/// The envelope of every streamed event and of the usage event.
+#[derive(serde::Serialize)]
+pub(crate) struct Chunk<'a, C: serde::Serialize> {
+    pub(crate) id: &'a str,
+    pub(crate) object: &'static str,
+    pub(crate) created: u64,
+    pub(crate) model: &'a str,
+    pub(crate) choices: &'a [C],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) usage: Option<&'a UsageOut>,
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A plain token event (text only: no logprobs, no ids, not the last) written without serde: the
+/// bytes around the text are rendered once per request, each event copies them around the
+/// escaped text into an exact-size buffer. Produces the same bytes as serializing the event.
+pub(crate) struct EventTemplate {
+    /// `data: {"id":..,"object":..,"created":..,"model":..,"choices":[{"index":`
+    head: Vec<u8>,
+    /// Between the index and the text, e.g. `,"text":`.
+    mid: &'static [u8],
+    /// After the text, through the blank line.
+    tail: &'static [u8],
+}
+
+impl EventTemplate {
+    pub(crate) fn new(
+        id: &str,
+        object: &str,
+        created: u64,
+        model: &str,
+        mid: &'static [u8],
+        tail: &'static [u8],
+    ) -> Self {
+        let mut head = b"data: {\"id\":".to_vec();
+        super::body::push_json_str(&mut head, id);
+        head.extend_from_slice(b",\"object\":");
+        super::body::push_json_str(&mut head, object);
+        head.extend_from_slice(format!(",\"created\":{created},\"model\":").as_bytes());
+        super::body::push_json_str(&mut head, model);
+        head.extend_from_slice(b",\"choices\":[{\"index\":");
+        EventTemplate { head, mid, tail }
+    }
+
+    pub(crate) fn render(&self, index: usize, text: &str) -> Bytes {
+        use std::io::Write;
+        let len = self.head.len()
+            + super::body::digits(index)
+            + self.mid.len()
+            + super::body::json_str_len(text)
+            + self.tail.len();
+        let mut buf = Vec::with_capacity(len);
+        buf.extend_from_slice(&self.head);
+        let _ = write!(buf, "{index}");
+        buf.extend_from_slice(self.mid);
+        super::body::push_json_str(&mut buf, text);
+        buf.extend_from_slice(self.tail);
+        debug_assert_eq!(buf.len(), len);
+        Bytes::from(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize)]
+    struct Plain<'a> {
+        index: usize,
+        text: &'a str,
+        logprobs: Option<()>,
+        finish_reason: Option<&'static str>,
+    }
+
+    #[test]
+    fn template_matches_serde() {
+        let t = EventTemplate::new(
+            "cmpl-\"x",
+            "text_completion",
+            17,
+            "m\\n",
+            b",\"text\":",
+            b",\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+        );
+        for (index, text) in [(0, "a"), (12, "q\"\n\u{1}多")] {
+            let choice = Plain {
+                index,
+                text,
+                logprobs: None,
+                finish_reason: None,
+            };
+            let want = sse_event(&Chunk {
+                id: "cmpl-\"x",
+                object: "text_completion",
+                created: 17,
+                model: "m\\n",
+                choices: std::slice::from_ref(&choice),
+                usage: None,
+            });
+            assert_eq!(t.render(index, text), want);
+        }
+    }
+}

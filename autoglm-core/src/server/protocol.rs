@@ -1,0 +1,353 @@
+//! Request bodies of the OpenAI API (plus vLLM's sampling extensions) and their translation into
+//! prompt token ids and [`SamplingParams`].
+//!
+//! Unknown fields are ignored, as OpenAI-compatible servers do; a known field of the wrong type is a
+//! 400 naming it. `stop` and `prompt` accept every shape OpenAI does and are checked by hand so the
+//! error says what was expected.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use crate::sampling::{SamplingParams, MAX_LOGPROBS};
+use crate::tokenizer::Tokenizer;
+
+/// Parses a JSON body, with distinct errors for bad UTF-8, bad JSON and wrong types.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "The request body is not valid UTF-8 (invalid byte at offset {}).",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "The request body is empty; a JSON object is expected.",
+        ));
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}.")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object.",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("Invalid request: {e}.")))
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub(crate) include_usage: Option<bool>,
+}
+
+/// Fields shared by chat and completions.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Common {
+    pub(crate) model: Option<String>,
+    pub(crate) n: Option<usize>,
+    pub(crate) max_tokens: Option<usize>,
+    pub(crate) temperature: Option<f32>,
+    pub(crate) top_p: Option<f32>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f32>,
+    pub(crate) presence_penalty: Option<f32>,
+    pub(crate) frequency_penalty: Option<f32>,
+    pub(crate) repetition_penalty: Option<f32>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) stop: Option<Value>,
+    pub(crate) stop_token_ids: Option<Vec<u32>>,
+    pub(crate) ignore_eos: Option<bool>,
+    pub(crate) skip_special_tokens: Option<bool>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    /// vLLM extension: return prompt and generated token ids.
+    pub(crate) return_token_ids: Option<bool>,
+    pub(crate) best_of: Option<usize>,
+    pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    #[serde(flatten)]
+    pub(crate) common: Common,
+    pub(crate) prompt: Option<Value>,
+    pub(crate) logprobs: Option<usize>,
+    pub(crate) echo: Option<bool>,
+    pub(crate) suffix: Option<String>,
+    pub(crate) add_special_tokens: Option<bool>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    #[serde(flatten)]
+    pub(crate) common: Common,
+    pub(crate) messages: Option<Value>,
+    pub(crate) max_completion_tokens: Option<usize>,
+    pub(crate) logprobs: Option<bool>,
+    pub(crate) top_logprobs: Option<usize>,
+    pub(crate) tools: Option<Value>,
+    pub(crate) add_generation_prompt: Option<bool>,
+}
+
+impl Common {
+    pub(crate) fn stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub(crate) fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// Sampling parameters, except `max_tokens` (resolved against the context by
+    /// [`resolve_max_tokens`]).
+    pub(crate) fn params(&self, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::bad_param(
+                "logit_bias",
+                "logit_bias is not supported.",
+            ));
+        }
+        let n = self.n.unwrap_or(1);
+        if let Some(b) = self.best_of {
+            if b != n {
+                return Err(ApiError::bad_param(
+                    "best_of",
+                    "best_of other than n is not supported.",
+                ));
+            }
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => {
+                return Err(ApiError::bad_param(
+                    "top_k",
+                    format!("top_k must be -1 (disabled) or at least 1, got {k}."),
+                ))
+            }
+        };
+        let d = SamplingParams::default();
+        let p = SamplingParams {
+            n,
+            max_tokens: 1,
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k,
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            seed: self.seed,
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            stop: stop_list(self.stop.as_ref())?,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs,
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+        };
+        p.validate().map_err(|e| {
+            let msg = e.to_string();
+            let field = msg
+                .trim_start_matches("invalid request: ")
+                .split(' ')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            ApiError::bad_param(
+                &field,
+                msg.trim_start_matches("invalid request: ").to_string(),
+            )
+        })?;
+        Ok(p)
+    }
+}
+
+fn stop_list(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::bad_param("stop", "stop must be a string or a list of strings.");
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(String::from).ok_or_else(bad))
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Checks `logprobs` (0..=20).
+pub(crate) fn check_logprobs(field: &str, n: Option<usize>) -> Result<(), ApiError> {
+    match n {
+        Some(k) if k > MAX_LOGPROBS => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be at most {MAX_LOGPROBS}, got {k}."),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The output budget of a request: `requested` (at least 1), or what the context leaves; a 400 in
+/// vLLM's words when prompt plus output does not fit.
+pub(crate) fn resolve_max_tokens(
+    field: &str,
+    requested: Option<usize>,
+    prompt_len: usize,
+    max_model_len: usize,
+    what: &str,
+) -> Result<usize, ApiError> {
+    if requested == Some(0) {
+        return Err(ApiError::bad_param(
+            field,
+            format!("{field} must be at least 1, got 0."),
+        ));
+    }
+    match requested {
+        Some(m) if prompt_len + m > max_model_len => Err(ApiError::bad_param(
+            what,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
+                prompt_len + m
+            ),
+        )
+        .with_code("context_length_exceeded")),
+        Some(m) => Ok(m),
+        None if prompt_len >= max_model_len => Err(ApiError::bad_param(
+            what,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, your messages resulted in {prompt_len} tokens. Please reduce the length of the messages."
+            ),
+        )
+        .with_code("context_length_exceeded")),
+        None => Ok(max_model_len - prompt_len),
+    }
+}
+
+/// One prompt of a completion request, before tokenization.
+pub(crate) enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids or a list of such lists.
+pub(crate) fn prompts(v: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
+    let bad = || {
+        ApiError::bad_param(
+            "prompt",
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids.",
+        )
+    };
+    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    let v = v.ok_or_else(|| ApiError::bad_param("prompt", "prompt is required."))?;
+    let out = match v {
+        Value::String(s) => vec![PromptInput::Text(s.clone())],
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::bad_param("prompt", "prompt must not be empty."))
+        }
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(|s| PromptInput::Text(s.into()))
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![PromptInput::Ids(ids(items)?)],
+            Value::Array(_) => items
+                .iter()
+                .map(|i| {
+                    i.as_array()
+                        .ok_or_else(bad)
+                        .and_then(|a| ids(a))
+                        .map(PromptInput::Ids)
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(bad()),
+        },
+        _ => return Err(bad()),
+    };
+    Ok(out)
+}
+
+/// Chat messages as the template expects them: content parts of type `text` are joined.
+pub(crate) fn normalize_messages(v: Option<&Value>) -> Result<Value, ApiError> {
+    let bad = |m: &str| ApiError::bad_param("messages", m.to_string());
+    let Some(Value::Array(items)) = v else {
+        return Err(bad("messages must be a non-empty list of message objects."));
+    };
+    if items.is_empty() {
+        return Err(bad("messages must be a non-empty list of message objects."));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, m) in items.iter().enumerate() {
+        let Value::Object(obj) = m else {
+            return Err(bad(&format!("messages[{i}] must be an object.")));
+        };
+        if !obj.get("role").is_some_and(Value::is_string) {
+            return Err(bad(&format!("messages[{i}].role must be a string.")));
+        }
+        let mut obj = obj.clone();
+        match obj.get("content") {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                let mut text = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => text.push(t),
+                        _ => {
+                            return Err(bad(&format!(
+                                "messages[{i}].content: only parts of type `text` are supported."
+                            )))
+                        }
+                    }
+                }
+                let joined = text.join("\n");
+                obj.insert("content".into(), Value::String(joined));
+            }
+            Some(_) => {
+                return Err(bad(&format!(
+                    "messages[{i}].content must be a string or a list of content parts."
+                )))
+            }
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(Value::Array(out))
+}
+
+/// Token ids of a completion prompt.
+pub(crate) fn tokenize_prompt(
+    tok: Option<&Tokenizer>,
+    p: PromptInput,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    match p {
+        PromptInput::Ids(ids) => Ok(ids),
+        PromptInput::Text(t) => {
+            let tok = tok.ok_or_else(|| {
+                ApiError::bad_param("prompt", "This model has no tokenizer; send token ids.")
+            })?;
+            Ok(tok.encode(&t, add_special_tokens)?)
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Server-wide state and the per-request record that feeds metrics, rate limits and the audit log.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use super::audit::{rfc3339_now, AuditEntry, AuditLog};
+use super::auth::{Auth, Principal};
+use super::config::ServerConfig;
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::models::ModelRegistry;
+use super::ratelimit::RateLimiter;
+use crate::net::NetStats;
+
+/// Everything a request handler can reach.
+pub(crate) struct AppState {
+    pub(crate) config: ServerConfig,
+    pub(crate) models: Arc<ModelRegistry>,
+    pub(crate) metrics: Metrics,
+    pub(crate) auth: Auth,
+    pub(crate) limiter: RateLimiter,
+    pub(crate) audit: Option<AuditLog>,
+    /// Set when shutdown begins: /ready turns 503, new generations are refused.
+    pub(crate) draining: AtomicBool,
+    /// Generation requests admitted and not yet finished.
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) net: OnceLock<Arc<NetStats>>,
+    /// Prefix of generated request ids (random per process).
+    pub(crate) id_prefix: String,
+    pub(crate) id_counter: AtomicUsize,
+}
+
+impl AppState {
+    /// A fresh request id: 32 hex digits, unique per process and unlikely to repeat across runs.
+    pub(crate) fn new_request_id(&self) -> String {
+        let n = self.id_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n:016x}", self.id_prefix)
+    }
+
+    /// Counts a generation as in flight, or refuses it when the server is full or draining.
+    pub(crate) fn admit_generation(self: &Arc<Self>) -> Result<InFlight, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::overloaded("The server is shutting down."));
+        }
+        let max = self.config.limits.max_concurrent_requests;
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        let guard = InFlight(self.clone());
+        if now > max {
+            return Err(ApiError::overloaded(format!(
+                "The server is overloaded ({max} requests in flight); retry later."
+            )));
+        }
+        Ok(guard)
+    }
+}
+
+/// One admitted generation; released on drop.
+pub(crate) struct InFlight(Arc<AppState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What is known about a request by the time it is answered; written to the audit log (and, for
+/// generations, the latency and token metrics) when dropped. A stream carries its record until
+/// its last byte (or until the client goes away).
+pub(crate) struct Record {
+    pub(crate) state: Arc<AppState>,
+    pub(crate) id: Arc<str>,
+    pub(crate) method: &'static str,
+    pub(crate) route: &'static str,
+    pub(crate) principal: Option<Arc<Principal>>,
+    pub(crate) start: Instant,
+    pub(crate) status: u16,
+    pub(crate) model: Option<String>,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) prompt_text: Option<String>,
+    /// Counts as a generation for the latency/token metrics.
+    pub(crate) generation: bool,
+    pub(crate) in_flight: Option<InFlight>,
+    /// Leave out of the audit log (health probes).
+    pub(crate) quiet: bool,
+    /// Moved into a stream: this copy records nothing.
+    detached: bool,
+}
+
+impl Record {
+    pub(crate) fn new(
+        state: Arc<AppState>,
+        id: Arc<str>,
+        method: &'static str,
+        route: &'static str,
+        start: Instant,
+    ) -> Self {
+        Record {
+            state,
+            id,
+            method,
+            route,
+            principal: None,
+            start,
+            status: 0,
+            model: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            prompt_text: None,
+            generation: false,
+            in_flight: None,
+            quiet: false,
+            detached: false,
+        }
+    }
+
+    /// Moves the record into a stream answered with 200; this one goes silent.
+    pub(crate) fn detach(&mut self) -> Record {
+        self.detached = true;
+        Record {
+            state: self.state.clone(),
+            id: self.id.clone(),
+            method: self.method,
+            route: self.route,
+            principal: self.principal.clone(),
+            start: self.start,
+            status: 200,
+            model: self.model.take(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            prompt_text: self.prompt_text.take(),
+            generation: self.generation,
+            in_flight: self.in_flight.take(),
+            quiet: self.quiet,
+            detached: false,
+        }
+    }
+
+    /// Whether prompt text should be kept for the audit log.
+    pub(crate) fn wants_prompt_text(&self) -> bool {
+        self.state.audit.as_ref().is_some_and(|a| a.log_prompts)
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        let s = &self.state;
+        let latency = self.start.elapsed();
+        if self.generation && self.status == 200 {
+            s.metrics.e2e.observe(latency);
+            s.metrics
+                .prompt_tokens
+                .fetch_add(self.prompt_tokens as u64, Ordering::Relaxed);
+        }
+        if self.generation {
+            s.metrics
+                .generation_tokens
+                .fetch_add(self.completion_tokens as u64, Ordering::Relaxed);
+            if let Some(p) = &self.principal {
+                s.limiter.charge_tokens(p, self.completion_tokens);
+            }
+        }
+        if let Some(audit) = s.audit.as_ref().filter(|_| !self.quiet) {
+            audit.record(&AuditEntry {
+                time: rfc3339_now(),
+                request_id: &self.id,
+                principal: self.principal.as_ref().map(|p| p.name.as_str()),
+                method: self.method,
+                route: self.route,
+                status: self.status,
+                model: self.model.as_deref(),
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_tokens,
+                latency_ms: (latency.as_secs_f64() * 1e6).round() / 1e3,
+                prompt: self.prompt_text.as_deref(),
+            });
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! vLLM's `POST /tokenize` and `POST /detokenize`.
+
+use http::{Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::body::{json_response, Body};
+use super::error::ApiError;
+use super::models::{lease_or_404, ModelRegistry};
+use super::protocol::{normalize_messages, parse_json};
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Value>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+    tools: Option<Value>,
+    return_token_strs: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+/// `{"prompt": ...}` or `{"messages": [...]}` to `{"count", "max_model_len", "tokens", "token_strs"}`.
+pub(crate) fn tokenize(models: &ModelRegistry, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let req: TokenizeRequest = parse_json(body)?;
+    let lease = lease_or_404(models, req.model.as_deref())?;
+    let tok = lease
+        .engine
+        .tokenizer()
+        .map_err(|_| ApiError::bad_request("This model has no tokenizer."))?;
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(p), None) => tok.encode(p, req.add_special_tokens.unwrap_or(true))?,
+        (None, Some(_)) => {
+            let messages = normalize_messages(req.messages.as_ref())?;
+            let tools = req.tools.as_ref().filter(|t| t.is_array());
+            let text = tok.apply_chat_template(
+                &messages,
+                tools,
+                req.add_generation_prompt.unwrap_or(true),
+            )?;
+            tok.encode(&text, req.add_special_tokens.unwrap_or(false))?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "Give exactly one of `prompt` (a string) and `messages`.",
+            ))
+        }
+    };
+    let token_strs = req.return_token_strs.unwrap_or(false).then(|| {
+        tokens
+            .iter()
+            .map(|&t| tok.id_to_token(t).unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "count": tokens.len(),
+            "max_model_len": lease.engine.max_model_len(),
+            "tokens": tokens,
+            "token_strs": token_strs,
+        }),
+    ))
+}
+
+/// `{"tokens": [...]}` to `{"prompt": text}`.
+pub(crate) fn detokenize(models: &ModelRegistry, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let req: DetokenizeRequest = parse_json(body)?;
+    let lease = lease_or_404(models, req.model.as_deref())?;
+    let tok = lease
+        .engine
+        .tokenizer()
+        .map_err(|_| ApiError::bad_request("This model has no tokenizer."))?;
+    let vocab = lease.engine.model_config().vocab_size;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad_param(
+            "tokens",
+            format!("Token id {bad} is outside the vocabulary (size {vocab})."),
+        ));
+    }
+    let text = tok.decode(&req.tokens, false)?;
+    Ok(json_response(StatusCode::OK, &json!({"prompt": text})))
+}

@@ -1,0 +1,121 @@
+//! Several models chosen by the `model` field; loading and unloading them at run time.
+#![cfg(feature = "server")]
+
+mod server_support;
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use server_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_by_name_load_and_unload() {
+    let srv = start(
+        loopback_config(),
+        vec![
+            ("cpu", cpu_engine()),
+            ("null", null_engine(engine_config())),
+        ],
+    );
+    let a = srv.addr;
+    let ask = |model: &'static str| json!({"model": model, "prompt": [277], "max_tokens": 4, "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let r = post(a, "/v1/completions", &ask("null")).await.json();
+    assert_eq!(r["model"], "null");
+    assert_eq!(r["choices"][0]["token_ids"], json!([0, 0, 0, 0]));
+    let r = post(a, "/v1/completions", &ask("cpu")).await.json();
+    assert_eq!(r["choices"][0]["token_ids"], json!(greedy_case(0).1[..4]));
+    // No model field: the first model.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [277], "max_tokens": 1}),
+    )
+    .await
+    .json();
+    assert_eq!(r["model"], "cpu");
+
+    // Load a third model from disk.
+    let load = json!({"name": "disk", "path": fixture_dir()});
+    let r = post(a, "/admin/models", &load).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let names: Vec<String> = get(a, "/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["cpu", "null", "disk"]);
+    let r = post(a, "/v1/completions", &ask("disk")).await.json();
+    assert_eq!(r["choices"][0]["token_ids"], json!(greedy_case(0).1[..4]));
+    assert_eq!(post(a, "/admin/models", &load).await.status, 400);
+    let r = post(
+        a,
+        "/admin/models",
+        &json!({"name": "x", "path": "/nonexistent"}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error()["param"], "path");
+    assert_eq!(
+        post(a, "/admin/models", &json!({"name": "x"})).await.status,
+        400
+    );
+
+    // Unload `cpu` while one of its streams runs: new requests get 404 at once, the stream
+    // finishes, then the DELETE answers.
+    let io = tokio::net::TcpStream::connect(a).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let body = json!({"model": "cpu", "prompt": [1, 2], "n": 4, "max_tokens": 1500, "ignore_eos": true, "stream": true});
+    let req = hyper::Request::post("/v1/completions")
+        .header("host", "x")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let mut stream = tx.send_request(req).await.unwrap().into_body();
+    let mut seen = stream
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .to_vec();
+    let delete = tokio::spawn(async move { send(a, "DELETE", "/admin/models/cpu", &[], "").await });
+    eventually("cpu to leave the list", async || {
+        !get(a, "/v1/models").await.text().contains("\"cpu\"")
+    })
+    .await;
+    let r = post(a, "/v1/completions", &ask("cpu")).await;
+    assert_eq!(r.status, 404);
+    assert!(
+        !delete.is_finished(),
+        "the unload waits for the running stream"
+    );
+    while let Some(f) = stream.frame().await {
+        seen.extend_from_slice(&f.unwrap().into_data().unwrap());
+    }
+    let events = sse_events(&seen);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["choices"][0]["finish_reason"] == "length")
+            .count(),
+        4
+    );
+    let r = tokio::time::timeout(Duration::from_secs(20), delete)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], true);
+    assert_eq!(
+        send(a, "DELETE", "/admin/models/cpu", &[], "").await.status,
+        404
+    );
+    assert_eq!(post(a, "/v1/completions", &ask("null")).await.status, 200);
+    srv.stop().await;
+}

@@ -1,0 +1,274 @@
+//! The socket layer: Unix sockets, IPv6, h2c, TLS 1.3 with ALPN, SO_REUSEPORT acceptors and
+//! graceful shutdown.
+#![cfg(feature = "server")]
+
+mod server_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use autoglm_core::net::{BindAddr, TlsFiles};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use server_support::*;
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("autoglm-net-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn completion_request(stream: bool) -> Request<Full<Bytes>> {
+    let (prompt, _) = greedy_case(0);
+    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true,
+                      "return_token_ids": true, "stream": stream});
+    Request::post("/v1/completions")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn greedy_json() -> serde_json::Value {
+    json!(greedy_case(0).1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_and_ipv6() {
+    let dir = temp_dir("uds");
+    let sock = dir.join("s.sock");
+    let mut cfg = loopback_config();
+    cfg.listen.push(BindAddr::Unix(sock.clone()));
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if v6 {
+        cfg.listen.push("[::1]:0".parse().unwrap());
+    }
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    assert!(srv.addrs.contains(&BindAddr::Unix(sock.clone())));
+    let io = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = read_reply(tx.send_request(completion_request(false)).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["choices"][0]["token_ids"], greedy_json());
+    if v6 {
+        let a6 = srv
+            .addrs
+            .iter()
+            .find_map(|a| match a {
+                BindAddr::Tcp(sa) if sa.is_ipv6() => Some(*sa),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(get(a6, "/health").await.status, 200);
+    } else {
+        eprintln!("no IPv6 loopback here; skipped that part");
+    }
+    srv.stop().await;
+    assert!(!sock.exists(), "the socket file is removed at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_streams() {
+    let srv = start(loopback_config(), vec![(MODEL, cpu_engine())]);
+    let io = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Two concurrent streams on one connection.
+    let (a, b) = tokio::join!(
+        tx.clone().send_request(completion_request(true)),
+        tx.send_request(completion_request(false))
+    );
+    let a = a.unwrap();
+    assert_eq!(a.version(), hyper::Version::HTTP_2);
+    assert!(a.headers().contains_key("x-request-id"));
+    let a = read_reply(a).await;
+    let b = read_reply(b.unwrap()).await;
+    let streamed: Vec<u64> = a
+        .events()
+        .iter()
+        .flat_map(|e| {
+            e["choices"][0]["token_ids"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(json!(streamed), greedy_json());
+    assert_eq!(b.json()["choices"][0]["token_ids"], greedy_json());
+    srv.stop().await;
+}
+
+fn tls_client(alpn: &[&[u8]], cert_pem: &str) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(c))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_with_alpn_h2_and_http1() {
+    let dir = temp_dir("tls");
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_pem = ck.cert.pem();
+    std::fs::write(dir.join("cert.pem"), &cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    let mut cfg = loopback_config();
+    cfg.tls = Some(TlsFiles {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let tls = tls_client(&[b"h2", b"http/1.1"], &cert_pem)
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let r = read_reply(tx.send_request(completion_request(true)).await.unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.events().is_empty());
+
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let tls = tls_client(&[b"http/1.1"], &cert_pem)
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = read_reply(tx.send_request(completion_request(false)).await.unwrap()).await;
+    assert_eq!(r.json()["choices"][0]["token_ids"], greedy_json());
+
+    // Plain HTTP on the TLS port does not get an answer in clear text.
+    let out = raw(
+        srv.addr,
+        b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(!out.starts_with("HTTP/1.1 200"));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_streams_then_exits() {
+    let mut cfg = loopback_config();
+    cfg.socket.acceptors = 2;
+    cfg.shutdown_grace = Some(Duration::from_secs(30));
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let io = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let body = json!({"prompt": [1, 2, 3], "n": 8, "max_tokens": 1500, "ignore_eos": true, "stream": true});
+    let req = Request::post("/v1/completions")
+        .header("host", "x")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut seen = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .to_vec();
+    srv.handle.shutdown();
+    // New connections are refused once the acceptors stop.
+    eventually("the listeners to close", async || {
+        tokio::net::TcpStream::connect(srv.addr).await.is_err()
+    })
+    .await;
+    while let Some(f) = body.frame().await {
+        seen.extend_from_slice(&f.unwrap().into_data().unwrap());
+    }
+    let events = sse_events(&seen);
+    let finished = events
+        .iter()
+        .filter(|e| e["choices"][0]["finish_reason"] == "length")
+        .count();
+    assert_eq!(finished, 8, "every choice ran to its end");
+    tokio::time::timeout(Duration::from_secs(10), srv.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_deadline_cuts_long_streams() {
+    let mut cfg = loopback_config();
+    cfg.shutdown_grace = Some(Duration::from_millis(300));
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let io = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let body = json!({"prompt": [1, 2, 3], "n": 64, "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let req = Request::post("/v1/completions")
+        .header("host", "x")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let mut body = tx.send_request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    let models = srv.models.clone();
+    let t = std::time::Instant::now();
+    srv.handle.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), srv.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The client sees its stream end without [DONE]; the engine frees the blocks.
+    let mut tail = Vec::new();
+    while let Some(Ok(f)) = body.frame().await {
+        tail.extend_from_slice(&f.into_data().unwrap_or_default());
+    }
+    assert!(!String::from_utf8_lossy(&tail).contains("[DONE]"));
+    let engine = models.lease(None).unwrap();
+    eventually("KV blocks to be freed", async || {
+        engine
+            .engine
+            .stats()
+            .kv_blocks_used
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    })
+    .await;
+}

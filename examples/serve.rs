@@ -1,0 +1,427 @@
+//! Serve models over an OpenAI-compatible HTTP API.
+//!
+//! ```text
+//! cargo run --release --example serve -- --model DIR
+//! cargo run --release --example serve -- --model glm4=DIR --model tiny=tests/fixtures/glm4-tiny \
+//!     --host 0.0.0.0 --port 8000 --api-key sk-user --admin-api-key sk-admin
+//! cargo run --release --example serve -- --config serve.toml
+//! ```
+//! With no `--model`, the bundled tiny model (random weights) is served as `glm4-tiny`.
+//!
+//! `--config FILE` reads a TOML file whose keys are the flags' names (`port = 8000`,
+//! `api-key = ["a", "b"]`, `tls-cert = "cert.pem"`, `max-num-seqs = 128`, `no-reuse-port = true`);
+//! flags on the command line override it. API keys with roles, priorities and limits come from
+//! `--api-keys-file`, a TOML file of `[[keys]]` tables (`key`, `name`, `role`, `priority`,
+//! `limits.requests_per_minute`, `limits.tokens_per_minute`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use autoglm_core::net::{BindAddr, TlsFiles};
+use autoglm_core::server::{
+    ApiKey, AuditConfig, JwtConfig, ModelRegistry, RateLimits, Server, ServerConfig,
+};
+use autoglm_core::{Engine, Error};
+use autoglm_examples::{bundled_model, EngineArgs};
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+#[derive(Debug, Parser)]
+#[command(about = "Serve GLM models over an OpenAI-compatible HTTP API", version)]
+#[command(args_override_self = true)]
+struct Cli {
+    /// TOML file of flag values (keys are flag names); command-line flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A checkpoint to serve, as DIR or NAME=DIR (repeatable). Default: the bundled tiny model.
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// Name of the model given by a lone `--model DIR` (default: the directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port (0 picks a free one and prints it).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Listen on this Unix socket too (or only, with --no-tcp).
+    #[arg(long)]
+    uds: Option<PathBuf>,
+    /// Extra listen address (host:port, [v6]:port or unix:/path; repeatable).
+    #[arg(long = "listen")]
+    listen: Vec<String>,
+    /// Do not listen on --host/--port.
+    #[arg(long)]
+    no_tcp: bool,
+    /// Certificate chain (PEM) for TLS 1.3.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for TLS 1.3.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// API key with role `user` (repeatable).
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// API key with role `admin` (repeatable).
+    #[arg(long = "admin-api-key")]
+    admin_api_keys: Vec<String>,
+    /// TOML file of `[[keys]]` with key, name, role, priority and limits.
+    #[arg(long)]
+    api_keys_file: Option<PathBuf>,
+    /// Accept HS256 JWTs signed with this secret.
+    #[arg(long)]
+    jwt_hs256_secret: Option<String>,
+    /// Accept HS256 JWTs signed with the secret in this file.
+    #[arg(long)]
+    jwt_hs256_secret_file: Option<PathBuf>,
+    /// Accept RS256 JWTs verified by this PEM public key.
+    #[arg(long)]
+    jwt_rs256_public_key: Option<PathBuf>,
+    /// Required JWT audience (repeatable: any of them).
+    #[arg(long = "jwt-audience")]
+    jwt_audience: Vec<String>,
+    /// Required JWT issuer (repeatable: any of them).
+    #[arg(long = "jwt-issuer")]
+    jwt_issuer: Vec<String>,
+    /// Requests per minute per principal (default: unlimited).
+    #[arg(long)]
+    requests_per_minute: Option<f64>,
+    /// Prompt plus generated tokens per minute per principal (default: unlimited).
+    #[arg(long)]
+    tokens_per_minute: Option<f64>,
+    /// Append a JSON line per request to this file (`-` for stderr).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Include prompts in the audit log.
+    #[arg(long)]
+    audit_log_prompts: bool,
+    /// Open connections at most (more get a 503).
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Generation requests in flight at most (more get a 503).
+    #[arg(long, default_value_t = 4096)]
+    max_concurrent_requests: usize,
+    /// Refuse generations (503) while an engine has this many sequences waiting.
+    #[arg(long)]
+    max_waiting_requests: Option<usize>,
+    /// Largest request body in bytes (more: 413).
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Largest request head in bytes (more: 431).
+    #[arg(long, default_value_t = 64 << 10)]
+    max_header_bytes: usize,
+    /// Seconds to send a request head.
+    #[arg(long, default_value_t = 30.0)]
+    header_read_timeout: f64,
+    /// Seconds a connection may sit idle.
+    #[arg(long, default_value_t = 120.0)]
+    idle_timeout: f64,
+    /// Seconds a generation may take (default: unlimited).
+    #[arg(long)]
+    request_timeout: Option<f64>,
+    /// Seconds open requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
+    /// Listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    backlog: u32,
+    /// One shared listening socket instead of one SO_REUSEPORT socket per worker.
+    #[arg(long)]
+    no_reuse_port: bool,
+    /// TCP keepalive idle seconds (0: off).
+    #[arg(long, default_value_t = 60.0)]
+    keepalive: f64,
+    /// SO_SNDBUF bytes (default: kernel autotuning).
+    #[arg(long)]
+    send_buffer_size: Option<usize>,
+    /// SO_RCVBUF bytes (default: kernel autotuning).
+    #[arg(long)]
+    recv_buffer_size: Option<usize>,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the command line after the values of `--config FILE`, so flags override the file.
+fn parse_cli() -> Result<Cli, String> {
+    let argv: Vec<String> = std::env::args().collect();
+    let mut config = None;
+    for (i, a) in argv.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--config=") {
+            config = Some(v.to_string());
+        } else if a == "--config" {
+            config = argv.get(i + 1).cloned();
+        }
+    }
+    let mut args = vec![argv[0].clone()];
+    if let Some(path) = config {
+        args.extend(config_args(&path)?);
+    }
+    args.extend(argv.into_iter().skip(1));
+    let matches = Cli::command()
+        .try_get_matches_from(args)
+        .unwrap_or_else(|e| e.exit());
+    Cli::from_arg_matches(&matches).map_err(|e| e.to_string())
+}
+
+/// Turns a TOML table of flag values into command-line arguments.
+fn config_args(path: &str) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let scalar = |v: &toml::Value| -> Result<String, String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(format!(
+                    "{path}: `{key}` must be a string, a number or a list of them"
+                )),
+            }
+        };
+        match &value {
+            toml::Value::Boolean(true) => out.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for v in items {
+                    out.push(flag.clone());
+                    out.push(scalar(v)?);
+                }
+            }
+            v => {
+                out.push(flag);
+                out.push(scalar(v)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn secs(x: f64) -> Option<Duration> {
+    (x > 0.0 && x.is_finite()).then(|| Duration::from_secs_f64(x))
+}
+
+fn read(path: &PathBuf) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.clone(),
+        source: e,
+    })
+}
+
+fn invalid(field: &str, msg: impl Into<String>) -> Error {
+    Error::InvalidConfig {
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
+
+/// The server configuration the flags describe.
+fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
+    let mut c = ServerConfig::default();
+    c.listen.clear();
+    if !cli.no_tcp {
+        let host = cli.host.trim_start_matches('[').trim_end_matches(']');
+        let ip: std::net::IpAddr = host
+            .parse()
+            .map_err(|_| invalid("host", format!("{:?} is not an IP address", cli.host)))?;
+        c.listen.push(BindAddr::Tcp((ip, cli.port).into()));
+    }
+    if let Some(p) = &cli.uds {
+        c.listen.push(BindAddr::Unix(p.clone()));
+    }
+    for l in &cli.listen {
+        c.listen.push(l.parse()?);
+    }
+    c.socket.backlog = cli.backlog;
+    c.socket.reuse_port = !cli.no_reuse_port;
+    c.socket.acceptors = workers;
+    c.socket.keepalive = secs(cli.keepalive);
+    c.socket.send_buffer_size = cli.send_buffer_size;
+    c.socket.recv_buffer_size = cli.recv_buffer_size;
+    c.http.max_connections = cli.max_connections;
+    c.http.max_header_bytes = cli.max_header_bytes;
+    c.http.header_read_timeout = secs(cli.header_read_timeout);
+    c.http.idle_timeout = secs(cli.idle_timeout);
+    c.limits.max_body_bytes = cli.max_body_bytes;
+    c.limits.request_timeout = cli.request_timeout.and_then(secs);
+    c.limits.max_concurrent_requests = cli.max_concurrent_requests;
+    c.limits.max_waiting_requests = cli.max_waiting_requests;
+    c.shutdown_grace = Some(Duration::from_secs_f64(cli.shutdown_grace.max(0.0)));
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+        c.tls = Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    let key = |k: &String, role: &str, i: usize| ApiKey {
+        key: k.clone(),
+        name: Some(format!("{role}-key-{i}")),
+        role: role.into(),
+        priority: 0,
+        limits: None,
+    };
+    let auth = &mut c.auth;
+    auth.api_keys.extend(
+        cli.api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| key(k, "user", i)),
+    );
+    auth.api_keys.extend(
+        cli.admin_api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| key(k, "admin", i)),
+    );
+    if let Some(path) = &cli.api_keys_file {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct KeysFile {
+            keys: Vec<ApiKey>,
+        }
+        let file: KeysFile = toml::from_str(&read(path)?)
+            .map_err(|e| invalid("api-keys-file", format!("{}: {e}", path.display())))?;
+        auth.api_keys.extend(file.keys);
+    }
+    let hs256 = match (&cli.jwt_hs256_secret, &cli.jwt_hs256_secret_file) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(p)) => Some(read(p)?.trim().to_string()),
+        (None, None) => None,
+    };
+    let rs256 = cli.jwt_rs256_public_key.as_ref().map(read).transpose()?;
+    if hs256.is_some() || rs256.is_some() {
+        auth.jwt = Some(JwtConfig {
+            hs256_secret: hs256,
+            rs256_public_key_pem: rs256,
+            audience: cli.jwt_audience.clone(),
+            issuer: cli.jwt_issuer.clone(),
+            role_claim: None,
+            leeway_s: 30,
+        });
+    }
+    auth.default_limits = RateLimits {
+        requests_per_minute: cli.requests_per_minute,
+        tokens_per_minute: cli.tokens_per_minute,
+    };
+    if let Some(path) = &cli.audit_log {
+        c.audit = Some(AuditConfig {
+            path: path.clone(),
+            log_prompts: cli.audit_log_prompts,
+        });
+    }
+    Ok(c)
+}
+
+/// (name, directory) of each `--model`.
+fn model_specs(cli: &Cli) -> Result<Vec<(String, PathBuf)>, Error> {
+    if cli.models.is_empty() {
+        eprintln!(
+            "note: no --model given; serving the bundled tiny GLM-4 model at {} as `glm4-tiny`.\n      Its weights are RANDOM: expect gibberish, not language.",
+            bundled_model().display()
+        );
+        let name = cli.served_model_name.clone().unwrap_or("glm4-tiny".into());
+        return Ok(vec![(name, bundled_model())]);
+    }
+    let lone = cli.models.len() == 1;
+    cli.models
+        .iter()
+        .map(|spec| {
+            let (name, dir) = match spec.split_once('=') {
+                Some((n, d)) if !n.is_empty() && !n.contains('/') => (Some(n.to_string()), d),
+                _ => (None, spec.as_str()),
+            };
+            let dir = PathBuf::from(dir);
+            let name = name
+                .or_else(|| lone.then(|| cli.served_model_name.clone()).flatten())
+                .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .ok_or_else(|| invalid("model", format!("cannot name {spec:?}; use NAME=DIR")))?;
+            Ok((name, dir))
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let workers = cli
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let config = server_config(&cli, workers)?;
+    let engine_config = cli.engine.config();
+    let models = Arc::new(ModelRegistry::new(engine_config.clone()));
+    for (name, dir) in model_specs(&cli)? {
+        let t0 = std::time::Instant::now();
+        let engine = Engine::from_dir(&dir, engine_config.clone())?;
+        eprintln!(
+            "loaded `{name}` ({}, {} layers, context {}) from {} in {:.2}s",
+            engine.model_config().architecture.name(),
+            engine.model_config().num_layers,
+            engine.max_model_len(),
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        models.add(&name, engine, Some(dir))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("autoglm-http")
+        .enable_all()
+        .build()
+        .map_err(|e| invalid("workers", e.to_string()))?;
+    rt.block_on(async move {
+        let server = Server::bind(config.clone(), models)?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        for a in server.local_addrs() {
+            match a {
+                BindAddr::Tcp(sa) => eprintln!("listening on {scheme}://{sa}"),
+                BindAddr::Unix(p) => eprintln!("listening on unix:{} ({scheme})", p.display()),
+            }
+        }
+        let handle = server.handle();
+        let signal = autoglm_core::net::shutdown_signal().map_err(|e| Error::Io {
+            path: "signal handlers".into(),
+            source: e,
+        })?;
+        let grace = config.shutdown_grace.unwrap_or_default();
+        tokio::spawn(async move {
+            let name = signal.await;
+            eprintln!(
+                "{name}: stopping; open requests get {:.0}s to finish",
+                grace.as_secs_f64()
+            );
+            handle.shutdown();
+        });
+        server.run().await;
+        eprintln!("stopped");
+        Ok::<(), Error>(())
+    })?;
+    // Engines stop (their threads join) as the registry drops here.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! How much the HTTP server costs: tokens/s delivered through the server vs the engine's own
+//! tokens/s, with the null backend (a model that costs nothing), at several concurrencies.
+//!
+//! ```text
+//! cargo run --release --example serve_bench -- --concurrency 1,100,1000
+//! ```
+//! For each concurrency C, C requests (prompt of `--prompt-len` ids, `ignore_eos`, greedy) of T
+//! tokens each (T = `--total-tokens` / C, within 64..=4000) are run twice on fresh engines:
+//! - engine: submitted directly, each stream drained by a tokio task with `recv_async`;
+//! - server: the same requests as streaming `POST /v1/completions` over loopback, one HTTP/1.1
+//!   connection each, from a client runtime in this process.
+//!
+//! Client-side figures follow vLLM's benchmark_serving: TTFT is the time from sending a request
+//! to its first token; ITL the gaps between successive token events of a request; TPOT a
+//! request's (latency - TTFT) / (tokens - 1); output throughput is all tokens over the wall time
+//! from the first request sent to the last token received. Each configuration runs `--repeats`
+//! times, engine and server runs alternating, and the pair with the median server/engine ratio
+//! is reported.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use autoglm_core::backend::null::{NullBackend, NullWeights};
+use autoglm_core::model::{GlmModel, ModelConfig};
+use autoglm_core::net::BindAddr;
+use autoglm_core::server::{ModelRegistry, Server, ServerConfig};
+use autoglm_core::tokenizer::Tokenizer;
+use autoglm_core::{Engine, EngineConfig, SamplingParams};
+use autoglm_examples::{bundled_model, List};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+#[derive(Debug, Parser)]
+#[command(about = "Server overhead with a zero-cost model")]
+struct Cli {
+    /// Concurrent streams to measure, e.g. 1,100,1000.
+    #[arg(long, default_value = "1,100,1000")]
+    concurrency: List<usize>,
+    /// Tokens per configuration, split over its streams (each gets 64..=4000).
+    #[arg(long, default_value_t = 256_000)]
+    total_tokens: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 8)]
+    prompt_len: usize,
+    /// Worker threads of the server's runtime.
+    #[arg(long, default_value_t = 2)]
+    server_workers: usize,
+    /// Worker threads of the client's runtime.
+    #[arg(long, default_value_t = 1)]
+    client_workers: usize,
+    /// Engine/server run pairs per configuration (the median-ratio pair is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Measure only `engine` or only `server` (for profiling); default both.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// A fresh engine on the null backend with the bundled model's shape and tokenizer.
+fn null_engine(concurrency: usize, prompt_len: usize) -> Engine {
+    let dir = bundled_model();
+    let mc = ModelConfig::from_file(&dir.join("config.json")).expect("bundled config");
+    let model = GlmModel::from_source(mc, &NullWeights, &NullBackend).expect("null model");
+    let tok = Tokenizer::from_dir(&dir).expect("bundled tokenizer");
+    let mut c = EngineConfig::default();
+    c.scheduler.max_num_seqs = concurrency.max(1);
+    c.scheduler.max_num_batched_tokens = (concurrency * prompt_len).max(2048);
+    c.cache.memory_bytes = 1 << 30;
+    c.threading.num_threads = Some(1);
+    Engine::new(NullBackend, model, Some(tok), c).expect("null engine")
+}
+
+fn prompt(i: usize, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|j| ((i * 31 + j * 7) % 500 + 1) as u32)
+        .collect()
+}
+
+/// CPU time (ns, from /proc/self/task/*/schedstat) of this process's threads by name prefix:
+/// server runtime, engine (the engine loop runs inside its compute pool), client runtime.
+fn cpu_ns() -> [u64; 3] {
+    let mut out = [0u64; 3];
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let ns: u64 = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+            .unwrap_or(0);
+        let slot = if comm.starts_with("bench-server") {
+            0
+        } else if comm.starts_with("autoglm") {
+            1
+        } else if comm.starts_with("bench-client") {
+            2
+        } else {
+            continue;
+        };
+        out[slot] += ns;
+    }
+    out
+}
+
+#[derive(Debug, Default, Clone)]
+struct Run {
+    tokens: usize,
+    wall: Duration,
+    /// CPU ns of [server runtime, engine, client runtime] threads during the run.
+    cpu: [u64; 3],
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+    tpot: Vec<f64>,
+}
+
+impl Run {
+    fn tok_per_s(&self) -> f64 {
+        self.tokens as f64 / self.wall.as_secs_f64()
+    }
+
+    /// CPU microseconds per token of thread group `i`.
+    fn cpu_us_per_token(&self, i: usize) -> f64 {
+        self.cpu[i] as f64 / 1e3 / self.tokens.max(1) as f64
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The engine alone: every request submitted at once, each stream drained by its own task.
+fn run_engine(rt: &tokio::runtime::Runtime, c: usize, tokens: usize, prompt_len: usize) -> Run {
+    let engine = null_engine(c, prompt_len);
+    // One short request first, so first-use costs are not in the figures.
+    let warm = SamplingParams {
+        max_tokens: 4,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let _ = engine.generate(prompt(0, prompt_len), warm);
+    let cpu0 = cpu_ns();
+    let mut run = rt.block_on(async {
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(c);
+        for i in 0..c {
+            let params = SamplingParams {
+                max_tokens: tokens,
+                ignore_eos: true,
+                ..SamplingParams::greedy()
+            };
+            let mut s = engine
+                .submit(prompt(i, prompt_len), params)
+                .expect("submit");
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                let mut first = None;
+                while let Some(ev) = s.recv_async().await {
+                    n += ev.expect("event").token_ids.len();
+                    first.get_or_insert_with(|| t0.elapsed());
+                }
+                (n, first.unwrap_or_default())
+            }));
+        }
+        let mut run = Run::default();
+        for t in tasks {
+            let (n, ttft) = t.await.expect("task");
+            run.tokens += n;
+            run.ttft.push(ttft.as_secs_f64());
+        }
+        run.wall = t0.elapsed();
+        run
+    });
+    let cpu1 = cpu_ns();
+    run.cpu = std::array::from_fn(|i| cpu1[i] - cpu0[i]);
+    drop(engine);
+    run
+}
+
+/// One streaming request; returns (tokens, TTFT, ITLs, latency).
+async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f64) {
+    let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    io.set_nodelay(true).ok();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/completions")
+        .header("host", "bench")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let sent = Instant::now();
+    let resp = tx.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut events, mut ttft, mut last) = (0usize, 0.0, sent);
+    let mut itl = Vec::new();
+    let mut prev_newline = false;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.expect("frame").into_data() else {
+            continue;
+        };
+        let now = Instant::now();
+        // Events end with a blank line; the server sends one token per event here, and events
+        // that arrive in one read arrive together (an ITL of 0, as a client would see it).
+        for &b in data.iter() {
+            if b == b'\n' && prev_newline {
+                if events == 0 {
+                    ttft = (now - sent).as_secs_f64();
+                } else {
+                    itl.push((now - last).as_secs_f64());
+                }
+                last = now;
+                events += 1;
+            }
+            prev_newline = b == b'\n';
+        }
+    }
+    // The last event is `[DONE]`, which carries no token.
+    let tokens = events.saturating_sub(1);
+    itl.pop();
+    (tokens, ttft, itl, (last - sent).as_secs_f64())
+}
+
+/// The same requests through the server on loopback.
+fn run_server(
+    server_rt: &tokio::runtime::Runtime,
+    client_rt: &tokio::runtime::Runtime,
+    c: usize,
+    tokens: usize,
+    prompt_len: usize,
+) -> Run {
+    let engine = null_engine(c, prompt_len);
+    let models = Arc::new(ModelRegistry::new(EngineConfig::default()));
+    models.add("null", engine, None).expect("add");
+    let (addr, handle, task) = server_rt.block_on(async {
+        let mut cfg = ServerConfig {
+            listen: vec![BindAddr::Tcp(([127, 0, 0, 1], 0).into())],
+            ..Default::default()
+        };
+        cfg.socket.acceptors = 2;
+        cfg.http.max_connections = 2 * c + 16;
+        cfg.limits.max_concurrent_requests = 2 * c + 16;
+        let server = Server::bind(cfg, models).expect("bind");
+        let addr = match server.local_addrs()[0] {
+            BindAddr::Tcp(a) => a,
+            BindAddr::Unix(_) => unreachable!(),
+        };
+        let handle = server.handle();
+        (addr, handle, tokio::spawn(server.run()))
+    });
+    let warm = serde_json::json!({"model": "null", "prompt": prompt(0, prompt_len), "max_tokens": 4, "ignore_eos": true, "stream": true});
+    client_rt.block_on(stream_one(addr, warm.to_string()));
+    let cpu0 = cpu_ns();
+    let mut run = client_rt.block_on(async {
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(c);
+        for i in 0..c {
+            let body = serde_json::json!({
+                "model": "null", "prompt": prompt(i, prompt_len), "max_tokens": tokens,
+                "temperature": 0, "ignore_eos": true, "stream": true,
+            })
+            .to_string();
+            tasks.push(tokio::spawn(stream_one(addr, body)));
+        }
+        let mut run = Run::default();
+        for t in tasks {
+            let (n, ttft, itl, latency) = t.await.expect("client task");
+            run.tokens += n;
+            run.ttft.push(ttft);
+            if n > 1 {
+                run.tpot.push((latency - ttft) / (n - 1) as f64);
+            }
+            run.itl.extend(itl);
+        }
+        run.wall = t0.elapsed();
+        run
+    });
+    let cpu1 = cpu_ns();
+    run.cpu = std::array::from_fn(|i| cpu1[i] - cpu0[i]);
+    handle.shutdown();
+    server_rt.block_on(async { task.await.expect("server task") });
+    run
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let _ = autoglm_core::net::raise_nofile_limit();
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.server_workers)
+        .thread_name("bench-server")
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.client_workers)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    println!("machine: {}", machine());
+    println!(
+        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; median-ratio pair of {} alternating engine/server runs",
+        cli.prompt_len, cli.server_workers, cli.client_workers, cli.repeats
+    );
+    println!();
+    println!("| streams | tokens/stream | engine tok/s | server tok/s | server/engine | engine TTFT p50 ms | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT mean ms | CPU µs/token: engine alone (engine + consumer) | via server (engine + server + client) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    for &c in &cli.concurrency.0 {
+        let tokens = (cli.total_tokens / c.max(1)).clamp(64, 4000);
+        // Warm-up (page faults, thread pools, connection paths).
+        let want = |what: &str| cli.only.as_deref().is_none_or(|o| o == what);
+        // Engine and server runs alternate, so load from elsewhere on the machine hits both
+        // alike; the pair with the median ratio is reported.
+        if want("engine") {
+            run_engine(&server_rt, c, 64, cli.prompt_len);
+        }
+        if want("server") {
+            run_server(&server_rt, &client_rt, c, 64, cli.prompt_len);
+        }
+        let mut pairs: Vec<(Run, Run)> = (0..cli.repeats.max(1))
+            .map(|_| {
+                let e = if want("engine") {
+                    run_engine(&server_rt, c, tokens, cli.prompt_len)
+                } else {
+                    Run::default()
+                };
+                let s = if want("server") {
+                    run_server(&server_rt, &client_rt, c, tokens, cli.prompt_len)
+                } else {
+                    Run::default()
+                };
+                (e, s)
+            })
+            .collect();
+        pairs.sort_by(|a, b| {
+            let r = |p: &(Run, Run)| p.1.tok_per_s() / p.0.tok_per_s();
+            r(a).total_cmp(&r(b))
+        });
+        let (engine, mut server) = pairs.swap_remove(pairs.len() / 2);
+        if want("server") {
+            assert_eq!(server.tokens, c * tokens, "every token delivered");
+        }
+        if want("engine") {
+            assert_eq!(engine.tokens, c * tokens);
+        }
+        let tpot_mean = server.tpot.iter().sum::<f64>() / server.tpot.len().max(1) as f64;
+        println!(
+            "| {c} | {tokens} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
+            engine.tok_per_s(),
+            server.tok_per_s(),
+            server.tok_per_s() / engine.tok_per_s(),
+            percentile(&mut engine.ttft.clone(), 0.5) * 1e3,
+            percentile(&mut server.ttft, 0.5) * 1e3,
+            percentile(&mut server.ttft, 0.99) * 1e3,
+            percentile(&mut server.itl, 0.5) * 1e3,
+            percentile(&mut server.itl, 0.99) * 1e3,
+            tpot_mean * 1e3,
+            engine.cpu_us_per_token(1),
+            engine.cpu_us_per_token(0),
+            server.cpu_us_per_token(1),
+            server.cpu_us_per_token(0),
+            server.cpu_us_per_token(2),
+        );
+    }
+}
