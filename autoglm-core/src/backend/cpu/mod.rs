@@ -4,6 +4,7 @@
 //! This backend is the numerical reference: it must match Hugging Face transformers in float32.
 
 mod attention;
+pub mod gemv;
 
 use rayon::prelude::*;
 
@@ -72,28 +73,9 @@ fn shape_err(op: &str, msg: String) -> Error {
 }
 
 /// Products with at most this many rows are "skinny" (decode batches): see [`matmul_nt`].
-const SKINNY_ROWS: usize = 4;
+pub const SKINNY_ROWS: usize = 8;
 
-/// Weight rows per rayon task in the skinny path (at least ~256 KiB of weights per task).
-fn skinny_rows_per_task(n: usize, k: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    n.div_ceil(threads * 4).max((64 * 1024 / k.max(1)).max(16))
-}
-
-/// One gemm call on the calling thread: `dst[m, n] (+)= lhs[m, k] @ rhs^T`, with `dst` rows
-/// `dst_rs` apart.
-fn gemm_serial(
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    rhs: &[f32],
-    mnk: (usize, usize, usize),
-    acc: bool,
-) {
-    gemm_call(dst, dst_rs, lhs, rhs, mnk, acc, gemm::Parallelism::None)
-}
-
-/// `gemm_serial` with a choice of parallelism.
+/// One gemm call: `dst[m, n] (+)= lhs[m, k] @ rhs^T`, with `dst` rows `dst_rs` apart.
 fn gemm_call(
     dst: &mut [f32],
     dst_rs: usize,
@@ -105,11 +87,11 @@ fn gemm_call(
 ) {
     assert!(
         m == 0 || dst.len() >= (m - 1) * dst_rs + n,
-        "gemm_serial: dst too small"
+        "gemm_call: dst too small"
     );
     assert!(
         lhs.len() == m * k && rhs.len() == n * k,
-        "gemm_serial: bad sizes"
+        "gemm_call: bad sizes"
     );
     // SAFETY: the asserts bound every index the strides reach: dst element (i, j) is at
     // i * dst_rs + j < dst.len(); lhs (i, l) at i * k + l; rhs viewed as k x n, (l, j) at j * k + l.
@@ -141,11 +123,29 @@ fn gemm_call(
 /// `dst[m, n] = lhs[m, k] @ rhs^T` where `rhs` is `[n, k]` row-major (an nn.Linear weight);
 /// `dst` is added to when `accumulate` (used to start from a bias).
 ///
-/// Decode batches (`m <= 4`) are memory-bound: the weights must stream through once, and the
-/// `gemm` crate's path for them runs on one core. So the weight rows are split over the rayon
-/// pool and each task runs gemm on its slice; every core streams its share of the weights. Larger
-/// products go to gemm's own blocked, parallel kernel.
+/// Decode batches (`m <= SKINNY_ROWS`) are memory-bound: the weights must stream through once.
+/// They go to the skinny kernel of [`gemv`], which splits the weight rows over the rayon pool so
+/// every core streams its share. Larger products go to the `gemm` crate's blocked, parallel
+/// kernel ([`matmul_nt_gemm`]).
 pub fn matmul_nt(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    if m <= SKINNY_ROWS && n * k >= 1 << 16 {
+        gemv::matmul_nt_skinny(dst, lhs, rhs, m, n, k, accumulate);
+    } else {
+        matmul_nt_gemm(dst, lhs, rhs, m, n, k, accumulate);
+    }
+}
+
+/// [`matmul_nt`] through the `gemm` crate whatever the shape (parallel over the current rayon pool
+/// when the product is big enough).
+pub fn matmul_nt_gemm(
     dst: &mut [f32],
     lhs: &[f32],
     rhs: &[f32],
@@ -162,46 +162,12 @@ pub fn matmul_nt(
         return;
     }
     let threads = rayon::current_num_threads();
-    if m > SKINNY_ROWS || threads == 1 || n * k < 1 << 16 {
-        let par = if threads > 1 && m * n * k > 1 << 15 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        return gemm_call(dst, n, lhs, rhs, (m, n, k), accumulate, par);
-    }
-    let rows = skinny_rows_per_task(n, k);
-    if m == 1 {
-        dst.par_chunks_mut(rows)
-            .zip(rhs.par_chunks(rows * k))
-            .for_each(|(d, w)| {
-                gemm_serial(d, d.len(), lhs, w, (1, d.len(), k), accumulate);
-            });
-        return;
-    }
-    // Each task computes an m x rows block of dst, then the blocks are scattered into place.
-    let blocks: Vec<(usize, Vec<f32>)> = rhs
-        .par_chunks(rows * k)
-        .enumerate()
-        .map(|(t, w)| {
-            let (j0, len) = (t * rows, w.len() / k);
-            let mut block = vec![0f32; m * len];
-            if accumulate {
-                for i in 0..m {
-                    block[i * len..(i + 1) * len]
-                        .copy_from_slice(&dst[i * n + j0..i * n + j0 + len]);
-                }
-            }
-            gemm_serial(&mut block, len, lhs, w, (m, len, k), accumulate);
-            (j0, block)
-        })
-        .collect();
-    for (j0, block) in blocks {
-        let len = block.len() / m;
-        for i in 0..m {
-            dst[i * n + j0..i * n + j0 + len].copy_from_slice(&block[i * len..(i + 1) * len]);
-        }
-    }
+    let par = if threads > 1 && m * n * k > 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_call(dst, n, lhs, rhs, (m, n, k), accumulate, par)
 }
 
 fn rms_norm_row(src: &[f32], w: &[f32], eps: f32, dst: &mut [f32]) {
@@ -389,14 +355,22 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
             .collect();
-        for m in 1..=6 {
+        for m in 1..=SKINNY_ROWS + 1 {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
                 .collect();
             for acc in [false, true] {
                 let bias: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32).collect();
                 let mut want = if acc { bias.clone() } else { vec![0.0; m * n] };
-                gemm_serial(&mut want, n, &x, &w, (m, n, k), acc);
+                gemm_call(
+                    &mut want,
+                    n,
+                    &x,
+                    &w,
+                    (m, n, k),
+                    acc,
+                    gemm::Parallelism::None,
+                );
                 let mut got = if acc { bias.clone() } else { vec![0.0; m * n] };
                 pool.install(|| matmul_nt(&mut got, &x, &w, m, n, k, acc));
                 for (a, b) in got.iter().zip(&want) {
