@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Python bindings: builds and installs autoglm-py into .venv the way a user would
-# (`pip install ./autoglm-py`), then runs its pytest suite, checks the type stubs against the
+# (`pip install ./autoglm-py`), then runs its pytest suite (the in-process server's tests use the
+# official `openai` client and the `autoglm` console script), checks the type stubs against the
 # native module with mypy.stubtest, and type-checks the tests and examples against the stubs.
 # Works on a fresh machine (needs python3 >= 3.10 with venv, cargo, and PyPI); idempotent.
 set -euo pipefail
@@ -17,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" --version
-"$VENV/bin/python" -m pip install -q "maturin==1.16.0" "pytest==9.2.0" "mypy==2.4.1"
+"$VENV/bin/python" -m pip install -q "maturin==1.16.0" "pytest==9.2.0" "mypy==2.4.1" "openai==3.57.0"
 
 echo "== pip install ./autoglm-py"
 "$VENV/bin/python" -m pip install ./autoglm-py

@@ -29,7 +29,7 @@ use crate::tokenizer::{render, Tokenizer};
 use crate::wait::{self, CancelOnDone, CancelSignal};
 
 /// The engine options `Engine(...)` accepts as keywords, besides `device`.
-const OPTIONS: [&str; 11] = [
+pub(crate) const OPTIONS: [&str; 11] = [
     "block_size",
     "num_blocks",
     "kv_cache_mb",
@@ -66,7 +66,10 @@ fn uint(name: &str, v: &Bound<'_, PyAny>, default: usize) -> PyResult<usize> {
 
 /// `EngineConfig` from `device` and the keyword options; an unknown or bad option is an
 /// `InvalidRequestError` naming it.
-fn engine_config(device: &str, options: Option<&Bound<'_, PyDict>>) -> PyResult<EngineConfig> {
+pub(crate) fn engine_config(
+    device: &str,
+    options: Option<&Bound<'_, PyDict>>,
+) -> PyResult<EngineConfig> {
     let mut cfg = EngineConfig {
         device: device.parse().map_err(|e| to_py(e, Phase::Load))?,
         ..EngineConfig::default()

@@ -1,9 +1,9 @@
 //! The exception hierarchy and the panic boundary.
 //!
 //! Every core [`Error`] becomes a subclass of `autoglm.AutoglmError` (polars' `exceptions.rs` is the
-//! model). Classes that describe bad input also derive from `ValueError`, which `create_exception!`
-//! cannot express (one base only), so the classes are built once with `type(name, bases, ns)` when
-//! the module is first initialised and kept in a [`PyOnceLock`].
+//! model). Classes that describe bad input also derive from `ValueError`, and `ServerError` from
+//! `OSError`, which `create_exception!` cannot express (one base only), so the classes are built once
+//! with `type(name, bases, ns)` when the module is first initialised and kept in a [`PyOnceLock`].
 //!
 //! Every Python entry point runs inside [`guard`], so a Rust panic reaches Python as an
 //! `AutoglmError` rather than pyo3's `PanicException` (a `BaseException` that `except Exception`
@@ -12,7 +12,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use autoglm_core::Error;
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -29,22 +29,31 @@ pub(crate) enum Kind {
     Template,
     Affinity,
     Backend,
+    Server,
 }
 
-/// (kind, Python name, parent kind, also a `ValueError`, docstring), parents before children.
-const CLASSES: [(Kind, &str, Option<Kind>, bool, &str); 9] = [
+/// A built-in exception class some classes also derive from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Also {
+    Nothing,
+    ValueError,
+    OSError,
+}
+
+/// (kind, Python name, parent kind, built-in second base, docstring), parents before children.
+const CLASSES: [(Kind, &str, Option<Kind>, Also, &str); 10] = [
     (
         Kind::Base,
         "AutoglmError",
         None,
-        false,
+        Also::Nothing,
         "Base class of every error autoglm raises.",
     ),
     (
         Kind::ModelLoad,
         "ModelLoadError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "The model directory could not be loaded: a missing or unreadable file, malformed JSON, \
          a truncated or inconsistent checkpoint, an unsupported architecture, or a tokenizer or \
          chat template that does not load. `path` names the file at fault when there is one.",
@@ -53,7 +62,7 @@ const CLASSES: [(Kind, &str, Option<Kind>, bool, &str); 9] = [
         Kind::InvalidRequest,
         "InvalidRequestError",
         Some(Kind::Base),
-        true,
+        Also::ValueError,
         "A request, its sampling parameters or an engine option was rejected; the message names \
          the field and the value.",
     ),
@@ -61,43 +70,52 @@ const CLASSES: [(Kind, &str, Option<Kind>, bool, &str); 9] = [
         Kind::CudaUnavailable,
         "CudaUnavailableError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "A CUDA device was asked for but none is usable.",
     ),
     (
         Kind::EngineShutdown,
         "EngineShutdownError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "The engine has been closed or its thread has stopped; no more requests are accepted.",
     ),
     (
         Kind::Tokenizer,
         "TokenizerError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "The tokenizer failed to encode or decode.",
     ),
     (
         Kind::Template,
         "TemplateError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "The chat template failed to render these messages (or the model has none).",
     ),
     (
         Kind::Affinity,
         "AffinityError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "Pinning a thread to a CPU core failed.",
     ),
     (
         Kind::Backend,
         "BackendError",
         Some(Kind::Base),
-        false,
+        Also::Nothing,
         "A backend operation failed (out of memory, kernel error), or an internal error.",
+    ),
+    (
+        Kind::Server,
+        "ServerError",
+        Some(Kind::Base),
+        Also::OSError,
+        "The HTTP server could not start: an address could not be bound (in use, not permitted), \
+         or a TLS, API-key or audit-log file could not be read; or it was used in the wrong state \
+         (e.g. `url` before `start()`). Also an `OSError`; `errno` is set when the system gave one.",
     ),
 ];
 
@@ -106,14 +124,16 @@ static TYPES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
 fn build(py: Python<'_>) -> PyResult<Vec<Py<PyType>>> {
     let type_ = py.get_type::<PyType>();
     let mut built: Vec<Py<PyType>> = Vec::with_capacity(CLASSES.len());
-    for (kind, name, parent, value_error, doc) in CLASSES {
+    for (kind, name, parent, also, doc) in CLASSES {
         debug_assert_eq!(kind as usize, built.len());
         let mut bases = vec![match parent {
             Some(p) => built[p as usize].bind(py).clone().into_any(),
             None => py.get_type::<PyException>().into_any(),
         }];
-        if value_error {
-            bases.push(py.get_type::<PyValueError>().into_any());
+        match also {
+            Also::Nothing => {}
+            Also::ValueError => bases.push(py.get_type::<PyValueError>().into_any()),
+            Also::OSError => bases.push(py.get_type::<PyOSError>().into_any()),
         }
         let ns = PyDict::new(py);
         ns.set_item("__module__", "autoglm")?;
@@ -237,4 +257,36 @@ pub(crate) fn panic_err(payload: &(dyn std::any::Any + Send)) -> PyErr {
 /// Runs an entry point's body, turning a panic into `AutoglmError`.
 pub(crate) fn guard<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(panic_err(&*payload)))
+}
+
+/// A core error from starting the server: sockets and files are `ServerError` (an `OSError`, with
+/// `errno` when the system gave one), bad settings `InvalidRequestError`.
+pub(crate) fn server_err(e: Error) -> PyErr {
+    let Error::Io { path, source } = &e else {
+        return match e {
+            Error::InvalidConfig { .. } | Error::InvalidRequest(_) => {
+                new_err(Kind::InvalidRequest, e.to_string())
+            }
+            Error::Json { .. } | Error::Checkpoint { .. } => new_err(Kind::Server, e.to_string()),
+            e => to_py(e, Phase::Request),
+        };
+    };
+    let what = path.display().to_string();
+    let msg = match what.strip_prefix("bind ") {
+        Some(addr) if source.kind() == std::io::ErrorKind::AddrInUse => format!(
+            "cannot listen on {addr}: {source}; is another server using it? (port=0 picks a free \
+             port)"
+        ),
+        Some(addr) => format!("cannot listen on {addr}: {source}"),
+        None => e.to_string(),
+    };
+    Python::attach(|py| match source.raw_os_error() {
+        // OSError(errno, strerror): `str()` is "[Errno N] message", so the message drops Rust's
+        // " (os error N)".
+        Some(n) => {
+            let msg = msg.replace(&format!(" (os error {n})"), "");
+            PyErr::from_type(class(py, Kind::Server), (n, msg))
+        }
+        None => PyErr::from_type(class(py, Kind::Server), msg),
+    })
 }

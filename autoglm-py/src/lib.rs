@@ -4,8 +4,8 @@
 //! Layout: [`engine`] (the `Engine` class: options, submission, waiting), [`stream`] (sync and
 //! async iterators of deltas), [`wait`] (detached blocking waits and the asyncio bridge),
 //! [`params`] (`SamplingParams`), [`prompt`] (prompt parsing and Python-to-JSON), [`outputs`]
-//! (result classes), [`tokenizer`], and [`errors`] (the exception hierarchy and the panic
-//! boundary every entry point runs inside).
+//! (result classes), [`tokenizer`], [`server`] (the OpenAI-compatible HTTP server run in-process),
+//! and [`errors`] (the exception hierarchy and the panic boundary every entry point runs inside).
 //!
 //! Every wait happens detached from the interpreter (`py.detach`), so any number of Python
 //! threads can submit and wait at once while the engine batches their requests.
@@ -17,6 +17,7 @@ mod errors;
 mod outputs;
 mod params;
 mod prompt;
+mod server;
 mod stream;
 mod tokenizer;
 mod wait;
@@ -44,8 +45,15 @@ fn _autoglm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<outputs::EngineStats>()?;
     m.add_class::<stream::RequestStream>()?;
     m.add_class::<stream::AsyncRequestStream>()?;
+    m.add_class::<server::Server>()?;
+    // The tiny checkpoint of the source tree this module was built from (it may be gone since).
+    m.add(
+        "_BUNDLED_MODEL",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/glm4-tiny"),
+    )?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
-    // A test hook, not part of `from autoglm._autoglm import *`.
+    // A test hook and a private path, not part of `from autoglm._autoglm import *`.
     m.index()?.call_method1("remove", ("_panic_for_tests",))?;
+    m.index()?.call_method1("remove", ("_BUNDLED_MODEL",))?;
     Ok(())
 }

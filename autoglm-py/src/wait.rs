@@ -73,6 +73,33 @@ where
     }
 }
 
+/// [`block_on`] until `deadline` at most: `None` if `fut` is still pending then (it is dropped).
+pub(crate) fn block_on_until<F>(
+    py: Python<'_>,
+    fut: F,
+    deadline: Option<Instant>,
+) -> PyResult<Option<F::Output>>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let Some(deadline) = deadline else {
+        return block_on(py, fut).map(Some);
+    };
+    let mut fut = pin!(fut);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let fut = fut.as_mut();
+        if let Some(v) = py.detach(|| poll_for(fut, left.min(TICK))) {
+            return Ok(Some(v));
+        }
+        py.check_signals()?;
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+    }
+}
+
 fn pool() -> PyResult<&'static ThreadPool> {
     static POOL: OnceLock<Result<ThreadPool, String>> = OnceLock::new();
     POOL.get_or_init(|| {
@@ -188,6 +215,11 @@ impl CancelSignal {
 
     pub(crate) fn cancel(&self) {
         let _ = self.tx.try_send(());
+    }
+
+    /// Whether [`CancelSignal::cancel`] was called.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        !self.rx.is_empty()
     }
 
     /// Resolves once [`CancelSignal::cancel`] was called.

@@ -5,7 +5,12 @@
 >>> out = engine.generate("Hello", autoglm.SamplingParams(max_tokens=8, temperature=0))
 >>> print(out.text, out.finish_reason, out.usage)
 
-Everything is implemented in the native module ``autoglm._autoglm`` and re-exported here.
+The OpenAI-compatible server runs in-process: ``autoglm.serve("path/to/model", port=8000)`` blocks
+until Ctrl-C or SIGTERM; ``with autoglm.Server("path/to/model", port=0) as server: ...`` runs it in
+the background (``server.url``). The console script ``autoglm serve --model DIR`` does the same.
+
+Everything but ``serve`` (``autoglm._serve``) and the command line (``autoglm.cli``) is implemented
+in the native module ``autoglm._autoglm`` and re-exported here.
 """
 
 from ._autoglm import (
@@ -24,6 +29,8 @@ from ._autoglm import (
     RequestOutput,
     RequestStream,
     SamplingParams,
+    Server,
+    ServerError,
     TemplateError,
     TokenizerError,
     Tokenizer,
@@ -31,6 +38,7 @@ from ._autoglm import (
     Usage,
     __version__,
 )
+from ._serve import serve
 
 __all__ = [
     "AffinityError",
@@ -48,10 +56,13 @@ __all__ = [
     "RequestOutput",
     "RequestStream",
     "SamplingParams",
+    "Server",
+    "ServerError",
     "TemplateError",
     "TokenizerError",
     "Tokenizer",
     "TokenLogprobs",
     "Usage",
     "__version__",
+    "serve",
 ]

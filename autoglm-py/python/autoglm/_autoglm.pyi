@@ -17,6 +17,7 @@ __all__ = [
     "TemplateError",
     "AffinityError",
     "BackendError",
+    "ServerError",
     "Engine",
     "SamplingParams",
     "Tokenizer",
@@ -28,6 +29,7 @@ __all__ = [
     "EngineStats",
     "RequestStream",
     "AsyncRequestStream",
+    "Server",
 ]
 
 __version__: str
@@ -71,6 +73,10 @@ class AffinityError(AutoglmError):
 
 class BackendError(AutoglmError):
     """A backend operation failed, or an internal error."""
+
+class ServerError(AutoglmError, OSError):
+    """The HTTP server could not start (address in use, unreadable TLS or key file), or was used
+    in the wrong state; ``errno`` is set when the system gave one."""
 
 # Parameters
 
@@ -380,5 +386,92 @@ class Engine:
         tb: TracebackType | None,
         /,
     ) -> bool: ...
+
+# Server
+
+_ApiKey: TypeAlias = str | Mapping[str, Any]
+"""An API key: the secret (role ``user``), or ``{"key", "name", "role", "priority", "limits"}``."""
+
+@final
+class Server:
+    """The OpenAI-compatible HTTP server, run in-process on its own threads."""
+
+    def __new__(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        models: Mapping[str, str | os.PathLike[str]] | None = None,
+        served_model_name: str | None = None,
+        host: str | None = "127.0.0.1",
+        port: int = 8000,
+        unix_socket: str | os.PathLike[str] | None = None,
+        api_keys: _ApiKey | Sequence[_ApiKey] | None = None,
+        admin_api_keys: str | Sequence[str] | None = None,
+        api_keys_file: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        audit_log: str | os.PathLike[str] | None = None,
+        audit_log_prompts: bool = False,
+        max_connections: int | None = None,
+        max_concurrent_requests: int | None = None,
+        max_waiting_requests: int | None = None,
+        max_body_bytes: int | None = None,
+        request_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        shutdown_grace: float | None = None,
+        workers: int | None = None,
+        reuse_port: bool | None = None,
+        config: Mapping[str, Any] | None = None,
+        device: str = "auto",
+        block_size: int | None = None,
+        num_blocks: int | None = None,
+        kv_cache_mb: int | None = None,
+        enable_prefix_caching: bool | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        engine_core: int | None = None,
+        compute_cores: Sequence[int] | None = None,
+        num_threads: int | None = None,
+        seed: int | None = None,
+        **options: NoReturn,
+    ) -> Server: ...
+    def start(self) -> Server:
+        """Loads the models, binds, starts serving and returns (the server itself)."""
+
+    def shutdown(self, force: bool = False) -> None:
+        """Asks the server to stop, without waiting (safe in a signal handler)."""
+
+    def stop(self, force: bool = False) -> None:
+        """Stops the server and waits until it has (graceful unless ``force``)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits until the server has stopped; False if ``timeout`` seconds passed first."""
+
+    @property
+    def running(self) -> bool: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def addresses(self) -> list[str]: ...
+    @property
+    def models(self) -> list[str]: ...
+    @property
+    def shutdown_grace(self) -> float: ...
+    def __enter__(self) -> Server: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> bool: ...
+
+_BUNDLED_MODEL: str
+"""The tiny test checkpoint in the source tree the module was built from (may no longer exist)."""
 
 def _panic_for_tests(message: str) -> None: ...
