@@ -17,9 +17,10 @@ fi
 echo "== build the serve example"
 cargo build --release --example serve
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Port 0: the server picks a free port and prints it ("listening on http://127.0.0.1:PORT"), so no
+# other process can take the port between choosing and binding it.
 log=$(mktemp)
-target/release/examples/serve --host 127.0.0.1 --port "$port" \
+target/release/examples/serve --host 127.0.0.1 --port 0 \
   --model glm4-tiny=tests/fixtures/glm4-tiny >"$log" 2>&1 &
 server=$!
 stop_server() {
@@ -40,28 +41,36 @@ stop_server() {
 }
 trap stop_server EXIT
 
-echo "== waiting for http://127.0.0.1:$port/ready"
-python3 - "$port" "$server" <<'PY'
-import os, sys, time, urllib.request
-port, pid = sys.argv[1], int(sys.argv[2])
+echo "== waiting for the server's address and /ready"
+url=$(python3 - "$log" "$server" <<'PY'
+import os, re, sys, time, urllib.request
+log, pid = sys.argv[1], int(sys.argv[2])
 deadline = time.monotonic() + 120
+url = None
 while time.monotonic() < deadline:
     try:
         os.kill(pid, 0)
     except OSError:
         sys.exit("the server exited before it was ready")
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-            if r.status == 200:
-                sys.exit(0)
-    except OSError:
-        pass
+    if url is None:
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", open(log).read())
+        url = m and m.group(1)
+    if url:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
+                if r.status == 200:
+                    print(url)
+                    sys.exit(0)
+        except OSError:
+            pass
     time.sleep(0.2)
 sys.exit("the server was not ready within 120 s")
 PY
+) || { echo "--- server log"; cat "$log"; exit 1; }
+echo "server at $url"
 
 echo "== pytest tests/server"
-AUTOGLM_SERVER_URL="http://127.0.0.1:$port" .venv/bin/python -m pytest -q tests/server || {
+AUTOGLM_SERVER_URL="$url" .venv/bin/python -m pytest -q tests/server || {
   echo "--- server log"; cat "$log"; exit 1
 }
 echo "== server tests passed"

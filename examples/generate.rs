@@ -66,11 +66,12 @@ fn run(cli: Cli) -> Result<(), Error> {
     let t0 = Instant::now();
     let engine = Engine::from_dir(&dir, cli.engine.config())?;
     eprintln!(
-        "loaded {} ({} layers, hidden {}) from {} in {:.2}s",
+        "loaded {} ({} layers, hidden {}) from {} on {} in {:.2}s",
         engine.model_config().architecture.name(),
         engine.model_config().num_layers,
         engine.model_config().hidden_size,
         dir.display(),
+        engine.backend_name(),
         t0.elapsed().as_secs_f64()
     );
     if let Some(file) = &cli.prompts_file {

@@ -375,11 +375,12 @@ fn run(cli: Cli) -> Result<(), Error> {
         let t0 = std::time::Instant::now();
         let engine = Engine::from_dir(&dir, engine_config.clone())?;
         eprintln!(
-            "loaded `{name}` ({}, {} layers, context {}) from {} in {:.2}s",
+            "loaded `{name}` ({}, {} layers, context {}) from {} on {} in {:.2}s",
             engine.model_config().architecture.name(),
             engine.model_config().num_layers,
             engine.max_model_len(),
             dir.display(),
+            engine.backend_name(),
             t0.elapsed().as_secs_f64()
         );
         models.add(&name, engine, Some(dir))?;

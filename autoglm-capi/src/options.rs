@@ -152,6 +152,7 @@ impl autoglm_engine_options {
                 num_threads: nonzero(self.num_threads),
             },
             seed: self.seed,
+            ..EngineConfig::default()
         })
     }
 }

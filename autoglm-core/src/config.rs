@@ -103,11 +103,34 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// Options of the CUDA backend (ignored on the CPU).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaConfig {
+    /// Fraction of the device's total memory the engine may use for weights, activations and the
+    /// KV cache (like vLLM's `gpu_memory_utilization`). With `cache.num_blocks` unset the KV pool
+    /// takes what the weights and activations leave of it (and `cache.memory_bytes` is ignored).
+    pub memory_utilization: f32,
+    /// Cache compiled kernels on disk (`$XDG_CACHE_HOME/autoglm` or `~/.cache/autoglm`) so a
+    /// second start skips NVRTC.
+    pub kernel_disk_cache: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            memory_utilization: 0.9,
+            kernel_disk_cache: true,
+        }
+    }
+}
+
 /// Everything an [`Engine`](crate::Engine) needs besides the model.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct EngineConfig {
     /// Where the model runs.
     pub device: Device,
+    /// CUDA backend options.
+    pub cuda: CudaConfig,
     /// KV cache.
     pub cache: CacheConfig,
     /// Batching.
@@ -151,6 +174,13 @@ impl EngineConfig {
             return Err(Error::config(
                 "scheduler.max_model_len",
                 "0 (must be positive)",
+            ));
+        }
+        let u = self.cuda.memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(Error::config(
+                "cuda.memory_utilization",
+                format!("{u} (must be in (0, 1])"),
             ));
         }
         if self.threading.num_threads == Some(0) {

@@ -65,6 +65,23 @@ pub enum Error {
     /// The engine thread has stopped; no more requests are accepted.
     #[error("the engine has shut down")]
     EngineShutdown,
+    /// The pinned host-memory pool would go over its byte limit.
+    #[error(
+        "pinned memory pool: {requested} bytes (size class {class}) would exceed the limit of \
+         {limit} bytes ({in_use} bytes in use, {pinned} pinned)"
+    )]
+    PinnedMemoryLimit {
+        /// Bytes asked for.
+        requested: usize,
+        /// The size class that request needs.
+        class: usize,
+        /// The pool's limit.
+        limit: usize,
+        /// Bytes held by live buffers.
+        in_use: usize,
+        /// Bytes the pool holds in all (in use and free, after freeing what it could).
+        pinned: usize,
+    },
 }
 
 impl Error {

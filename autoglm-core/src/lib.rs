@@ -22,6 +22,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod memory;
 pub mod model;
 #[cfg(feature = "server")]
 pub mod net;
@@ -32,7 +33,7 @@ pub mod server;
 pub mod threading;
 pub mod tokenizer;
 
-pub use config::{CacheConfig, Device, EngineConfig, SchedulerConfig, ThreadingConfig};
+pub use config::{CacheConfig, CudaConfig, Device, EngineConfig, SchedulerConfig, ThreadingConfig};
 pub use engine::{Engine, RequestOutput, RequestStream};
 pub use error::{Error, Result};
 pub use sampling::{FinishReason, SamplingParams};

@@ -20,7 +20,7 @@ fn single(tokens: &[u32], start: usize, all_logits: bool) -> ForwardBatch {
     b.logits_indices = if all_logits {
         (0..tokens.len() as u32).collect()
     } else {
-        vec![tokens.len() as u32 - 1]
+        vec![tokens.len() as u32 - 1].into()
     };
     b
 }

@@ -5,6 +5,7 @@
 //! `gemm` crate at decode shapes, and a per-operation timing wrapper for backends ([`timed`]).
 //! Figures and commands: `docs/BENCHMARKS.md`.
 
+pub mod cuda_e2e;
 pub mod gemv;
 pub mod proto;
 pub mod timed;
@@ -266,7 +267,7 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// Named presets: "50M" and "300M" (GLM-4 proportions: GQA, ffn about 3.5x hidden, untied head).
+    /// Named presets: "50M", "300M" and "9B" (GLM-4 proportions: GQA, ffn about 3.5x hidden, untied head).
     pub fn preset(name: &str) -> Option<Self> {
         match name.to_ascii_uppercase().as_str() {
             // 50.9M parameters.
@@ -288,6 +289,16 @@ impl ModelShape {
                 ffn: 3584,
                 vocab: 32768,
                 head_dim: 64,
+            }),
+            // GLM-4-9B (glm-4-9b-chat-hf's shape): 9.4B parameters, 18.8 GB in bf16.
+            "9B" => Some(ModelShape {
+                hidden: 4096,
+                layers: 40,
+                heads: 32,
+                kv_heads: 2,
+                ffn: 13696,
+                vocab: 151552,
+                head_dim: 128,
             }),
             _ => None,
         }
@@ -347,6 +358,13 @@ mod tests {
             .num_parameters();
         assert!((45_000_000..55_000_000).contains(&p50), "{p50}");
         assert!((280_000_000..320_000_000).contains(&p300), "{p300}");
+        let p9b = ModelShape::preset("9B")
+            .unwrap()
+            .config()
+            .unwrap()
+            .num_parameters();
+        // GLM-4-9B: 9,399,951,360 parameters (the published checkpoint's count).
+        assert!((9_300_000_000..9_500_000_000).contains(&p9b), "{p9b}");
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub struct EngineArgs {
     /// KV-cache blocks (default: sized from --kv-cache-mb).
     #[arg(long)]
     pub num_blocks: Option<usize>,
-    /// Memory for the KV cache, in MiB, when --num-blocks is not given.
+    /// Memory for the KV cache, in MiB, when --num-blocks is not given (CPU; on CUDA the pool
+    /// takes what --gpu-memory-utilization leaves).
     #[arg(long, default_value_t = 512)]
     pub kv_cache_mb: usize,
     /// Disable reuse of cached prompt prefixes.
@@ -77,6 +78,10 @@ pub struct EngineArgs {
     /// Compute threads (when --compute-cores is not given).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// CUDA: fraction of the device's memory for weights, activations and the KV cache (the KV
+    /// pool takes what is left unless --num-blocks is given).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
 }
 
 impl EngineArgs {
@@ -96,6 +101,7 @@ impl EngineArgs {
         c.threading.engine_core = self.engine_core;
         c.threading.compute_cores = self.compute_cores.clone().map(|l| l.0).unwrap_or_default();
         c.threading.num_threads = self.threads;
+        c.cuda.memory_utilization = self.gpu_memory_utilization;
         c
     }
 }

@@ -4,10 +4,12 @@
 //! backend is the numerical reference (f32 everywhere); other backends are tested against it.
 
 pub mod cpu;
+pub mod cuda;
 pub mod null;
 
 use crate::error::Result;
-use crate::model::HostTensor;
+use crate::memory::{HostAllocator, MmapAllocator};
+use crate::model::{FillPart, HostTensor};
 use crate::runner::ForwardBatch;
 
 /// Shape of the paged KV cache.
@@ -106,4 +108,37 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor>;
     /// Copies an activation to the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Where the engine's pinned pool (batch metadata) gets its host memory: page-locked memory
+    /// the device can copy from by DMA. By default `mmap`ed, `mlock`ed memory.
+    fn host_allocator(&self) -> std::sync::Arc<dyn HostAllocator> {
+        std::sync::Arc::new(MmapAllocator::new())
+    }
+
+    /// The index of the largest value of each row (the first on ties), computed where the tensor
+    /// lives so greedy decoding need not copy logits to the host. `None`: not supported here (the
+    /// engine then samples from [`Backend::to_host`]'s copy).
+    fn argmax_rows(&self, x: &Self::Tensor) -> Option<Result<Vec<u32>>> {
+        let _ = x;
+        None
+    }
+
+    /// Builds a weight of `shape` from generator descriptions (dummy weights made on the device),
+    /// one per part stacked along the first dimension. `None`: not supported here (the model then
+    /// asks the weight source for host data).
+    fn generate(&self, shape: &[usize], parts: &[FillPart]) -> Option<Result<Self::Weight>> {
+        let _ = (shape, parts);
+        None
+    }
+
+    /// Bytes per element of the KV cache (4 for f32, 2 for bf16).
+    fn kv_cache_elem_bytes(&self) -> usize {
+        4
+    }
+
+    /// Device memory left for the KV cache and activations once the weights are resident, when
+    /// the backend manages its own memory; `None` for host memory (the engine then uses
+    /// `cache.memory_bytes`).
+    fn kv_cache_budget(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
 }

@@ -11,8 +11,9 @@ use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
 use crate::backend::Backend;
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
+use crate::memory::{PinnedPool, PinnedPoolConfig};
 use crate::model::GlmModel;
-use crate::runner::ForwardBatch;
+use crate::runner::{BatchShape, ForwardBatch};
 use crate::sampling::{self, FinishReason, SamplerState};
 use crate::threading;
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
@@ -60,6 +61,8 @@ struct Core<B: Backend> {
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
     logits_scratch: Vec<f32>,
+    /// Page-locked buffers each step's batch is built in (reused across steps).
+    pinned: PinnedPool,
 }
 
 /// Memory the OS says is available, in bytes (Linux), if known.
@@ -68,6 +71,16 @@ fn mem_available() -> Option<usize> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Device memory one step's activations may take, kept out of a device KV pool: f32 residual
+/// stream and temporaries, the fused projections and their bf16 copies, and the logits.
+fn activation_reserve(mc: &crate::model::ModelConfig, config: &EngineConfig) -> usize {
+    let tokens = config.scheduler.max_num_batched_tokens;
+    let per_token = 4 * (8 * mc.hidden_size + 2 * mc.qkv_width() + 4 * mc.intermediate_size)
+        + 2 * (mc.qkv_width() + 2 * mc.intermediate_size);
+    let logits = config.scheduler.max_num_seqs * mc.vocab_size * 4 * 2;
+    tokens * per_token + logits + (256 << 20)
 }
 
 pub(crate) fn run<B: Backend>(
@@ -86,22 +99,53 @@ pub(crate) fn run<B: Backend>(
         let pool = threading::build_compute_pool(&config.threading)?;
         let mc = model.config().clone();
         let bs = config.cache.block_size;
-        let block_bytes = model.kv_cache_shape(1, bs).block_bytes(4);
-        let num_blocks = config
-            .cache
-            .num_blocks
-            .unwrap_or(config.cache.memory_bytes / block_bytes);
+        let block_bytes = model
+            .kv_cache_shape(1, bs)
+            .block_bytes(backend.kv_cache_elem_bytes());
+        // A device backend sizes the pool from what its memory has left (after the weights and
+        // room for one step's activations); the CPU from `cache.memory_bytes`.
+        let device_budget = backend
+            .kv_cache_budget()?
+            .map(|free| free.saturating_sub(activation_reserve(&mc, &config)));
+        let num_blocks = match (config.cache.num_blocks, device_budget) {
+            (Some(n), _) => n,
+            (None, Some(budget)) => budget / block_bytes,
+            (None, None) => config.cache.memory_bytes / block_bytes,
+        };
         if num_blocks == 0 {
-            return Err(Error::config(
-                "cache.memory_bytes",
-                format!(
-                    "{} bytes hold no KV block ({block_bytes} bytes each)",
-                    config.cache.memory_bytes
+            return Err(match device_budget {
+                Some(budget) => Error::config(
+                    "cuda.memory_utilization",
+                    format!(
+                        "{} leaves {} MiB on {} for the KV cache, less than one block ({block_bytes} bytes)",
+                        config.cuda.memory_utilization,
+                        budget >> 20,
+                        backend.name()
+                    ),
                 ),
-            ));
+                None => Error::config(
+                    "cache.memory_bytes",
+                    format!(
+                        "{} bytes hold no KV block ({block_bytes} bytes each)",
+                        config.cache.memory_bytes
+                    ),
+                ),
+            });
         }
         let kv_bytes = num_blocks * block_bytes;
-        if let Some(avail) = mem_available() {
+        if let Some(budget) = device_budget {
+            if kv_bytes > budget {
+                return Err(Error::config(
+                    "cache.num_blocks",
+                    format!(
+                        "{num_blocks} blocks need {} MiB but {} has {} MiB left for the KV cache",
+                        kv_bytes >> 20,
+                        backend.name(),
+                        budget >> 20
+                    ),
+                ));
+            }
+        } else if let Some(avail) = mem_available() {
             if kv_bytes > avail {
                 return Err(Error::config(
                     "cache",
@@ -141,6 +185,8 @@ pub(crate) fn run<B: Backend>(
             config.scheduler.max_num_seqs,
             config.scheduler.max_num_batched_tokens,
         );
+        let pinned = PinnedPool::new(backend.host_allocator(), PinnedPoolConfig::default())?;
+        stats.pinned_pool.get_or_init(|| pinned.clone());
         let core = Core {
             backend,
             model,
@@ -156,6 +202,7 @@ pub(crate) fn run<B: Backend>(
             eos,
             stats,
             logits_scratch: Vec::new(),
+            pinned,
         };
         Ok((core, pool))
     })();
@@ -301,6 +348,7 @@ impl<B: Backend> Core<B> {
             .store(self.scheduler.block_manager().num_used(), Ordering::Relaxed);
     }
 
+    /// The step's batch, in pinned buffers sized for it (on the heap if the pool refuses).
     fn build_batch(&self, plan: &SchedulerOutput) -> ForwardBatch {
         let bs = self.scheduler.block_manager().block_size();
         let stride = plan
@@ -313,7 +361,14 @@ impl<B: Backend> Core<B> {
             })
             .max()
             .unwrap_or(1);
-        let mut batch = ForwardBatch::new(stride);
+        let shape = BatchShape {
+            num_tokens: plan.scheduled.iter().map(|s| s.len).sum(),
+            num_seqs: plan.scheduled.len(),
+            max_blocks_per_seq: stride,
+            num_logits: plan.scheduled.iter().filter(|s| s.sample).count(),
+        };
+        let mut batch = ForwardBatch::in_pool(&self.pinned, shape)
+            .unwrap_or_else(|_| ForwardBatch::new(stride));
         for s in &plan.scheduled {
             let seq = self
                 .scheduler
@@ -361,7 +416,26 @@ impl<B: Backend> Core<B> {
             }
         }
         let batch = self.build_batch(&plan);
-        let logits = self.model.forward(&self.backend, &batch, &mut self.cache);
+        let greedy = self.all_plain_greedy(&plan);
+        let logits = self
+            .model
+            .forward_logits(&self.backend, &batch, &mut self.cache)
+            .and_then(
+                |l| match greedy.then(|| self.backend.argmax_rows(&l)).flatten() {
+                    Some(ids) => ids.and_then(|ids| {
+                        if ids.len() == batch.logits_indices.len() {
+                            Ok(Sampled::Tokens(ids))
+                        } else {
+                            Err(Error::Backend(format!(
+                                "argmax_rows returned {} tokens for {} rows",
+                                ids.len(),
+                                batch.logits_indices.len()
+                            )))
+                        }
+                    }),
+                    None => self.backend.to_host(&l).map(Sampled::Logits),
+                },
+            );
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match logits {
             Ok(l) => l,
@@ -393,10 +467,32 @@ impl<B: Backend> Core<B> {
             .fetch_add(prompt_computed as u64, Ordering::Relaxed);
         let vocab = self.model.config().vocab_size;
         for (row, s) in plan.scheduled.iter().filter(|s| s.sample).enumerate() {
-            let l = &logits[row * vocab..(row + 1) * vocab];
-            self.sample_and_emit(s.seq_id, l);
+            match &logits {
+                Sampled::Logits(l) => {
+                    self.sample_and_emit(s.seq_id, &l[row * vocab..(row + 1) * vocab])
+                }
+                Sampled::Tokens(ids) => self.emit(s.seq_id, ids[row], None),
+            }
         }
         self.publish_stats();
+    }
+
+    /// Whether every sampled sequence of the plan decodes greedily with nothing that needs the
+    /// full logits on the host (logprobs, penalties): then the backend may pick the tokens.
+    fn all_plain_greedy(&self, plan: &SchedulerOutput) -> bool {
+        plan.scheduled.iter().filter(|s| s.sample).all(|s| {
+            self.choices
+                .get(&s.seq_id)
+                .and_then(|c| self.requests.get(&c.request))
+                .is_some_and(|r| {
+                    let p = &r.req.params;
+                    p.is_greedy()
+                        && p.logprobs.is_none()
+                        && p.repetition_penalty == 1.0
+                        && p.presence_penalty == 0.0
+                        && p.frequency_penalty == 0.0
+                })
+        })
     }
 
     fn sample_and_emit(&mut self, seq_id: SeqId, logits: &[f32]) {
@@ -420,6 +516,19 @@ impl<B: Backend> Core<B> {
         let logprobs = params
             .logprobs
             .map(|n| sampling::logprobs_of(logits, token, n));
+        self.emit(seq_id, token, logprobs);
+    }
+
+    /// Appends the sampled `token` to its sequence and sends it (with its logprobs) to the client.
+    fn emit(&mut self, seq_id: SeqId, token: u32, logprobs: Option<sampling::TokenLogprobs>) {
+        let Some(choice) = self.choices.get_mut(&seq_id) else {
+            return;
+        };
+        let Some(req) = self.requests.get_mut(&choice.request) else {
+            return;
+        };
+        let seq = self.scheduler.get(seq_id).expect("sampled sequence exists");
+        let params = &req.req.params;
         let n_out = seq.output().len() + 1;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         req.usage.completion_tokens += 1;
@@ -492,6 +601,12 @@ impl<B: Backend> Core<B> {
             self.abort_request(request, None);
         }
     }
+}
+
+/// A step's sampling input: host logits, or tokens the backend already picked (greedy).
+enum Sampled {
+    Logits(Vec<f32>),
+    Tokens(Vec<u32>),
 }
 
 fn rand_seed(state: &mut SamplerState) -> u64 {

@@ -18,9 +18,11 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
 use crate::config::{Device, EngineConfig};
 use crate::error::{Error, Result};
+use crate::memory::{PinnedPool, PoolStats};
 use crate::model::{GlmModel, ModelConfig};
 use crate::sampling::{FinishReason, SamplingParams, TokenLogprobs};
 use crate::tokenizer::Tokenizer;
@@ -108,6 +110,16 @@ pub struct EngineStats {
     pub prompt_tokens_computed: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
+    /// The pinned pool batches are built in; set when the engine thread starts.
+    pinned_pool: std::sync::OnceLock<PinnedPool>,
+}
+
+impl EngineStats {
+    /// Counters of the pinned host-memory pool the engine builds each step's batch in (`None`
+    /// before the engine thread has started).
+    pub fn pinned_pool(&self) -> Option<PoolStats> {
+        self.pinned_pool.get().map(PinnedPool::stats)
+    }
 }
 
 pub(crate) enum Command {
@@ -125,6 +137,7 @@ struct Shared {
     tokenizer: Option<Arc<Tokenizer>>,
     max_model_len: usize,
     config: EngineConfig,
+    backend_name: String,
 }
 
 impl Drop for Shared {
@@ -156,15 +169,6 @@ impl Engine {
     /// the engine thread.
     pub fn from_dir(dir: &Path, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
-        match config.device {
-            Device::Cpu => {}
-            Device::Cuda(n) => {
-                return Err(Error::CudaUnavailable(format!(
-                    "cuda:{n} was asked for, but this build of autoglm has no CUDA backend yet; use device cpu"
-                )))
-            }
-            Device::Auto => eprintln!("autoglm: no CUDA backend in this build; running on the CPU"),
-        }
         if !dir.is_dir() {
             let err =
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found");
@@ -173,10 +177,32 @@ impl Engine {
                 source: err,
             });
         }
+        let cuda = match config.device {
+            Device::Cpu => None,
+            Device::Cuda(n) => Some(CudaBackend::new(cuda_options(n, &config))?),
+            Device::Auto => match CudaBackend::new(cuda_options(0, &config)) {
+                Ok(b) => Some(b),
+                Err(Error::CudaUnavailable(reason)) => {
+                    eprintln!("autoglm: CUDA unavailable ({reason}); running on the CPU");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let backend = CpuBackend::new();
-        let model = GlmModel::load(dir, &backend)?;
-        Engine::new(backend, model, Some(tokenizer), config)
+        match cuda {
+            Some(backend) => {
+                let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
+                backend.check_fits(crate::backend::cuda::weight_bytes(&model_config))?;
+                let model = GlmModel::load(dir, &backend)?;
+                Engine::new(backend, model, Some(tokenizer), config)
+            }
+            None => {
+                let backend = CpuBackend::new();
+                let model = GlmModel::load(dir, &backend)?;
+                Engine::new(backend, model, Some(tokenizer), config)
+            }
+        }
     }
 
     /// Starts an engine over an already-loaded model. Without a tokenizer, requests are token ids
@@ -202,6 +228,7 @@ impl Engine {
             }
         }
         let tokenizer = tokenizer.map(Arc::new);
+        let backend_name = backend.name();
         // Record the process's cores before the engine thread pins itself.
         crate::threading::allowed_cores();
         let stats = Arc::new(EngineStats::default());
@@ -247,6 +274,7 @@ impl Engine {
                 tokenizer,
                 max_model_len,
                 config,
+                backend_name,
             }),
         })
     }
@@ -267,6 +295,12 @@ impl Engine {
     /// The engine's configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
+    }
+
+    /// The backend the model runs on, e.g. "cpu" or "cuda:0" (with `Device::Auto`, what was
+    /// chosen).
+    pub fn backend_name(&self) -> &str {
+        &self.shared.backend_name
     }
 
     /// Longest sequence (prompt plus output) the engine accepts.
@@ -338,6 +372,19 @@ impl Engine {
         let n = params.n;
         let stream = self.submit(prompt, params)?;
         collect(stream, n)
+    }
+}
+
+/// The CUDA backend options an engine config asks for, for device `ordinal`.
+pub fn cuda_options(ordinal: usize, config: &EngineConfig) -> CudaOptions {
+    CudaOptions {
+        ordinal,
+        memory_utilization: config.cuda.memory_utilization,
+        kernel_cache_dir: if config.cuda.kernel_disk_cache {
+            crate::backend::cuda::compile::default_cache_dir()
+        } else {
+            None
+        },
     }
 }
 

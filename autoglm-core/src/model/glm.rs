@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::{Checkpoint, HostTensor, ModelConfig, WeightSource};
+use super::{Checkpoint, FillPart, HostTensor, ModelConfig, WeightSource};
 use crate::backend::{AttentionShape, Backend, KvCacheShape};
 use crate::error::Result;
 use crate::runner::ForwardBatch;
@@ -48,51 +48,81 @@ impl<B: Backend> GlmModel<B> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let up = |t: HostTensor| backend.upload(t);
+        // One weight from one or more tensors stacked along the first dimension: generated on the
+        // backend when the source is a generator the backend can run, else read and uploaded.
+        let load = |parts: &[(String, Vec<usize>)]| -> Result<B::Weight> {
+            let fills: Option<Vec<FillPart>> = parts
+                .iter()
+                .map(|(name, shape)| {
+                    src.generator(name).map(|fill| FillPart {
+                        rows: shape[0],
+                        fill,
+                    })
+                })
+                .collect();
+            if let Some(fills) = fills {
+                let mut shape = parts[0].1.clone();
+                shape[0] = parts.iter().map(|p| p.1[0]).sum();
+                if let Some(w) = backend.generate(&shape, &fills) {
+                    return w;
+                }
+            }
+            let mut tensors = parts
+                .iter()
+                .map(|(name, shape)| src.tensor(name, shape))
+                .collect::<Result<Vec<HostTensor>>>()?;
+            let t = if tensors.len() == 1 {
+                tensors.pop().expect("one tensor")
+            } else {
+                HostTensor::concat_rows(&tensors)
+            };
+            backend.upload(t)
+        };
+        let one = |name: String, shape: &[usize]| load(&[(name, shape.to_vec())]);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let t = |name: &str, shape: &[usize]| src.tensor(&format!("{p}.{name}"), shape);
-            let qkv = HostTensor::concat_rows(&[
-                t("self_attn.q_proj.weight", &[q, h])?,
-                t("self_attn.k_proj.weight", &[kv, h])?,
-                t("self_attn.v_proj.weight", &[kv, h])?,
-            ]);
+            let n = |name: &str| format!("{p}.{name}");
+            let qkv = load(&[
+                (n("self_attn.q_proj.weight"), vec![q, h]),
+                (n("self_attn.k_proj.weight"), vec![kv, h]),
+                (n("self_attn.v_proj.weight"), vec![kv, h]),
+            ])?;
             let qkv_bias = if c.attention_bias {
-                Some(up(HostTensor::concat_rows(&[
-                    t("self_attn.q_proj.bias", &[q])?,
-                    t("self_attn.k_proj.bias", &[kv])?,
-                    t("self_attn.v_proj.bias", &[kv])?,
-                ]))?)
+                Some(load(&[
+                    (n("self_attn.q_proj.bias"), vec![q]),
+                    (n("self_attn.k_proj.bias"), vec![kv]),
+                    (n("self_attn.v_proj.bias"), vec![kv]),
+                ])?)
             } else {
                 None
             };
             let post = |name: &str| -> Result<Option<B::Weight>> {
                 if c.has_post_norms() {
-                    Ok(Some(up(t(name, &[h])?)?))
+                    Ok(Some(one(n(name), &[h])?))
                 } else {
                     Ok(None)
                 }
             };
             layers.push(GlmLayer {
-                input_norm: up(t("input_layernorm.weight", &[h])?)?,
-                qkv: up(qkv)?,
+                input_norm: one(n("input_layernorm.weight"), &[h])?,
+                qkv,
                 qkv_bias,
-                o_proj: up(t("self_attn.o_proj.weight", &[h, q])?)?,
+                o_proj: one(n("self_attn.o_proj.weight"), &[h, q])?,
                 post_self_attn_norm: post("post_self_attn_layernorm.weight")?,
-                post_attention_norm: up(t("post_attention_layernorm.weight", &[h])?)?,
-                gate_up: up(t("mlp.gate_up_proj.weight", &[2 * c.intermediate_size, h])?)?,
-                down: up(t("mlp.down_proj.weight", &[h, c.intermediate_size])?)?,
+                post_attention_norm: one(n("post_attention_layernorm.weight"), &[h])?,
+                gate_up: one(n("mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?,
+                down: one(n("mlp.down_proj.weight"), &[h, c.intermediate_size])?,
                 post_mlp_norm: post("post_mlp_layernorm.weight")?,
             });
         }
-        let embed = up(src.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?)?;
+        let embed = one("model.embed_tokens.weight".into(), &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
             None
         } else {
-            Some(up(src.tensor("lm_head.weight", &[c.vocab_size, h])?)?)
+            Some(one("lm_head.weight".into(), &[c.vocab_size, h])?)
         };
-        let norm = up(src.tensor("model.norm.weight", &[h])?)?;
+        let norm = one("model.norm.weight".into(), &[h])?;
         let attn = AttentionShape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -135,6 +165,18 @@ impl<B: Backend> GlmModel<B> {
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
     ) -> Result<Vec<f32>> {
+        let logits = self.forward_logits(backend, batch, cache)?;
+        backend.to_host(&logits)
+    }
+
+    /// [`GlmModel::forward`] leaving the `[logits_indices.len(), vocab_size]` logits on the
+    /// backend (for device-side sampling).
+    pub fn forward_logits(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch,
+        cache: &mut B::KvCache,
+    ) -> Result<B::Tensor> {
         let eps = self.config.rms_norm_eps;
         let mut residual = backend.embedding(&self.embed, &batch.token_ids)?;
         let mut h = backend.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
@@ -156,7 +198,6 @@ impl<B: Backend> GlmModel<B> {
             h = backend.add_rms_norm(&mut residual, &m, next_norm, eps)?;
         }
         let h = backend.gather_rows(&h, &batch.logits_indices)?;
-        let logits = backend.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
-        backend.to_host(&logits)
+        backend.linear(&h, self.lm_head.as_ref().unwrap_or(&self.embed), None)
     }
 }

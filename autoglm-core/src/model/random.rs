@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{HostTensor, WeightSource};
+use super::{Fill, HostTensor, WeightSource};
 use crate::error::Result;
 
 /// A [`WeightSource`] generating uniform weights in `[-scale, scale]` from a seed.
@@ -34,11 +34,10 @@ fn splitmix(mut x: u64) -> u64 {
 impl WeightSource for RandomWeights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let len = shape.iter().product::<usize>();
-        if name.ends_with("norm.weight") {
-            return Ok(HostTensor::owned(shape.to_vec(), vec![1.0; len]));
-        }
-        let stream = name.bytes().fold(self.seed, |h, b| splitmix(h ^ b as u64));
-        let scale = self.scale;
+        let (stream, scale) = match self.fill(name) {
+            Fill::Constant(v) => return Ok(HostTensor::owned(shape.to_vec(), vec![v; len])),
+            Fill::Uniform { stream, scale } => (stream, scale),
+        };
         let mut data = vec![0f32; len];
         data.par_chunks_mut(4096)
             .enumerate()
@@ -54,5 +53,23 @@ impl WeightSource for RandomWeights {
 
     fn contains(&self, name: &str) -> bool {
         name != "lm_head.weight" || self.scale >= 0.0
+    }
+
+    fn generator(&self, name: &str) -> Option<Fill> {
+        Some(self.fill(name))
+    }
+}
+
+impl RandomWeights {
+    /// How the tensor `name` is filled: norms are ones, everything else uniform from a stream
+    /// derived from the seed and the name.
+    fn fill(&self, name: &str) -> Fill {
+        if name.ends_with("norm.weight") {
+            return Fill::Constant(1.0);
+        }
+        Fill::Uniform {
+            stream: name.bytes().fold(self.seed, |h, b| splitmix(h ^ b as u64)),
+            scale: self.scale,
+        }
     }
 }

@@ -3,26 +3,47 @@
 //! A batch mixes prefill chunks and decode tokens of many sequences. It is plain data: token ids,
 //! their absolute positions, the KV-cache slot each token's key/value is written to, and per sequence
 //! the range of its query tokens, its context length after this step and its block table.
+//!
+//! The engine builds each step's batch in pinned buffers from its [`PinnedPool`], sized for the
+//! step ([`ForwardBatch::in_pool`]), so a device copies them by DMA and a steady decode loop reuses
+//! the same buffers every step without a heap allocation. [`ForwardBatch::new`] builds on the heap
+//! instead, for tests and tools.
+
+use crate::error::Result;
+use crate::memory::{HostVec, PinnedPool};
+
+/// How much a batch holds: what [`ForwardBatch::in_pool`] reserves room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchShape {
+    /// Query tokens.
+    pub num_tokens: usize,
+    /// Sequences.
+    pub num_seqs: usize,
+    /// Block-table entries per sequence (the row stride of the block tables).
+    pub max_blocks_per_seq: usize,
+    /// Rows whose logits are returned.
+    pub num_logits: usize,
+}
 
 /// Everything a backend needs to run one forward pass over a mixed batch.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ForwardBatch {
     /// Token ids of all query tokens, sequence after sequence.
-    pub token_ids: Vec<u32>,
+    pub token_ids: HostVec<u32>,
     /// Absolute position of each token in its sequence.
-    pub positions: Vec<u32>,
+    pub positions: HostVec<u32>,
     /// KV-cache slot (`block * block_size + offset`) that receives each token's key and value.
-    pub slot_mapping: Vec<u32>,
+    pub slot_mapping: HostVec<u32>,
     /// Prefix sums of query tokens per sequence: sequence `s` owns tokens `query_start[s]..query_start[s+1]`.
-    pub query_start: Vec<u32>,
+    pub query_start: HostVec<u32>,
     /// Tokens in the cache for each sequence once this step's tokens are written.
-    pub context_lens: Vec<u32>,
+    pub context_lens: HostVec<u32>,
     /// Block tables, `max_blocks_per_seq` entries per sequence (padded with 0).
-    pub block_tables: Vec<u32>,
+    pub block_tables: HostVec<u32>,
     /// Row stride of `block_tables`.
     pub max_blocks_per_seq: usize,
     /// Rows (token indices) whose logits are returned, in order.
-    pub logits_indices: Vec<u32>,
+    pub logits_indices: HostVec<u32>,
 }
 
 impl ForwardBatch {
@@ -41,13 +62,47 @@ impl ForwardBatch {
         &self.block_tables[s * self.max_blocks_per_seq..(s + 1) * self.max_blocks_per_seq]
     }
 
-    /// An empty batch whose block tables have `max_blocks_per_seq` entries per sequence.
+    /// An empty batch on the heap whose block tables have `max_blocks_per_seq` entries per
+    /// sequence.
     pub fn new(max_blocks_per_seq: usize) -> Self {
         ForwardBatch {
-            query_start: vec![0],
+            query_start: vec![0].into(),
             max_blocks_per_seq,
             ..Default::default()
         }
+    }
+
+    /// An empty batch in buffers from `pool` with room for `shape` (pushing more still works:
+    /// a full buffer moves to a larger one).
+    pub fn in_pool(pool: &PinnedPool, shape: BatchShape) -> Result<Self> {
+        let vec = |n: usize| HostVec::with_capacity_in(pool, n);
+        let mut query_start = vec(shape.num_seqs + 1)?;
+        query_start.push(0);
+        Ok(ForwardBatch {
+            token_ids: vec(shape.num_tokens)?,
+            positions: vec(shape.num_tokens)?,
+            slot_mapping: vec(shape.num_tokens)?,
+            query_start,
+            context_lens: vec(shape.num_seqs)?,
+            block_tables: vec(shape.num_seqs * shape.max_blocks_per_seq)?,
+            max_blocks_per_seq: shape.max_blocks_per_seq,
+            logits_indices: vec(shape.num_logits)?,
+        })
+    }
+
+    /// Whether every part of the batch lives in pinned pool buffers.
+    pub fn is_pinned(&self) -> bool {
+        [
+            &self.token_ids,
+            &self.positions,
+            &self.slot_mapping,
+            &self.query_start,
+            &self.context_lens,
+            &self.block_tables,
+            &self.logits_indices,
+        ]
+        .iter()
+        .all(|v| v.is_pinned())
     }
 
     /// Appends a sequence's chunk: `tokens` at positions `start..start+len`, with its block table
@@ -74,5 +129,97 @@ impl ForwardBatch {
         self.block_tables.extend_from_slice(block_table);
         self.block_tables
             .resize(self.context_lens.len() * self.max_blocks_per_seq, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_seqs(mut b: ForwardBatch) -> ForwardBatch {
+        b.push_seq(&[5, 6, 7], 0, &[3, 1], 2);
+        b.logits_indices.push(2);
+        b.push_seq(&[9], 4, &[0, 2, 4], 2);
+        b.logits_indices.push(3);
+        b
+    }
+
+    /// Where the parts of `b` live, sorted.
+    fn buffers(b: &ForwardBatch) -> Vec<*const u32> {
+        let mut p = [
+            &b.token_ids,
+            &b.positions,
+            &b.slot_mapping,
+            &b.query_start,
+            &b.context_lens,
+            &b.block_tables,
+            &b.logits_indices,
+        ]
+        .map(|v| v.as_ptr());
+        p.sort();
+        p.to_vec()
+    }
+
+    const SHAPE: BatchShape = BatchShape {
+        num_tokens: 4,
+        num_seqs: 2,
+        max_blocks_per_seq: 3,
+        num_logits: 2,
+    };
+
+    #[test]
+    fn push_seq_fills_every_part() {
+        let b = two_seqs(ForwardBatch::new(3));
+        assert_eq!(*b.token_ids, [5, 6, 7, 9]);
+        assert_eq!(*b.positions, [0, 1, 2, 4]);
+        // Positions 0 and 1 in block 3, 2 in block 1; position 4 in block 4.
+        assert_eq!(*b.slot_mapping, [6, 7, 2, 8]);
+        assert_eq!(*b.query_start, [0, 3, 4]);
+        assert_eq!(*b.context_lens, [3, 5]);
+        assert_eq!(*b.block_tables, [3, 1, 0, 0, 2, 4]);
+        assert_eq!(b.block_table(1), &[0, 2, 4]);
+        assert_eq!((b.num_tokens(), b.num_seqs()), (4, 2));
+        assert!(!b.is_pinned());
+    }
+
+    #[test]
+    fn a_pooled_batch_equals_a_heap_one_and_the_next_step_reuses_its_buffers() {
+        let pool = PinnedPool::default();
+        let pinned = two_seqs(ForwardBatch::in_pool(&pool, SHAPE).unwrap());
+        assert!(pinned.is_pinned());
+        assert_eq!(pinned, two_seqs(ForwardBatch::new(3)));
+        let addrs = buffers(&pinned);
+        assert_eq!(pool.stats().buffers_in_use, 7);
+        drop(pinned);
+        // Same shape: the same buffers, whose stale contents do not show.
+        let mut again = ForwardBatch::in_pool(&pool, SHAPE).unwrap();
+        assert_eq!(again, ForwardBatch::new(3));
+        again.push_seq(&[1], 3, &[7, 8], 2);
+        assert_eq!(*again.block_tables, [7, 8, 0]);
+        assert_eq!(buffers(&again), addrs);
+        let s = pool.stats();
+        assert_eq!((s.hits, s.misses), (7, 7));
+    }
+
+    #[test]
+    fn pushing_past_the_reserved_shape_moves_to_larger_pinned_buffers() {
+        let pool = PinnedPool::default();
+        let small = BatchShape {
+            num_tokens: 1,
+            num_seqs: 1,
+            ..SHAPE
+        };
+        let mut b = ForwardBatch::in_pool(&pool, small).unwrap();
+        let cap = b.token_ids.capacity();
+        let many: Vec<u32> = (0..cap as u32 + 1).collect();
+        let table: Vec<u32> = (0..3).collect();
+        b.push_seq(&many[..8], 0, &table, 4);
+        b.token_ids.extend_from_slice(&many);
+        assert!(b.token_ids.capacity() > cap);
+        assert!(b.is_pinned());
+        assert_eq!(&b.token_ids[8..], &many[..]);
+        let copy = b.clone();
+        assert!(!copy.is_pinned());
+        assert_eq!(copy, b);
     }
 }

@@ -16,9 +16,12 @@ pub const FIXTURES: [&str; 5] = [
     "extra/glm4-long-sharded-bf16",
 ];
 
+/// `tests/fixtures/<name>`; `AUTOGLM_FIXTURES` overrides the folder (prebuilt test executables
+/// run on another machine, e.g. by `.ci/gpu-check.sh`).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
+    std::env::var_os("AUTOGLM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"))
         .join(name)
 }
 

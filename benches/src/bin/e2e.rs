@@ -5,6 +5,7 @@
 //! cargo run --release -p autoglm-benches --bin e2e -- --params 50M
 //! cargo run --release -p autoglm-benches --bin e2e -- --params 300M --compare-gemv --profile --engine --json
 //! cargo run --release -p autoglm-benches --bin e2e -- --hidden 768 --layers 12 --heads 12 --kv-heads 2 --ffn 2688 --vocab 32768
+//! e2e --device cuda --params 9B --json      # on a GPU machine (see autoglm_benches::cuda_e2e)
 //! ```
 //!
 //! Measures (a) memory read bandwidth (all threads and one thread), (b) prefill tok/s of one
@@ -120,6 +121,58 @@ struct Args {
     /// Seed of the random weights and prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to run: cpu, or cuda / cuda:N for the CUDA measurements (dummy weights generated on
+    /// the device; see autoglm_benches::cuda_e2e).
+    #[arg(long, default_value = "cpu")]
+    device: autoglm_core::Device,
+    /// Take the model's shape from this config.json (overrides --params and the shape flags).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Decode batch sizes on CUDA, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,256")]
+    gpu_batches: Vec<usize>,
+    /// Prompt length of the prefill measurement on CUDA.
+    #[arg(long, default_value_t = 2048)]
+    gpu_prefill_len: usize,
+}
+
+/// `e2e --device cuda[:N]`: the CUDA measurements, then exit.
+fn run_cuda(args: &Args, ordinal: usize, config: &ModelConfig) -> ! {
+    let out = Out { json: args.json };
+    let bench = autoglm_benches::cuda_e2e::CudaBenchArgs {
+        ordinal,
+        prefill_len: args.gpu_prefill_len,
+        prefill_runs: args.prefill_runs,
+        decode_prompt: args.decode_prompt,
+        decode_steps: args.decode_steps,
+        warmup_steps: args.warmup_steps,
+        batches: args.gpu_batches.clone(),
+        bw_bytes: args.bw_mib << 20,
+        seed: args.seed,
+    };
+    out.line(format!(
+        "model: hidden {} layers {} heads {}/{} kv (head_dim {}) ffn {} vocab {}: {:.2}B parameters",
+        config.hidden_size,
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+        config.num_parameters() as f64 / 1e9
+    ));
+    match autoglm_benches::cuda_e2e::run(config, &bench, &|l| out.line(l)) {
+        Ok(report) => {
+            if args.json {
+                println!("{report}");
+            }
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 /// Printing that goes to stdout, or to stderr when stdout carries the JSON.
@@ -217,7 +270,7 @@ fn bench_prefill<B: Backend>(
         .map(|_| {
             let mut batch = ForwardBatch::new(blocks);
             batch.push_seq(&toks.take(len, vocab), 0, &table, BLOCK_SIZE);
-            batch.logits_indices = vec![len as u32 - 1];
+            batch.logits_indices = vec![len as u32 - 1].into();
             let t = Instant::now();
             let logits = model
                 .forward(backend, &batch, &mut cache)
@@ -557,13 +610,25 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let config = match shape.config() {
+    let config = match &args.config {
+        Some(path) => ModelConfig::from_file(path),
+        None => shape.config(),
+    };
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: invalid model shape {shape:?}: {e}");
             std::process::exit(2);
         }
     };
+    match args.device {
+        autoglm_core::Device::Cuda(n) => run_cuda(&args, n, &config),
+        autoglm_core::Device::Auto => {
+            eprintln!("error: --device auto is not a benchmark target; use cpu or cuda[:N]");
+            std::process::exit(2);
+        }
+        autoglm_core::Device::Cpu => {}
+    }
     let machine = Machine::detect();
     let threads = args.threads.unwrap_or(machine.cores).max(1);
     let pool = rayon::ThreadPoolBuilder::new()

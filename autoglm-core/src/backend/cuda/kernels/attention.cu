@@ -1,0 +1,180 @@
+// Rope, KV-cache write and paged causal attention (the CPU reference: backend/cpu/attention.rs).
+//
+// Layouts (as the CPU backend): qkv is [tokens, (H + 2 * KVH) * D] f32, q heads then k heads then
+// v heads. The cache of one layer is two bf16 arrays [slots, KVH * D] with
+// slot = block_table[pos / block_size] * block_size + pos % block_size. Token t of sequence s sees
+// the positions 0..=positions[t] of s (causal; earlier chunks are already in the cache).
+
+// Interleaved rope on the first rotary_dim dims of every q and k head (pairs (2i, 2i+1), angle
+// inv_freq[i] * pos, inv_freq computed on the host exactly as the CPU does), then k and v of the
+// token are written (bf16) to its slot. grid = tokens, block = 128.
+extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u32* __restrict__ positions,
+                                                const u32* __restrict__ slot_mapping,
+                                                const float* __restrict__ inv_freq, bf16_t* __restrict__ k_cache,
+                                                bf16_t* __restrict__ v_cache, u32 num_heads, u32 num_kv_heads,
+                                                u32 head_dim, u32 rotary_dim) {
+    const u64 t = blockIdx.x;
+    const u32 width = (num_heads + 2 * num_kv_heads) * head_dim;
+    float* row = qkv + t * width;
+    const float pos = (float)positions[t];
+    const u32 pairs = rotary_dim / 2;
+    const u32 rot_heads = num_heads + num_kv_heads;
+    for (u32 i = threadIdx.x; i < rot_heads * pairs; i += blockDim.x) {
+        const u32 h = i / pairs, p = i % pairs;
+        float s, c;
+        sincosf(inv_freq[p] * pos, &s, &c);
+        float* x = row + h * head_dim + 2 * p;
+        const float x0 = x[0], x1 = x[1];
+        x[0] = x0 * c - x1 * s;
+        x[1] = x1 * c + x0 * s;
+    }
+    __syncthreads();
+    const u32 kvw = num_kv_heads * head_dim;
+    const u64 at = (u64)slot_mapping[t] * kvw;
+    const float* k = row + num_heads * head_dim;
+    const float* v = k + kvw;
+    for (u32 i = threadIdx.x; i < kvw; i += blockDim.x) {
+        k_cache[at + i] = f32_to_bf16(k[i]);
+        v_cache[at + i] = f32_to_bf16(v[i]);
+    }
+}
+
+// Paged attention with an online softmax, for prefill chunks and decodes alike.
+//
+// grid = (tokens, KVH, splits); block = 128 threads. A block serves the G = H / KVH query heads
+// of one KV head for one token, so each K/V element is read once per query group (GQA). The
+// token's context is cut into `splits` contiguous ranges (split-K for long decodes); each block
+// walks its range in tiles of `tile` positions staged in shared memory.
+//
+// Dynamic shared memory (floats): q [G*D] | acc [G*D] | kv tile [tile*(D+1)] | scores [G*tile] |
+// m [G] | l [G] | alpha [G]; the host computes the same size (ops.rs, attention_smem_bytes).
+// Tile rows are D+1 floats apart so the threads of a warp, which read one position each in the
+// score loop, hit different banks.
+//
+// With splits == 1 the block writes the normalised output out[t, h*D + d]. Otherwise it writes
+// its partial state to part_acc[((t*H + h)*splits + split)*D + d], part_m / part_l[(t*H + h)*splits
+// + split], and attention_combine merges the splits.
+extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const bf16_t* __restrict__ k_cache,
+                                           const bf16_t* __restrict__ v_cache, const u32* __restrict__ positions,
+                                           const u32* __restrict__ seq_of_token, const u32* __restrict__ block_tables,
+                                           u32 max_blocks_per_seq, u32 block_size, u32 num_heads,
+                                           u32 num_kv_heads, u32 head_dim, float scale, u32 tile, u32 splits,
+                                           float* __restrict__ out, float* __restrict__ part_acc,
+                                           float* __restrict__ part_m, float* __restrict__ part_l) {
+    extern __shared__ float smem[];
+    const u32 t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const u32 G = num_heads / num_kv_heads, D = head_dim, KS = head_dim + 1;
+    float* q = smem;
+    float* acc = q + G * D;
+    float* kv = acc + G * D;
+    float* sc = kv + tile * KS;
+    float* m = sc + G * tile;
+    float* l = m + G;
+    float* alpha = l + G;
+
+    const u32 width = (num_heads + 2 * num_kv_heads) * D;
+    const float* qrow = qkv + (u64)t * width + (u64)kvh * G * D;  // the group's heads are adjacent
+    for (u32 i = threadIdx.x; i < G * D; i += blockDim.x) {
+        q[i] = qrow[i];
+        acc[i] = 0.0f;
+    }
+    for (u32 g = threadIdx.x; g < G; g += blockDim.x) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    const u32 n_ctx = positions[t] + 1;
+    const u32 chunk = (n_ctx + splits - 1) / splits;
+    const u32 begin = split * chunk;
+    const u32 end = min(n_ctx, begin + chunk);
+    const u32* table = block_tables + (u64)seq_of_token[t] * max_blocks_per_seq;
+    const u32 kvw = num_kv_heads * D;
+    __syncthreads();
+
+    for (u32 j0 = begin; j0 < end; j0 += tile) {
+        const u32 n = min(tile, end - j0);
+        // Stage K of positions j0..j0+n.
+        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
+            const u32 j = j0 + i / D;
+            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+            kv[(i / D) * KS + i % D] = bf16_to_f32(k_cache[slot * kvw + (u64)kvh * D + i % D]);
+        }
+        __syncthreads();
+        // Scores of every (head in group, position in tile).
+        for (u32 i = threadIdx.x; i < G * n; i += blockDim.x) {
+            const u32 g = i / n, j = i % n;
+            const float* qg = q + g * D;
+            const float* kj = kv + j * KS;
+            float s = 0.0f;
+            for (u32 d = 0; d < D; ++d) s += qg[d] * kj[d];
+            sc[g * tile + j] = s * scale;
+        }
+        __syncthreads();
+        // Online softmax: one thread per head of the group updates its running max and sum.
+        for (u32 g = threadIdx.x; g < G; g += blockDim.x) {
+            float mx = m[g];
+            for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[g * tile + j]);
+            const float a = expf(m[g] - mx);  // m[g] == -inf on the first tile: a = 0
+            float sum = 0.0f;
+            for (u32 j = 0; j < n; ++j) {
+                const float p = expf(sc[g * tile + j] - mx);
+                sc[g * tile + j] = p;
+                sum += p;
+            }
+            l[g] = l[g] * a + sum;
+            m[g] = mx;
+            alpha[g] = a;
+        }
+        // Stage V (the K tile is no longer needed once the scores exist).
+        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
+            const u32 j = j0 + i / D;
+            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+            kv[(i / D) * KS + i % D] = bf16_to_f32(v_cache[slot * kvw + (u64)kvh * D + i % D]);
+        }
+        __syncthreads();
+        for (u32 i = threadIdx.x; i < G * D; i += blockDim.x) {
+            const u32 g = i / D, d = i % D;
+            float o = acc[i] * alpha[g];
+            for (u32 j = 0; j < n; ++j) o += sc[g * tile + j] * kv[j * KS + d];
+            acc[i] = o;
+        }
+        __syncthreads();
+    }
+
+    for (u32 i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const u32 g = i / D, d = i % D;
+        const u32 h = kvh * G + g;
+        if (splits == 1) {
+            // n_ctx >= 1, so the single split saw at least one position and l[g] >= 1.
+            out[((u64)t * num_heads + h) * D + d] = acc[i] / l[g];
+        } else {
+            const u64 p = ((u64)t * num_heads + h) * splits + split;
+            part_acc[p * D + d] = acc[i];
+            if (d == 0) {
+                part_m[p] = m[g];
+                part_l[p] = l[g];
+            }
+        }
+    }
+}
+
+// Merges the split-K partial states of paged_attention. grid = (tokens, H), block = 128.
+extern "C" __global__ void attention_combine(const float* __restrict__ part_acc, const float* __restrict__ part_m,
+                                             const float* __restrict__ part_l, float* __restrict__ out,
+                                             u32 num_heads, u32 head_dim, u32 splits) {
+    const u64 th = (u64)blockIdx.x * num_heads + blockIdx.y;
+    float mx = -INFINITY;
+    for (u32 s = 0; s < splits; ++s) mx = fmaxf(mx, part_m[th * splits + s]);
+    float total = 0.0f;
+    for (u32 s = 0; s < splits; ++s) {
+        const float ms = part_m[th * splits + s];
+        if (ms != -INFINITY) total += part_l[th * splits + s] * expf(ms - mx);
+    }
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (u32 s = 0; s < splits; ++s) {
+            const float ms = part_m[th * splits + s];
+            if (ms != -INFINITY) o += part_acc[(th * splits + s) * head_dim + d] * expf(ms - mx);
+        }
+        out[th * head_dim + d] = o / total;
+    }
+}

@@ -1,0 +1,83 @@
+// Row-wise kernels on the f32 residual stream. Launch shapes are set in cuda/ops.rs; every size
+// was checked on the host. Rows are indexed with 64-bit offsets (a 151552 x 4096 table has
+// 620M elements).
+
+// out[r, :] = table[ids[r], :] (bf16 -> f32). grid = rows, block = 256.
+extern "C" __global__ void embedding_bf16(const bf16_t* __restrict__ table, const u32* __restrict__ ids,
+                                          float* __restrict__ out, u32 width) {
+    const u64 r = blockIdx.x;
+    const bf16_t* src = table + (u64)ids[r] * width;
+    float* dst = out + r * width;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
+}
+
+// out = rmsnorm(x) * w, one block per row (blockDim a multiple of 32, at most 1024).
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ out, u32 width, float eps) {
+    __shared__ float scratch[32];
+    const u64 r = blockIdx.x;
+    const float* xr = x + r * width;
+    float ss = 0.0f;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) ss += xr[c] * xr[c];
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)width + eps);
+    float* o = out + r * width;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) o[c] = w[c] * (xr[c] * inv);
+}
+
+// residual += x; out = rmsnorm(residual) * w. One block per row.
+extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
+                                        const float* __restrict__ w, float* __restrict__ out,
+                                        u32 width, float eps) {
+    __shared__ float scratch[32];
+    const u64 r = blockIdx.x;
+    float* rr = residual + r * width;
+    const float* xr = x + r * width;
+    float ss = 0.0f;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) {
+        const float v = rr[c] + xr[c];
+        rr[c] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)width + eps);
+    float* o = out + r * width;
+    // Each thread re-reads only the elements it wrote itself, so no barrier is needed.
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) o[c] = w[c] * (rr[c] * inv);
+}
+
+// out[r, c] = silu(g[r, c]) * u[r, c] where each input row is [g | u] of 2 * half columns.
+// grid-stride over rows * half elements.
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, float* __restrict__ out,
+                                    u32 rows, u32 half) {
+    const u64 n = (u64)rows * half;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / half, c = i % half;
+        const float g = gate_up[r * 2 * half + c];
+        const float u = gate_up[r * 2 * half + half + c];
+        out[i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+// dst = bf16(src), n elements: the activation side of every GEMM.
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ src, bf16_t* __restrict__ dst, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        dst[i] = f32_to_bf16(src[i]);
+    }
+}
+
+// y[r, c] += b[c], rows * cols elements.
+extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ b, u32 rows, u32 cols) {
+    const u64 n = (u64)rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        y[i] += b[i % cols];
+    }
+}
+
+// out[i, :] = x[rows[i], :]. grid = number of gathered rows, block = 256.
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows,
+                                       float* __restrict__ out, u32 cols) {
+    const u64 i = blockIdx.x;
+    const float* src = x + (u64)rows[i] * cols;
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+}

@@ -1,0 +1,467 @@
+//! The CUDA backend: bf16 weights, cuBLAS GEMMs, NVRTC-compiled kernels.
+//!
+//! Always compiled: cudarc opens `libcuda`, `libnvrtc` and `libcublas` at run time, so a build
+//! needs no CUDA toolkit and a binary runs on a machine without a driver. [`CudaBackend::new`]
+//! probes for each library and the device before touching them (cudarc panics when a library is
+//! missing) and turns what is missing into [`Error::CudaUnavailable`].
+//!
+//! Numerics: weight matrices (and the embedding table) are stored as bf16, converted on upload;
+//! norm weights and biases stay f32. The residual stream, norms, rope, softmax and every
+//! accumulation are f32; activations are rounded to bf16 by a small kernel just before each
+//! GEMM (`cublasGemmEx`: bf16 A/B, f32 compute, f32 out). The KV cache is bf16.
+//!
+//! Execution: one stream, event tracking off (all work is ordered on that stream), activations
+//! allocated from the driver's stream-ordered pool (kept across steps by a release threshold).
+//! Batch metadata (positions, slots, block tables) is uploaded once per forward pass and reused
+//! by every layer. Not yet here: CUDA graphs for decode steps, query-tiled prefill attention.
+//!
+//! Nothing in this module has run on a GPU yet (see docs/BENCHMARKS.md and `tests/cuda_fixtures.rs`).
+
+pub mod compile;
+mod ops;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+
+use super::KvCacheShape;
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use crate::runner::ForwardBatch;
+
+/// Bytes of the fixed cuBLAS workspace (NVIDIA's recommendation for Hopper).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// How to build a [`CudaBackend`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Fraction of the device's total memory the engine may use (weights, activations, KV cache),
+    /// like vLLM's `gpu_memory_utilization`.
+    pub memory_utilization: f32,
+    /// Directory of the compiled-kernel cache; `None` keeps compiled kernels in memory only.
+    pub kernel_cache_dir: Option<PathBuf>,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            memory_utilization: 0.9,
+            kernel_cache_dir: compile::default_cache_dir(),
+        }
+    }
+}
+
+/// An f32 activation matrix on the device, row-major.
+pub struct CudaTensor {
+    /// Rows (tokens).
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    data: CudaSlice<f32>,
+}
+
+enum WeightData {
+    /// Matrices: the GEMM operand type.
+    Bf16(CudaSlice<bf16>),
+    /// Vectors (norm weights, biases): kept exact.
+    F32(CudaSlice<f32>),
+}
+
+/// A parameter on the device: 2-D tensors as bf16, 1-D as f32.
+pub struct CudaWeight {
+    shape: Vec<usize>,
+    data: WeightData,
+}
+
+/// The paged KV cache: per layer, bf16 keys and values as `[slots, kv_heads * head_dim]`.
+pub struct CudaKvCache {
+    shape: KvCacheShape,
+    k: Vec<CudaSlice<bf16>>,
+    v: Vec<CudaSlice<bf16>>,
+}
+
+/// The metadata of one batch on the device, reused by every layer of a forward pass.
+struct DeviceBatch {
+    /// The host batch it was made from (compared to detect a new batch).
+    host: ForwardBatch,
+    positions: CudaSlice<u32>,
+    slot_mapping: CudaSlice<u32>,
+    seq_of_token: CudaSlice<u32>,
+    block_tables: CudaSlice<u32>,
+    /// Largest context length in the batch.
+    max_context: usize,
+    /// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
+    inv_freq: CudaSlice<f32>,
+    inv_freq_key: (usize, u32),
+    /// The KV-cache shape the metadata was checked against.
+    cache_shape: KvCacheShape,
+}
+
+/// A CUDA device with its stream, cuBLAS handle and compiled kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    /// Kept alive for cuBLAS (registered with `cublasSetWorkspace_v2`).
+    _workspace: CudaSlice<u8>,
+    functions: HashMap<&'static str, CudaFunction>,
+    options: CudaOptions,
+    /// Compute capability as `major * 10 + minor`.
+    arch: u32,
+    sm_count: usize,
+    max_shared_per_block: usize,
+    device_name: String,
+    batch: Mutex<Option<DeviceBatch>>,
+}
+
+fn unavailable(what: impl std::fmt::Display) -> Error {
+    Error::CudaUnavailable(what.to_string())
+}
+
+fn driver_err(op: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("{op}: {e}"))
+}
+
+/// Checks that the driver, device `ordinal`, NVRTC and cuBLAS can all be used, without any call
+/// that could panic. Returns the number of devices.
+pub fn probe(ordinal: usize) -> Result<usize> {
+    probe_libraries(ordinal).map_err(|e| match e {
+        Error::CudaUnavailable(reason) => unavailable(format!("cuda:{ordinal}: {reason}")),
+        other => other,
+    })
+}
+
+fn probe_libraries(ordinal: usize) -> Result<usize> {
+    // SAFETY: only tries to dlopen the candidate names of libcuda; nothing is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(unavailable(
+            "the NVIDIA driver library (libcuda.so) was not found: no driver is installed or it \
+             is not on the library path",
+        ));
+    }
+    cudarc::driver::result::init().map_err(|e| unavailable(format!("cuInit failed: {e}")))?;
+    let count = CudaContext::device_count()
+        .map_err(|e| unavailable(format!("cannot count CUDA devices: {e}")))?;
+    let count = usize::try_from(count).unwrap_or(0);
+    if count == 0 {
+        return Err(unavailable("the driver reports no CUDA device"));
+    }
+    if ordinal >= count {
+        return Err(unavailable(format!(
+            "the driver reports {count} device(s) (cuda:0..cuda:{})",
+            count - 1
+        )));
+    }
+    if !compile::nvrtc_available() {
+        return Err(unavailable(
+            "libnvrtc (libnvrtc.so.13) was not found: install the CUDA toolkit or \
+             `pip install nvidia-cuda-nvrtc` and add its lib directory to LD_LIBRARY_PATH",
+        ));
+    }
+    // SAFETY: only tries to dlopen the candidate names of libcublas.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(unavailable(
+            "libcublas (libcublas.so.13) was not found: install the CUDA toolkit or \
+             `pip install nvidia-cublas` and add its lib directory to LD_LIBRARY_PATH",
+        ));
+    }
+    Ok(count)
+}
+
+/// Bytes the model's weights take on this backend (bf16 matrices, f32 vectors).
+pub fn weight_bytes(c: &ModelConfig) -> usize {
+    let (h, hd, f, v) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
+    let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
+    let matrices = (q + 2 * kv) * h + h * q + 2 * f * h + h * f;
+    let mut vectors = 2 * h + if c.has_post_norms() { 2 * h } else { 0 };
+    if c.attention_bias {
+        vectors += q + 2 * kv;
+    }
+    let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
+    c.num_layers * (2 * matrices + 4 * vectors) + 2 * (v * h + lm_head) + 4 * h
+}
+
+impl CudaBackend {
+    /// Opens device `options.ordinal`, compiles (or loads cached) kernels and sets up cuBLAS.
+    /// Anything missing (driver, device, library) is [`Error::CudaUnavailable`], never a panic.
+    pub fn new(options: CudaOptions) -> Result<CudaBackend> {
+        if !(options.memory_utilization > 0.0 && options.memory_utilization <= 1.0) {
+            return Err(Error::config(
+                "cuda.memory_utilization",
+                format!("{} (must be in (0, 1])", options.memory_utilization),
+            ));
+        }
+        probe(options.ordinal)?;
+        // A symbol missing from an old driver or library still panics inside cudarc: contain it.
+        match std::panic::catch_unwind(|| Self::open(options)) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(unavailable(format!(
+                    "the CUDA libraries failed while starting: {msg}"
+                )))
+            }
+        }
+    }
+
+    fn open(options: CudaOptions) -> Result<CudaBackend> {
+        let n = options.ordinal;
+        let ctx = CudaContext::new(n).map_err(|e| unavailable(format!("cuda:{n}: {e}")))?;
+        // SAFETY: called before any allocation or stream exists; this backend orders all its
+        // work on one stream and synchronizes before reading results.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| unavailable(format!("cuda:{n}: cannot create a stream: {e}")))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| unavailable(format!("cuda:{n}: compute capability: {e}")))?;
+        if major < 8 {
+            return Err(unavailable(format!(
+                "cuda:{n} has compute capability {major}.{minor}; bf16 kernels need 8.0 or newer"
+            )));
+        }
+        let arch = (major * 10 + minor) as u32;
+        let attr = |a| ctx.attribute(a).map(|v| v.max(0) as usize);
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let sm_count = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1);
+        let max_shared_per_block =
+            attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK).unwrap_or(48 << 10);
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        keep_pool_memory(&ctx);
+
+        let mut functions = HashMap::new();
+        let cache_dir = options.kernel_cache_dir.as_deref();
+        for m in compile::MODULES {
+            let load = |bin: Vec<u8>| ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin));
+            let (bin, origin) = compile::cubin(m, arch, cache_dir)?;
+            let module = match load(bin) {
+                Ok(module) => module,
+                Err(e) if origin != compile::CubinOrigin::Compiled => {
+                    // A stale or damaged cached cubin: compile afresh once.
+                    eprintln!(
+                        "autoglm: cached kernels of {} rejected ({e}); recompiling",
+                        m.name
+                    );
+                    compile::evict(m, arch, cache_dir);
+                    let (bin, _) = compile::cubin(m, arch, cache_dir)?;
+                    load(bin).map_err(driver_err(m.name))?
+                }
+                Err(e) => return Err(driver_err(m.name)(e)),
+            };
+            for f in m.functions {
+                let func = module
+                    .load_function(f)
+                    .map_err(|e| Error::Backend(format!("{}: kernel {f}: {e}", m.name)))?;
+                functions.insert(*f, func);
+            }
+        }
+
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| unavailable(format!("cuda:{n}: cuBLAS: {e}")))?;
+        // SAFETY: uninitialised scratch memory is what a cuBLAS workspace is.
+        let workspace = unsafe { stream.alloc::<u8>(CUBLAS_WORKSPACE_BYTES) }
+            .map_err(driver_err("cuBLAS workspace"))?;
+        {
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both are fields of the backend,
+            // and the handle is dropped first as it is declared earlier).
+            let status = unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    CUBLAS_WORKSPACE_BYTES,
+                )
+            };
+            status
+                .result()
+                .map_err(|e| Error::Backend(format!("cublasSetWorkspace: {e}")))?;
+        }
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            _workspace: workspace,
+            functions,
+            options,
+            arch,
+            sm_count,
+            max_shared_per_block,
+            device_name,
+            batch: Mutex::new(None),
+        })
+    }
+
+    /// The device's name as the driver reports it, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// Compute capability as `major * 10 + minor` (90 for Hopper).
+    pub fn arch(&self) -> u32 {
+        self.arch
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(driver_err("cuMemGetInfo"))
+    }
+
+    /// Checks that `model_bytes` of weights fit in the memory this engine may use; the error
+    /// names both sizes.
+    pub fn check_fits(&self, model_bytes: usize) -> Result<()> {
+        let (free, total) = self.memory_info()?;
+        let allowed = (total as f64 * self.options.memory_utilization as f64) as usize;
+        let usable = free.min(allowed);
+        if model_bytes > usable {
+            return Err(Error::Backend(format!(
+                "the model's weights need {} MiB on {} but only {} MiB can be used \
+                 ({} MiB free of {} MiB, memory utilization {})",
+                model_bytes >> 20,
+                self.name_with_ordinal(),
+                usable >> 20,
+                free >> 20,
+                total >> 20,
+                self.options.memory_utilization
+            )));
+        }
+        Ok(())
+    }
+
+    fn name_with_ordinal(&self) -> String {
+        format!("cuda:{}", self.options.ordinal)
+    }
+
+    /// Device-to-device copy bandwidth in bytes (read plus written) per second: the best of
+    /// `runs` copies of `bytes` after one warm-up copy. The roofline's bandwidth.
+    pub fn copy_bandwidth(&self, bytes: usize, runs: usize) -> Result<f64> {
+        let n = (bytes / 4).max(1);
+        let src = self.alloc::<f32>(n, "the bandwidth probe")?;
+        let mut dst = self.alloc::<f32>(n, "the bandwidth probe")?;
+        let mut best = 0f64;
+        for i in 0..=runs {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(driver_err("bandwidth probe"))?;
+            self.synchronize()?;
+            if i > 0 {
+                best = best.max(2.0 * (n * 4) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(best)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_err("synchronize"))
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| Error::Backend(format!("kernel {name} is not loaded")))
+    }
+
+    /// An uninitialised device buffer of `len` elements (at least one: zero-size allocations are
+    /// invalid in CUDA). The error names the size.
+    fn alloc<T: cudarc::driver::DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>> {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        // SAFETY: every caller writes the buffer (kernel output, copy target) before reading it.
+        unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| {
+            Error::Backend(format!(
+                "cannot allocate {} MiB ({bytes} bytes) on {} for {what}: {e}",
+                bytes >> 20,
+                self.name_with_ordinal()
+            ))
+        })
+    }
+
+    fn upload_slice<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        let mut dev = self.alloc::<T>(host.len(), what)?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut dev)
+                .map_err(driver_err(what))?;
+        }
+        Ok(dev)
+    }
+}
+
+/// Lets the stream-ordered allocator keep freed memory instead of returning it to the driver at
+/// every synchronization (the default threshold is 0), so per-step activations are cheap.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a live out-parameter; the device handle comes from a live context.
+    let got = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if got != sys::CUresult::CUDA_SUCCESS || pool.is_null() {
+        return;
+    }
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the attribute takes a pointer to a u64, which `threshold` is.
+    let _ = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn glm4_9b() -> ModelConfig {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/glm4-tiny/config.json");
+        let mut c = ModelConfig::from_file(&dir).unwrap();
+        c.hidden_size = 4096;
+        c.num_layers = 40;
+        c.num_heads = 32;
+        c.num_kv_heads = 2;
+        c.head_dim = 128;
+        c.intermediate_size = 13696;
+        c.vocab_size = 151552;
+        c.tie_word_embeddings = false;
+        c
+    }
+
+    #[test]
+    fn weight_bytes_of_a_9b_model_are_about_19_gb() {
+        let b = weight_bytes(&glm4_9b()) as f64;
+        // GLM-4-9B has 9.4e9 parameters: 18.8 GB in bf16.
+        assert!((18.0e9..19.5e9).contains(&b), "{b}");
+    }
+
+    /// On a machine without a driver the probe reports why, and nothing panics.
+    #[test]
+    fn probe_without_a_gpu_reports_a_reason() {
+        match probe(0) {
+            Ok(n) => assert!(n > 0),
+            Err(Error::CudaUnavailable(reason)) => assert!(!reason.is_empty()),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        match probe(1 << 20) {
+            Err(Error::CudaUnavailable(reason)) => assert!(!reason.is_empty()),
+            other => panic!("cuda:{} cannot exist: {other:?}", 1 << 20),
+        }
+    }
+}

@@ -1,0 +1,935 @@
+//! The [`Backend`] operations of [`CudaBackend`]: shape checks on the host, then kernel launches
+//! and cuBLAS calls on the backend's stream. Every size a kernel indexes with is checked here
+//! first; a kernel never sees a token id, slot or block outside its buffer.
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{
+    driver_err, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch, WeightData,
+};
+use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape};
+use crate::error::{Error, Result};
+use crate::model::{Fill, FillPart, HostTensor};
+use crate::runner::ForwardBatch;
+
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+/// Threads per block of the attention kernel.
+const ATTN_THREADS: u32 = 128;
+/// Elements per random-generator chunk (model/random.rs).
+const RANDOM_CHUNK: usize = 4096;
+
+fn bad(op: &str, msg: impl std::fmt::Display) -> Error {
+    Error::Backend(format!("{op}: {msg}"))
+}
+
+/// A grid-stride launch over `n` elements.
+fn grid_for(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65_535 * 8);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn rows_grid(rows: usize) -> Result<LaunchConfig> {
+    let rows = u32::try_from(rows).map_err(|_| bad("launch", format!("{rows} rows")))?;
+    Ok(LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn u32_of(op: &str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| bad(op, format!("{what} = {v} does not fit in 32 bits")))
+}
+
+fn i32_of(op: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| bad(op, format!("{what} = {v} does not fit in a cuBLAS int")))
+}
+
+/// Shared memory (bytes) of `paged_attention` for group size `g`, head width `d`, tile `tile`
+/// (the layout documented in kernels/attention.cu).
+pub(super) fn attention_smem_bytes(g: usize, d: usize, tile: usize) -> usize {
+    4 * (2 * g * d + tile * (d + 1) + g * tile + 3 * g)
+}
+
+impl CudaWeight {
+    fn bf16(&self, op: &str) -> Result<&CudaSlice<bf16>> {
+        match &self.data {
+            WeightData::Bf16(d) => Ok(d),
+            WeightData::F32(_) => Err(bad(
+                op,
+                format!("weight {:?} is not a bf16 matrix", self.shape),
+            )),
+        }
+    }
+    fn f32(&self, op: &str) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            WeightData::F32(d) => Ok(d),
+            WeightData::Bf16(_) => Err(bad(
+                op,
+                format!("weight {:?} is not an f32 vector", self.shape),
+            )),
+        }
+    }
+    fn rows(&self) -> usize {
+        self.shape[0]
+    }
+    fn cols(&self) -> usize {
+        self.shape.get(1).copied().unwrap_or(1)
+    }
+}
+
+impl CudaBackend {
+    fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| bad(what, format!("{rows} x {cols} overflows")))?;
+        Ok(CudaTensor {
+            rows,
+            cols,
+            data: self.alloc::<f32>(n, what)?,
+        })
+    }
+
+    /// `y[m, n] = x[m, k] @ w[n, k]^T` with bf16 operands, f32 accumulation and f32 output.
+    ///
+    /// Row-major `y = x w^T` is column-major `y^T = w x^T`: cuBLAS gets `A = w` (k x n column-
+    /// major, transposed), `B = x` (k x m column-major), `C = y` (n x m column-major).
+    fn gemm_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let op = "linear";
+        let (mi, ni, ki) = (
+            i32_of(op, "m", m)?,
+            i32_of(op, "n", n)?,
+            i32_of(op, "k", k)?,
+        );
+        if x.len() < m * k || w.len() < n * k || y.len() < m * n {
+            return Err(bad(op, format!("buffers too small for {m}x{k} @ {n}x{k}")));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(driver_err(op))?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, _s1) = w.device_ptr(&self.stream);
+        let (xp, _s2) = x.device_ptr(&self.stream);
+        let (yp, _s3) = y.device_ptr_mut(&self.stream);
+        // SAFETY: the sizes were checked against the buffers above; all three live on this
+        // backend's stream, which the cuBLAS handle is bound to; alpha/beta are f32 as the
+        // compute type requires.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                wp as *const std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                ki,
+                xp as *const std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                ki,
+                (&beta as *const f32).cast(),
+                yp as *mut std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                ni,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| bad(op, format!("cublasGemmEx {m}x{k} @ {n}x{k}: {e}")))
+    }
+
+    /// bf16 copy of an activation (the GEMM operand).
+    fn to_bf16(&self, x: &CudaTensor) -> Result<CudaSlice<bf16>> {
+        let n = x.rows * x.cols;
+        let mut out = self.alloc::<bf16>(n, "bf16 activations")?;
+        if n > 0 {
+            let f = self.function("f32_to_bf16")?;
+            let n64 = n as u64;
+            // SAFETY: f32_to_bf16(src, dst, n) reads n f32 and writes n bf16; both buffers hold n.
+            unsafe {
+                self.stream
+                    .launch_builder(f)
+                    .arg(&x.data)
+                    .arg(&mut out)
+                    .arg(&n64)
+                    .launch(grid_for(n))
+            }
+            .map_err(driver_err("f32_to_bf16"))?;
+        }
+        Ok(out)
+    }
+
+    /// Uploads (or reuses) the batch's metadata, after checking it against the cache.
+    fn device_batch<'a>(
+        &self,
+        slot: &'a mut Option<DeviceBatch>,
+        batch: &ForwardBatch,
+        cache: &KvCacheShape,
+        s: &AttentionShape,
+    ) -> Result<&'a DeviceBatch> {
+        let key = (s.rotary_dim, s.rope_theta.to_bits());
+        let fresh = match slot {
+            Some(d) => d.host != *batch || d.cache_shape != *cache || d.inv_freq_key != key,
+            None => true,
+        };
+        if fresh {
+            *slot = None;
+            check_batch(batch, cache)?;
+            let mut seq_of_token = vec![0u32; batch.num_tokens()];
+            for seq in 0..batch.num_seqs() {
+                let (a, b) = (
+                    batch.query_start[seq] as usize,
+                    batch.query_start[seq + 1] as usize,
+                );
+                seq_of_token[a..b].fill(seq as u32);
+            }
+            let inv_freq = rope_inv_freq(s.rotary_dim, s.rope_theta);
+            *slot = Some(DeviceBatch {
+                positions: self.upload_slice(&batch.positions, "positions")?,
+                slot_mapping: self.upload_slice(&batch.slot_mapping, "slot mapping")?,
+                seq_of_token: self.upload_slice(&seq_of_token, "sequence of each token")?,
+                block_tables: self.upload_slice(&batch.block_tables, "block tables")?,
+                max_context: batch.context_lens.iter().copied().max().unwrap_or(0) as usize,
+                inv_freq: self.upload_slice(&inv_freq, "rope frequencies")?,
+                inv_freq_key: key,
+                cache_shape: *cache,
+                host: batch.clone(),
+            });
+        }
+        Ok(slot.as_ref().expect("just filled"))
+    }
+
+    /// Splits of the KV range per (token, KV head): enough blocks to fill the device when few
+    /// tokens attend over long contexts (decode), one otherwise.
+    fn attention_splits(&self, tokens: usize, kv_heads: usize, max_context: usize) -> usize {
+        let blocks = tokens * kv_heads;
+        if blocks >= 2 * self.sm_count || max_context < 512 {
+            return 1;
+        }
+        let want = (2 * self.sm_count).div_ceil(blocks.max(1));
+        want.min(max_context / 256).clamp(1, 32)
+    }
+
+    fn generate_part(
+        &self,
+        out: &mut GeneratedBuffer,
+        offset: usize,
+        n: usize,
+        fill: Fill,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (n64, chunks) = (n as u64, n.div_ceil(RANDOM_CHUNK));
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of("generate", "chunks", chunks.div_ceil(128))?, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let err = driver_err("generate");
+        match (out, fill) {
+            (GeneratedBuffer::Bf16(buf), Fill::Uniform { stream, scale }) => {
+                let mut view = buf.slice_mut(offset..offset + n);
+                let f = self.function("random_uniform_bf16")?;
+                // SAFETY: the kernel writes elements [0, n) of the view, which holds n; one thread
+                // per 4096-element chunk, ceil(chunks / 128) blocks of 128 threads.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&mut view)
+                        .arg(&n64)
+                        .arg(&stream)
+                        .arg(&scale)
+                        .launch(cfg)
+                }
+                .map_err(err)?;
+            }
+            (GeneratedBuffer::F32(buf), Fill::Uniform { stream, scale }) => {
+                let mut view = buf.slice_mut(offset..offset + n);
+                let f = self.function("random_uniform_f32")?;
+                // SAFETY: as above, for f32.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&mut view)
+                        .arg(&n64)
+                        .arg(&stream)
+                        .arg(&scale)
+                        .launch(cfg)
+                }
+                .map_err(err)?;
+            }
+            (GeneratedBuffer::Bf16(buf), Fill::Constant(v)) => {
+                let mut view = buf.slice_mut(offset..offset + n);
+                let f = self.function("fill_bf16")?;
+                // SAFETY: grid-stride over n elements of a view of n.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&mut view)
+                        .arg(&n64)
+                        .arg(&v)
+                        .launch(grid_for(n))
+                }
+                .map_err(err)?;
+            }
+            (GeneratedBuffer::F32(buf), Fill::Constant(v)) => {
+                let mut view = buf.slice_mut(offset..offset + n);
+                let f = self.function("fill_f32")?;
+                // SAFETY: grid-stride over n elements of a view of n.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&mut view)
+                        .arg(&n64)
+                        .arg(&v)
+                        .launch(grid_for(n))
+                }
+                .map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum GeneratedBuffer {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+}
+
+/// The checks of the CPU backend's attention (backend/cpu/attention.rs), which on a GPU guard
+/// against out-of-bounds reads and writes.
+fn check_batch(batch: &ForwardBatch, cache: &KvCacheShape) -> Result<()> {
+    let op = "attention";
+    let t = batch.num_tokens();
+    if batch.positions.len() != t || batch.slot_mapping.len() != t {
+        return Err(bad(op, "positions/slot_mapping do not match the tokens"));
+    }
+    if batch.query_start.len() != batch.num_seqs() + 1
+        || batch.query_start.first() != Some(&0)
+        || batch.query_start.last().map(|&x| x as usize) != Some(t)
+        || batch.query_start.windows(2).any(|w| w[0] > w[1])
+    {
+        return Err(bad(op, "inconsistent query_start"));
+    }
+    if batch.block_tables.len() != batch.num_seqs() * batch.max_blocks_per_seq {
+        return Err(bad(
+            op,
+            "block_tables does not have max_blocks_per_seq entries per sequence",
+        ));
+    }
+    let bs = cache.block_size;
+    for seq in 0..batch.num_seqs() {
+        let ctx = batch.context_lens[seq] as usize;
+        let table = batch.block_table(seq);
+        let needed = ctx.div_ceil(bs);
+        if needed > table.len()
+            || table[..needed]
+                .iter()
+                .any(|&b| b as usize >= cache.num_blocks)
+        {
+            return Err(bad(
+                op,
+                format!("sequence {seq}: block table does not cover {ctx} tokens"),
+            ));
+        }
+        let (q0, q1) = (
+            batch.query_start[seq] as usize,
+            batch.query_start[seq + 1] as usize,
+        );
+        if batch.positions[q0..q1].iter().any(|&p| p as usize >= ctx) {
+            return Err(bad(
+                op,
+                format!("sequence {seq}: a position lies beyond its context length {ctx}"),
+            ));
+        }
+    }
+    let slots = cache.num_blocks * bs;
+    if batch.slot_mapping.iter().any(|&s| s as usize >= slots) {
+        return Err(bad(op, format!("slot outside the cache ({slots} slots)")));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Tensor = CudaTensor;
+    type KvCache = CudaKvCache;
+
+    fn name(&self) -> String {
+        self.name_with_ordinal()
+    }
+
+    fn upload(&self, t: HostTensor) -> Result<CudaWeight> {
+        let len: usize = t.shape.iter().product();
+        if t.data.len() != len || t.shape.is_empty() || t.shape.len() > 2 {
+            return Err(bad(
+                "upload",
+                format!(
+                    "tensor of shape {:?} with {} elements",
+                    t.shape,
+                    t.data.len()
+                ),
+            ));
+        }
+        let what = format!("a weight of shape {:?}", t.shape);
+        let data = if t.shape.len() == 2 {
+            let mut host = vec![bf16::ZERO; len];
+            host.par_chunks_mut(1 << 16)
+                .zip(t.data.par_chunks(1 << 16))
+                .for_each(|(d, s)| {
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d = bf16::from_f32(s);
+                    }
+                });
+            WeightData::Bf16(self.upload_slice(&host, &what)?)
+        } else {
+            WeightData::F32(self.upload_slice(&t.data, &what)?)
+        };
+        Ok(CudaWeight {
+            shape: t.shape,
+            data,
+        })
+    }
+
+    fn generate(&self, shape: &[usize], parts: &[FillPart]) -> Option<Result<CudaWeight>> {
+        let run = || -> Result<CudaWeight> {
+            if shape.is_empty()
+                || shape.len() > 2
+                || parts.iter().map(|p| p.rows).sum::<usize>() != shape[0]
+            {
+                return Err(bad(
+                    "generate",
+                    format!("shape {shape:?} for parts {parts:?}"),
+                ));
+            }
+            let cols = shape.get(1).copied().unwrap_or(1);
+            let len = shape[0] * cols;
+            let what = format!("a generated weight of shape {shape:?}");
+            let mut buf = if shape.len() == 2 {
+                GeneratedBuffer::Bf16(self.alloc::<bf16>(len, &what)?)
+            } else {
+                GeneratedBuffer::F32(self.alloc::<f32>(len, &what)?)
+            };
+            let mut offset = 0;
+            for p in parts {
+                let n = p.rows * cols;
+                self.generate_part(&mut buf, offset, n, p.fill)?;
+                offset += n;
+            }
+            let data = match buf {
+                GeneratedBuffer::Bf16(b) => WeightData::Bf16(b),
+                GeneratedBuffer::F32(b) => WeightData::F32(b),
+            };
+            Ok(CudaWeight {
+                shape: shape.to_vec(),
+                data,
+            })
+        };
+        Some(run())
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
+        let per_layer = shape
+            .num_blocks
+            .checked_mul(shape.block_size * shape.num_kv_heads * shape.head_dim)
+            .ok_or_else(|| bad("alloc_kv_cache", format!("{shape:?} overflows")))?;
+        let mut k = Vec::with_capacity(shape.num_layers);
+        let mut v = Vec::with_capacity(shape.num_layers);
+        for layer in 0..shape.num_layers {
+            let what = format!(
+                "the KV cache of layer {layer} ({} blocks)",
+                shape.num_blocks
+            );
+            // Zeroed so a bug that reads an unwritten slot reads zeros, not NaNs.
+            let mut kl = self.alloc::<bf16>(per_layer, &what)?;
+            let mut vl = self.alloc::<bf16>(per_layer, &what)?;
+            self.stream
+                .memset_zeros(&mut kl)
+                .map_err(driver_err("KV cache"))?;
+            self.stream
+                .memset_zeros(&mut vl)
+                .map_err(driver_err("KV cache"))?;
+            k.push(kl);
+            v.push(vl);
+        }
+        Ok(CudaKvCache { shape, k, v })
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        let (vocab, width) = (table.rows(), table.cols());
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {id} is outside the vocabulary ({vocab})"
+            )));
+        }
+        let mut out = self.tensor(ids.len(), width, "embeddings")?;
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let ids_dev = self.upload_slice(ids, "token ids")?;
+        let (f, w) = (
+            self.function("embedding_bf16")?,
+            u32_of("embedding", "width", width)?,
+        );
+        // SAFETY: every id is < vocab (checked), so row id of the vocab x width table exists; the
+        // output has ids.len() rows of width.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(table.bf16("embedding")?)
+                .arg(&ids_dev)
+                .arg(&mut out.data)
+                .arg(&w)
+                .launch(rows_grid(ids.len())?)
+        }
+        .map_err(driver_err("embedding"))?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        let wd = w.f32("rms_norm")?;
+        if wd.len() != x.cols || w.shape.len() != 1 {
+            return Err(bad(
+                "rms_norm",
+                format!("weight {:?} for width {}", w.shape, x.cols),
+            ));
+        }
+        let mut out = self.tensor(x.rows, x.cols, "rms_norm output")?;
+        if x.rows == 0 {
+            return Ok(out);
+        }
+        let (f, width) = (
+            self.function("rms_norm")?,
+            u32_of("rms_norm", "width", x.cols)?,
+        );
+        // SAFETY: x and out are rows x width; w has width elements.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&x.data)
+                .arg(wd)
+                .arg(&mut out.data)
+                .arg(&width)
+                .arg(&eps)
+                .launch(rows_grid(x.rows)?)
+        }
+        .map_err(driver_err("rms_norm"))?;
+        Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let wd = w.f32("add_rms_norm")?;
+        if residual.rows != x.rows || residual.cols != x.cols || wd.len() != x.cols {
+            return Err(bad(
+                "add_rms_norm",
+                format!(
+                    "residual {}x{} vs x {}x{} and weight {:?}",
+                    residual.rows, residual.cols, x.rows, x.cols, w.shape
+                ),
+            ));
+        }
+        let mut out = self.tensor(x.rows, x.cols, "add_rms_norm output")?;
+        if x.rows == 0 {
+            return Ok(out);
+        }
+        let (f, width) = (
+            self.function("add_rms_norm")?,
+            u32_of("add_rms_norm", "width", x.cols)?,
+        );
+        // SAFETY: residual, x and out are rows x width; w has width elements.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&mut residual.data)
+                .arg(&x.data)
+                .arg(wd)
+                .arg(&mut out.data)
+                .arg(&width)
+                .arg(&eps)
+                .launch(rows_grid(x.rows)?)
+        }
+        .map_err(driver_err("add_rms_norm"))?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor> {
+        let (n, k) = (w.rows(), w.cols());
+        if w.shape.len() != 2 || x.cols != k {
+            return Err(bad(
+                "linear",
+                format!("input width {} for weight {:?}", x.cols, w.shape),
+            ));
+        }
+        let xb = self.to_bf16(x)?;
+        let mut y = self.tensor(x.rows, n, "linear output")?;
+        self.gemm_bf16(&xb, w.bf16("linear")?, &mut y.data, x.rows, n, k)?;
+        if let Some(b) = bias {
+            let bd = b.f32("linear bias")?;
+            if bd.len() != n {
+                return Err(bad("linear", format!("bias {:?} for {n} outputs", b.shape)));
+            }
+            if x.rows > 0 {
+                let f = self.function("add_bias")?;
+                let (rows, cols) = (u32_of("linear", "rows", x.rows)?, u32_of("linear", "n", n)?);
+                // SAFETY: y is rows x n; the bias has n elements.
+                unsafe {
+                    self.stream
+                        .launch_builder(f)
+                        .arg(&mut y.data)
+                        .arg(bd)
+                        .arg(&rows)
+                        .arg(&cols)
+                        .launch(grid_for(x.rows * n))
+                }
+                .map_err(driver_err("add_bias"))?;
+            }
+        }
+        Ok(y)
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        if gate_up.cols % 2 != 0 {
+            return Err(bad("silu_mul", format!("odd width {}", gate_up.cols)));
+        }
+        let half = gate_up.cols / 2;
+        let mut out = self.tensor(gate_up.rows, half, "silu_mul output")?;
+        if gate_up.rows == 0 || half == 0 {
+            return Ok(out);
+        }
+        let f = self.function("silu_mul")?;
+        let (rows, h) = (
+            u32_of("silu_mul", "rows", gate_up.rows)?,
+            u32_of("silu_mul", "width", half)?,
+        );
+        // SAFETY: gate_up is rows x 2*half, out rows x half.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&gate_up.data)
+                .arg(&mut out.data)
+                .arg(&rows)
+                .arg(&h)
+                .launch(grid_for(gate_up.rows * half))
+        }
+        .map_err(driver_err("silu_mul"))?;
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[u32]) -> Result<CudaTensor> {
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(bad("gather_rows", format!("row {r} of {}", x.rows)));
+        }
+        let mut out = self.tensor(rows.len(), x.cols, "gathered rows")?;
+        if rows.is_empty() || x.cols == 0 {
+            return Ok(out);
+        }
+        let rows_dev = self.upload_slice(rows, "row indices")?;
+        let (f, cols) = (
+            self.function("gather_rows")?,
+            u32_of("gather_rows", "cols", x.cols)?,
+        );
+        // SAFETY: every row index is < x.rows (checked); out has rows.len() rows of x.cols.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&x.data)
+                .arg(&rows_dev)
+                .arg(&mut out.data)
+                .arg(&cols)
+                .launch(rows_grid(rows.len())?)
+        }
+        .map_err(driver_err("gather_rows"))?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        qkv: &mut CudaTensor,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        batch: &ForwardBatch,
+        s: &AttentionShape,
+    ) -> Result<CudaTensor> {
+        let op = "attention";
+        let (nh, nkv, hd) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let width = (nh + 2 * nkv) * hd;
+        if qkv.cols != width || qkv.rows != batch.num_tokens() {
+            return Err(bad(
+                op,
+                format!(
+                    "qkv is {}x{}, expected {}x{width}",
+                    qkv.rows,
+                    qkv.cols,
+                    batch.num_tokens()
+                ),
+            ));
+        }
+        if nkv == 0 || nh % nkv != 0 || s.rotary_dim % 2 != 0 || s.rotary_dim > hd {
+            return Err(bad(op, format!("unsupported shape {s:?}")));
+        }
+        if layer >= cache.k.len() || cache.shape.num_kv_heads != nkv || cache.shape.head_dim != hd {
+            return Err(bad(
+                op,
+                format!(
+                    "layer {layer} / shape {s:?} does not match the cache {:?}",
+                    cache.shape
+                ),
+            ));
+        }
+        let mut out = self.tensor(qkv.rows, nh * hd, "attention output")?;
+        if qkv.rows == 0 {
+            return Ok(out);
+        }
+        let mut guard = self
+            .batch
+            .lock()
+            .map_err(|_| bad(op, "batch metadata lock poisoned"))?;
+        let db = self.device_batch(&mut guard, batch, &cache.shape, s)?;
+        let u = |what: &str, v: usize| u32_of(op, what, v);
+        let (nh32, nkv32, hd32, rot32) = (
+            u("heads", nh)?,
+            u("kv heads", nkv)?,
+            u("head_dim", hd)?,
+            u("rotary_dim", s.rotary_dim)?,
+        );
+
+        let f = self.function("rope_and_cache_write")?;
+        let (kl, vl) = (&mut cache.k[layer], &mut cache.v[layer]);
+        // SAFETY: qkv is tokens x width; positions/slot_mapping have one entry per token and
+        // every slot is inside the cache (check_batch); inv_freq has rotary_dim / 2 entries.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&mut qkv.data)
+                .arg(&db.positions)
+                .arg(&db.slot_mapping)
+                .arg(&db.inv_freq)
+                .arg(kl)
+                .arg(vl)
+                .arg(&nh32)
+                .arg(&nkv32)
+                .arg(&hd32)
+                .arg(&rot32)
+                .launch(LaunchConfig {
+                    grid_dim: (u("tokens", qkv.rows)?, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+        }
+        .map_err(driver_err("rope_and_cache_write"))?;
+
+        let g = nh / nkv;
+        let tile = [64usize, 32, 16, 8, 4, 2, 1]
+            .into_iter()
+            .find(|&t| attention_smem_bytes(g, hd, t) <= (48 << 10).min(self.max_shared_per_block))
+            .ok_or_else(|| {
+                bad(
+                    op,
+                    format!(
+                        "{g} query heads per KV head of width {hd} do not fit in shared memory"
+                    ),
+                )
+            })?;
+        let smem = attention_smem_bytes(g, hd, tile);
+        let splits = self.attention_splits(qkv.rows, nkv, db.max_context);
+        let tokens = u("tokens", qkv.rows)?;
+        let parts = if splits > 1 {
+            qkv.rows * nh * splits
+        } else {
+            1
+        };
+        let mut part_acc = self.alloc::<f32>(
+            if splits > 1 { parts * hd } else { 1 },
+            "attention partials",
+        )?;
+        let mut part_m = self.alloc::<f32>(parts, "attention partials")?;
+        let mut part_l = self.alloc::<f32>(parts, "attention partials")?;
+        let (mbps, bs) = (
+            u("max_blocks_per_seq", batch.max_blocks_per_seq)?,
+            u("block_size", cache.shape.block_size)?,
+        );
+        let (tile32, splits32) = (tile as u32, splits as u32);
+        let f = self.function("paged_attention")?;
+        let (kl, vl) = (&cache.k[layer], &cache.v[layer]);
+        // SAFETY: shapes as documented in attention.cu: every block-table entry the kernel reads
+        // (positions < context_len, covered by the table) names a block inside the cache
+        // (check_batch); seq_of_token < num_seqs; the dynamic shared memory is the size the
+        // kernel's layout needs for (g, hd, tile) and within the 48 KiB default limit; the
+        // partial buffers hold tokens * heads * splits (* hd) entries when splits > 1.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(&qkv.data)
+                .arg(kl)
+                .arg(vl)
+                .arg(&db.positions)
+                .arg(&db.seq_of_token)
+                .arg(&db.block_tables)
+                .arg(&mbps)
+                .arg(&bs)
+                .arg(&nh32)
+                .arg(&nkv32)
+                .arg(&hd32)
+                .arg(&s.scale)
+                .arg(&tile32)
+                .arg(&splits32)
+                .arg(&mut out.data)
+                .arg(&mut part_acc)
+                .arg(&mut part_m)
+                .arg(&mut part_l)
+                .launch(LaunchConfig {
+                    grid_dim: (tokens, nkv32, splits32),
+                    block_dim: (ATTN_THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                })
+        }
+        .map_err(driver_err("paged_attention"))?;
+        if splits > 1 {
+            let f = self.function("attention_combine")?;
+            // SAFETY: the partials hold tokens * heads * splits states; out is tokens x heads*hd.
+            unsafe {
+                self.stream
+                    .launch_builder(f)
+                    .arg(&part_acc)
+                    .arg(&part_m)
+                    .arg(&part_l)
+                    .arg(&mut out.data)
+                    .arg(&nh32)
+                    .arg(&hd32)
+                    .arg(&splits32)
+                    .launch(LaunchConfig {
+                        grid_dim: (tokens, nh32, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+            }
+            .map_err(driver_err("attention_combine"))?;
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols;
+        let mut host = vec![0f32; n];
+        if n > 0 {
+            let view = x.data.slice(0..n);
+            self.stream
+                .memcpy_dtoh(&view, &mut host)
+                .map_err(driver_err("copy to host"))?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor) -> Option<Result<Vec<u32>>> {
+        let run = || -> Result<Vec<u32>> {
+            let mut ids = self.alloc::<u32>(x.rows, "argmax output")?;
+            if x.rows == 0 {
+                return Ok(Vec::new());
+            }
+            if x.cols == 0 {
+                return Err(bad("argmax_rows", "rows of width 0"));
+            }
+            let (f, cols) = (
+                self.function("argmax_rows")?,
+                u32_of("argmax_rows", "cols", x.cols)?,
+            );
+            // SAFETY: one block of 256 (a power of two <= 1024, as the kernel needs) per row of
+            // x; ids has x.rows entries.
+            unsafe {
+                self.stream
+                    .launch_builder(f)
+                    .arg(&x.data)
+                    .arg(&mut ids)
+                    .arg(&cols)
+                    .launch(rows_grid(x.rows)?)
+            }
+            .map_err(driver_err("argmax_rows"))?;
+            let mut host = vec![0u32; x.rows];
+            let view = ids.slice(0..x.rows);
+            self.stream
+                .memcpy_dtoh(&view, &mut host)
+                .map_err(driver_err("copy to host"))?;
+            self.synchronize()?;
+            Ok(host)
+        };
+        Some(run())
+    }
+
+    fn kv_cache_elem_bytes(&self) -> usize {
+        2
+    }
+
+    fn kv_cache_budget(&self) -> Result<Option<usize>> {
+        self.synchronize()?;
+        let (free, total) = self.memory_info()?;
+        let keep_free = (total as f64 * (1.0 - self.options.memory_utilization as f64)) as usize;
+        Ok(Some(free.saturating_sub(keep_free)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_shared_memory_of_glm4_9b_fits_the_default_limit() {
+        // 32 heads over 2 KV heads, head_dim 128, tile 32: 34 KiB.
+        assert!(attention_smem_bytes(16, 128, 32) <= 48 << 10);
+        assert!(attention_smem_bytes(16, 128, 64) > 48 << 10);
+    }
+
+    #[test]
+    fn batch_checks_reject_slots_and_blocks_outside_the_cache() {
+        let cache = KvCacheShape {
+            num_layers: 1,
+            num_blocks: 4,
+            block_size: 4,
+            num_kv_heads: 1,
+            head_dim: 8,
+        };
+        let mut b = ForwardBatch::new(2);
+        b.push_seq(&[1, 2, 3, 4, 5], 0, &[0, 1], 4);
+        check_batch(&b, &cache).unwrap();
+        let mut far = b.clone();
+        far.slot_mapping[0] = 16;
+        assert!(check_batch(&far, &cache).is_err());
+        let mut short = b.clone();
+        short.block_tables[1] = 4;
+        assert!(check_batch(&short, &cache).is_err());
+        let mut late = b;
+        late.positions[4] = 5;
+        assert!(check_batch(&late, &cache).is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! The CUDA backend against the CPU reference (and through it, transformers). Needs a CUDA GPU:
+//! every test is `#[ignore]`d and fails loudly when run with `--include-ignored` on a machine
+//! without one (a GPU check that finds no GPU must not pass). On the GPU machine:
+//! `cargo test --release -p autoglm-core --test cuda_fixtures -- --include-ignored` (or the
+//! prebuilt executable via `.ci/gpu-check.sh`).
+//!
+//! Tolerances: weights and activations are rounded to bf16 before each GEMM (8 bits of mantissa,
+//! relative step 2^-8 = 0.4%), so logits differ from the f32 reference by about 1e-2 of their
+//! scale; greedy tokens are compared where the reference's top-2 margin exceeds that.
+
+mod common;
+
+use autoglm_core::backend::cpu::CpuBackend;
+use autoglm_core::backend::cuda::{CudaBackend, CudaOptions};
+use autoglm_core::backend::Backend;
+use autoglm_core::model::{GlmModel, ModelConfig, RandomWeights};
+use autoglm_core::runner::ForwardBatch;
+use autoglm_core::{Device, Engine, EngineConfig, SamplingParams};
+use common::*;
+
+/// Relative tolerance of bf16 logits against the f32 reference (max abs error / max |logit|).
+const TOL: f32 = 3e-2;
+const BLOCK: usize = 4;
+
+fn cuda() -> CudaBackend {
+    match CudaBackend::new(CudaOptions::default()) {
+        Ok(b) => b,
+        Err(e) => panic!("this test needs a usable CUDA device: {e}"),
+    }
+}
+
+fn single(tokens: &[u32], start: usize, all_logits: bool) -> ForwardBatch {
+    let blocks: Vec<u32> = (0..(start + tokens.len()).div_ceil(BLOCK) as u32).collect();
+    let mut b = ForwardBatch::new(blocks.len());
+    b.push_seq(tokens, start, &blocks, BLOCK);
+    b.logits_indices = if all_logits {
+        (0..tokens.len() as u32).collect()
+    } else {
+        vec![tokens.len() as u32 - 1].into()
+    };
+    b
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn check_rows(what: &str, got: &[f32], want: &[f32], vocab: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: logits length");
+    for (r, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let e = rel_err(g, w);
+        assert!(e < TOL, "{what}: row {r}: relative error {e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn prompt_logits_match_the_reference_at_every_position() {
+    let gpu = cuda();
+    eprintln!("{} ({}), sm_{}", gpu.name(), gpu.device_name(), gpu.arch());
+    for name in FIXTURES {
+        let model = GlmModel::load(&fixture(name), &gpu).unwrap();
+        let vocab = model.config().vocab_size;
+        for case in expected(name)["cases"].as_array().unwrap() {
+            let prompt = ids(&case["prompt_token_ids"]);
+            let mut cache = gpu
+                .alloc_kv_cache(model.kv_cache_shape(128, BLOCK))
+                .unwrap();
+            let logits = model
+                .forward(&gpu, &single(&prompt, 0, true), &mut cache)
+                .unwrap();
+            let (_, want) = expected_tensor(name, case["logits_tensor"].as_str().unwrap());
+            check_rows(
+                &format!("{name} prompt {}", prompt.len()),
+                &logits,
+                &want,
+                vocab,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn decode_logits_match_and_greedy_tokens_agree_where_the_margin_is_clear() {
+    let gpu = cuda();
+    for name in FIXTURES {
+        let model = GlmModel::load(&fixture(name), &gpu).unwrap();
+        let vocab = model.config().vocab_size;
+        for case in expected(name)["cases"].as_array().unwrap() {
+            let prompt = ids(&case["prompt_token_ids"]);
+            let greedy = ids(&case["greedy_token_ids"]);
+            let margins = case["greedy_top2_margins"].as_array().unwrap();
+            let (_, want) = expected_tensor(name, case["greedy_logits_tensor"].as_str().unwrap());
+            let mut cache = gpu
+                .alloc_kv_cache(model.kv_cache_shape(128, BLOCK))
+                .unwrap();
+            let mut logits = model
+                .forward(&gpu, &single(&prompt, 0, false), &mut cache)
+                .unwrap();
+            // Teacher-forced with the reference tokens, so one flipped step cannot derail the rest.
+            for (step, &tok) in greedy.iter().enumerate() {
+                let w = &want[step * vocab..(step + 1) * vocab];
+                let e = rel_err(&logits, w);
+                assert!(e < TOL, "{name}: decode step {step}: relative error {e}");
+                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let margin = margins[step].as_f64().unwrap() as f32;
+                if margin > 2.0 * TOL * scale {
+                    assert_eq!(argmax(&logits), tok, "{name}: greedy token at step {step}");
+                }
+                let pos = prompt.len() + step;
+                logits = model
+                    .forward(&gpu, &single(&[tok], pos, false), &mut cache)
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Long contexts take the split-K decode path (context >= 512); a random tiny model checks it
+/// against the CPU on the same weights.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn long_context_decode_matches_the_cpu_on_the_same_weights() {
+    let gpu = cuda();
+    let cpu = CpuBackend::new();
+    let config = ModelConfig::from_file(&fixture("glm4-tiny").join("config.json")).unwrap();
+    let src = RandomWeights {
+        seed: 7,
+        scale: 0.08,
+    };
+    let on_gpu = GlmModel::from_source(config.clone(), &src, &gpu).unwrap();
+    let on_cpu = GlmModel::from_source(config.clone(), &src, &cpu).unwrap();
+    let vocab = config.vocab_size;
+    let prompt: Vec<u32> = (0..1500u32).map(|i| (i * 7919) % vocab as u32).collect();
+    let mut gc = gpu
+        .alloc_kv_cache(on_gpu.kv_cache_shape(512, BLOCK))
+        .unwrap();
+    let mut cc = cpu
+        .alloc_kv_cache(on_cpu.kv_cache_shape(512, BLOCK))
+        .unwrap();
+    // Prefill in two chunks (the second attends to the first through the cache), then decode.
+    let (a, b) = prompt.split_at(700);
+    for (chunk, start) in [(a, 0), (b, 700)] {
+        let batch = single(chunk, start, true);
+        let g = on_gpu.forward(&gpu, &batch, &mut gc).unwrap();
+        let c = on_cpu.forward(&cpu, &batch, &mut cc).unwrap();
+        check_rows(&format!("prefill chunk at {start}"), &g, &c, vocab);
+    }
+    let mut tok = 1u32;
+    for step in 0..8 {
+        let batch = single(&[tok], prompt.len() + step, false);
+        let g = on_gpu.forward(&gpu, &batch, &mut gc).unwrap();
+        let c = on_cpu.forward(&cpu, &batch, &mut cc).unwrap();
+        check_rows(&format!("decode step {step}"), &g, &c, vocab);
+        tok = argmax(&c);
+    }
+}
+
+/// Weights generated on the device equal the host's RandomWeights rounded to bf16: the logits
+/// of the two models agree to bf16 tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn device_generated_dummy_weights_equal_the_host_generator() {
+    let gpu = cuda();
+    let cpu = CpuBackend::new();
+    let config = ModelConfig::from_file(&fixture("glm-tiny-bf16").join("config.json")).unwrap();
+    let src = RandomWeights::default();
+    let on_gpu = GlmModel::from_source(config.clone(), &src, &gpu).unwrap();
+    let on_cpu = GlmModel::from_source(config.clone(), &src, &cpu).unwrap();
+    let prompt: Vec<u32> = (1..40).collect();
+    let batch = single(&prompt, 0, true);
+    let mut gc = gpu
+        .alloc_kv_cache(on_gpu.kv_cache_shape(16, BLOCK))
+        .unwrap();
+    let mut cc = cpu
+        .alloc_kv_cache(on_cpu.kv_cache_shape(16, BLOCK))
+        .unwrap();
+    let g = on_gpu.forward(&gpu, &batch, &mut gc).unwrap();
+    let c = on_cpu.forward(&cpu, &batch, &mut cc).unwrap();
+    check_rows("dummy weights", &g, &c, config.vocab_size);
+}
+
+/// The engine on cuda:0: device argmax (plain greedy) and host sampling (greedy with logprobs)
+/// pick the same tokens, alone and in a batch of 8.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn engine_on_cuda_device_argmax_equals_host_greedy_and_batching_changes_nothing() {
+    let _ = cuda();
+    let mut config = EngineConfig {
+        device: Device::Cuda(0),
+        ..EngineConfig::default()
+    };
+    config.cache.num_blocks = Some(1024);
+    let engine = Engine::from_dir(&fixture("glm4-tiny"), config).unwrap();
+    assert_eq!(engine.backend_name(), "cuda:0");
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| {
+            (0..(5 + 3 * i))
+                .map(|t| (t * 37 + i * 11) % 500 + 1)
+                .collect()
+        })
+        .collect();
+    let greedy = SamplingParams {
+        max_tokens: 24,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let with_logprobs = SamplingParams {
+        logprobs: Some(1),
+        ..greedy.clone()
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            engine.generate(p.clone(), greedy.clone()).unwrap().choices[0]
+                .token_ids
+                .clone()
+        })
+        .collect();
+    for (p, want) in prompts.iter().zip(&alone) {
+        let host = engine.generate(p.clone(), with_logprobs.clone()).unwrap();
+        assert_eq!(&host.choices[0].token_ids, want, "host vs device argmax");
+    }
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(p.clone(), greedy.clone()).unwrap())
+        .collect();
+    for (s, want) in streams.into_iter().zip(&alone) {
+        let out = autoglm_core::engine::collect(s, 1).unwrap();
+        assert_eq!(&out.choices[0].token_ids, want, "batched vs alone");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn a_model_larger_than_the_device_is_refused_naming_the_sizes() {
+    let gpu = cuda();
+    let (_, total) = gpu.memory_info().unwrap();
+    let err = gpu.check_fits(total + (1 << 30)).unwrap_err().to_string();
+    assert!(err.contains("MiB"), "{err}");
+}

@@ -1,0 +1,201 @@
+//! The `e2e` benchmark on the CUDA backend (`e2e --device cuda[:N]`): start-up time, device
+//! bandwidth, prefill of one long prompt, decode tok/s at several batch sizes and batch-1 decode
+//! against the bandwidth roofline. The model is a dummy of the given shape whose weights are
+//! generated on the device (no checkpoint needed: `--params 9B` or `--config config.json`).
+//!
+//! Timing: wall clock around work that ends in a device synchronization (each decode step ends
+//! with the device argmax copying the tokens back; prefill synchronizes explicitly), after warm-up
+//! steps; medians reported. NOT YET RUN ON A GPU (see docs/BENCHMARKS.md).
+
+use std::time::Instant;
+
+use autoglm_core::backend::cuda::{CudaBackend, CudaOptions};
+use autoglm_core::backend::Backend;
+use autoglm_core::model::{GlmModel, ModelConfig, RandomWeights};
+use autoglm_core::runner::ForwardBatch;
+use serde_json::{json, Value};
+
+use crate::{median, params_read_per_decode_step};
+
+const BLOCK_SIZE: usize = 16;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct CudaBenchArgs {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Prompt length of the prefill measurement.
+    pub prefill_len: usize,
+    /// Prefill repetitions (median reported).
+    pub prefill_runs: usize,
+    /// Context already in the cache of each decoding sequence.
+    pub decode_prompt: usize,
+    /// Timed decode steps per batch size.
+    pub decode_steps: usize,
+    /// Untimed decode steps first.
+    pub warmup_steps: usize,
+    /// Decode batch sizes.
+    pub batches: Vec<usize>,
+    /// Bytes copied by the bandwidth probe.
+    pub bw_bytes: usize,
+    /// Seed of the weights and prompts.
+    pub seed: u64,
+}
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Runs the CUDA measurements; returns the JSON report (and prints the human one with `line`).
+pub fn run(
+    config: &ModelConfig,
+    a: &CudaBenchArgs,
+    line: &dyn Fn(String),
+) -> autoglm_core::Result<Value> {
+    let t = Instant::now();
+    let gpu = CudaBackend::new(CudaOptions {
+        ordinal: a.ordinal,
+        ..CudaOptions::default()
+    })?;
+    let startup_backend_s = t.elapsed().as_secs_f64();
+    let (free, total) = gpu.memory_info()?;
+    line(format!(
+        "device: {} ({}, sm_{}), {:.1} GiB free of {:.1} GiB; backend ready in {:.2} s (kernels compiled or loaded from the disk cache)",
+        gpu.name(),
+        gpu.device_name(),
+        gpu.arch(),
+        free as f64 / (1u64 << 30) as f64,
+        total as f64 / (1u64 << 30) as f64,
+        startup_backend_s
+    ));
+    gpu.check_fits(autoglm_core::backend::cuda::weight_bytes(config))?;
+    let bw = gpu.copy_bandwidth(a.bw_bytes, 5)?;
+    line(format!(
+        "device copy bandwidth (read + write, {} MiB): {:.1} GB/s",
+        a.bw_bytes >> 20,
+        bw / 1e9
+    ));
+
+    let t = Instant::now();
+    let weights = RandomWeights {
+        seed: a.seed,
+        scale: 0.05,
+    };
+    let model = GlmModel::from_source(config.clone(), &weights, &gpu)?;
+    gpu.synchronize()?;
+    let startup_weights_s = t.elapsed().as_secs_f64();
+    line(format!(
+        "dummy weights generated on the device in {startup_weights_s:.2} s"
+    ));
+    let vocab = config.vocab_size;
+
+    // Prefill of one sequence.
+    let blocks = a.prefill_len.div_ceil(BLOCK_SIZE);
+    let mut cache = gpu.alloc_kv_cache(model.kv_cache_shape(blocks, BLOCK_SIZE))?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut prefill = Vec::new();
+    for run in 0..=a.prefill_runs.max(1) {
+        let mut batch = ForwardBatch::new(blocks);
+        batch.push_seq(
+            &tokens(a.prefill_len, vocab, a.seed ^ run as u64),
+            0,
+            &table,
+            BLOCK_SIZE,
+        );
+        batch.logits_indices = vec![a.prefill_len as u32 - 1].into();
+        let t = Instant::now();
+        let logits = model.forward_logits(&gpu, &batch, &mut cache)?;
+        gpu.synchronize()?;
+        if run > 0 {
+            prefill.push(t.elapsed().as_secs_f64());
+        }
+        drop(logits);
+    }
+    drop(cache);
+    let prefill_s = median(&mut prefill.clone());
+    line(format!(
+        "prefill of {} tokens: median {:.1} ms ({:.0} tok/s)",
+        a.prefill_len,
+        prefill_s * 1e3,
+        a.prefill_len as f64 / prefill_s
+    ));
+
+    // Decode.
+    let read_bytes = params_read_per_decode_step(config) * 2;
+    let roofline_s = read_bytes as f64 / (bw / 2.0);
+    let mut decode = Vec::new();
+    for &b in &a.batches {
+        let per_seq = (a.decode_prompt + a.warmup_steps + a.decode_steps + 2).div_ceil(BLOCK_SIZE);
+        let mut cache = gpu.alloc_kv_cache(model.kv_cache_shape(b * per_seq, BLOCK_SIZE))?;
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+            .collect();
+        let mut fb = ForwardBatch::new(per_seq);
+        for (s, table) in tables.iter().enumerate() {
+            fb.push_seq(
+                &tokens(a.decode_prompt, vocab, a.seed ^ (s as u64 + 100)),
+                0,
+                table,
+                BLOCK_SIZE,
+            );
+        }
+        fb.logits_indices = (1..=b).map(|s| (s * a.decode_prompt) as u32 - 1).collect();
+        let l = model.forward_logits(&gpu, &fb, &mut cache)?;
+        let mut next = gpu.argmax_rows(&l).expect("device argmax")?;
+        let mut times = Vec::new();
+        for step in 0..a.warmup_steps + a.decode_steps {
+            let pos = a.decode_prompt + step;
+            let mut fb = ForwardBatch::new(per_seq);
+            for (s, table) in tables.iter().enumerate() {
+                fb.push_seq(&[next[s]], pos, table, BLOCK_SIZE);
+            }
+            fb.logits_indices = (0..b as u32).collect();
+            let t = Instant::now();
+            let l = model.forward_logits(&gpu, &fb, &mut cache)?;
+            next = gpu.argmax_rows(&l).expect("device argmax")?;
+            if step >= a.warmup_steps {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let med = median(&mut times.clone());
+        line(format!(
+            "decode batch {b}: median step {:.2} ms, {:.1} tok/s{}",
+            med * 1e3,
+            b as f64 / med,
+            if b == 1 {
+                format!(
+                    " ({:.0}% of the roofline {:.1} tok/s: {:.2} GB read per step at {:.0} GB/s)",
+                    100.0 * roofline_s / med,
+                    1.0 / roofline_s,
+                    read_bytes as f64 / 1e9,
+                    bw / 2e9
+                )
+            } else {
+                String::new()
+            }
+        ));
+        decode.push(
+            json!({"batch": b, "median_step_ms": med * 1e3, "tok_s": b as f64 / med,
+                           "steps_ms": times.iter().map(|x| x * 1e3).collect::<Vec<_>>()}),
+        );
+    }
+    Ok(json!({
+        "device": gpu.device_name(),
+        "arch": gpu.arch(),
+        "startup_backend_s": startup_backend_s,
+        "startup_weights_s": startup_weights_s,
+        "copy_bandwidth_gb_s": bw / 1e9,
+        "prefill": {"tokens": a.prefill_len, "median_ms": prefill_s * 1e3, "tok_s": a.prefill_len as f64 / prefill_s},
+        "decode": decode,
+        "roofline": {"bytes_per_step": read_bytes, "read_bandwidth_gb_s": bw / 2e9, "batch1_tok_s": 1.0 / roofline_s},
+        "timing": "wall clock around synchronized work, medians after warm-up",
+    }))
+}
