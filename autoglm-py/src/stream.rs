@@ -80,10 +80,11 @@ impl StreamCore {
 
     /// The next event (`None` at the end or after a cancel), with the lock to release once it
     /// has been handed over (see [`Gate`]).
+    ///
+    /// The stash is only read with the lock held: an event taken from it without the lock could
+    /// go back into it (its awaiter gave up) after another waiter had already received the next
+    /// event from the engine, and the two would be handed out in the wrong order.
     pub(crate) async fn next_gated(&self) -> (Option<Event>, Option<Gate>) {
-        if let Some(ev) = self.pop_stash() {
-            return (Some(ev), None);
-        }
         let mut gate = self.stream.clone().lock_owned().await;
         if let Some(ev) = self.pop_stash() {
             return (Some(ev), Some(gate));
