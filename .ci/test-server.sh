@@ -20,7 +20,7 @@ cargo build --release --example serve
 # Port 0: the server picks a free port and prints it ("listening on http://127.0.0.1:PORT"), so no
 # other process can take the port between choosing and binding it.
 log=$(mktemp)
-target/release/examples/serve --host 127.0.0.1 --port 0 \
+"${CARGO_TARGET_DIR:-target}"/release/examples/serve --host 127.0.0.1 --port 0 \
   --model glm4-tiny=tests/fixtures/glm4-tiny >"$log" 2>&1 &
 server=$!
 stop_server() {
