@@ -10,9 +10,8 @@
 //! ```
 //! use autoglm_core::backend::null::{NullBackend, NullWeights};
 //! use autoglm_core::model::{GlmModel, ModelConfig};
-//! # fn config() -> ModelConfig { unimplemented!() }
 //! # fn run() -> autoglm_core::Result<()> {
-//! # let config = config();
+//! let config = ModelConfig::from_file("tests/fixtures/glm4-tiny/config.json".as_ref())?;
 //! let model = GlmModel::from_source(config, &NullWeights, &NullBackend)?;
 //! let engine = autoglm_core::Engine::new(NullBackend, model, None, Default::default())?;
 //! # Ok(()) }
