@@ -121,6 +121,10 @@ struct Cli {
     /// Seconds a generation may take (default: unlimited).
     #[arg(long)]
     request_timeout: Option<f64>,
+    /// Streamed token events written to the socket together (1 = each as it is produced; larger
+    /// values cost fewer socket writes per token at many streams, delivering tokens in bursts).
+    #[arg(long, default_value_t = 1)]
+    stream_interval: usize,
     /// Seconds open requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -269,6 +273,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.limits.request_timeout = cli.request_timeout.and_then(secs);
     c.limits.max_concurrent_requests = cli.max_concurrent_requests;
     c.limits.max_waiting_requests = cli.max_waiting_requests;
+    c.stream_interval = cli.stream_interval;
     c.shutdown_grace = Some(Duration::from_secs_f64(cli.shutdown_grace.max(0.0)));
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {

@@ -54,6 +54,13 @@ struct Cli {
     /// Engine/server run pairs per configuration (the median-ratio pair is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// The server's stream interval: token events written to a connection together.
+    #[arg(long, default_value_t = 1)]
+    stream_interval: usize,
+    /// The stream interval of the engine-alone consumers (default: the server's, so the
+    /// comparison isolates the server; 1 compares with consumers woken for every token).
+    #[arg(long)]
+    engine_stream_interval: Option<usize>,
     /// Measure only `engine` or only `server` (for profiling); default both.
     #[arg(long)]
     only: Option<String>,
@@ -136,8 +143,15 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The engine alone: every request submitted at once, each stream drained by its own task.
-fn run_engine(rt: &tokio::runtime::Runtime, c: usize, tokens: usize, prompt_len: usize) -> Run {
+/// The engine alone: every request submitted at once, each stream drained by its own task, woken
+/// at the same stream interval as the server's streams (so the comparison isolates the server).
+fn run_engine(
+    rt: &tokio::runtime::Runtime,
+    c: usize,
+    tokens: usize,
+    prompt_len: usize,
+    stream_interval: usize,
+) -> Run {
     let engine = null_engine(c, prompt_len);
     // One short request first, so first-use costs are not in the figures.
     let warm = SamplingParams {
@@ -159,6 +173,7 @@ fn run_engine(rt: &tokio::runtime::Runtime, c: usize, tokens: usize, prompt_len:
             let mut s = engine
                 .submit(prompt(i, prompt_len), params)
                 .expect("submit");
+            s.set_stream_interval(stream_interval);
             tasks.push(tokio::spawn(async move {
                 let mut n = 0;
                 let mut first = None;
@@ -211,8 +226,13 @@ async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f6
         let now = Instant::now();
         // Events end with a blank line; the server sends one token per event here, and events
         // that arrive in one read arrive together (an ITL of 0, as a client would see it).
-        for &b in data.iter() {
-            if b == b'\n' && prev_newline {
+        for i in memchr::memchr_iter(b'\n', &data) {
+            let after_newline = if i == 0 {
+                prev_newline
+            } else {
+                data[i - 1] == b'\n'
+            };
+            if after_newline {
                 if events == 0 {
                     ttft = (now - sent).as_secs_f64();
                 } else {
@@ -221,8 +241,8 @@ async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f6
                 last = now;
                 events += 1;
             }
-            prev_newline = b == b'\n';
         }
+        prev_newline = data.last() == Some(&b'\n');
     }
     // The last event is `[DONE]`, which carries no token.
     let tokens = events.saturating_sub(1);
@@ -237,6 +257,7 @@ fn run_server(
     c: usize,
     tokens: usize,
     prompt_len: usize,
+    stream_interval: usize,
 ) -> Run {
     let engine = null_engine(c, prompt_len);
     let models = Arc::new(ModelRegistry::new(EngineConfig::default()));
@@ -247,6 +268,7 @@ fn run_server(
             ..Default::default()
         };
         cfg.socket.acceptors = 2;
+        cfg.stream_interval = stream_interval;
         cfg.http.max_connections = 2 * c + 16;
         cfg.limits.max_concurrent_requests = 2 * c + 16;
         let server = Server::bind(cfg, models).expect("bind");
@@ -322,12 +344,15 @@ fn main() {
         .expect("client runtime");
     println!("machine: {}", machine());
     println!(
-        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; median-ratio pair of {} alternating engine/server runs",
-        cli.prompt_len, cli.server_workers, cli.client_workers, cli.repeats
+        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; stream interval {} (engine-alone consumers: {}); median-ratio pair of {} alternating engine/server runs",
+        cli.prompt_len, cli.server_workers, cli.client_workers, cli.stream_interval,
+        cli.engine_stream_interval.unwrap_or(cli.stream_interval),
+        cli.repeats
     );
     println!();
     println!("| streams | tokens/stream | engine tok/s | server tok/s | server/engine | engine TTFT p50 ms | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT mean ms | CPU µs/token: engine alone (engine + consumer) | via server (engine + server + client) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    let engine_interval = cli.engine_stream_interval.unwrap_or(cli.stream_interval);
     for &c in &cli.concurrency.0 {
         let tokens = (cli.total_tokens / c.max(1)).clamp(64, 4000);
         // Warm-up (page faults, thread pools, connection paths).
@@ -335,20 +360,34 @@ fn main() {
         // Engine and server runs alternate, so load from elsewhere on the machine hits both
         // alike; the pair with the median ratio is reported.
         if want("engine") {
-            run_engine(&server_rt, c, 64, cli.prompt_len);
+            run_engine(&server_rt, c, 64, cli.prompt_len, engine_interval);
         }
         if want("server") {
-            run_server(&server_rt, &client_rt, c, 64, cli.prompt_len);
+            run_server(
+                &server_rt,
+                &client_rt,
+                c,
+                64,
+                cli.prompt_len,
+                cli.stream_interval,
+            );
         }
         let mut pairs: Vec<(Run, Run)> = (0..cli.repeats.max(1))
             .map(|_| {
                 let e = if want("engine") {
-                    run_engine(&server_rt, c, tokens, cli.prompt_len)
+                    run_engine(&server_rt, c, tokens, cli.prompt_len, engine_interval)
                 } else {
                     Run::default()
                 };
                 let s = if want("server") {
-                    run_server(&server_rt, &client_rt, c, tokens, cli.prompt_len)
+                    run_server(
+                        &server_rt,
+                        &client_rt,
+                        c,
+                        tokens,
+                        cli.prompt_len,
+                        cli.stream_interval,
+                    )
                 } else {
                     Run::default()
                 };

@@ -116,11 +116,12 @@ fn allocations_per_streamed_token() {
         assert!(events >= long, "one event per token");
     }
     for (path, per_token) in report {
-        // One buffer per event, plus what flume allocates each time the consumer has to wait for
-        // the engine (a wake-up hook, inside RequestStream::recv_async): between 1 and 2 per token
-        // depending on how often the server catches up with the engine (measured 1.0 to 1.6).
+        // Events are rendered into a per-stream buffer whose memory is reused once hyper has
+        // written a chunk, and the engine's event channel allocates nothing per event; what is
+        // left is the engine's own output per token (its token id vector and text), freed on the
+        // server's threads.
         assert!(
-            per_token <= 2.0,
+            per_token <= 0.25,
             "{path}: {per_token:.2} allocations per token"
         );
     }

@@ -333,3 +333,72 @@ async fn small_routes_and_request_ids() {
     );
     srv.stop().await;
 }
+
+/// With `stream_interval = 8`, every token is still its own SSE event with the fixture's greedy
+/// ids, but they reach the client in groups: the first token alone, then eight per HTTP chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_interval_groups_events_into_fewer_chunks() {
+    use http_body_util::BodyExt;
+    let mut config = loopback_config();
+    config.stream_interval = 8;
+    let srv = start(config, vec![(MODEL, cpu_engine())]);
+    let (prompt, greedy) = greedy_case(0);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                      "ignore_eos": true, "return_token_ids": true, "stream": true});
+    let io = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/completions")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let mut resp = tx.send_request(req).await.unwrap().into_body();
+    let (mut all, mut chunks) = (Vec::new(), 0);
+    while let Some(f) = resp.frame().await {
+        all.extend_from_slice(&f.unwrap().into_data().unwrap());
+        chunks += 1;
+    }
+    let events = sse_events(&all);
+    let ids: Vec<u64> = events
+        .iter()
+        .flat_map(|e| e["choices"][0]["token_ids"].as_array().cloned().unwrap())
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, greedy.iter().map(|&t| t as u64).collect::<Vec<_>>());
+    assert_eq!(events.len(), 24, "one event per token");
+    // Typically 1 + 8 + 8 + 7 token events (the last goes with its finish reason), then [DONE]:
+    // 5 chunks. Events already queued when the server comes back for more go out at once, and a
+    // chunk split across two reads adds a frame, hence the margin; one chunk per event would be 25.
+    eprintln!("{chunks} HTTP chunks for 24 events at interval 8");
+    assert!(
+        (4..=12).contains(&chunks),
+        "{chunks} HTTP chunks for 24 events at interval 8"
+    );
+
+    let unstreamed = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        text_of(&events, 0, false),
+        unstreamed["choices"][0]["text"].as_str().unwrap()
+    );
+    srv.stop().await;
+}
+
+#[test]
+fn stream_interval_out_of_range_is_refused() {
+    for bad in [0, autoglm_core::server::MAX_STREAM_INTERVAL + 1] {
+        let mut c = loopback_config();
+        c.stream_interval = bad;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("stream_interval"), "{err}");
+    }
+}

@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 23] = [
+const SERVER_OPTIONS: [&str; 24] = [
     "host",
     "port",
     "unix_socket",
@@ -53,6 +53,7 @@ const SERVER_OPTIONS: [&str; 23] = [
     "max_body_bytes",
     "request_timeout",
     "idle_timeout",
+    "stream_interval",
     "shutdown_grace",
     "workers",
     "reuse_port",
@@ -297,7 +298,8 @@ enum State {
 /// `audit_log` (a file, or "-" for stderr) and `audit_log_prompts`.
 /// Limits: `max_connections`, `max_concurrent_requests`, `max_waiting_requests`,
 /// `max_body_bytes`, `request_timeout` and `idle_timeout` (seconds; 0: none), `shutdown_grace`
-/// (seconds open requests get on a graceful stop; default 30).
+/// (seconds open requests get on a graceful stop; default 30), `stream_interval` (streamed token
+/// events written together; default 1).
 /// Threads: `workers` (HTTP threads; default one per core), `reuse_port` (one SO_REUSEPORT socket
 /// per worker; off by default, so a port in use fails to bind instead of being shared).
 /// `config`: a mapping of `autoglm_core::server::ServerConfig` fields for the rest (JWTs, roles,
@@ -487,6 +489,7 @@ impl Server {
         max_body_bytes = None,
         request_timeout = None,
         idle_timeout = None,
+        stream_interval = None,
         shutdown_grace = None,
         workers = None,
         reuse_port = None,
@@ -500,7 +503,8 @@ impl Server {
         api_keys_file=None, tls_cert=None, tls_key=None, requests_per_minute=None, \
         tokens_per_minute=None, audit_log=None, audit_log_prompts=False, max_connections=None, \
         max_concurrent_requests=None, max_waiting_requests=None, max_body_bytes=None, \
-        request_timeout=None, idle_timeout=None, shutdown_grace=None, workers=None, \
+        request_timeout=None, idle_timeout=None, stream_interval=None, shutdown_grace=None, \
+        workers=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -526,6 +530,7 @@ impl Server {
         max_body_bytes: Option<&Bound<'_, PyAny>>,
         request_timeout: Option<&Bound<'_, PyAny>>,
         idle_timeout: Option<&Bound<'_, PyAny>>,
+        stream_interval: Option<&Bound<'_, PyAny>>,
         shutdown_grace: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
         reuse_port: Option<bool>,
@@ -722,6 +727,9 @@ impl Server {
             }
             if let Some(s) = opt_number("idle_timeout", idle_timeout)? {
                 c.http.idle_timeout = timeout(s);
+            }
+            if let Some(n) = opt_count("stream_interval", stream_interval)? {
+                c.stream_interval = n;
             }
             if let Some(s) = opt_number("shutdown_grace", shutdown_grace)? {
                 c.shutdown_grace = Some(Duration::from_secs_f64(s));

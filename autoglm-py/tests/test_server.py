@@ -101,6 +101,17 @@ def test_completion_greedy_tokens_match_the_fixture(
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(c["prompt_token_ids"]), 24)
 
 
+def test_stream_interval_keeps_one_event_per_token(glm4: dict[str, Any]) -> None:
+    c = glm4["cases"][0]
+    with autoglm.Server(TINY, port=0, device="cpu", stream_interval=4) as s:
+        stream = client_for(s.url).completions.create(
+            model=NAME, prompt=c["prompt_token_ids"], max_tokens=24, temperature=0,
+            stream=True, extra_body=GREEDY,
+        )
+        ids = [chunk.choices[0].model_extra["token_ids"] for chunk in stream]  # type: ignore[index]
+    assert ids == [[t] for t in c["greedy_token_ids"]]
+
+
 @pytest.mark.parametrize("chat", [0, 1])
 def test_chat_greedy_equals_the_engine_on_the_rendered_template(
     client: openai.OpenAI, engine: autoglm.Engine, glm4: dict[str, Any], chat: int
@@ -329,6 +340,8 @@ def test_unreadable_tls_files_are_server_errors(tmp_path: Path) -> None:
         ({"host": None}, "nothing to listen on"),
         ({"workers": 0}, "workers = 0"),
         ({"max_connections": 0}, "max_connections"),
+        ({"stream_interval": 0}, "stream_interval"),
+        ({"stream_interval": 257}, "stream_interval"),
         ({"shutdown_grace": -1}, "shutdown_grace = -1"),
         ({"request_timeout": float("nan")}, "request_timeout"),
         ({"requests_per_minute": 0}, "requests_per_minute = 0: must be > 0"),

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::block_manager::BlockManager;
+use super::events::EventSender;
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{SeqId, Sequence};
 use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
@@ -21,11 +22,12 @@ use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 pub(crate) struct NewRequest {
     pub(crate) id: RequestId,
     pub(crate) req: Request,
-    pub(crate) tx: flume::Sender<Result<RequestOutput>>,
+    pub(crate) tx: EventSender,
 }
 
 struct RequestState {
-    tx: flume::Sender<Result<RequestOutput>>,
+    /// Shared with the step that emits a request's last event after removing it.
+    tx: Arc<EventSender>,
     req: Request,
     seqs: Vec<SeqId>,
     choices_left: usize,
@@ -306,7 +308,7 @@ impl<B: Backend> Core<B> {
         self.requests.insert(
             id,
             RequestState {
-                tx,
+                tx: Arc::new(tx),
                 req,
                 seqs,
                 choices_left: n,

@@ -7,6 +7,7 @@
 
 pub mod block_manager;
 mod core;
+mod events;
 pub mod scheduler;
 pub mod sequence;
 
@@ -326,7 +327,7 @@ impl Engine {
     pub fn submit_request(&self, req: Request) -> Result<RequestStream> {
         self.validate(&req)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = flume::unbounded();
+        let (tx, rx) = events::channel();
         let n = req.params.n;
         self.shared
             .commands
@@ -414,7 +415,7 @@ pub fn collect(stream: RequestStream, n: usize) -> Result<GenerateOutput> {
 /// before the end cancels the request.
 pub struct RequestStream {
     id: RequestId,
-    rx: flume::Receiver<Result<RequestOutput>>,
+    rx: events::EventReceiver,
     commands: flume::Sender<Command>,
     choices_left: usize,
     closed: bool,
@@ -426,25 +427,30 @@ impl RequestStream {
         self.id
     }
 
-    fn on_event(
-        &mut self,
-        ev: std::result::Result<Result<RequestOutput>, flume::RecvError>,
-    ) -> Option<Result<RequestOutput>> {
+    /// Wake a waiting receiver only once `k` events are queued (at least 1; 1 is the default):
+    /// the first event, each choice's last event and errors still wake it at once, and every
+    /// queued event is handed out when asked for. A consumer that writes events out in groups
+    /// (the server's `stream_interval`) is then woken once per group instead of once per token.
+    pub fn set_stream_interval(&mut self, k: usize) {
+        self.rx.set_interval(k);
+    }
+
+    fn on_event(&mut self, ev: Option<Result<RequestOutput>>) -> Option<Result<RequestOutput>> {
         if self.closed {
             return None;
         }
         match ev {
-            Ok(Ok(out)) => {
+            Some(Ok(out)) => {
                 if out.finish_reason.is_some() {
                     self.choices_left = self.choices_left.saturating_sub(1);
                 }
                 Some(Ok(out))
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 self.closed = true;
                 Some(Err(e))
             }
-            Err(_) => {
+            None => {
                 self.closed = true;
                 // Closed before every choice finished: the engine stopped under us.
                 (self.choices_left > 0).then_some(Err(Error::EngineShutdown))
@@ -460,7 +466,7 @@ impl RequestStream {
 
     /// The next event, awaiting; `None` at the end.
     pub async fn recv_async(&mut self) -> Option<Result<RequestOutput>> {
-        let ev = self.rx.recv_async().await;
+        let ev = std::future::poll_fn(|cx| self.rx.poll_recv(cx)).await;
         self.on_event(ev)
     }
 

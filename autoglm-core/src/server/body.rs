@@ -12,7 +12,7 @@ use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Stream;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body::{Frame, SizeHint};
@@ -114,6 +114,14 @@ pub(crate) fn sse_event<T: Serialize + ?Sized>(value: &T) -> Bytes {
     json_bytes(b"data: ", value, b"\n\n")
 }
 
+/// Appends one server-sent event carrying `value` as JSON: `data: {...}\n\n`.
+pub(crate) fn push_sse_event<T: Serialize + ?Sized>(out: &mut BytesMut, value: &T) {
+    out.put_slice(b"data: ");
+    // Serializing our own response types cannot fail (no maps with non-string keys).
+    let _ = serde_json::to_writer(out.writer(), value);
+    out.put_slice(b"\n\n");
+}
+
 /// Length of `s` as a JSON string literal, quotes included (escaping as serde_json does).
 pub(crate) fn json_str_len(s: &str) -> usize {
     2 + s
@@ -127,9 +135,9 @@ pub(crate) fn json_str_len(s: &str) -> usize {
 }
 
 /// Appends `s` as a JSON string literal (the bytes [`json_str_len`] counted).
-pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn push_json_str(out: &mut impl BufMut, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
+    out.put_u8(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
@@ -144,18 +152,18 @@ pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
             0..=0x1f => b"",
             _ => continue,
         };
-        out.extend_from_slice(&bytes[start..i]);
+        out.put_slice(&bytes[start..i]);
         if esc.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 0xf) as usize]);
+            out.put_slice(b"\\u00");
+            out.put_u8(HEX[(b >> 4) as usize]);
+            out.put_u8(HEX[(b & 0xf) as usize]);
         } else {
-            out.extend_from_slice(esc);
+            out.put_slice(esc);
         }
         start = i + 1;
     }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    out.put_slice(&bytes[start..]);
+    out.put_u8(b'"');
 }
 
 /// Decimal digits of `n`.

@@ -1,11 +1,11 @@
 //! `POST /v1/chat/completions`: messages rendered through the model's chat template.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::body::{json_response, sse_event, sse_response, Body};
+use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
     admit, sse_stream, submit, unix_now, Chunk, EventTemplate, StreamFormat, UsageOut,
@@ -182,15 +182,15 @@ struct StreamChoice<'a> {
 }
 
 impl ChatFormat {
-    fn chunk(&self, choice: &StreamChoice<'_>) -> Bytes {
-        sse_event(&Chunk {
+    fn envelope<'a>(&'a self, choice: &'a StreamChoice<'a>) -> Chunk<'a, StreamChoice<'a>> {
+        Chunk {
             id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,
             model: &self.model,
             choices: std::slice::from_ref(choice),
             usage: None,
-        })
+        }
     }
 }
 
@@ -201,7 +201,7 @@ impl StreamFormat for ChatFormat {
         }
         let index = self.prelude_next;
         self.prelude_next += 1;
-        Some(self.chunk(&StreamChoice {
+        Some(sse_event(&self.envelope(&StreamChoice {
             index,
             delta: Delta {
                 role: Some("assistant"),
@@ -210,27 +210,30 @@ impl StreamFormat for ChatFormat {
             logprobs: None,
             finish_reason: None,
             token_ids: None,
-        }))
+        })))
     }
 
-    fn event(&mut self, index: usize, out: &RequestOutput) -> Option<Bytes> {
+    fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {
         let finish_reason = out.finish_reason.map(|f| f.as_str());
         if finish_reason.is_none() && !self.logprobs && !self.return_ids {
-            return (!out.text.is_empty()).then(|| self.plain.render(index, &out.text));
+            if !out.text.is_empty() {
+                self.plain.render(index, &out.text, buf);
+            }
+            return;
         }
         if out.text.is_empty()
             && finish_reason.is_none()
             && out.logprobs.is_empty()
             && !self.return_ids
         {
-            return None;
+            return;
         }
         let logprobs = self.logprobs.then(|| {
             let mut lp = ChatLogprobs::default();
             lp.push(Some(&self.tok), &out.logprobs);
             lp
         });
-        Some(self.chunk(&StreamChoice {
+        let choice = StreamChoice {
             index,
             delta: Delta {
                 role: None,
@@ -239,7 +242,8 @@ impl StreamFormat for ChatFormat {
             logprobs,
             finish_reason,
             token_ids: self.return_ids.then_some(&out.token_ids[..]),
-        }))
+        };
+        push_sse_event(buf, &self.envelope(&choice));
     }
 
     fn usage(&mut self, usage: &UsageOut) -> Bytes {

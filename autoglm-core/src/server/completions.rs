@@ -1,11 +1,11 @@
 //! `POST /v1/completions`: text or token-id prompts (one or many), streamed or not.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::body::{json_response, sse_event, sse_response, Body};
+use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
     admit, sse_stream, submit, unix_now, Chunk, EventTemplate, StreamFormat, UsageOut,
@@ -181,17 +181,20 @@ impl StreamFormat for CompletionFormat {
         None
     }
 
-    fn event(&mut self, index: usize, out: &RequestOutput) -> Option<Bytes> {
+    fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {
         let finish_reason = out.finish_reason.map(|f| f.as_str());
         if finish_reason.is_none() && self.logprobs.is_none() && !self.return_ids {
-            return (!out.text.is_empty()).then(|| self.plain.render(index, &out.text));
+            if !out.text.is_empty() {
+                self.plain.render(index, &out.text, buf);
+            }
+            return;
         }
         if out.text.is_empty()
             && finish_reason.is_none()
             && out.logprobs.is_empty()
             && !self.return_ids
         {
-            return None;
+            return;
         }
         let logprobs = self.logprobs.as_ref().map(|tok| {
             let mut lp = CompletionLogprobs::default();
@@ -207,14 +210,17 @@ impl StreamFormat for CompletionFormat {
             token_ids: self.return_ids.then_some(&out.token_ids[..]),
             prompt_token_ids: first.then(|| &self.prompt_ids[index / self.n][..]),
         };
-        Some(sse_event(&Chunk {
-            id: &self.id,
-            object: "text_completion",
-            created: self.created,
-            model: &self.model,
-            choices: std::slice::from_ref(&choice),
-            usage: None,
-        }))
+        push_sse_event(
+            buf,
+            &Chunk {
+                id: &self.id,
+                object: "text_completion",
+                created: self.created,
+                model: &self.model,
+                choices: std::slice::from_ref(&choice),
+                usage: None,
+            },
+        );
     }
 
     fn usage(&mut self, usage: &UsageOut) -> Bytes {

@@ -8,11 +8,12 @@
 use std::pin::Pin;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use super::body::{sse_event, SSE_DONE};
+use super::body::{push_sse_event, SSE_DONE};
 use super::error::ApiError;
 use super::models::ModelLease;
 use super::state::Record;
@@ -78,7 +79,10 @@ pub(crate) fn submit(
             priority,
         };
         match lease.engine.submit_request(req) {
-            Ok(s) => streams.push(s),
+            Ok(mut s) => {
+                s.set_stream_interval(rec.state.config.stream_interval);
+                streams.push(s)
+            }
             Err(e) => {
                 let e = ApiError::from(e);
                 rec.status = e.status.as_u16();
@@ -181,8 +185,9 @@ impl Job {
 pub(crate) trait StreamFormat: Send + 'static {
     /// Events sent before the first token (chat: each choice's assistant role); `None` when done.
     fn prelude(&mut self, num_choices: usize) -> Option<Bytes>;
-    /// The event for one output; `None` to send nothing (no text, no logprobs, not the end).
-    fn event(&mut self, index: usize, out: &RequestOutput) -> Option<Bytes>;
+    /// Appends the event for one output to `buf`; nothing when there is nothing to send (no
+    /// text, no logprobs, not the end).
+    fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut);
     /// The final usage event (`choices: []`).
     fn usage(&mut self, usage: &UsageOut) -> Bytes;
 }
@@ -200,19 +205,36 @@ struct SseState<F> {
     format: F,
     include_usage: bool,
     phase: Phase,
+    /// Where token events are rendered; each chunk is split off it, and its memory is reused
+    /// once hyper has written and dropped the chunk.
+    buf: BytesMut,
+    /// Most token events merged into one chunk.
+    batch: usize,
 }
 
+/// Ready token events merged into one chunk at most, when the stream interval is smaller.
+const MERGE_READY: usize = 16;
+
 /// The SSE body of a job: prelude, one event per output, optional usage, `[DONE]`.
+///
+/// Every token is its own SSE event, rendered once into the stream's buffer. The events that are
+/// ready when the stream is polled (up to the stream interval, or 16) go out together as one
+/// chunk, so a stream that fell behind catches up with one socket write. With a stream interval
+/// `k > 1` the engine wakes the stream once `k` events are queued (the first token and a choice's
+/// last one at once): one wake-up and one socket write per `k` tokens.
 pub(crate) fn sse_stream<F: StreamFormat>(
     job: Job,
     format: F,
     include_usage: bool,
 ) -> impl futures_util::Stream<Item = Bytes> + Send {
+    let batch = job.rec.state.config.stream_interval.max(MERGE_READY);
     let state = SseState {
         job,
         format,
         include_usage,
         phase: Phase::Prelude,
+        buf: BytesMut::new(),
+        batch,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -221,18 +243,36 @@ pub(crate) fn sse_stream<F: StreamFormat>(
                     Some(b) => return Some((b, st)),
                     None => st.phase = Phase::Events,
                 },
-                Phase::Events => match st.job.next().await {
-                    Some(Ok((index, out))) => {
-                        if let Some(b) = st.format.event(index, &out) {
-                            return Some((b, st));
+                Phase::Events => {
+                    // Wait for one event, then take the ones already queued behind it.
+                    let mut next = st.job.next().await;
+                    let mut taken = 0;
+                    loop {
+                        match next {
+                            Some(Ok((index, out))) => st.format.event(index, &out, &mut st.buf),
+                            Some(Err(e)) => {
+                                push_sse_event(&mut st.buf, &e.envelope());
+                                st.phase = Phase::Done;
+                                break;
+                            }
+                            None => {
+                                st.phase = Phase::Usage;
+                                break;
+                            }
+                        }
+                        taken += 1;
+                        if taken == st.batch {
+                            break;
+                        }
+                        match st.job.next().now_or_never() {
+                            Some(ev) => next = ev,
+                            None => break,
                         }
                     }
-                    Some(Err(e)) => {
-                        st.phase = Phase::Done;
-                        return Some((sse_event(&e.envelope()), st));
+                    if !st.buf.is_empty() {
+                        return Some((st.buf.split().freeze(), st));
                     }
-                    None => st.phase = Phase::Usage,
-                },
+                }
                 Phase::Usage => {
                     st.phase = Phase::Done;
                     if st.include_usage {
@@ -329,27 +369,29 @@ impl EventTemplate {
         EventTemplate { head, mid, tail }
     }
 
-    pub(crate) fn render(&self, index: usize, text: &str) -> Bytes {
-        use std::io::Write;
+    /// Appends the event to `buf`.
+    pub(crate) fn render(&self, index: usize, text: &str, buf: &mut BytesMut) {
+        use std::fmt::Write;
         let len = self.head.len()
             + super::body::digits(index)
             + self.mid.len()
             + super::body::json_str_len(text)
             + self.tail.len();
-        let mut buf = Vec::with_capacity(len);
-        buf.extend_from_slice(&self.head);
+        buf.reserve(len);
+        let start = buf.len();
+        buf.put_slice(&self.head);
         let _ = write!(buf, "{index}");
-        buf.extend_from_slice(self.mid);
-        super::body::push_json_str(&mut buf, text);
-        buf.extend_from_slice(self.tail);
-        debug_assert_eq!(buf.len(), len);
-        Bytes::from(buf)
+        buf.put_slice(self.mid);
+        super::body::push_json_str(buf, text);
+        buf.put_slice(self.tail);
+        debug_assert_eq!(buf.len() - start, len);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::body::sse_event;
 
     #[derive(serde::Serialize)]
     struct Plain<'a> {
@@ -384,7 +426,10 @@ mod tests {
                 choices: std::slice::from_ref(&choice),
                 usage: None,
             });
-            assert_eq!(t.render(index, text), want);
+            let mut buf = BytesMut::from(&b"before"[..]);
+            t.render(index, text, &mut buf);
+            assert_eq!(&buf[..6], b"before");
+            assert_eq!(&buf[6..], &want[..]);
         }
     }
 }

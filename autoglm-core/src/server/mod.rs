@@ -59,7 +59,7 @@ use tokio::sync::watch;
 pub use audit::AuditConfig;
 pub use auth::{ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
-pub use config::{Limits, ServerConfig};
+pub use config::{Limits, ServerConfig, MAX_STREAM_INTERVAL};
 pub use models::{ModelEntry, ModelLease, ModelRegistry};
 pub use ratelimit::RateLimits;
 

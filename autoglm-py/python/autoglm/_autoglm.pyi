@@ -420,6 +420,7 @@ class Server:
         max_body_bytes: int | None = None,
         request_timeout: float | None = None,
         idle_timeout: float | None = None,
+        stream_interval: int | None = None,
         shutdown_grace: float | None = None,
         workers: int | None = None,
         reuse_port: bool | None = None,

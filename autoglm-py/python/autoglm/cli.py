@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", type=int, help="largest request body")
     add("--request-timeout", type=float, help="seconds a generation may take")
     add("--idle-timeout", type=float, help="seconds a connection may sit idle")
+    add("--stream-interval", type=int,
+        help="streamed tokens written to a connection together (default 1)")
     add("--shutdown-grace", type=float,
         help="seconds open requests get to finish on SIGINT/SIGTERM (default: 30)")
     add("--workers", type=int, help="HTTP threads (default: one per core)")
@@ -140,8 +142,8 @@ def _serve(args: argparse.Namespace) -> None:
         "unix_socket", "api_keys_file", "tls_cert", "tls_key", "requests_per_minute",
         "tokens_per_minute", "audit_log", "max_connections", "max_concurrent_requests",
         "max_waiting_requests", "max_body_bytes", "request_timeout", "idle_timeout",
-        "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb", "max_num_seqs",
-        "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
+        "stream_interval", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
+        "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -18,20 +18,24 @@
 //! Nothing in this module has run on a GPU yet (see docs/BENCHMARKS.md and `tests/cuda_fixtures.rs`).
 
 pub mod compile;
+mod host;
+mod meta;
 mod ops;
+
+pub use host::CudaHostAllocator;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 
 use super::KvCacheShape;
 use crate::error::{Error, Result};
+use crate::memory::{HostVec, PinnedPool, PinnedPoolConfig};
 use crate::model::ModelConfig;
-use crate::runner::ForwardBatch;
 
 /// Bytes of the fixed cuBLAS workspace (NVIDIA's recommendation for Hopper).
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -87,14 +91,20 @@ pub struct CudaKvCache {
     v: Vec<CudaSlice<bf16>>,
 }
 
-/// The metadata of one batch on the device, reused by every layer of a forward pass.
+/// The metadata of one batch on the device, reused by every layer of a forward pass. Its buffers
+/// outlive the batch: the next batch is packed into the same pinned staging buffer and copied
+/// into the same device buffer (grown when too small).
 struct DeviceBatch {
-    /// The host batch it was made from (compared to detect a new batch).
-    host: ForwardBatch,
-    positions: CudaSlice<u32>,
-    slot_mapping: CudaSlice<u32>,
-    seq_of_token: CudaSlice<u32>,
-    block_tables: CudaSlice<u32>,
+    /// The packed metadata in page-locked memory (from the backend's pinned pool).
+    staging: HostVec<u32>,
+    layout: meta::MetaLayout,
+    /// Whether `meta` holds what `staging` holds (false while a new batch is being uploaded).
+    uploaded: bool,
+    /// Recorded after the last copy from `staging`: it must complete before the staging buffer
+    /// is packed again.
+    copied: Option<CudaEvent>,
+    /// The packed metadata on the device; at least as long as `staging`.
+    meta: CudaSlice<u32>,
     /// Largest context length in the batch.
     max_context: usize,
     /// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
@@ -118,6 +128,8 @@ pub struct CudaBackend {
     sm_count: usize,
     max_shared_per_block: usize,
     device_name: String,
+    /// Page-locked host buffers (`cuMemHostAlloc`) for what is copied to the device.
+    pinned: PinnedPool,
     batch: Mutex<Option<DeviceBatch>>,
 }
 
@@ -288,7 +300,12 @@ impl CudaBackend {
                 .result()
                 .map_err(|e| Error::Backend(format!("cublasSetWorkspace: {e}")))?;
         }
+        let pinned = PinnedPool::new(
+            Arc::new(host::CudaHostAllocator::new(ctx.clone())),
+            PinnedPoolConfig::default(),
+        )?;
         Ok(CudaBackend {
+            pinned,
             ctx,
             stream,
             blas,

@@ -8,10 +8,11 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::{
-    driver_err, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch, WeightData,
+    driver_err, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch, WeightData,
 };
 use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape};
 use crate::error::{Error, Result};
+use crate::memory::{HostAllocator, HostVec};
 use crate::model::{Fill, FillPart, HostTensor};
 use crate::runner::ForwardBatch;
 
@@ -187,34 +188,71 @@ impl CudaBackend {
         s: &AttentionShape,
     ) -> Result<&'a DeviceBatch> {
         let key = (s.rotary_dim, s.rope_theta.to_bits());
-        let fresh = match slot {
-            Some(d) => d.host != *batch || d.cache_shape != *cache || d.inv_freq_key != key,
-            None => true,
-        };
-        if fresh {
-            *slot = None;
-            check_batch(batch, cache)?;
-            let mut seq_of_token = vec![0u32; batch.num_tokens()];
-            for seq in 0..batch.num_seqs() {
-                let (a, b) = (
-                    batch.query_start[seq] as usize,
-                    batch.query_start[seq + 1] as usize,
-                );
-                seq_of_token[a..b].fill(seq as u32);
+        if let Some(d) = slot.as_ref() {
+            if d.uploaded
+                && d.cache_shape == *cache
+                && d.inv_freq_key == key
+                && d.layout.holds(&d.staging, batch)
+            {
+                return Ok(slot.as_ref().expect("checked"));
             }
-            let inv_freq = rope_inv_freq(s.rotary_dim, s.rope_theta);
+        }
+        check_batch(batch, cache)?;
+        if slot.is_none() {
             *slot = Some(DeviceBatch {
-                positions: self.upload_slice(&batch.positions, "positions")?,
-                slot_mapping: self.upload_slice(&batch.slot_mapping, "slot mapping")?,
-                seq_of_token: self.upload_slice(&seq_of_token, "sequence of each token")?,
-                block_tables: self.upload_slice(&batch.block_tables, "block tables")?,
-                max_context: batch.context_lens.iter().copied().max().unwrap_or(0) as usize,
-                inv_freq: self.upload_slice(&inv_freq, "rope frequencies")?,
+                staging: HostVec::with_capacity_in(&self.pinned, 0)?,
+                layout: meta::MetaLayout::default(),
+                uploaded: false,
+                copied: None,
+                meta: self.alloc::<u32>(1, "batch metadata")?,
+                max_context: 0,
+                inv_freq: self.upload_slice(
+                    &rope_inv_freq(s.rotary_dim, s.rope_theta),
+                    "rope frequencies",
+                )?,
                 inv_freq_key: key,
                 cache_shape: *cache,
-                host: batch.clone(),
             });
         }
+        let d = slot.as_mut().expect("just filled");
+        d.uploaded = false;
+        if let Some(ev) = &d.copied {
+            // The previous copy from the staging buffer must be done before it is rewritten
+            // (normally long done: each step ends by reading its results back).
+            ev.synchronize().map_err(driver_err("batch metadata copy"))?;
+        }
+        d.layout = meta::pack(batch, &mut d.staging);
+        let n = d.staging.len();
+        if d.meta.len() < n {
+            d.meta = self.alloc::<u32>(n.next_power_of_two(), "batch metadata")?;
+        }
+        if n > 0 {
+            let err = driver_err("batch metadata copy");
+            self.ctx.bind_to_thread().map_err(&err)?;
+            let mut dst = d.meta.slice_mut(0..n);
+            let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+            // SAFETY: one asynchronous copy of n u32 from the page-locked staging buffer into a
+            // device buffer of at least n; the staging buffer is not written again before the
+            // event recorded next reports the copy done, and it lives in the slot with `meta`.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(ptr, &d.staging[..], self.stream.cu_stream())
+            }
+            .map_err(&err)?;
+            match &d.copied {
+                Some(ev) => ev.record(&self.stream).map_err(&err)?,
+                None => d.copied = Some(self.stream.record_event(None).map_err(&err)?),
+            }
+        }
+        if d.inv_freq_key != key {
+            d.inv_freq = self.upload_slice(
+                &rope_inv_freq(s.rotary_dim, s.rope_theta),
+                "rope frequencies",
+            )?;
+            d.inv_freq_key = key;
+        }
+        d.max_context = batch.context_lens.iter().copied().max().unwrap_or(0) as usize;
+        d.cache_shape = *cache;
+        d.uploaded = true;
         Ok(slot.as_ref().expect("just filled"))
     }
 
@@ -716,6 +754,10 @@ impl Backend for CudaBackend {
             .lock()
             .map_err(|_| bad(op, "batch metadata lock poisoned"))?;
         let db = self.device_batch(&mut guard, batch, &cache.shape, s)?;
+        let positions = db.meta.slice(db.layout.positions.clone());
+        let slot_mapping = db.meta.slice(db.layout.slot_mapping.clone());
+        let seq_of_token = db.meta.slice(db.layout.seq_of_token.clone());
+        let block_tables = db.meta.slice(db.layout.block_tables.clone());
         let u = |what: &str, v: usize| u32_of(op, what, v);
         let (nh32, nkv32, hd32, rot32) = (
             u("heads", nh)?,
@@ -732,8 +774,8 @@ impl Backend for CudaBackend {
             self.stream
                 .launch_builder(f)
                 .arg(&mut qkv.data)
-                .arg(&db.positions)
-                .arg(&db.slot_mapping)
+                .arg(&positions)
+                .arg(&slot_mapping)
                 .arg(&db.inv_freq)
                 .arg(kl)
                 .arg(vl)
@@ -793,9 +835,9 @@ impl Backend for CudaBackend {
                 .arg(&qkv.data)
                 .arg(kl)
                 .arg(vl)
-                .arg(&db.positions)
-                .arg(&db.seq_of_token)
-                .arg(&db.block_tables)
+                .arg(&positions)
+                .arg(&seq_of_token)
+                .arg(&block_tables)
                 .arg(&mbps)
                 .arg(&bs)
                 .arg(&nh32)
@@ -850,6 +892,10 @@ impl Backend for CudaBackend {
         }
         self.synchronize()?;
         Ok(host)
+    }
+
+    fn host_allocator(&self) -> std::sync::Arc<dyn HostAllocator> {
+        std::sync::Arc::new(super::CudaHostAllocator::new(self.ctx.clone()))
     }
 
     fn argmax_rows(&self, x: &CudaTensor) -> Option<Result<Vec<u32>>> {

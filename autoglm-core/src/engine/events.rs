@@ -1,0 +1,253 @@
+//! The channel that carries one request's events from the engine thread to its stream.
+//!
+//! A mutex-guarded queue with one waiter (a task's waker or a blocked thread). Unlike a general
+//! channel it can batch wake-ups: with a stream interval `k`, the receiver is woken once `k`
+//! events are waiting rather than for every event (the first event, a choice's last event and
+//! errors wake it at once), so a consumer that writes events out in groups, like the server, also
+//! pays for one wake-up per group. Whatever is queued is always handed out when the receiver asks.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use super::RequestOutput;
+use crate::error::Result;
+
+type Event = Result<RequestOutput>;
+
+struct State {
+    queue: VecDeque<Event>,
+    /// The task waiting for the next event.
+    waker: Option<Waker>,
+    /// A thread waits in `recv`.
+    blocked: bool,
+    sender_gone: bool,
+    receiver_gone: bool,
+    /// Wake the receiver once this many events are queued (at least 1).
+    interval: usize,
+    /// Events sent so far.
+    sent: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across user code, so a poisoned state is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the waiter, outside the lock.
+    fn wake(&self, mut s: MutexGuard<'_, State>) {
+        let waker = s.waker.take();
+        let blocked = s.blocked;
+        drop(s);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        if blocked {
+            self.cond.notify_one();
+        }
+    }
+}
+
+/// The engine's end; dropping it ends the stream.
+pub(crate) struct EventSender(Arc<Shared>);
+
+/// The stream's end; dropping it makes every later send fail.
+pub(crate) struct EventReceiver(Arc<Shared>);
+
+/// The receiver is gone.
+#[derive(Debug)]
+pub(crate) struct Disconnected;
+
+pub(crate) fn channel() -> (EventSender, EventReceiver) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            waker: None,
+            blocked: false,
+            sender_gone: false,
+            receiver_gone: false,
+            interval: 1,
+            sent: 0,
+        }),
+        cond: Condvar::new(),
+    });
+    (EventSender(shared.clone()), EventReceiver(shared))
+}
+
+impl EventSender {
+    pub(crate) fn send(&self, ev: Event) -> std::result::Result<(), Disconnected> {
+        let mut s = self.0.lock();
+        if s.receiver_gone {
+            return Err(Disconnected);
+        }
+        let urgent = match &ev {
+            Ok(out) => out.finish_reason.is_some(),
+            Err(_) => true,
+        };
+        s.queue.push_back(ev);
+        s.sent += 1;
+        let waiting = s.waker.is_some() || s.blocked;
+        if waiting && (urgent || s.sent == 1 || s.queue.len() >= s.interval) {
+            self.0.wake(s);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.sender_gone = true;
+        self.0.wake(s);
+    }
+}
+
+impl EventReceiver {
+    /// The next event, `Ok(None)` when the sender is gone and nothing is left.
+    fn take(s: &mut State) -> Option<Option<Event>> {
+        match s.queue.pop_front() {
+            Some(ev) => Some(Some(ev)),
+            None if s.sender_gone => Some(None),
+            None => None,
+        }
+    }
+
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let mut s = self.0.lock();
+        if let Some(ev) = Self::take(&mut s) {
+            return Poll::Ready(ev);
+        }
+        match &mut s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    pub(crate) fn recv(&self) -> Option<Event> {
+        let mut s = self.0.lock();
+        loop {
+            if let Some(ev) = Self::take(&mut s) {
+                return ev;
+            }
+            s.blocked = true;
+            s = self.0.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.blocked = false;
+        }
+    }
+
+    pub(crate) fn set_interval(&self, k: usize) {
+        self.0.lock().interval = k.max(1);
+    }
+}
+
+impl Drop for EventReceiver {
+    fn drop(&mut self) {
+        let queued = {
+            let mut s = self.0.lock();
+            s.receiver_gone = true;
+            std::mem::take(&mut s.queue)
+        };
+        drop(queued);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::sampling::FinishReason;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn out(i: u32, finish: bool) -> Event {
+        Ok(RequestOutput {
+            token_ids: vec![i],
+            finish_reason: finish.then_some(FinishReason::Length),
+            ..Default::default()
+        })
+    }
+
+    fn id(ev: Option<Event>) -> u32 {
+        ev.expect("an event").expect("not an error").token_ids[0]
+    }
+
+    #[test]
+    fn wakes_once_per_interval_and_delivers_in_order() {
+        let (tx, rx) = channel();
+        rx.set_interval(3);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let wakes = || count.0.load(Ordering::SeqCst);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.send(out(0, false)).unwrap();
+        assert_eq!(wakes(), 1, "the first event wakes at once");
+        assert_eq!(id(poll_ready(&rx, &mut cx)), 0);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.send(out(1, false)).unwrap();
+        tx.send(out(2, false)).unwrap();
+        assert_eq!(wakes(), 1, "two of three events: no wake-up yet");
+        tx.send(out(3, false)).unwrap();
+        assert_eq!(wakes(), 2, "the third one wakes");
+        for want in 1..=3 {
+            assert_eq!(id(poll_ready(&rx, &mut cx)), want);
+        }
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.send(out(4, true)).unwrap();
+        assert_eq!(wakes(), 3, "a choice's last event wakes at once");
+        assert_eq!(id(poll_ready(&rx, &mut cx)), 4);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.send(Err(Error::EngineShutdown)).unwrap();
+        assert_eq!(wakes(), 4, "an error wakes at once");
+        assert!(matches!(poll_ready(&rx, &mut cx), Some(Err(_))));
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        drop(tx);
+        assert_eq!(wakes(), 5, "the end wakes");
+        assert!(poll_ready(&rx, &mut cx).is_none());
+    }
+
+    fn poll_ready(rx: &EventReceiver, cx: &mut Context<'_>) -> Option<Event> {
+        match rx.poll_recv(cx) {
+            Poll::Ready(ev) => ev,
+            Poll::Pending => panic!("an event was queued"),
+        }
+    }
+
+    #[test]
+    fn blocking_receiver_across_threads() {
+        let (tx, rx) = channel();
+        rx.set_interval(4);
+        let producer = std::thread::spawn(move || {
+            for i in 0..1000 {
+                tx.send(out(i, i == 999)).unwrap();
+            }
+        });
+        let got: Vec<u32> = std::iter::from_fn(|| rx.recv())
+            .map(|e| id(Some(e)))
+            .collect();
+        producer.join().unwrap();
+        assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn send_fails_once_the_receiver_is_gone() {
+        let (tx, rx) = channel();
+        tx.send(out(0, false)).unwrap();
+        drop(rx);
+        assert!(tx.send(out(1, false)).is_err());
+    }
+}
