@@ -40,8 +40,8 @@ unsafe impl HostAllocator for CudaHostAllocator {
         };
         self.ctx.bind_to_thread().map_err(err)?;
         // SAFETY: a plain allocation; the pointer is checked below.
-        let ptr = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }
-            .map_err(err)?;
+        let ptr =
+            unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(err)?;
         let ptr = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| Error::Backend("cuMemHostAlloc returned null".into()))?;
         if ptr.as_ptr() as usize % REGION_ALIGN != 0 {

@@ -88,7 +88,11 @@ mod tests {
         assert_eq!(&out[l.block_tables.clone()], &[2, 0, 0, 0, 1, 0]);
         assert_eq!(&out[l.query_start.clone()], &[0, 3, 4]);
         assert_eq!(&out[l.context_lens.clone()], &[3, 7]);
-        assert_eq!(out.len(), 4 + 4 + 4 + 6 + 3 + 2, "cleared first, nothing else");
+        assert_eq!(
+            out.len(),
+            4 + 4 + 4 + 6 + 3 + 2,
+            "cleared first, nothing else"
+        );
         assert!(l.holds(&out, &b));
     }
 

@@ -219,7 +219,8 @@ impl CudaBackend {
         if let Some(ev) = &d.copied {
             // The previous copy from the staging buffer must be done before it is rewritten
             // (normally long done: each step ends by reading its results back).
-            ev.synchronize().map_err(driver_err("batch metadata copy"))?;
+            ev.synchronize()
+                .map_err(driver_err("batch metadata copy"))?;
         }
         d.layout = meta::pack(batch, &mut d.staging);
         let n = d.staging.len();
@@ -235,7 +236,11 @@ impl CudaBackend {
             // device buffer of at least n; the staging buffer is not written again before the
             // event recorded next reports the copy done, and it lives in the slot with `meta`.
             unsafe {
-                cudarc::driver::result::memcpy_htod_async(ptr, &d.staging[..], self.stream.cu_stream())
+                cudarc::driver::result::memcpy_htod_async(
+                    ptr,
+                    &d.staging[..],
+                    self.stream.cu_stream(),
+                )
             }
             .map_err(&err)?;
             match &d.copied {
