@@ -445,7 +445,9 @@ class Served:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_console_script_serves_and_exits_0_on_signal(sig: signal.Signals, glm4: dict[str, Any]) -> None:
-    served = Served("--model", f"tiny={TINY}", "--port", "0", "--api-key", "sk-cli")
+    served = Served(
+        "--model", f"tiny={TINY}", "--port", "0", "--api-key", "sk-cli", "--stream-interval", "4"
+    )
     try:
         url = served.expect(r"serving tiny on (http://127\.0\.0\.1:\d+)").group(1)
         c = glm4["cases"][1]
@@ -455,6 +457,12 @@ def test_console_script_serves_and_exits_0_on_signal(sig: signal.Signals, glm4: 
         )
         assert r.choices[0].model_extra is not None
         assert r.choices[0].model_extra["token_ids"] == c["greedy_token_ids"]
+        stream = client_for(url, "sk-cli").completions.create(
+            model="tiny", prompt=c["prompt_token_ids"], max_tokens=24, temperature=0,
+            stream=True, extra_body=GREEDY,
+        )
+        streamed = [chunk.choices[0].model_extra["token_ids"] for chunk in stream]  # type: ignore[index]
+        assert streamed == [[t] for t in c["greedy_token_ids"]]
         t0 = time.monotonic()
         served.proc.send_signal(sig)
         assert served.proc.wait(timeout=30) == 0, served.stderr()
