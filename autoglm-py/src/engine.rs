@@ -29,7 +29,7 @@ use crate::tokenizer::{render, Tokenizer};
 use crate::wait::{self, CancelOnDone, CancelSignal};
 
 /// The engine options `Engine(...)` accepts as keywords, besides `device`.
-pub(crate) const OPTIONS: [&str; 11] = [
+pub(crate) const OPTIONS: [&str; 12] = [
     "block_size",
     "num_blocks",
     "kv_cache_mb",
@@ -41,6 +41,7 @@ pub(crate) const OPTIONS: [&str; 11] = [
     "compute_cores",
     "num_threads",
     "seed",
+    "gpu_memory_utilization",
 ];
 
 fn option_err(name: &str, v: &Bound<'_, PyAny>, want: &str) -> PyErr {
@@ -112,6 +113,18 @@ pub(crate) fn engine_config(
                 }
             }
             "num_threads" => threads.num_threads = opt_uint(n, &v)?,
+            "gpu_memory_utilization" => {
+                if !v.is_none() {
+                    let u = v
+                        .extract::<f64>()
+                        .ok()
+                        .filter(|u| {
+                            *u > 0.0 && *u <= 1.0 && !v.is_instance_of::<pyo3::types::PyBool>()
+                        })
+                        .ok_or_else(|| option_err(n, &v, "must be a number in (0, 1]"))?;
+                    cfg.cuda.memory_utilization = u as f32;
+                }
+            }
             "seed" => {
                 if !v.is_none() {
                     cfg.seed = v
@@ -202,7 +215,9 @@ fn results(py: Python<'_>, finished: Vec<Finished>, single: bool) -> PyResult<Bo
 /// `Engine(model, *, device="auto", **options)` loads the checkpoint (config.json, safetensors
 /// weights, tokenizer) and starts the engine thread. Options: block_size, num_blocks,
 /// kv_cache_mb, enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
-/// engine_core, compute_cores, num_threads, seed. Use it as a context manager, or call
+/// engine_core, compute_cores, num_threads, seed, gpu_memory_utilization (the share of the GPU's
+/// free memory the CUDA backend may use for weights and KV cache; default 0.9). Use it as a
+/// context manager, or call
 /// `close()`, to stop the engine thread deterministically.
 #[pyclass(module = "autoglm", frozen)]
 pub(crate) struct Engine {

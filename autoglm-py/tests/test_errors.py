@@ -96,6 +96,14 @@ def test_bad_engine_options() -> None:
         autoglm.Engine(model, device="cpu", enable_prefix_caching="yes")  # type: ignore[arg-type]
     with pytest.raises(autoglm.InvalidRequestError, match="compute_cores"):
         autoglm.Engine(model, device="cpu", compute_cores="0,1")  # type: ignore[arg-type]
+    for bad in (0, 1.5, -0.1, True, "0.5"):
+        message = r"gpu_memory_utilization = .*: must be a number in \(0, 1\]"
+        with pytest.raises(autoglm.InvalidRequestError, match=message):
+            autoglm.Engine(model, device="cpu", gpu_memory_utilization=bad)  # type: ignore[arg-type]
+    # Accepted (and unused) on the CPU backend.
+    with autoglm.Engine(model, device="cpu", gpu_memory_utilization=0.5) as e:
+        out = e.generate([1, 2, 3], autoglm.SamplingParams(max_tokens=1, ignore_eos=True))
+        assert out.usage.completion_tokens == 1
 
 
 @pytest.mark.parametrize(

@@ -334,6 +334,7 @@ class Engine:
         compute_cores: Sequence[int] | None = None,
         num_threads: int | None = None,
         seed: int | None = None,
+        gpu_memory_utilization: float | None = None,
         **options: NoReturn,
     ) -> Engine: ...
     @overload
@@ -437,6 +438,7 @@ class Server:
         compute_cores: Sequence[int] | None = None,
         num_threads: int | None = None,
         seed: int | None = None,
+        gpu_memory_utilization: float | None = None,
         **options: NoReturn,
     ) -> Server: ...
     def start(self) -> Server:

@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-model-len", type=int, help="longest sequence (default: the model's)")
     add("--threads", type=int, dest="num_threads", help="compute threads")
     add("--seed", type=int, help="seed of the engine's random numbers")
+    add("--gpu-memory-utilization", type=float,
+        help="share of the GPU's free memory for weights and KV cache (CUDA; default 0.9)")
     return parser
 
 
@@ -144,6 +146,7 @@ def _serve(args: argparse.Namespace) -> None:
         "max_waiting_requests", "max_body_bytes", "request_timeout", "idle_timeout",
         "stream_interval", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
+        "gpu_memory_utilization",
     ):
         value = getattr(args, name)
         if value is not None:
