@@ -26,8 +26,7 @@ pub(crate) struct NewRequest {
 }
 
 struct RequestState {
-    /// Shared with the step that emits a request's last event after removing it.
-    tx: Arc<EventSender>,
+    tx: EventSender,
     req: Request,
     seqs: Vec<SeqId>,
     choices_left: usize,
@@ -308,7 +307,7 @@ impl<B: Backend> Core<B> {
         self.requests.insert(
             id,
             RequestState {
-                tx: Arc::new(tx),
+                tx,
                 req,
                 seqs,
                 choices_left: n,
@@ -585,12 +584,14 @@ impl<B: Backend> Core<B> {
             usage: None,
         };
         let request = choice.request;
-        let tx = req.tx.clone();
+        // The request's state once its last choice has finished (its sender ends the stream when
+        // dropped, after this last event).
+        let mut finished = None;
         if finish.is_some() {
             req.choices_left -= 1;
             if req.choices_left == 0 {
                 out.usage = Some(req.usage);
-                self.requests.remove(&request);
+                finished = self.requests.remove(&request);
             }
             // Free the blocks before the client can see the end of its stream.
             self.scheduler.remove(seq_id);
@@ -599,7 +600,8 @@ impl<B: Backend> Core<B> {
         } else {
             self.scheduler.append_token(seq_id, token);
         }
-        if tx.send(Ok(out)).is_err() {
+        let state = finished.as_ref().or_else(|| self.requests.get(&request));
+        if state.is_some_and(|st| st.tx.send(Ok(out)).is_err()) {
             self.abort_request(request, None);
         }
     }

@@ -25,8 +25,8 @@ struct State {
     receiver_gone: bool,
     /// Wake the receiver once this many events are queued (at least 1).
     interval: usize,
-    /// Events sent so far.
-    sent: usize,
+    /// An event was sent already (the first one always wakes the receiver).
+    started: bool,
 }
 
 struct Shared {
@@ -73,7 +73,7 @@ pub(crate) fn channel() -> (EventSender, EventReceiver) {
             sender_gone: false,
             receiver_gone: false,
             interval: 1,
-            sent: 0,
+            started: false,
         }),
         cond: Condvar::new(),
     });
@@ -91,9 +91,9 @@ impl EventSender {
             Err(_) => true,
         };
         s.queue.push_back(ev);
-        s.sent += 1;
+        let first = !std::mem::replace(&mut s.started, true);
         let waiting = s.waker.is_some() || s.blocked;
-        if waiting && (urgent || s.sent == 1 || s.queue.len() >= s.interval) {
+        if waiting && (urgent || first || s.queue.len() >= s.interval) {
             self.0.wake(s);
         }
         Ok(())
@@ -109,7 +109,8 @@ impl Drop for EventSender {
 }
 
 impl EventReceiver {
-    /// The next event, `Ok(None)` when the sender is gone and nothing is left.
+    /// `Some(next)`: the next event, or `Some(None)` when the sender is gone and nothing is
+    /// left; `None`: nothing yet.
     fn take(s: &mut State) -> Option<Option<Event>> {
         match s.queue.pop_front() {
             Some(ev) => Some(Some(ev)),

@@ -188,6 +188,12 @@ impl CudaBackend {
         s: &AttentionShape,
     ) -> Result<&'a DeviceBatch> {
         let key = (s.rotary_dim, s.rope_theta.to_bits());
+        let inv_freq = || {
+            self.upload_slice(
+                &rope_inv_freq(s.rotary_dim, s.rope_theta),
+                "rope frequencies",
+            )
+        };
         if let Some(d) = slot.as_ref() {
             if d.uploaded
                 && d.cache_shape == *cache
@@ -206,10 +212,7 @@ impl CudaBackend {
                 copied: None,
                 meta: self.alloc::<u32>(1, "batch metadata")?,
                 max_context: 0,
-                inv_freq: self.upload_slice(
-                    &rope_inv_freq(s.rotary_dim, s.rope_theta),
-                    "rope frequencies",
-                )?,
+                inv_freq: inv_freq()?,
                 inv_freq_key: key,
                 cache_shape: *cache,
             });
@@ -249,10 +252,7 @@ impl CudaBackend {
             }
         }
         if d.inv_freq_key != key {
-            d.inv_freq = self.upload_slice(
-                &rope_inv_freq(s.rotary_dim, s.rope_theta),
-                "rope frequencies",
-            )?;
+            d.inv_freq = inv_freq()?;
             d.inv_freq_key = key;
         }
         d.max_context = batch.context_lens.iter().copied().max().unwrap_or(0) as usize;
