@@ -24,7 +24,7 @@ use autoglm_core::server::{
     ApiKey, AuditConfig, JwtConfig, ModelRegistry, RateLimits, Server, ServerConfig,
 };
 use autoglm_core::{Engine, Error};
-use autoglm_examples::{bundled_model, EngineArgs};
+use autoglm_examples::{bundled_model, EngineArgs, List};
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 #[derive(Debug, Parser)]
@@ -143,9 +143,13 @@ struct Cli {
     /// SO_RCVBUF bytes (default: kernel autotuning).
     #[arg(long)]
     recv_buffer_size: Option<usize>,
-    /// HTTP worker threads (default: one per core).
+    /// HTTP worker threads (default: one per core, or one per --http-cores entry).
     #[arg(long)]
     workers: Option<usize>,
+    /// Keep the HTTP worker threads on these cores, e.g. 1,2,3 (with --engine-core 0, the engine
+    /// loop then never shares its core with socket work).
+    #[arg(long)]
+    http_cores: Option<List<usize>>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -369,8 +373,12 @@ fn model_specs(cli: &Cli) -> Result<Vec<(String, PathBuf)>, Error> {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    let http_cores = cli.http_cores.clone().map(|l| l.0).unwrap_or_default();
+    autoglm_core::threading::check_cores(&http_cores)
+        .map_err(|e| invalid("http_cores", e.to_string()))?;
     let workers = cli
         .workers
+        .or((!http_cores.is_empty()).then_some(http_cores.len()))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let config = server_config(&cli, workers)?;
@@ -393,6 +401,14 @@ fn run(cli: Cli) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .thread_name("autoglm-http")
+        .on_thread_start(move || {
+            if !http_cores.is_empty() {
+                // Checked above; a failure here (the mask changed since) costs speed only.
+                if let Err(e) = autoglm_core::threading::pin_current_thread_to(&http_cores) {
+                    eprintln!("autoglm: {e}");
+                }
+            }
+        })
         .enable_all()
         .build()
         .map_err(|e| invalid("workers", e.to_string()))?;

@@ -61,13 +61,17 @@ struct Cli {
     /// comparison isolates the server; 1 compares with consumers woken for every token).
     #[arg(long)]
     engine_stream_interval: Option<usize>,
+    /// Pin the engine loop to this core and every runtime thread (server, client, engine-alone
+    /// consumers) to the other cores, so the engine never shares its core with socket work.
+    #[arg(long)]
+    engine_core: Option<usize>,
     /// Measure only `engine` or only `server` (for profiling); default both.
     #[arg(long)]
     only: Option<String>,
 }
 
 /// A fresh engine on the null backend with the bundled model's shape and tokenizer.
-fn null_engine(concurrency: usize, prompt_len: usize) -> Engine {
+fn null_engine(concurrency: usize, prompt_len: usize, engine_core: Option<usize>) -> Engine {
     let dir = bundled_model();
     let mc = ModelConfig::from_file(&dir.join("config.json")).expect("bundled config");
     let model = GlmModel::from_source(mc, &NullWeights, &NullBackend).expect("null model");
@@ -77,6 +81,8 @@ fn null_engine(concurrency: usize, prompt_len: usize) -> Engine {
     c.scheduler.max_num_batched_tokens = (concurrency * prompt_len).max(2048);
     c.cache.memory_bytes = 1 << 30;
     c.threading.num_threads = Some(1);
+    c.threading.engine_core = engine_core;
+    c.threading.compute_cores = engine_core.into_iter().collect();
     Engine::new(NullBackend, model, Some(tok), c).expect("null engine")
 }
 
@@ -151,8 +157,9 @@ fn run_engine(
     tokens: usize,
     prompt_len: usize,
     stream_interval: usize,
+    engine_core: Option<usize>,
 ) -> Run {
-    let engine = null_engine(c, prompt_len);
+    let engine = null_engine(c, prompt_len, engine_core);
     // One short request first, so first-use costs are not in the figures.
     let warm = SamplingParams {
         max_tokens: 4,
@@ -258,8 +265,9 @@ fn run_server(
     tokens: usize,
     prompt_len: usize,
     stream_interval: usize,
+    engine_core: Option<usize>,
 ) -> Run {
-    let engine = null_engine(c, prompt_len);
+    let engine = null_engine(c, prompt_len, engine_core);
     let models = Arc::new(ModelRegistry::new(EngineConfig::default()));
     models.add("null", engine, None).expect("add");
     let (addr, handle, task) = server_rt.block_on(async {
@@ -330,23 +338,46 @@ fn machine() -> String {
 fn main() {
     let cli = Cli::parse();
     let _ = autoglm_core::net::raise_nofile_limit();
+    // With --pin: the engine on the first allowed core, every runtime thread on the rest.
+    let cores = autoglm_core::threading::allowed_cores();
+    let engine_core = cli.engine_core;
+    let others: Vec<usize> = cores
+        .iter()
+        .copied()
+        .filter(|&c| Some(c) != engine_core)
+        .collect();
+    if let Some(c) = engine_core {
+        if !cores.contains(&c) || others.is_empty() {
+            eprintln!("error: --engine-core {c} needs another core for the rest (allowed cores: {cores:?})");
+            std::process::exit(2);
+        }
+    }
+    let rest = others.clone();
+    let pin_others = move || {
+        if engine_core.is_some() {
+            autoglm_core::threading::pin_current_thread_to(&rest).expect("pin runtime thread");
+        }
+    };
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.server_workers)
+        .on_thread_start(pin_others.clone())
         .thread_name("bench-server")
         .enable_all()
         .build()
         .expect("server runtime");
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.client_workers)
+        .on_thread_start(pin_others)
         .thread_name("bench-client")
         .enable_all()
         .build()
         .expect("client runtime");
     println!("machine: {}", machine());
     println!(
-        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; stream interval {} (engine-alone consumers: {}); median-ratio pair of {} alternating engine/server runs",
+        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; stream interval {} (engine-alone consumers: {}); engine core {}; median-ratio pair of {} alternating engine/server runs",
         cli.prompt_len, cli.server_workers, cli.client_workers, cli.stream_interval,
         cli.engine_stream_interval.unwrap_or(cli.stream_interval),
+        engine_core.map_or("unpinned".to_string(), |c| format!("{c} (everything else on {others:?})")),
         cli.repeats
     );
     println!();
@@ -360,7 +391,14 @@ fn main() {
         // Engine and server runs alternate, so load from elsewhere on the machine hits both
         // alike; the pair with the median ratio is reported.
         if want("engine") {
-            run_engine(&server_rt, c, 64, cli.prompt_len, engine_interval);
+            run_engine(
+                &server_rt,
+                c,
+                64,
+                cli.prompt_len,
+                engine_interval,
+                engine_core,
+            );
         }
         if want("server") {
             run_server(
@@ -370,12 +408,20 @@ fn main() {
                 64,
                 cli.prompt_len,
                 cli.stream_interval,
+                engine_core,
             );
         }
         let mut pairs: Vec<(Run, Run)> = (0..cli.repeats.max(1))
             .map(|_| {
                 let e = if want("engine") {
-                    run_engine(&server_rt, c, tokens, cli.prompt_len, engine_interval)
+                    run_engine(
+                        &server_rt,
+                        c,
+                        tokens,
+                        cli.prompt_len,
+                        engine_interval,
+                        engine_core,
+                    )
                 } else {
                     Run::default()
                 };
@@ -387,6 +433,7 @@ fn main() {
                         tokens,
                         cli.prompt_len,
                         cli.stream_interval,
+                        engine_core,
                     )
                 } else {
                     Run::default()

@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 24] = [
+const SERVER_OPTIONS: [&str; 25] = [
     "host",
     "port",
     "unix_socket",
@@ -56,6 +56,7 @@ const SERVER_OPTIONS: [&str; 24] = [
     "stream_interval",
     "shutdown_grace",
     "workers",
+    "http_cores",
     "reuse_port",
     "config",
     "device",
@@ -300,7 +301,9 @@ enum State {
 /// `max_body_bytes`, `request_timeout` and `idle_timeout` (seconds; 0: none), `shutdown_grace`
 /// (seconds open requests get on a graceful stop; default 30), `stream_interval` (streamed token
 /// events written together; default 1).
-/// Threads: `workers` (HTTP threads; default one per core), `reuse_port` (one SO_REUSEPORT socket
+/// Threads: `workers` (HTTP threads; default one per core, or per `http_cores` entry),
+/// `http_cores` (cores the HTTP threads stay on; with the engine option `engine_core` on
+/// another, the engine loop never shares its core with socket work), `reuse_port` (one SO_REUSEPORT socket
 /// per worker; off by default, so a port in use fails to bind instead of being shared).
 /// `config`: a mapping of `autoglm_core::server::ServerConfig` fields for the rest (JWTs, roles,
 /// header limits, socket options, extra `listen` addresses); the keywords given win over it.
@@ -312,6 +315,8 @@ pub(crate) struct Server {
     engine: EngineConfig,
     specs: Vec<(String, PathBuf)>,
     workers: usize,
+    /// Cores the HTTP threads are kept on (empty: wherever the OS runs them).
+    http_cores: Vec<usize>,
 }
 
 /// What `launch` made: a bound server, not yet running.
@@ -393,9 +398,16 @@ impl Server {
                 return Err(server_err(e));
             }
         }
+        let http_cores = self.http_cores.clone();
         let rt = match tokio::runtime::Builder::new_multi_thread()
             .worker_threads(self.workers)
             .thread_name("autoglm-http")
+            .on_thread_start(move || {
+                if !http_cores.is_empty() {
+                    // Checked when the Server was made; a failure now costs speed only.
+                    let _ = autoglm_core::threading::pin_current_thread_to(&http_cores);
+                }
+            })
             .enable_all()
             .build()
         {
@@ -492,6 +504,7 @@ impl Server {
         stream_interval = None,
         shutdown_grace = None,
         workers = None,
+        http_cores = None,
         reuse_port = None,
         config = None,
         device = "auto",
@@ -504,7 +517,7 @@ impl Server {
         tokens_per_minute=None, audit_log=None, audit_log_prompts=False, max_connections=None, \
         max_concurrent_requests=None, max_waiting_requests=None, max_body_bytes=None, \
         request_timeout=None, idle_timeout=None, stream_interval=None, shutdown_grace=None, \
-        workers=None, \
+        workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -533,6 +546,7 @@ impl Server {
         stream_interval: Option<&Bound<'_, PyAny>>,
         shutdown_grace: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
+        http_cores: Option<&Bound<'_, PyAny>>,
         reuse_port: Option<bool>,
         config: Option<&Bound<'_, PyAny>>,
         device: &str,
@@ -648,11 +662,23 @@ impl Server {
                 ));
             }
 
+            let http_cores = match http_cores.filter(|v| !v.is_none()) {
+                None => Vec::new(),
+                Some(v) => {
+                    let cores = v.extract::<Vec<usize>>().map_err(|_| {
+                        option_err("http_cores", v, "must be a list of core ids (ints >= 0)")
+                    })?;
+                    autoglm_core::threading::check_cores(&cores)
+                        .map_err(|e| option_err("http_cores", v, &e.to_string()))?;
+                    cores
+                }
+            };
             let workers = match opt_count("workers", workers)? {
                 Some(0) => {
                     return Err(invalid("server option workers = 0: must be at least 1"));
                 }
                 Some(n) => n,
+                None if !http_cores.is_empty() => http_cores.len(),
                 None if given("/socket/acceptors") => c.socket.acceptors.max(1),
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             };
@@ -742,6 +768,7 @@ impl Server {
                 engine,
                 specs,
                 workers,
+                http_cores,
             })
         })
     }

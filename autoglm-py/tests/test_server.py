@@ -11,6 +11,7 @@ import errno
 import http.client
 import inspect
 import json
+import os
 import queue
 import re
 import shutil
@@ -339,6 +340,8 @@ def test_unreadable_tls_files_are_server_errors(tmp_path: Path) -> None:
         ({"host": "example.com"}, "not an IP address"),
         ({"host": None}, "nothing to listen on"),
         ({"workers": 0}, "workers = 0"),
+        ({"http_cores": [100000]}, "core 100000 is not available to this process"),
+        ({"http_cores": "1"}, "http_cores = '1': must be a list of core ids"),
         ({"max_connections": 0}, "max_connections"),
         ({"stream_interval": 0}, "stream_interval"),
         ({"stream_interval": 257}, "stream_interval"),
@@ -474,6 +477,43 @@ def test_console_script_serves_and_exits_0_on_signal(sig: signal.Signals, glm4: 
         served.kill()
 
 
+def thread_cores(pid: int) -> dict[str, set[str]]:
+    """Thread name -> the `Cpus_allowed_list` values its threads have, from /proc."""
+    out: dict[str, set[str]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        allowed = re.search(r"Cpus_allowed_list:\s*(\S+)", status)
+        assert allowed is not None
+        out.setdefault(name, set()).add(allowed.group(1))
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin apart")
+def test_console_script_pins_engine_and_http_threads_apart() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    engine, http = cores[0], cores[-1]
+    served = Served(
+        "--model", str(TINY), "--port", "0", "--engine-core", str(engine),
+        "--compute-cores", str(engine), "--http-cores", str(http),
+    )
+    try:
+        url = served.expect(r"serving glm4-tiny on (http://127\.0\.0\.1:\d+)").group(1)
+        r = client_for(url).completions.create(model=NAME, prompt="hi", max_tokens=4)
+        assert r.usage is not None and r.usage.completion_tokens == 4
+        threads = thread_cores(served.proc.pid)
+        assert threads["autoglm-engine"] == {str(engine)}, threads
+        assert threads["autoglm-compute"] == {str(engine)}, threads
+        assert threads["autoglm-http"] == {str(http)}, threads
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(timeout=30) == 0, served.stderr()
+    finally:
+        served.kill()
+
+
 def test_console_script_second_signal_forces_the_stop() -> None:
     served = Served("--model", str(TINY), "--port", "0", "--shutdown-grace", "60")
     try:
@@ -526,6 +566,12 @@ def test_console_script_errors(tmp_path: Path) -> None:
         [console_script(), "serve", "--bogus"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+    proc = subprocess.run(
+        [console_script(), "serve", "--http-cores", "0,x"], capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--http-cores" in proc.stderr and "'0,x'" in proc.stderr
 
 
 def test_cli_port_in_use_and_no_bundled_model(

@@ -50,19 +50,30 @@ pub fn check_cores(cores: &[usize]) -> Result<()> {
 
 /// Pins the calling thread to `core`.
 pub fn pin_current_thread(core: usize) -> Result<()> {
-    check_cores(&[core])?;
+    pin_current_thread_to(&[core])
+}
+
+/// Restricts the calling thread to `cores` (the scheduler picks among them).
+pub fn pin_current_thread_to(cores: &[usize]) -> Result<()> {
+    check_cores(cores)?;
+    if cores.is_empty() {
+        return Err(Error::Affinity("no core to pin to".into()));
+    }
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: as in `allowed_cores`; `core` is below CPU_SETSIZE because it is in the allowed set.
+        // SAFETY: as in `allowed_cores`; every core is below CPU_SETSIZE because it is in the
+        // allowed set.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid cpu_set_t and `core` < CPU_SETSIZE.
-        unsafe { libc::CPU_SET(core, &mut set) };
+        for &core in cores {
+            // SAFETY: `set` is a valid cpu_set_t and `core` < CPU_SETSIZE.
+            unsafe { libc::CPU_SET(core, &mut set) };
+        }
         // SAFETY: pid 0 is the calling thread; `set` is valid for the size given.
         let rc =
             unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
         if rc != 0 {
             return Err(Error::Affinity(format!(
-                "sched_setaffinity({core}): {}",
+                "sched_setaffinity({cores:?}): {}",
                 std::io::Error::last_os_error()
             )));
         }
@@ -97,4 +108,33 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
         })
         .build()
         .map_err(|e| Error::Affinity(format!("cannot start the compute pool: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_a_thread_to_a_set_of_allowed_cores() {
+        let allowed = allowed_cores();
+        std::thread::spawn(move || {
+            pin_current_thread_to(&allowed).unwrap();
+            assert_eq!(current_thread_cores(), allowed);
+            pin_current_thread(allowed[0]).unwrap();
+            assert_eq!(current_thread_cores(), vec![allowed[0]]);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn refuses_an_empty_set_and_cores_outside_the_process() {
+        let err = pin_current_thread_to(&[]).unwrap_err().to_string();
+        assert!(err.contains("no core"), "{err}");
+        let outside = allowed_cores().last().unwrap() + 1;
+        let err = pin_current_thread_to(&[outside]).unwrap_err().to_string();
+        assert!(err.contains(&format!("core {outside}")), "{err}");
+        // Nothing was changed by the refusals.
+        assert_eq!(current_thread_cores(), allowed_cores());
+    }
 }

@@ -424,6 +424,7 @@ class Server:
         stream_interval: int | None = None,
         shutdown_grace: float | None = None,
         workers: int | None = None,
+        http_cores: Sequence[int] | None = None,
         reuse_port: bool | None = None,
         config: Mapping[str, Any] | None = None,
         device: str = "auto",

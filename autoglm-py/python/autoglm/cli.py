@@ -32,6 +32,14 @@ def bundled_model() -> Path | None:
     return None
 
 
+def _core_list(text: str) -> list[int]:
+    """``0,2,3`` as a list of core ids (for argparse, which names the flag on a ValueError)."""
+    cores = [int(part) for part in text.split(",")]
+    if any(c < 0 for c in cores):
+        raise ValueError(text)
+    return cores
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoglm", description="autoglm: inference for GLM-family language models."
@@ -77,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--shutdown-grace", type=float,
         help="seconds open requests get to finish on SIGINT/SIGTERM (default: 30)")
     add("--workers", type=int, help="HTTP threads (default: one per core)")
+    add("--http-cores", type=_core_list, metavar="LIST",
+        help="cores the HTTP threads stay on, e.g. 1,2,3")
     add("--reuse-port", action="store_true",
         help="one SO_REUSEPORT socket per worker (several servers may then share a port)")
     engine = s.add_argument_group("engine options")
@@ -87,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--kv-cache-mb", type=int, help="memory for the KV cache, in MiB")
     add("--no-prefix-caching", action="store_true", help="disable reuse of cached prompt prefixes")
     add("--max-num-seqs", type=int, help="sequences running at once")
+    add("--engine-core", type=int, help="pin the engine loop to this core")
+    add("--compute-cores", type=_core_list, metavar="LIST",
+        help="one compute thread pinned to each of these cores, e.g. 0,1")
     add("--max-num-batched-tokens", type=int, help="tokens per forward pass")
     add("--max-model-len", type=int, help="longest sequence (default: the model's)")
     add("--threads", type=int, dest="num_threads", help="compute threads")
@@ -146,7 +159,7 @@ def _serve(args: argparse.Namespace) -> None:
         "max_waiting_requests", "max_body_bytes", "request_timeout", "idle_timeout",
         "stream_interval", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
-        "gpu_memory_utilization",
+        "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
     ):
         value = getattr(args, name)
         if value is not None:
