@@ -12,8 +12,8 @@ mod common;
 
 use autoglm_core::backend::cpu::CpuBackend;
 use autoglm_core::backend::cuda::{CudaBackend, CudaOptions};
-use autoglm_core::backend::Backend;
-use autoglm_core::model::{GlmModel, ModelConfig, RandomWeights};
+use autoglm_core::backend::{Backend, RowSampling};
+use autoglm_core::model::{GlmModel, HostTensor, ModelConfig, RandomWeights};
 use autoglm_core::runner::ForwardBatch;
 use autoglm_core::{Device, Engine, EngineConfig, SamplingParams};
 use common::*;
@@ -236,6 +236,152 @@ fn engine_on_cuda_device_argmax_equals_host_greedy_and_batching_changes_nothing(
         let out = autoglm_core::engine::collect(s, 1).unwrap();
         assert_eq!(&out.choices[0].token_ids, want, "batched vs alone");
     }
+}
+
+/// Device sampling against the host sampler's distribution: N rows of the same logits with
+/// draws u = (i + 0.5) / N spread evenly over [0, 1), so every token must be picked by its share
+/// of the rows (within one row either way, in whatever order the device walks the tokens), and a
+/// token the filters drop never. The logits repeat values (ties at every cut) and hold -inf.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn device_sampling_draws_every_kept_token_by_its_share() {
+    let gpu = cuda();
+    let vocab = 1000;
+    let values: Vec<f32> = (0..vocab)
+        .map(|i| {
+            if i % 97 == 5 {
+                f32::NEG_INFINITY
+            } else {
+                ((i * 37) % 101) as f32 * 0.05 - 2.5
+            }
+        })
+        .collect();
+    let table = gpu
+        .upload(HostTensor::owned(vec![1, vocab], values))
+        .unwrap();
+    const N: usize = 8192;
+    let x = gpu.embedding(&table, &[0u32; N]).unwrap();
+    // The logits as the device holds them (rounded to bf16 on upload).
+    let logits = gpu.to_host(&x).unwrap()[..vocab].to_vec();
+    let row = |temperature, top_k, top_p, min_p| RowSampling {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        uniform: 0.0,
+    };
+    let cases = [
+        row(1.0, 0, 1.0, 0.0),
+        row(0.7, 15, 1.0, 0.0),
+        row(1.0, 0, 0.3, 0.0),
+        row(1.3, 0, 1.0, 0.5),
+        row(0.9, 40, 0.8, 0.05),
+        row(2.0, 1, 1.0, 0.0),
+        row(0.0, 0, 1.0, 0.0),
+    ];
+    let mut ids = Vec::new();
+    for case in cases {
+        let rows: Vec<RowSampling> = (0..N)
+            .map(|i| RowSampling {
+                uniform: (i as f64 + 0.5) / N as f64,
+                ..case
+            })
+            .collect();
+        gpu.sample_rows(&x, &rows, &mut ids).unwrap();
+        assert_eq!(ids.len(), N);
+        let mut count = vec![0usize; vocab];
+        for &t in &ids {
+            count[t as usize] += 1;
+        }
+        let want = expected_shares(&logits, &case);
+        for t in 0..vocab {
+            let got = count[t] as f64 / N as f64;
+            if want[t] == 0.0 {
+                assert_eq!(count[t], 0, "{case:?}: token {t} is filtered out but drawn");
+            } else {
+                assert!(
+                    (got - want[t]).abs() <= 1.5 / N as f64,
+                    "{case:?}: token {t} drawn {got} of the time, its share is {}",
+                    want[t]
+                );
+            }
+        }
+    }
+    // Greedy and sampled rows in one call: the greedy rows take the first maximum.
+    let mixed: Vec<RowSampling> = (0..64)
+        .map(|i| {
+            if i % 2 == 0 {
+                RowSampling::GREEDY
+            } else {
+                RowSampling {
+                    uniform: 0.37,
+                    ..row(1.0, 0, 1.0, 0.0)
+                }
+            }
+        })
+        .collect();
+    let x = gpu.embedding(&table, &[0u32; 64]).unwrap();
+    gpu.sample_rows(&x, &mixed, &mut ids).unwrap();
+    for (i, &t) in ids.iter().enumerate().step_by(2) {
+        assert_eq!(t, argmax(&logits), "greedy row {i}");
+    }
+    assert!(
+        gpu.sample_rows(&x, &mixed[..3], &mut ids).is_err(),
+        "row count mismatch"
+    );
+}
+
+/// The engine samples on the device (no logprobs or penalties) with the same distribution as
+/// on the host: a seeded request repeats itself; temperature sampling over many requests hits
+/// several tokens; top-k 1 equals greedy.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn engine_on_cuda_samples_on_the_device() {
+    let _ = cuda();
+    let mut config = EngineConfig {
+        device: Device::Cuda(0),
+        ..EngineConfig::default()
+    };
+    config.cache.num_blocks = Some(1024);
+    let engine = Engine::from_dir(&fixture("glm4-tiny"), config).unwrap();
+    let prompt: Vec<u32> = (1..9).collect();
+    let sampled = SamplingParams {
+        max_tokens: 16,
+        ignore_eos: true,
+        temperature: 1.0,
+        top_p: 0.95,
+        seed: Some(7),
+        ..SamplingParams::default()
+    };
+    let a = engine.generate(prompt.clone(), sampled.clone()).unwrap();
+    let b = engine.generate(prompt.clone(), sampled.clone()).unwrap();
+    assert_eq!(a.choices[0].token_ids, b.choices[0].token_ids, "same seed");
+    let firsts: std::collections::HashSet<u32> = (0..32u64)
+        .map(|s| {
+            let p = SamplingParams {
+                max_tokens: 1,
+                seed: Some(s),
+                ..sampled.clone()
+            };
+            engine.generate(prompt.clone(), p).unwrap().choices[0].token_ids[0]
+        })
+        .collect();
+    assert!(firsts.len() > 1, "32 seeds all drew {firsts:?}");
+    let greedy = SamplingParams {
+        max_tokens: 16,
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let top1 = SamplingParams {
+        top_k: 1,
+        temperature: 1.0,
+        ..greedy.clone()
+    };
+    assert_eq!(
+        engine.generate(prompt.clone(), top1).unwrap().choices[0].token_ids,
+        engine.generate(prompt, greedy).unwrap().choices[0].token_ids,
+        "top-k 1 is greedy"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use autoglm_core::backend::cuda::{CudaBackend, CudaOptions};
-use autoglm_core::backend::Backend;
+use autoglm_core::backend::{Backend, RowSampling};
 use autoglm_core::model::{GlmModel, ModelConfig, RandomWeights};
 use autoglm_core::runner::ForwardBatch;
 use serde_json::{json, Value};
@@ -149,8 +149,11 @@ pub fn run(
         }
         fb.logits_indices = (1..=b).map(|s| (s * a.decode_prompt) as u32 - 1).collect();
         let l = model.forward_logits(&gpu, &fb, &mut cache)?;
-        let mut next = gpu.argmax_rows(&l).expect("device argmax")?;
+        let greedy = vec![RowSampling::GREEDY; b];
+        let mut next = Vec::with_capacity(b);
+        gpu.sample_rows(&l, &greedy, &mut next)?;
         let mut times = Vec::new();
+        let mut last = Some(l);
         for step in 0..a.warmup_steps + a.decode_steps {
             let pos = a.decode_prompt + step;
             let mut fb = ForwardBatch::new(per_seq);
@@ -160,11 +163,40 @@ pub fn run(
             fb.logits_indices = (0..b as u32).collect();
             let t = Instant::now();
             let l = model.forward_logits(&gpu, &fb, &mut cache)?;
-            next = gpu.argmax_rows(&l).expect("device argmax")?;
+            gpu.sample_rows(&l, &greedy, &mut next)?;
+            last = Some(l);
             if step >= a.warmup_steps {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
+        // Device sampling of the last step's logits (temperature 0.8, top-k 50, top-p 0.9) next
+        // to greedy: what a sampled request adds per step.
+        let l = last.expect("at least one decode step");
+        let sampled: Vec<RowSampling> = (0..b)
+            .map(|i| RowSampling {
+                temperature: 0.8,
+                top_k: 50,
+                top_p: 0.9,
+                min_p: 0.0,
+                uniform: (i as f64 + 0.5) / b as f64,
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(b);
+        let mut time_rows = |rows: &[RowSampling]| -> autoglm_core::Result<f64> {
+            let mut t = Vec::new();
+            for _ in 0..10 {
+                let t0 = Instant::now();
+                gpu.sample_rows(&l, rows, &mut ids)?;
+                t.push(t0.elapsed().as_secs_f64());
+            }
+            Ok(median(&mut t))
+        };
+        let (greedy_s, sampled_s) = (time_rows(&greedy)?, time_rows(&sampled)?);
+        line(format!(
+            "sampling batch {b} on the device: greedy {:.3} ms, T 0.8 / top-k 50 / top-p 0.9 {:.3} ms",
+            greedy_s * 1e3,
+            sampled_s * 1e3
+        ));
         let med = median(&mut times.clone());
         line(format!(
             "decode batch {b}: median step {:.2} ms, {:.1} tok/s{}",
@@ -184,6 +216,7 @@ pub fn run(
         ));
         decode.push(
             json!({"batch": b, "median_step_ms": med * 1e3, "tok_s": b as f64 / med,
+                           "sample_greedy_ms": greedy_s * 1e3, "sample_top_p_ms": sampled_s * 1e3,
                            "steps_ms": times.iter().map(|x| x * 1e3).collect::<Vec<_>>()}),
         );
     }

@@ -7,7 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod null;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory::{HostAllocator, MmapAllocator};
 use crate::model::{FillPart, HostTensor};
 use crate::runner::ForwardBatch;
@@ -49,6 +49,37 @@ pub struct AttentionShape {
     pub rope_theta: f32,
     /// Softmax scale, usually `head_dim^-0.5`.
     pub scale: f32,
+}
+
+/// How [`Backend::sample_rows`] turns one row of logits into a token: the host sampler's
+/// temperature, top-k, top-p and min-p (`sampling::sample`), with the uniform draw made on the
+/// host from the sequence's RNG. Among the kept tokens each is drawn with probability
+/// proportional to `exp(logit / temperature)`, as on the host; the token a given draw selects may
+/// differ (the device walks the kept tokens in index order), so a seed repeats its output on the
+/// same backend only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    /// 0: greedy (the first largest logit).
+    pub temperature: f32,
+    /// Keep the `top_k` largest logits; 0: all.
+    pub top_k: usize,
+    /// Keep the smallest set of the largest reaching this share of the mass; 1: all.
+    pub top_p: f32,
+    /// Keep tokens at least this likely relative to the most likely; 0: all.
+    pub min_p: f32,
+    /// A uniform draw in [0, 1) (unused when greedy).
+    pub uniform: f64,
+}
+
+impl RowSampling {
+    /// The largest logit.
+    pub const GREEDY: RowSampling = RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        uniform: 0.0,
+    };
 }
 
 /// Rope inverse frequencies as Hugging Face computes them (in f32).
@@ -114,12 +145,26 @@ pub trait Backend: Send + Sync + 'static {
         std::sync::Arc::new(MmapAllocator::new())
     }
 
-    /// The index of the largest value of each row (the first on ties), computed where the tensor
-    /// lives so greedy decoding need not copy logits to the host. `None`: not supported here (the
-    /// engine then samples from [`Backend::to_host`]'s copy).
-    fn argmax_rows(&self, x: &Self::Tensor) -> Option<Result<Vec<u32>>> {
-        let _ = x;
-        None
+    /// Whether [`Backend::sample_rows`] picks tokens where the logits live: then a step whose
+    /// sampled rows need nothing but their token (no logprobs, no penalties) copies no logits to
+    /// the host.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// One token per row of `logits`, drawn as `rows` says (one entry per row), into `out`
+    /// (cleared first). Called only when [`Backend::samples_on_device`] says so.
+    fn sample_rows(
+        &self,
+        logits: &Self::Tensor,
+        rows: &[RowSampling],
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let _ = (logits, rows, out);
+        Err(Error::Backend(format!(
+            "the {} backend does not sample on the device",
+            self.name()
+        )))
     }
 
     /// Builds a weight of `shape` from generator descriptions (dummy weights made on the device),

@@ -9,7 +9,7 @@ use super::events::EventSender;
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{SeqId, Sequence};
 use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
-use crate::backend::Backend;
+use crate::backend::{Backend, RowSampling};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::memory::{PinnedPool, PinnedPoolConfig};
@@ -62,6 +62,10 @@ struct Core<B: Backend> {
     eos: Vec<u32>,
     stats: Arc<EngineStats>,
     logits_scratch: Vec<f32>,
+    /// The sampled rows' parameters for a backend that samples on the device, and the tokens it
+    /// returns (both reused across steps).
+    row_sampling: Vec<RowSampling>,
+    sampled_ids: Vec<u32>,
     /// Page-locked buffers each step's batch is built in (reused across steps).
     pinned: PinnedPool,
 }
@@ -203,6 +207,8 @@ pub(crate) fn run<B: Backend>(
             eos,
             stats,
             logits_scratch: Vec::new(),
+            row_sampling: Vec::new(),
+            sampled_ids: Vec::new(),
             pinned,
         };
         Ok((core, pool))
@@ -417,26 +423,25 @@ impl<B: Backend> Core<B> {
             }
         }
         let batch = self.build_batch(&plan);
-        let greedy = self.all_plain_greedy(&plan);
+        let on_device = self.backend.samples_on_device() && self.device_sampling_rows(&plan);
         let logits = self
             .model
             .forward_logits(&self.backend, &batch, &mut self.cache)
-            .and_then(
-                |l| match greedy.then(|| self.backend.argmax_rows(&l)).flatten() {
-                    Some(ids) => ids.and_then(|ids| {
-                        if ids.len() == batch.logits_indices.len() {
-                            Ok(Sampled::Tokens(ids))
-                        } else {
-                            Err(Error::Backend(format!(
-                                "argmax_rows returned {} tokens for {} rows",
-                                ids.len(),
-                                batch.logits_indices.len()
-                            )))
-                        }
-                    }),
-                    None => self.backend.to_host(&l).map(Sampled::Logits),
-                },
-            );
+            .and_then(|l| {
+                if !on_device {
+                    return self.backend.to_host(&l).map(Sampled::Logits);
+                }
+                let mut ids = std::mem::take(&mut self.sampled_ids);
+                self.backend.sample_rows(&l, &self.row_sampling, &mut ids)?;
+                if ids.len() != self.row_sampling.len() {
+                    return Err(Error::Backend(format!(
+                        "sample_rows returned {} tokens for {} rows",
+                        ids.len(),
+                        self.row_sampling.len()
+                    )));
+                }
+                Ok(Sampled::Tokens(ids))
+            });
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match logits {
             Ok(l) => l,
@@ -475,25 +480,65 @@ impl<B: Backend> Core<B> {
                 Sampled::Tokens(ids) => self.emit(s.seq_id, ids[row], None),
             }
         }
+        if let Sampled::Tokens(ids) = logits {
+            self.sampled_ids = ids;
+        }
         self.publish_stats();
     }
 
-    /// Whether every sampled sequence of the plan decodes greedily with nothing that needs the
-    /// full logits on the host (logprobs, penalties): then the backend may pick the tokens.
-    fn all_plain_greedy(&self, plan: &SchedulerOutput) -> bool {
-        plan.scheduled.iter().filter(|s| s.sample).all(|s| {
-            self.choices
-                .get(&s.seq_id)
+    /// For a backend that samples on the device: fills `row_sampling` for the plan's sampled
+    /// rows, drawing each sampling (non-greedy) row's uniform from its sequence's RNG, when no row
+    /// needs the full logits on the host (logprobs, penalties). False (nothing drawn) otherwise.
+    fn device_sampling_rows(&mut self, plan: &SchedulerOutput) -> bool {
+        let params = |choices: &HashMap<SeqId, ChoiceState>, seq: SeqId| {
+            choices
+                .get(&seq)
                 .and_then(|c| self.requests.get(&c.request))
-                .is_some_and(|r| {
-                    let p = &r.req.params;
-                    p.is_greedy()
-                        && p.logprobs.is_none()
-                        && p.repetition_penalty == 1.0
-                        && p.presence_penalty == 0.0
-                        && p.frequency_penalty == 0.0
-                })
-        })
+                .map(|r| &r.req.params)
+        };
+        let plain = plan.scheduled.iter().filter(|s| s.sample).all(|s| {
+            params(&self.choices, s.seq_id).is_some_and(|p| {
+                p.logprobs.is_none()
+                    && p.repetition_penalty == 1.0
+                    && p.presence_penalty == 0.0
+                    && p.frequency_penalty == 0.0
+            })
+        });
+        if !plain {
+            return false;
+        }
+        self.row_sampling.clear();
+        for s in plan.scheduled.iter().filter(|s| s.sample) {
+            let Some(p) = params(&self.choices, s.seq_id) else {
+                return false;
+            };
+            let row = if p.is_greedy() {
+                RowSampling::GREEDY
+            } else {
+                RowSampling {
+                    temperature: p.temperature,
+                    top_k: p.top_k,
+                    top_p: p.top_p,
+                    min_p: p.min_p,
+                    uniform: 0.0,
+                }
+            };
+            self.row_sampling.push(row);
+        }
+        // The draws, once every row is known to be sampled on the device (so a step sampled on
+        // the host consumes exactly the draws the host sampler makes).
+        for (row, s) in self
+            .row_sampling
+            .iter_mut()
+            .zip(plan.scheduled.iter().filter(|s| s.sample))
+        {
+            if row.temperature > 0.0 {
+                if let Some(c) = self.choices.get_mut(&s.seq_id) {
+                    row.uniform = c.sampler.uniform();
+                }
+            }
+        }
+        true
     }
 
     fn sample_and_emit(&mut self, seq_id: SeqId, logits: &[f32]) {
@@ -607,7 +652,7 @@ impl<B: Backend> Core<B> {
     }
 }
 
-/// A step's sampling input: host logits, or tokens the backend already picked (greedy).
+/// A step's sampling input: host logits, or the tokens the backend sampled.
 enum Sampled {
     Logits(Vec<f32>),
     Tokens(Vec<u32>),

@@ -70,3 +70,55 @@ pub fn temp_copy(name: &str, tag: &str) -> PathBuf {
     }
     dir
 }
+
+/// The index of the first largest value (as `torch.argmax`).
+pub fn first_max(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Each token's share of draws under `r` by the host sampler's rules (`sampling::sample`):
+/// candidates sorted by (logit desc, index asc), then top-k, min-p, top-p.
+pub fn expected_shares(logits: &[f32], r: &autoglm_core::backend::RowSampling) -> Vec<f64> {
+    let mut p = vec![0.0; logits.len()];
+    let best = first_max(logits);
+    if r.temperature <= 0.0 {
+        p[best] = 1.0;
+        return p;
+    }
+    let inv_t = 1.0 / r.temperature;
+    let mx = logits[best] * inv_t;
+    let w = |i: usize| ((logits[i] * inv_t - mx) as f64).exp();
+    let mut cand: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
+    cand.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if r.top_k > 0 {
+        cand.truncate(r.top_k);
+    }
+    if r.min_p > 0.0 {
+        cand.retain(|&i| w(i) >= r.min_p as f64);
+    }
+    if r.top_p < 1.0 {
+        let target = r.top_p as f64 * cand.iter().map(|&i| w(i)).sum::<f64>();
+        let mut cum = 0.0;
+        let keep = cand
+            .iter()
+            .position(|&i| {
+                cum += w(i);
+                cum >= target
+            })
+            .map_or(cand.len(), |j| j + 1);
+        cand.truncate(keep);
+    }
+    let mass: f64 = cand.iter().map(|&i| w(i)).sum();
+    for &i in &cand {
+        p[i] = w(i) / mass;
+    }
+    p
+}

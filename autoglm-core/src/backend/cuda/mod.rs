@@ -114,6 +114,16 @@ struct DeviceBatch {
     cache_shape: KvCacheShape,
 }
 
+/// What `sample_rows` moves between host and device, kept across steps: the per-row parameters
+/// (staged in page-locked memory, copied asynchronously) and the sampled tokens (copied back into
+/// page-locked memory that is not write-combined, so the host reads it at full speed).
+struct SampleBuffers {
+    params: HostVec<f64>,
+    ids: HostVec<u32>,
+    dev_params: CudaSlice<f64>,
+    dev_ids: CudaSlice<u32>,
+}
+
 /// A CUDA device with its stream, cuBLAS handle and compiled kernels.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -131,6 +141,7 @@ pub struct CudaBackend {
     /// Page-locked host buffers (`cuMemHostAlloc`) for what is copied to the device.
     pinned: PinnedPool,
     batch: Mutex<Option<DeviceBatch>>,
+    sampling: Mutex<Option<SampleBuffers>>,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> Error {
@@ -317,6 +328,7 @@ impl CudaBackend {
             max_shared_per_block,
             device_name,
             batch: Mutex::new(None),
+            sampling: Mutex::new(None),
         })
     }
 

@@ -8,9 +8,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::{
-    driver_err, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch, WeightData,
+    driver_err, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch, SampleBuffers,
+    WeightData,
 };
-use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape};
+use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling};
 use crate::error::{Error, Result};
 use crate::memory::{HostAllocator, HostVec};
 use crate::model::{Fill, FillPart, HostTensor};
@@ -20,6 +21,8 @@ use crate::runner::ForwardBatch;
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the attention kernel.
 const ATTN_THREADS: u32 = 128;
+/// Threads per row of `sample_rows` (SAMPLE_THREADS in sampling.cu, which sizes its scan buffer).
+const SAMPLE_THREADS: u32 = 1024;
 /// Elements per random-generator chunk (model/random.rs).
 const RANDOM_CHUNK: usize = 4096;
 
@@ -903,39 +906,125 @@ impl Backend for CudaBackend {
         std::sync::Arc::new(super::CudaHostAllocator::new(self.ctx.clone()))
     }
 
-    fn argmax_rows(&self, x: &CudaTensor) -> Option<Result<Vec<u32>>> {
-        let run = || -> Result<Vec<u32>> {
-            let mut ids = self.alloc::<u32>(x.rows, "argmax output")?;
-            if x.rows == 0 {
-                return Ok(Vec::new());
-            }
-            if x.cols == 0 {
-                return Err(bad("argmax_rows", "rows of width 0"));
-            }
-            let (f, cols) = (
-                self.function("argmax_rows")?,
-                u32_of("argmax_rows", "cols", x.cols)?,
-            );
-            // SAFETY: one block of 256 (a power of two <= 1024, as the kernel needs) per row of
-            // x; ids has x.rows entries.
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample_rows(&self, x: &CudaTensor, rows: &[RowSampling], out: &mut Vec<u32>) -> Result<()> {
+        out.clear();
+        if rows.len() != x.rows {
+            return Err(bad(
+                "sample_rows",
+                format!(
+                    "{} rows of parameters for {} rows of logits",
+                    rows.len(),
+                    x.rows
+                ),
+            ));
+        }
+        if x.rows == 0 {
+            return Ok(());
+        }
+        if x.cols == 0 {
+            return Err(bad("sample_rows", "rows of width 0"));
+        }
+        let cols = u32_of("sample_rows", "cols", x.cols)?;
+        let n = x.rows;
+        let greedy = rows.iter().all(|r| r.temperature <= 0.0);
+        let mut slot = self.sampling.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(SampleBuffers {
+                params: HostVec::with_capacity_in(&self.pinned, 0)?,
+                ids: HostVec::with_capacity_in(&self.pinned, 0)?,
+                dev_params: self.alloc::<f64>(1, "sampling parameters")?,
+                dev_ids: self.alloc::<u32>(1, "sampled tokens")?,
+            });
+        }
+        let b = slot.as_mut().expect("just filled");
+        if b.dev_ids.len() < n {
+            b.dev_ids = self.alloc::<u32>(n.next_power_of_two(), "sampled tokens")?;
+        }
+        let err = driver_err("sample_rows");
+        self.ctx.bind_to_thread().map_err(&err)?;
+        if greedy {
+            // SAFETY: one block of ROW_THREADS (a power of two <= 1024, as the kernel needs) per
+            // row of x; dev_ids has at least x.rows entries.
             unsafe {
                 self.stream
-                    .launch_builder(f)
+                    .launch_builder(self.function("argmax_rows")?)
                     .arg(&x.data)
-                    .arg(&mut ids)
+                    .arg(&mut b.dev_ids)
                     .arg(&cols)
-                    .launch(rows_grid(x.rows)?)
+                    .launch(rows_grid(n)?)
             }
-            .map_err(driver_err("argmax_rows"))?;
-            let mut host = vec![0u32; x.rows];
-            let view = ids.slice(0..x.rows);
-            self.stream
-                .memcpy_dtoh(&view, &mut host)
-                .map_err(driver_err("copy to host"))?;
-            self.synchronize()?;
-            Ok(host)
-        };
-        Some(run())
+            .map_err(&err)?;
+        } else {
+            // The staging buffer was last read by the previous call's copy, which that call
+            // waited for (it synchronizes before returning).
+            b.params.clear();
+            for r in rows {
+                b.params.extend_from_slice(&[
+                    r.temperature as f64,
+                    r.top_k.min(u32::MAX as usize) as f64,
+                    r.top_p as f64,
+                    r.min_p as f64,
+                    r.uniform,
+                ]);
+            }
+            if b.dev_params.len() < b.params.len() {
+                b.dev_params =
+                    self.alloc::<f64>(b.params.len().next_power_of_two(), "sampling parameters")?;
+            }
+            {
+                let mut dst = b.dev_params.slice_mut(0..b.params.len());
+                let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+                // SAFETY: an asynchronous copy from the page-locked staging buffer into a device
+                // buffer at least as long; the staging buffer is not touched again before this
+                // call synchronizes the stream below.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        ptr,
+                        &b.params[..],
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(&err)?;
+            }
+            // SAFETY: one block of SAMPLE_THREADS per row; dev_params holds 5 values per row and
+            // dev_ids at least one entry per row.
+            unsafe {
+                self.stream
+                    .launch_builder(self.function("sample_rows")?)
+                    .arg(&x.data)
+                    .arg(&b.dev_params)
+                    .arg(&mut b.dev_ids)
+                    .arg(&cols)
+                    .launch(LaunchConfig {
+                        grid_dim: (u32_of("sample_rows", "rows", n)?, 1, 1),
+                        block_dim: (SAMPLE_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+            }
+            .map_err(&err)?;
+        }
+        b.ids.resize(n, 0);
+        {
+            let src = b.dev_ids.slice(0..n);
+            let (ptr, _record) = src.device_ptr(&self.stream);
+            // SAFETY: n u32 from the device into the page-locked (not write-combined) host
+            // buffer of n; read only after the synchronization below.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut b.ids[..],
+                    ptr,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(&err)?;
+        }
+        self.synchronize()?;
+        out.extend_from_slice(&b.ids[..]);
+        Ok(())
     }
 
     fn kv_cache_elem_bytes(&self) -> usize {

@@ -37,3 +37,322 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __
     }
     if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0xffffffffu ? 0u : best_i[0];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Temperature / top-k / min-p / top-p sampling on the device (the host reference:
+// sampling.rs `sample`; no penalties, no logprobs: the engine sends those rows to the host).
+//
+// One block of SAMPLE_THREADS per row. params[5 * r ..] = temperature, top_k (0: off), top_p
+// (1: off), min_p (0: off), u (a uniform in [0, 1) from the sequence's RNG, drawn on the host).
+// Temperature 0 is greedy: the first maximum, as argmax_rows.
+//
+// Candidates are the finite logits, weighted w = exp(l / T - max / T) (the largest has weight 1).
+// top-k keeps the k largest logits, min-p those with w >= min_p, top-p the smallest set of the
+// largest reaching top_p of the remaining mass; ties at a cut are broken by the smaller index, as
+// the host's sort by (logit desc, index asc) does. No sort: each cut is a radix select on the
+// logit's order-preserving 32-bit key, 8 bits per pass, counting (top-k) or summing weights
+// (top-p) per digit. The token is then the first kept index (in index order) at which the running
+// mass passes u * (kept mass): every kept token is drawn with probability w / mass.
+//
+// Each thread owns a contiguous chunk of the row, so tie ranks and the final walk follow index
+// order; shared memory: 8 KiB of scan buffer plus small tables.
+
+#define SAMPLE_THREADS 1024
+
+// Maps floats to unsigned keys with the same order (-0 < +0 aside, which never matters here).
+__device__ __forceinline__ u32 order_key(float f) {
+    const u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_value(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ bool finite(float x) {
+    return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// Inclusive prefix sum over the block of one double per thread; *total gets the block's sum.
+__device__ double block_scan(double v, double* buf, double* total) {
+    buf[threadIdx.x] = v;
+    __syncthreads();
+    for (u32 o = 1; o < blockDim.x; o <<= 1) {
+        const double add = threadIdx.x >= o ? buf[threadIdx.x - o] : 0.0;
+        __syncthreads();
+        buf[threadIdx.x] += add;
+        __syncthreads();
+    }
+    const double incl = buf[threadIdx.x];
+    *total = buf[blockDim.x - 1];
+    __syncthreads();
+    return incl;
+}
+
+// The block's (largest value, smallest index among equals); idx 0xffffffff is "none".
+__device__ u32 block_argmax(float v, u32 idx, float* sv, u32* si) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (oi != 0xffffffffu && (idx == 0xffffffffu || ov > v || (ov == v && oi < idx))) {
+            v = ov;
+            idx = oi;
+        }
+    }
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+        sv[warp] = v;
+        si[warp] = idx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const u32 warps = (blockDim.x + 31) >> 5;
+        v = lane < warps ? sv[lane] : -INFINITY;
+        idx = lane < warps ? si[lane] : 0xffffffffu;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (oi != 0xffffffffu && (idx == 0xffffffffu || ov > v || (ov == v && oi < idx))) {
+                v = ov;
+                idx = oi;
+            }
+        }
+        if (lane == 0) si[0] = idx;
+    }
+    __syncthreads();
+    const u32 best = si[0];
+    __syncthreads();
+    return best;
+}
+
+// The cut of one radix select: keys above `key` are kept, and of the keys equal to it the first
+// `eq` (in index order); `active` false keeps everything.
+struct Cut {
+    bool active;
+    u32 key;
+    u32 eq;
+};
+
+__device__ __forceinline__ bool cut_keeps(const Cut& c, u32 key, u32& rank) {
+    if (!c.active || key > c.key) return true;
+    if (key < c.key) return false;
+    return rank++ < c.eq;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
+                                       u32* __restrict__ out, u32 cols) {
+    __shared__ double scan[SAMPLE_THREADS];
+    __shared__ double hist_w[256];
+    __shared__ u32 hist_n[256];
+    __shared__ float sv[32];
+    __shared__ u32 si[32];
+    __shared__ u32 pick_digit;
+    __shared__ double pick_rest;
+    __shared__ u32 picked;
+
+    const float* row = logits + (u64)blockIdx.x * cols;
+    const double* p = params + (u64)blockIdx.x * 5;
+    const float temperature = (float)p[0];
+    const u32 top_k = (u32)p[1];
+    const float top_p = (float)p[2], min_p = (float)p[3];
+    const double u = p[4];
+    const u32 tid = threadIdx.x;
+    const u32 chunk = (cols + blockDim.x - 1) / blockDim.x;
+    const u32 c0 = min(cols, tid * chunk), c1 = min(cols, c0 + chunk);
+
+    // Pass 1: the first maximum (greedy, and the host's fallback) and the number of candidates.
+    float bv = -INFINITY;
+    u32 bi = 0xffffffffu, n_finite = 0;
+    for (u32 i = c0; i < c1; ++i) {
+        const float x = row[i];
+        if (bi == 0xffffffffu || x > bv) {
+            bv = x;
+            bi = i;
+        }
+        n_finite += finite(x);
+    }
+    const u32 best = block_argmax(bv, bi, sv, si);
+    double n_total;
+    block_scan((double)n_finite, scan, &n_total);
+    const u32 candidates = (u32)n_total;
+    if (temperature <= 0.0f || candidates == 0) {
+        if (tid == 0) out[blockIdx.x] = best == 0xffffffffu ? 0u : best;
+        return;
+    }
+    const float inv_t = 1.0f / temperature;
+    const float mx = row[best] * inv_t;
+    // Unnormalised probability, exactly as the host computes it.
+    #define WEIGHT(x) exp((double)((x) * inv_t - mx))
+
+    // top-k: the k-th largest key, 8 bits per pass; `want` is how many of the keys matching the
+    // prefix so far are still to be kept.
+    Cut ck = {false, 0u, 0u};
+    if (top_k > 0 && top_k < candidates) {
+        u32 prefix = 0, mask = 0, want = top_k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            if (tid < 256) hist_n[tid] = 0;
+            __syncthreads();
+            for (u32 i = c0; i < c1; ++i) {
+                const float x = row[i];
+                const u32 k = order_key(x);
+                if (finite(x) && (k & mask) == prefix) atomicAdd(&hist_n[(k >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                u32 b = 255;
+                for (;; --b) {
+                    if (hist_n[b] >= want || b == 0) break;
+                    want -= hist_n[b];
+                }
+                pick_digit = b;
+                picked = want;
+            }
+            __syncthreads();
+            prefix |= pick_digit << shift;
+            mask |= 255u << shift;
+            want = picked;
+            __syncthreads();
+        }
+        ck = {true, prefix, want};
+    }
+
+    // Ranks among the keys equal to the top-k cut that come before this thread's chunk.
+    u32 eq_k = 0;
+    if (ck.active) {
+        for (u32 i = c0; i < c1; ++i) eq_k += finite(row[i]) && order_key(row[i]) == ck.key;
+    }
+    double tmp;
+    const u32 k_base = (u32)(block_scan((double)eq_k, scan, &tmp) - eq_k);
+
+    // After top-k and min-p: the kept mass (for top-p's target).
+    double mass1 = 0.0;
+    if (top_p < 1.0f) {
+        u32 rk = k_base;
+        for (u32 i = c0; i < c1; ++i) {
+            const float x = row[i];
+            if (!finite(x)) continue;
+            const bool keep = cut_keeps(ck, order_key(x), rk);
+            const double w = WEIGHT(x);
+            if (keep && (min_p <= 0.0f || w >= (double)min_p)) mass1 += w;
+        }
+    }
+    double total1 = 0.0;
+    if (top_p < 1.0f) block_scan(mass1, scan, &total1);
+
+    // top-p: the key at which the mass of larger keys first reaches the target, 8 bits per pass.
+    Cut cp = {false, 0u, 0u};
+    if (top_p < 1.0f) {
+        u32 prefix = 0, mask = 0;
+        double need = (double)top_p * total1;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            if (tid < 256) hist_w[tid] = 0.0;
+            __syncthreads();
+            u32 rk = k_base;
+            for (u32 i = c0; i < c1; ++i) {
+                const float x = row[i];
+                if (!finite(x)) continue;
+                const u32 k = order_key(x);
+                const bool keep = cut_keeps(ck, k, rk);
+                const double w = WEIGHT(x);
+                if (keep && (min_p <= 0.0f || w >= (double)min_p) && (k & mask) == prefix)
+                    atomicAdd(&hist_w[(k >> shift) & 255u], w);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                // The highest digit whose mass (with the higher ones) reaches what is needed; when
+                // rounding leaves the sum short, the lowest non-empty digit (keep everything).
+                int chosen = -1, lowest = -1;
+                for (int b = 255; b >= 0; --b) {
+                    if (hist_w[b] <= 0.0) continue;
+                    lowest = b;
+                    if (hist_w[b] >= need) {
+                        chosen = b;
+                        break;
+                    }
+                    need -= hist_w[b];
+                }
+                if (chosen < 0) {
+                    chosen = lowest < 0 ? 0 : lowest;
+                    need = lowest < 0 ? 0.0 : hist_w[lowest];
+                }
+                pick_digit = (u32)chosen;
+                pick_rest = need;
+            }
+            __syncthreads();
+            prefix |= pick_digit << shift;
+            mask |= 255u << shift;
+            need = pick_rest;
+            __syncthreads();
+        }
+        // Every key equal to the cut has the same weight: keep the first ceil(need / w) of them.
+        const double w_eq = WEIGHT(key_value(prefix));
+        double r = w_eq > 0.0 ? ceil(need / w_eq) : 1.0;
+        r = fmax(r, 1.0);
+        cp = {true, prefix, r >= 4294967295.0 ? 0xffffffffu : (u32)r};
+    }
+
+    // Ranks among the kept keys equal to the top-p cut before this chunk.
+    u32 eq_p = 0;
+    if (cp.active) {
+        u32 rk = k_base;
+        for (u32 i = c0; i < c1; ++i) {
+            const float x = row[i];
+            if (!finite(x)) continue;
+            const u32 k = order_key(x);
+            const bool keep = cut_keeps(ck, k, rk);
+            if (keep && k == cp.key && (min_p <= 0.0f || WEIGHT(x) >= (double)min_p)) ++eq_p;
+        }
+    }
+    const u32 p_base = (u32)(block_scan((double)eq_p, scan, &tmp) - eq_p);
+
+    // The draw: the mass of the kept tokens of each chunk, a block scan, and the chunk holding
+    // u * mass walks to its token. `last` is the highest kept index (for a rounding shortfall).
+    double mass2 = 0.0;
+    u32 last = 0xffffffffu;
+    {
+        u32 rk = k_base, rp = p_base;
+        for (u32 i = c0; i < c1; ++i) {
+            const float x = row[i];
+            if (!finite(x)) continue;
+            const u32 k = order_key(x);
+            const double w = WEIGHT(x);
+            if (!cut_keeps(ck, k, rk) || (min_p > 0.0f && w < (double)min_p)) continue;
+            if (!cut_keeps(cp, k, rp)) continue;
+            mass2 += w;
+            last = i;
+        }
+    }
+    double total2;
+    const double incl = block_scan(mass2, scan, &total2);
+    const double target = u * total2;
+    if (tid == 0) picked = 0xffffffffu;
+    __syncthreads();
+    if (mass2 > 0.0 && target >= incl - mass2 && target < incl) {
+        double left = target - (incl - mass2);
+        u32 rk = k_base, rp = p_base, choice = last;
+        for (u32 i = c0; i < c1; ++i) {
+            const float x = row[i];
+            if (!finite(x)) continue;
+            const u32 k = order_key(x);
+            const double w = WEIGHT(x);
+            if (!cut_keeps(ck, k, rk) || (min_p > 0.0f && w < (double)min_p)) continue;
+            if (!cut_keeps(cp, k, rp)) continue;
+            left -= w;
+            if (left < 0.0) {
+                choice = i;
+                break;
+            }
+        }
+        picked = choice;  // at most one chunk holds the target
+    }
+    __syncthreads();
+    if (picked == 0xffffffffu) {
+        // u * mass rounded to the total (or past it): the last kept token, as the host.
+        const u32 any = block_argmax(last == 0xffffffffu ? -INFINITY : (float)last, last, sv, si);
+        if (tid == 0) out[blockIdx.x] = any == 0xffffffffu ? best : any;
+    } else if (tid == 0) {
+        out[blockIdx.x] = picked;
+    }
+    #undef WEIGHT
+}
