@@ -13,7 +13,10 @@
 //! Client-side figures follow vLLM's benchmark_serving: TTFT is the time from sending a request
 //! to its first token; ITL the gaps between successive token events of a request; TPOT a
 //! request's (latency - TTFT) / (tokens - 1); output throughput is all tokens over the wall time
-//! from the first request sent to the last token received. Each configuration runs `--repeats`
+//! from the first request sent to the last token received; "middle 80%" throughput is the rate
+//! between the arrival of 10% and of 90% of all tokens (streams open, without connection set-up
+//! and tail). `--engine-core N` pins the engine loop to core N and every other thread (server,
+//! client, engine-alone consumers) to the remaining cores. Each configuration runs `--repeats`
 //! times, engine and server runs alternating, and the pair with the median server/engine ratio
 //! is reported.
 
@@ -128,11 +131,26 @@ struct Run {
     ttft: Vec<f64>,
     itl: Vec<f64>,
     tpot: Vec<f64>,
+    /// Per stream, when each token arrived (seconds from the run's start).
+    arrivals: Vec<Vec<f32>>,
 }
 
 impl Run {
     fn tok_per_s(&self) -> f64 {
         self.tokens as f64 / self.wall.as_secs_f64()
+    }
+
+    /// Tokens/s over the middle 80% of the tokens (from the moment 10% of all tokens had
+    /// arrived to the moment 90% had): the rate once the streams are open, without connection
+    /// set-up and the tail.
+    fn steady_tok_per_s(&self) -> f64 {
+        let mut all: Vec<f32> = self.arrivals.iter().flatten().copied().collect();
+        if all.len() < 10 {
+            return f64::NAN;
+        }
+        all.sort_by(f32::total_cmp);
+        let (lo, hi) = (all.len() / 10, all.len() * 9 / 10);
+        (hi - lo) as f64 / (all[hi] - all[lo]) as f64
     }
 
     /// CPU microseconds per token of thread group `i`.
@@ -184,18 +202,23 @@ fn run_engine(
             tasks.push(tokio::spawn(async move {
                 let mut n = 0;
                 let mut first = None;
+                let mut arrivals = Vec::with_capacity(tokens);
                 while let Some(ev) = s.recv_async().await {
-                    n += ev.expect("event").token_ids.len();
-                    first.get_or_insert_with(|| t0.elapsed());
+                    let k = ev.expect("event").token_ids.len();
+                    n += k;
+                    let now = t0.elapsed();
+                    first.get_or_insert(now);
+                    arrivals.extend(std::iter::repeat_n(now.as_secs_f32(), k));
                 }
-                (n, first.unwrap_or_default())
+                (n, first.unwrap_or_default(), arrivals)
             }));
         }
         let mut run = Run::default();
         for t in tasks {
-            let (n, ttft) = t.await.expect("task");
+            let (n, ttft, arrivals) = t.await.expect("task");
             run.tokens += n;
             run.ttft.push(ttft.as_secs_f64());
+            run.arrivals.push(arrivals);
         }
         run.wall = t0.elapsed();
         run
@@ -206,8 +229,13 @@ fn run_engine(
     run
 }
 
-/// One streaming request; returns (tokens, TTFT, ITLs, latency).
-async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f64) {
+/// One streaming request; returns (tokens, TTFT, ITLs, latency, token arrival times in seconds
+/// from `t0`).
+async fn stream_one(
+    addr: SocketAddr,
+    body: String,
+    t0: Instant,
+) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
     let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
     io.set_nodelay(true).ok();
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
@@ -225,6 +253,7 @@ async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f6
     let mut body = resp.into_body();
     let (mut events, mut ttft, mut last) = (0usize, 0.0, sent);
     let mut itl = Vec::new();
+    let mut arrivals = Vec::new();
     let mut prev_newline = false;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.expect("frame").into_data() else {
@@ -247,6 +276,7 @@ async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f6
                 }
                 last = now;
                 events += 1;
+                arrivals.push((now - t0).as_secs_f32());
             }
         }
         prev_newline = data.last() == Some(&b'\n');
@@ -254,7 +284,8 @@ async fn stream_one(addr: SocketAddr, body: String) -> (usize, f64, Vec<f64>, f6
     // The last event is `[DONE]`, which carries no token.
     let tokens = events.saturating_sub(1);
     itl.pop();
-    (tokens, ttft, itl, (last - sent).as_secs_f64())
+    arrivals.pop();
+    (tokens, ttft, itl, (last - sent).as_secs_f64(), arrivals)
 }
 
 /// The same requests through the server on loopback.
@@ -288,7 +319,7 @@ fn run_server(
         (addr, handle, tokio::spawn(server.run()))
     });
     let warm = serde_json::json!({"model": "null", "prompt": prompt(0, prompt_len), "max_tokens": 4, "ignore_eos": true, "stream": true});
-    client_rt.block_on(stream_one(addr, warm.to_string()));
+    client_rt.block_on(stream_one(addr, warm.to_string(), Instant::now()));
     let cpu0 = cpu_ns();
     let mut run = client_rt.block_on(async {
         let t0 = Instant::now();
@@ -299,11 +330,12 @@ fn run_server(
                 "temperature": 0, "ignore_eos": true, "stream": true,
             })
             .to_string();
-            tasks.push(tokio::spawn(stream_one(addr, body)));
+            tasks.push(tokio::spawn(stream_one(addr, body, t0)));
         }
         let mut run = Run::default();
         for t in tasks {
-            let (n, ttft, itl, latency) = t.await.expect("client task");
+            let (n, ttft, itl, latency, arrivals) = t.await.expect("client task");
+            run.arrivals.push(arrivals);
             run.tokens += n;
             run.ttft.push(ttft);
             if n > 1 {
@@ -381,8 +413,10 @@ fn main() {
         cli.repeats
     );
     println!();
-    println!("| streams | tokens/stream | engine tok/s | server tok/s | server/engine | engine TTFT p50 ms | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT mean ms | CPU µs/token: engine alone (engine + consumer) | via server (engine + server + client) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    println!("| streams | tokens/stream | engine tok/s | server tok/s | server/engine | middle 80%: engine tok/s | server tok/s | server/engine | engine TTFT p50 ms | TTFT p50 ms | TTFT p99 ms | TTFT max ms | ITL p50 ms | ITL p99 ms | TPOT mean ms | CPU µs/token: engine alone (engine + consumer) | via server (engine + server + client) |");
+    println!(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    );
     let engine_interval = cli.engine_stream_interval.unwrap_or(cli.stream_interval);
     for &c in &cli.concurrency.0 {
         let tokens = (cli.total_tokens / c.max(1)).clamp(64, 4000);
@@ -454,13 +488,17 @@ fn main() {
         }
         let tpot_mean = server.tpot.iter().sum::<f64>() / server.tpot.len().max(1) as f64;
         println!(
-            "| {c} | {tokens} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
+            "| {c} | {tokens} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
             engine.tok_per_s(),
             server.tok_per_s(),
             server.tok_per_s() / engine.tok_per_s(),
+            engine.steady_tok_per_s(),
+            server.steady_tok_per_s(),
+            server.steady_tok_per_s() / engine.steady_tok_per_s(),
             percentile(&mut engine.ttft.clone(), 0.5) * 1e3,
             percentile(&mut server.ttft, 0.5) * 1e3,
             percentile(&mut server.ttft, 0.99) * 1e3,
+            percentile(&mut server.ttft, 1.0) * 1e3,
             percentile(&mut server.itl, 0.5) * 1e3,
             percentile(&mut server.itl, 0.99) * 1e3,
             tpot_mean * 1e3,
