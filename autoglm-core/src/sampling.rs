@@ -223,15 +223,24 @@ pub(crate) fn logprobs_of(logits: &[f32], token_id: u32, n: usize) -> TokenLogpr
     }
 }
 
-/// Index of the largest value; the first one on ties (as `torch.argmax`).
+/// Index of the largest value; the first one on ties (as `torch.argmax`). NaNs are skipped.
 pub(crate) fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
+    // The largest value first, in 8 independent lanes (no index carried, so it vectorizes),
+    // then the first position holding it.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
         }
     }
-    best as u32
+    let max = rest
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    x.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
@@ -345,6 +354,23 @@ mod tests {
         };
         f(&mut p);
         p
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_in_every_lane_and_the_tail() {
+        for len in [1, 7, 8, 9, 600, 1003] {
+            for at in [0, len / 3, len - 1] {
+                let mut x: Vec<f32> = (0..len).map(|i| ((i * 37) % 11) as f32 - 20.0).collect();
+                x[at] = 5.0;
+                assert_eq!(argmax(&x), at as u32, "len {len}, max at {at}");
+                // A tie later on keeps the first; NaNs and -inf are passed over.
+                x.push(5.0);
+                x.insert(0, f32::NAN);
+                assert_eq!(argmax(&x), at as u32 + 1, "len {len}, tie");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 9]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

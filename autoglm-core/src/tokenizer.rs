@@ -37,6 +37,9 @@ struct Inner {
     template_origin: PathBuf,
     /// `bos_token`, `eos_token`, `pad_token`, `unk_token` strings that are set.
     special: Vec<(&'static str, String)>,
+    /// The bytes of every token, for byte-level BPE (built on first use; `None` for other
+    /// decoders).
+    bytes: std::sync::OnceLock<Option<TokenBytes>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -99,6 +102,7 @@ impl Tokenizer {
             templates,
             template_origin,
             special,
+            bytes: std::sync::OnceLock::new(),
         };
         Ok(Tokenizer {
             inner: Arc::new(inner),
@@ -121,6 +125,15 @@ impl Tokenizer {
         (self.inner.tok.decode(ids, skip_special_tokens)).map_err(|e| {
             Error::Tokenizer(format!("cannot decode {} ids {head:?}...: {e}", ids.len()))
         })
+    }
+
+    /// Each token's bytes when the decoder is byte-level BPE alone (GLM-4's tokenizers): what
+    /// `decode` concatenates before reading the result as UTF-8.
+    fn token_bytes(&self) -> Option<&TokenBytes> {
+        self.inner
+            .bytes
+            .get_or_init(|| TokenBytes::new(&self.inner.tok))
+            .as_ref()
     }
 
     /// The vocabulary size, added tokens included.
@@ -467,11 +480,123 @@ fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
 }
 
+/// The bytes of every token of a byte-level BPE tokenizer, as `tokenizers`' ByteLevel decoder
+/// produces them: a token whose characters are all in the byte-to-character alphabet gives the
+/// bytes they stand for, any other (an added token such as `<|user|>` with other characters) its
+/// own UTF-8. Decoding a run of ids is then concatenating their bytes and reading them as UTF-8
+/// (invalid sequences as U+FFFD), with no allocation per token.
+#[derive(Debug)]
+struct TokenBytes {
+    data: Vec<u8>,
+    /// Token `id` is `data[offsets[id]..offsets[id + 1]]`.
+    offsets: Vec<u32>,
+    /// Special added tokens (dropped when skipping special tokens); ids with no token are
+    /// dropped always, as `decode` does.
+    special: Vec<bool>,
+    known: Vec<bool>,
+}
+
+impl TokenBytes {
+    fn new(tok: &tokenizers::Tokenizer) -> Option<TokenBytes> {
+        if !matches!(
+            tok.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) {
+            return None;
+        }
+        // GPT-2's byte-to-character alphabet: printable Latin-1 stands for itself, the other
+        // bytes for U+0100 onwards in byte order.
+        let mut char_byte = std::collections::HashMap::with_capacity(256);
+        let mut extra = 0u32;
+        for b in 0..=255u8 {
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            let c = if printable {
+                char::from(b)
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra)?
+            };
+            char_byte.insert(c, b);
+        }
+        // `decode` skips a token whose string is that of a special added token.
+        let added = tok.get_added_tokens_decoder();
+        let specials: std::collections::HashSet<&str> = added
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.as_str())
+            .collect();
+        let last_added = added.keys().map(|&id| id as usize + 1).max().unwrap_or(0);
+        let n = tok.get_vocab_size(true).max(last_added);
+        let mut t = TokenBytes {
+            data: Vec::new(),
+            offsets: Vec::with_capacity(n + 1),
+            special: Vec::with_capacity(n),
+            known: Vec::with_capacity(n),
+        };
+        t.offsets.push(0);
+        for id in 0..n as u32 {
+            let token = tok.id_to_token(id);
+            if let Some(token) = &token {
+                let start = t.data.len();
+                let mapped = token.chars().all(|c| match char_byte.get(&c) {
+                    Some(&b) => {
+                        t.data.push(b);
+                        true
+                    }
+                    None => false,
+                });
+                if !mapped {
+                    t.data.truncate(start);
+                    t.data.extend_from_slice(token.as_bytes());
+                }
+            }
+            t.offsets.push(u32::try_from(t.data.len()).ok()?);
+            t.special
+                .push(token.as_deref().is_some_and(|s| specials.contains(s)));
+            t.known.push(token.is_some());
+        }
+        Some(t)
+    }
+
+    /// The bytes `decode` contributes for `id` (none for unknown ids and skipped specials).
+    fn get(&self, id: u32, skip_special_tokens: bool) -> &[u8] {
+        let i = id as usize;
+        match self.known.get(i) {
+            Some(true) if !(skip_special_tokens && self.special[i]) => {
+                &self.data[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+            }
+            _ => &[],
+        }
+    }
+}
+
+/// Where `bytes` can be cut so that the part before reads as UTF-8 exactly as it would inside the
+/// whole: before a trailing character whose remaining bytes have not arrived yet, else the end.
+fn complete_utf8_prefix(bytes: &[u8]) -> usize {
+    let n = bytes.len();
+    for back in 1..=n.min(3) {
+        let b = bytes[n - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back for its lead byte
+        }
+        let len = match b {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => 1, // ASCII, or a byte that starts no character (read as U+FFFD either way)
+        };
+        return if len > back { n - back } else { n };
+    }
+    n
+}
+
 /// Turns a growing list of token ids into text deltas; never emits half a UTF-8 character.
 ///
-/// Uses the prefix/read-offset technique of vLLM and TGI: the ids since the last emission are
-/// decoded together with the ids of the emission before (so decoders that depend on context, such
-/// as SentencePiece's leading space, see it), and text ending in U+FFFD is held back.
+/// For byte-level BPE (GLM-4) the tokens' bytes are appended to a buffer and every complete
+/// character is emitted. For other decoders it uses the prefix/read-offset technique of vLLM and
+/// TGI: the ids since the last emission are decoded together with the ids of the emission before
+/// (so decoders that depend on context, such as SentencePiece's leading space, see it), and text
+/// ending in U+FFFD is held back.
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalDetokenizer {
     ids: Vec<u32>,
@@ -479,6 +604,8 @@ pub struct IncrementalDetokenizer {
     read: usize,
     skip_special_tokens: bool,
     text: String,
+    /// Byte-level path: bytes of an incomplete character.
+    pending: Vec<u8>,
 }
 
 impl IncrementalDetokenizer {
@@ -492,14 +619,44 @@ impl IncrementalDetokenizer {
 
     /// Appends one token; returns the newly completed text (empty while a character is incomplete).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        self.step(tokenizer, false)
+        match tokenizer.token_bytes() {
+            Some(t) => {
+                self.pending
+                    .extend_from_slice(t.get(id, self.skip_special_tokens));
+                Ok(self.emit_bytes(false))
+            }
+            None => self.push_by_decoding(tokenizer, id),
+        }
     }
 
     /// The text held back at the end of a sequence (an incomplete character, rendered as U+FFFD
     /// like Hugging Face's decode); empty when nothing is pending.
     pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String> {
-        self.step(tokenizer, true)
+        match tokenizer.token_bytes() {
+            Some(_) => Ok(self.emit_bytes(true)),
+            None => self.step(tokenizer, true),
+        }
+    }
+
+    fn push_by_decoding(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        self.step(tokenizer, false)
+    }
+
+    /// Emits the pending bytes up to the last complete character (all of them when `flush`).
+    fn emit_bytes(&mut self, flush: bool) -> String {
+        let cut = if flush {
+            self.pending.len()
+        } else {
+            complete_utf8_prefix(&self.pending)
+        };
+        if cut == 0 {
+            return String::new();
+        }
+        let delta = String::from_utf8_lossy(&self.pending[..cut]).into_owned();
+        self.pending.drain(..cut);
+        self.text.push_str(&delta);
+        delta
     }
 
     /// All text emitted so far.
@@ -522,5 +679,50 @@ impl IncrementalDetokenizer {
         self.prefix = 0;
         self.read = self.ids.len();
         Ok(delta.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod incremental_tests {
+    use super::*;
+
+    #[test]
+    fn utf8_cut_holds_back_only_an_unfinished_character() {
+        let rocket = "🚀".as_bytes(); // F0 9F 9A 80
+        let euro = "€".as_bytes(); // E2 82 AC
+        for (bytes, want) in [
+            (&b"ab"[..], 2),
+            (&rocket[..1], 0),
+            (&rocket[..3], 0),
+            (rocket, 4),
+            (&[b'a', euro[0], euro[1]][..], 1),
+            (&[b'a', 0x80, 0x80, 0x80][..], 4), // stray continuation bytes: emitted (U+FFFD)
+            (&[b'a', 0xFF][..], 2),
+            (&[][..], 0),
+        ] {
+            assert_eq!(complete_utf8_prefix(bytes), want, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn the_decoding_path_gives_the_byte_path_text() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/glm4-tiny");
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        assert!(tok.token_bytes().is_some(), "glm4-tiny decodes byte-level");
+        let ids = tok.encode("Hello 北京 🚀!", false).unwrap();
+        for skip in [false, true] {
+            let (mut fast, mut slow) = (
+                IncrementalDetokenizer::new(skip),
+                IncrementalDetokenizer::new(skip),
+            );
+            for &id in ids.iter().chain(&[4, 599, 1_000_000]) {
+                fast.push(&tok, id).unwrap();
+                slow.push_by_decoding(&tok, id).unwrap();
+            }
+            fast.flush(&tok).unwrap();
+            slow.step(&tok, true).unwrap();
+            assert_eq!(fast.text(), slow.text());
+        }
     }
 }

@@ -388,3 +388,42 @@ fn out_of_vocabulary_ids_do_not_panic() {
     let _ = det.flush(&tok);
     assert!(det.text().starts_with("Hel"), "{:?}", det.text());
 }
+
+/// Streaming any ids (added and special tokens, ids past the vocabulary, bytes that split
+/// characters) gives exactly `decode` of the whole list, with or without special tokens, and no
+/// delta before the flush holds a half character.
+#[test]
+fn incremental_text_equals_decode_of_random_ids() {
+    for dir in FIXTURES {
+        let tok = load(dir);
+        let vocab = tok.vocab_size() as u64;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        };
+        let mut seqs: Vec<Vec<u32>> = (0..40)
+            .map(|_| (0..1 + next(60)).map(|_| next(vocab + 8) as u32).collect())
+            .collect();
+        seqs.push(tok.encode("北京 🚀 naïve — 的 ☃", false).unwrap());
+        for ids in &seqs {
+            for skip in [false, true] {
+                let deltas = stream(&tok, ids, skip);
+                assert_eq!(
+                    deltas.concat(),
+                    tok.decode(ids, skip).unwrap(),
+                    "{dir}: {ids:?} skip {skip}"
+                );
+            }
+        }
+        let text = "北京 🚀 naïve — 的 ☃";
+        let deltas = stream(&tok, &tok.encode(text, false).unwrap(), false);
+        assert_eq!(deltas.concat(), text);
+        assert!(
+            deltas.iter().all(|d| !d.contains('\u{FFFD}')),
+            "{dir}: {deltas:?}"
+        );
+    }
+}

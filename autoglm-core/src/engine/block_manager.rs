@@ -6,8 +6,10 @@
 //! a later request with the same prefix can take it back instead of recomputing it.
 //! Cost: O(log n) per allocate / release, O(blocks of the prompt) per prefix lookup.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
+
+use foldhash::HashMap;
 
 /// Identifies a block in the pool.
 pub type BlockId = u32;
@@ -45,7 +47,7 @@ impl BlockManager {
             freed_at: vec![0; num_blocks],
             clock: 0,
             hash_of: vec![None; num_blocks],
-            by_hash: HashMap::new(),
+            by_hash: HashMap::default(),
             prefix_caching,
         }
     }

@@ -1,6 +1,6 @@
 //! The engine thread: schedule -> forward -> sample -> emit, until shut down.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -198,8 +198,8 @@ pub(crate) fn run<B: Backend>(
             cache,
             tokenizer,
             scheduler,
-            requests: HashMap::new(),
-            choices: HashMap::new(),
+            requests: HashMap::default(),
+            choices: HashMap::default(),
             next_seq: 1,
             arrivals: 0,
             seed_rng: SamplerState::new(config.seed),

@@ -10,7 +10,9 @@
 //!
 //! The scheduler is a pure data structure: no I/O, no backend, fully testable on its own.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 
 use super::block_manager::{chain_hash, BlockManager};
 use super::sequence::{SeqId, SeqStatus, Sequence};
@@ -62,7 +64,7 @@ impl Scheduler {
             blocks,
             max_num_seqs,
             max_num_batched_tokens,
-            seqs: HashMap::new(),
+            seqs: HashMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
