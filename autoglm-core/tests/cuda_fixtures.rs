@@ -187,18 +187,23 @@ fn device_generated_dummy_weights_equal_the_host_generator() {
     check_rows("dummy weights", &g, &c, config.vocab_size);
 }
 
-/// The engine on cuda:0: device argmax (plain greedy) and host sampling (greedy with logprobs)
-/// pick the same tokens, alone and in a batch of 8.
-#[test]
-#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
-fn engine_on_cuda_device_argmax_equals_host_greedy_and_batching_changes_nothing() {
+/// An engine on cuda:0 with the glm4-tiny fixture.
+fn cuda_engine() -> Engine {
     let _ = cuda();
     let mut config = EngineConfig {
         device: Device::Cuda(0),
         ..EngineConfig::default()
     };
     config.cache.num_blocks = Some(1024);
-    let engine = Engine::from_dir(&fixture("glm4-tiny"), config).unwrap();
+    Engine::from_dir(&fixture("glm4-tiny"), config).unwrap()
+}
+
+/// The engine on cuda:0: device argmax (plain greedy) and host sampling (greedy with logprobs)
+/// pick the same tokens, alone and in a batch of 8.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn engine_on_cuda_device_argmax_equals_host_greedy_and_batching_changes_nothing() {
+    let engine = cuda_engine();
     assert_eq!(engine.backend_name(), "cuda:0");
     let prompts: Vec<Vec<u32>> = (0..8u32)
         .map(|i| {
@@ -337,13 +342,7 @@ fn device_sampling_draws_every_kept_token_by_its_share() {
 #[test]
 #[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
 fn engine_on_cuda_samples_on_the_device() {
-    let _ = cuda();
-    let mut config = EngineConfig {
-        device: Device::Cuda(0),
-        ..EngineConfig::default()
-    };
-    config.cache.num_blocks = Some(1024);
-    let engine = Engine::from_dir(&fixture("glm4-tiny"), config).unwrap();
+    let engine = cuda_engine();
     let prompt: Vec<u32> = (1..9).collect();
     let sampled = SamplingParams {
         max_tokens: 16,

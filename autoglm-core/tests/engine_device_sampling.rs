@@ -183,6 +183,12 @@ fn greedy_batches_are_sampled_on_the_device_row_by_row() {
     assert!(calls.iter().flatten().all(|r| *r == RowSampling::GREEDY));
 }
 
+/// The uniform draws of the rows recorded since the last call.
+fn take_draws(calls: &Calls) -> Vec<f64> {
+    let mut calls = calls.lock().unwrap();
+    calls.drain(..).flatten().map(|r| r.uniform).collect()
+}
+
 #[test]
 fn sampled_rows_carry_their_parameters_and_a_fresh_draw() {
     let (e, calls) = engine();
@@ -203,22 +209,10 @@ fn sampled_rows_carry_their_parameters_and_a_fresh_draw() {
     // The seed fixes the draws, so the tokens repeat; another seed draws differently.
     let b = e.generate(prompt.clone(), sampled(3)).unwrap();
     assert_eq!(a.choices[0].token_ids, b.choices[0].token_ids);
-    let again: Vec<f64> = calls
-        .lock()
-        .unwrap()
-        .drain(..)
-        .flatten()
-        .map(|r| r.uniform)
-        .collect();
+    let again = take_draws(&calls);
     assert_eq!(again, draws);
     e.generate(prompt, sampled(4)).unwrap();
-    let other: Vec<f64> = calls
-        .lock()
-        .unwrap()
-        .drain(..)
-        .flatten()
-        .map(|r| r.uniform)
-        .collect();
+    let other = take_draws(&calls);
     assert_ne!(other, draws);
 }
 

@@ -140,6 +140,19 @@ __device__ __forceinline__ bool cut_keeps(const Cut& c, u32 key, u32& rank) {
     return rank++ < c.eq;
 }
 
+// Whether a finite logit with key `key` and weight `w` passes top-k and min-p. Call it for every
+// finite logit of the chunk in index order: it advances the top-k tie rank `rk`.
+__device__ __forceinline__ bool passes_k_and_min_p(const Cut& ck, float min_p, u32 key, double w, u32& rk) {
+    const bool in_k = cut_keeps(ck, key, rk);
+    return in_k && (min_p <= 0.0f || w >= (double)min_p);
+}
+
+// Whether a finite logit passes top-k, min-p and top-p; advances both tie ranks.
+__device__ __forceinline__ bool passes_all(const Cut& ck, const Cut& cp, float min_p, u32 key, double w, u32& rk,
+                                           u32& rp) {
+    return passes_k_and_min_p(ck, min_p, key, w, rk) && cut_keeps(cp, key, rp);
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
                                        u32* __restrict__ out, u32 cols) {
     __shared__ double scan[SAMPLE_THREADS];
@@ -232,9 +245,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         for (u32 i = c0; i < c1; ++i) {
             const float x = row[i];
             if (!finite(x)) continue;
-            const bool keep = cut_keeps(ck, order_key(x), rk);
             const double w = WEIGHT(x);
-            if (keep && (min_p <= 0.0f || w >= (double)min_p)) mass1 += w;
+            if (passes_k_and_min_p(ck, min_p, order_key(x), w, rk)) mass1 += w;
         }
     }
     double total1 = 0.0;
@@ -253,9 +265,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
                 const float x = row[i];
                 if (!finite(x)) continue;
                 const u32 k = order_key(x);
-                const bool keep = cut_keeps(ck, k, rk);
                 const double w = WEIGHT(x);
-                if (keep && (min_p <= 0.0f || w >= (double)min_p) && (k & mask) == prefix)
+                if (passes_k_and_min_p(ck, min_p, k, w, rk) && (k & mask) == prefix)
                     atomicAdd(&hist_w[(k >> shift) & 255u], w);
             }
             __syncthreads();
@@ -300,8 +311,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
             const float x = row[i];
             if (!finite(x)) continue;
             const u32 k = order_key(x);
-            const bool keep = cut_keeps(ck, k, rk);
-            if (keep && k == cp.key && (min_p <= 0.0f || WEIGHT(x) >= (double)min_p)) ++eq_p;
+            if (passes_k_and_min_p(ck, min_p, k, WEIGHT(x), rk) && k == cp.key) ++eq_p;
         }
     }
     const u32 p_base = (u32)(block_scan((double)eq_p, scan, &tmp) - eq_p);
@@ -315,10 +325,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         for (u32 i = c0; i < c1; ++i) {
             const float x = row[i];
             if (!finite(x)) continue;
-            const u32 k = order_key(x);
             const double w = WEIGHT(x);
-            if (!cut_keeps(ck, k, rk) || (min_p > 0.0f && w < (double)min_p)) continue;
-            if (!cut_keeps(cp, k, rp)) continue;
+            if (!passes_all(ck, cp, min_p, order_key(x), w, rk, rp)) continue;
             mass2 += w;
             last = i;
         }
@@ -334,10 +342,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         for (u32 i = c0; i < c1; ++i) {
             const float x = row[i];
             if (!finite(x)) continue;
-            const u32 k = order_key(x);
             const double w = WEIGHT(x);
-            if (!cut_keeps(ck, k, rk) || (min_p > 0.0f && w < (double)min_p)) continue;
-            if (!cut_keeps(cp, k, rp)) continue;
+            if (!passes_all(ck, cp, min_p, order_key(x), w, rk, rp)) continue;
             left -= w;
             if (left < 0.0) {
                 choice = i;
