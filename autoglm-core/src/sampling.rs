@@ -272,7 +272,12 @@ fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], outpu
     }
 }
 
-/// Picks the next token. `logits` is scratch (modified in place).
+/// Whether `p` changes logits before sampling (repetition, presence or frequency penalty).
+pub(crate) fn has_penalties(p: &SamplingParams) -> bool {
+    p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+}
+
+/// Picks the next token. `logits` is scratch (modified in place by the penalties).
 pub(crate) fn sample(
     logits: &mut [f32],
     p: &SamplingParams,
@@ -281,6 +286,15 @@ pub(crate) fn sample(
     state: &mut SamplerState,
 ) -> u32 {
     apply_penalties(logits, p, prompt, output);
+    sample_unpenalised(logits, p, state)
+}
+
+/// Picks the next token from logits the penalties have been applied to (or that need none).
+pub(crate) fn sample_unpenalised(
+    logits: &[f32],
+    p: &SamplingParams,
+    state: &mut SamplerState,
+) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }

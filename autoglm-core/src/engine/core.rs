@@ -550,15 +550,20 @@ impl<B: Backend> Core<B> {
         };
         let seq = self.scheduler.get(seq_id).expect("sampled sequence exists");
         let params = &req.req.params;
-        self.logits_scratch.clear();
-        self.logits_scratch.extend_from_slice(logits);
-        let token = sampling::sample(
-            &mut self.logits_scratch,
-            params,
-            &seq.tokens[..seq.prompt_len],
-            seq.output(),
-            &mut choice.sampler,
-        );
+        // Without penalties the logits are only read: no copy.
+        let token = if sampling::has_penalties(params) {
+            self.logits_scratch.clear();
+            self.logits_scratch.extend_from_slice(logits);
+            sampling::sample(
+                &mut self.logits_scratch,
+                params,
+                &seq.tokens[..seq.prompt_len],
+                seq.output(),
+                &mut choice.sampler,
+            )
+        } else {
+            sampling::sample_unpenalised(logits, params, &mut choice.sampler)
+        };
         let logprobs = params
             .logprobs
             .map(|n| sampling::logprobs_of(logits, token, n));
