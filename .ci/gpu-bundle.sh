@@ -2,7 +2,8 @@
 # Builds what .ci/gpu-check.sh runs on a GPU machine (which has no Rust toolchain) and gathers it
 # in one folder: the cuda_fixtures test executable, the e2e benchmark, the fixtures and the check
 # script. Usage: .ci/gpu-bundle.sh [OUT_DIR]   (default target/gpu-bundle); then copy OUT_DIR over
-# and run OUT_DIR/gpu-check.sh there.
+# and run OUT_DIR/gpu-check.sh there (with the device tool: the default folder is ignored by git,
+# so `carry` can take it along: run target/gpu-bundle/gpu-check.sh there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-target/gpu-bundle}
@@ -25,4 +26,11 @@ cp "$exe" "$OUT/cuda_fixtures"
 rm -rf "$OUT/fixtures"
 cp -r tests/fixtures "$OUT/fixtures"
 cp .ci/gpu-check.sh "$OUT/gpu-check.sh"
+# Without debug info (symbol names stay for backtraces): about 10 MB instead of 140, so the
+# bundle fits what the device machine takes along (64 MiB).
+strip --strip-debug "$OUT/e2e" "$OUT/cuda_fixtures"
+size=$(du -sm "$OUT" | cut -f1)
+if [ "$size" -gt 60 ]; then
+  echo "warning: the bundle is $size MiB; the device machine takes at most 64 MiB along" >&2
+fi
 echo "bundle ready in $OUT: copy it to the GPU machine and run $OUT/gpu-check.sh"
