@@ -127,6 +127,11 @@ impl Tokenizer {
         })
     }
 
+    /// Builds what [`IncrementalDetokenizer`] uses (otherwise built by its first token).
+    pub(crate) fn prepare_detokenizer(&self) {
+        let _ = self.token_bytes();
+    }
+
     /// Each token's bytes when the decoder is byte-level BPE alone (GLM-4's tokenizers): what
     /// `decode` concatenates before reading the result as UTF-8.
     fn token_bytes(&self) -> Option<&TokenBytes> {

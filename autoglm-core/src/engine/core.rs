@@ -180,6 +180,9 @@ pub(crate) fn run<B: Backend>(
         let mut eos = mc.eos_token_ids.clone();
         if let Some(t) = &tokenizer {
             eos.extend_from_slice(t.eos_token_ids());
+            // The detokenizer's byte table (a pass over the vocabulary) is built now, not in the
+            // first request's first token.
+            t.prepare_detokenizer();
         }
         eos.sort_unstable();
         eos.dedup();
