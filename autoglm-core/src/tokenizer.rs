@@ -493,12 +493,11 @@ fn write_json_str(out: &mut String, s: &str, ensure_ascii: bool) {
 #[derive(Debug)]
 struct TokenBytes {
     data: Vec<u8>,
-    /// Token `id` is `data[offsets[id]..offsets[id + 1]]`.
+    /// Token `id` is `data[offsets[id]..offsets[id + 1]]` (empty for an id with no token, which
+    /// `decode` drops).
     offsets: Vec<u32>,
-    /// Special added tokens (dropped when skipping special tokens); ids with no token are
-    /// dropped always, as `decode` does.
+    /// Special added tokens (dropped when skipping special tokens).
     special: Vec<bool>,
-    known: Vec<bool>,
 }
 
 impl TokenBytes {
@@ -536,7 +535,6 @@ impl TokenBytes {
             data: Vec::new(),
             offsets: Vec::with_capacity(n + 1),
             special: Vec::with_capacity(n),
-            known: Vec::with_capacity(n),
         };
         t.offsets.push(0);
         for id in 0..n as u32 {
@@ -558,7 +556,6 @@ impl TokenBytes {
             t.offsets.push(u32::try_from(t.data.len()).ok()?);
             t.special
                 .push(token.as_deref().is_some_and(|s| specials.contains(s)));
-            t.known.push(token.is_some());
         }
         Some(t)
     }
@@ -566,8 +563,8 @@ impl TokenBytes {
     /// The bytes `decode` contributes for `id` (none for unknown ids and skipped specials).
     fn get(&self, id: u32, skip_special_tokens: bool) -> &[u8] {
         let i = id as usize;
-        match self.known.get(i) {
-            Some(true) if !(skip_special_tokens && self.special[i]) => {
+        match self.special.get(i) {
+            Some(&special) if !(skip_special_tokens && special) => {
                 &self.data[self.offsets[i] as usize..self.offsets[i + 1] as usize]
             }
             _ => &[],

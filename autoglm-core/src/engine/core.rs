@@ -493,29 +493,20 @@ impl<B: Backend> Core<B> {
     /// rows, drawing each sampling (non-greedy) row's uniform from its sequence's RNG, when no row
     /// needs the full logits on the host (logprobs, penalties). False (nothing drawn) otherwise.
     fn device_sampling_rows(&mut self, plan: &SchedulerOutput) -> bool {
-        let params = |choices: &HashMap<SeqId, ChoiceState>, seq: SeqId| {
-            choices
-                .get(&seq)
-                .and_then(|c| self.requests.get(&c.request))
-                .map(|r| &r.req.params)
-        };
-        let plain = plan.scheduled.iter().filter(|s| s.sample).all(|s| {
-            params(&self.choices, s.seq_id).is_some_and(|p| {
-                p.logprobs.is_none()
-                    && p.repetition_penalty == 1.0
-                    && p.presence_penalty == 0.0
-                    && p.frequency_penalty == 0.0
-            })
-        });
-        if !plain {
-            return false;
-        }
         self.row_sampling.clear();
         for s in plan.scheduled.iter().filter(|s| s.sample) {
-            let Some(p) = params(&self.choices, s.seq_id) else {
+            let Some(p) = self
+                .choices
+                .get(&s.seq_id)
+                .and_then(|c| self.requests.get(&c.request))
+                .map(|r| &r.req.params)
+            else {
                 return false;
             };
-            let row = if p.is_greedy() {
+            if p.logprobs.is_some() || sampling::has_penalties(p) {
+                return false;
+            }
+            self.row_sampling.push(if p.is_greedy() {
                 RowSampling::GREEDY
             } else {
                 RowSampling {
@@ -525,8 +516,7 @@ impl<B: Backend> Core<B> {
                     min_p: p.min_p,
                     uniform: 0.0,
                 }
-            };
-            self.row_sampling.push(row);
+            });
         }
         // The draws, once every row is known to be sampled on the device (so a step sampled on
         // the host consumes exactly the draws the host sampler makes).

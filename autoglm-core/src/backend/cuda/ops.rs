@@ -236,19 +236,9 @@ impl CudaBackend {
         if n > 0 {
             let err = driver_err("batch metadata copy");
             self.ctx.bind_to_thread().map_err(&err)?;
-            let mut dst = d.meta.slice_mut(0..n);
-            let (ptr, _record) = dst.device_ptr_mut(&self.stream);
-            // SAFETY: one asynchronous copy of n u32 from the page-locked staging buffer into a
-            // device buffer of at least n; the staging buffer is not written again before the
-            // event recorded next reports the copy done, and it lives in the slot with `meta`.
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    ptr,
-                    &d.staging[..],
-                    self.stream.cu_stream(),
-                )
-            }
-            .map_err(&err)?;
+            // SAFETY: the staging buffer is not written again before the event recorded next
+            // reports the copy done, and it lives in the slot with `meta`.
+            unsafe { self.copy_to_device_async(&d.staging, &mut d.meta, "batch metadata copy") }?;
             match &d.copied {
                 Some(ev) => ev.record(&self.stream).map_err(&err)?,
                 None => d.copied = Some(self.stream.record_event(None).map_err(&err)?),
@@ -262,6 +252,24 @@ impl CudaBackend {
         d.cache_shape = *cache;
         d.uploaded = true;
         Ok(slot.as_ref().expect("just filled"))
+    }
+
+    /// Queues a copy of `src` (page-locked host memory) into the start of `dst`, which must be
+    /// at least as long.
+    ///
+    /// # Safety
+    /// `src` must stay alive and unwritten until the stream has done the copy.
+    unsafe fn copy_to_device_async<T: cudarc::driver::DeviceRepr>(
+        &self,
+        src: &[T],
+        dst: &mut CudaSlice<T>,
+        what: &str,
+    ) -> Result<()> {
+        let mut dst = dst.slice_mut(0..src.len());
+        let (ptr, _record) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: dst holds src.len() elements; the caller keeps src as the copy needs.
+        unsafe { cudarc::driver::result::memcpy_htod_async(ptr, src, self.stream.cu_stream()) }
+            .map_err(driver_err(what))
     }
 
     /// Splits of the KV range per (token, KV head): enough blocks to fill the device when few
@@ -975,21 +983,9 @@ impl Backend for CudaBackend {
                 b.dev_params =
                     self.alloc::<f64>(b.params.len().next_power_of_two(), "sampling parameters")?;
             }
-            {
-                let mut dst = b.dev_params.slice_mut(0..b.params.len());
-                let (ptr, _record) = dst.device_ptr_mut(&self.stream);
-                // SAFETY: an asynchronous copy from the page-locked staging buffer into a device
-                // buffer at least as long; the staging buffer is not touched again before this
-                // call synchronizes the stream below.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        ptr,
-                        &b.params[..],
-                        self.stream.cu_stream(),
-                    )
-                }
-                .map_err(&err)?;
-            }
+            // SAFETY: the staging buffer is not touched again before this call synchronizes the
+            // stream below.
+            unsafe { self.copy_to_device_async(&b.params, &mut b.dev_params, "sample_rows") }?;
             // SAFETY: one block of SAMPLE_THREADS per row; dev_params holds 5 values per row and
             // dev_ids at least one entry per row.
             unsafe {

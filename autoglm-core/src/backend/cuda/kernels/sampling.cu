@@ -89,15 +89,21 @@ __device__ double block_scan(double v, double* buf, double* total) {
     return incl;
 }
 
+// Replaces (v, idx) by (ov, oi) when that is larger, or equal at a smaller index; index
+// 0xffffffff is "none" and never wins.
+__device__ __forceinline__ void keep_better(float& v, u32& idx, float ov, u32 oi) {
+    if (oi != 0xffffffffu && (idx == 0xffffffffu || ov > v || (ov == v && oi < idx))) {
+        v = ov;
+        idx = oi;
+    }
+}
+
 // The block's (largest value, smallest index among equals); idx 0xffffffff is "none".
 __device__ u32 block_argmax(float v, u32 idx, float* sv, u32* si) {
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, v, o);
         const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (oi != 0xffffffffu && (idx == 0xffffffffu || ov > v || (ov == v && oi < idx))) {
-            v = ov;
-            idx = oi;
-        }
+        keep_better(v, idx, ov, oi);
     }
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
@@ -113,10 +119,7 @@ __device__ u32 block_argmax(float v, u32 idx, float* sv, u32* si) {
         for (int o = 16; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, v, o);
             const u32 oi = __shfl_xor_sync(0xffffffffu, idx, o);
-            if (oi != 0xffffffffu && (idx == 0xffffffffu || ov > v || (ov == v && oi < idx))) {
-                v = ov;
-                idx = oi;
-            }
+            keep_better(v, idx, ov, oi);
         }
         if (lane == 0) si[0] = idx;
     }
