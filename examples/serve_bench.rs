@@ -34,7 +34,24 @@ use autoglm_examples::{bundled_model, List};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 connection to `addr` with windows large enough that flow control never stalls a
+/// stream of this benchmark.
+async fn h2_connect(addr: SocketAddr) -> H2Sender {
+    let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    io.set_nodelay(true).ok();
+    let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(1 << 30)
+        .handshake(TokioIo::new(io))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    tx
+}
 
 #[derive(Debug, Parser)]
 #[command(about = "Server overhead with a zero-cost model")]
@@ -68,6 +85,10 @@ struct Cli {
     /// consumers) to the other cores, so the engine never shares its core with socket work.
     #[arg(long)]
     engine_core: Option<usize>,
+    /// Multiplex the streams over this many HTTP/2 (h2c, prior knowledge) connections instead of
+    /// opening one HTTP/1.1 connection per stream.
+    #[arg(long, default_value_t = 0)]
+    http2_connections: usize,
     /// Measure only `engine` or only `server` (for profiling); default both.
     #[arg(long)]
     only: Option<String>,
@@ -233,22 +254,36 @@ fn run_engine(
 /// from `t0`).
 async fn stream_one(
     addr: SocketAddr,
+    h2: Option<H2Sender>,
     body: String,
     t0: Instant,
 ) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
-    let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    io.set_nodelay(true).ok();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/completions")
-        .header("host", "bench")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
-    let sent = Instant::now();
-    let resp = tx.send_request(req).await.expect("response");
+    let req = |uri: &str| {
+        hyper::Request::post(uri)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())))
+            .expect("request")
+    };
+    let (sent, resp) = match h2 {
+        Some(mut tx) => {
+            let req = req(&format!("http://{addr}/v1/completions"));
+            let sent = Instant::now();
+            (sent, tx.send_request(req).await.expect("response"))
+        }
+        None => {
+            let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            io.set_nodelay(true).ok();
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let mut req = req("/v1/completions");
+            req.headers_mut()
+                .insert("host", hyper::header::HeaderValue::from_static("bench"));
+            let sent = Instant::now();
+            (sent, tx.send_request(req).await.expect("response"))
+        }
+    };
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let (mut events, mut ttft, mut last) = (0usize, 0.0, sent);
@@ -289,6 +324,7 @@ async fn stream_one(
 }
 
 /// The same requests through the server on loopback.
+#[allow(clippy::too_many_arguments)]
 fn run_server(
     server_rt: &tokio::runtime::Runtime,
     client_rt: &tokio::runtime::Runtime,
@@ -297,6 +333,7 @@ fn run_server(
     prompt_len: usize,
     stream_interval: usize,
     engine_core: Option<usize>,
+    h2_connections: usize,
 ) -> Run {
     let engine = null_engine(c, prompt_len, engine_core);
     let models = Arc::new(ModelRegistry::new(EngineConfig::default()));
@@ -319,7 +356,20 @@ fn run_server(
         (addr, handle, tokio::spawn(server.run()))
     });
     let warm = serde_json::json!({"model": "null", "prompt": prompt(0, prompt_len), "max_tokens": 4, "ignore_eos": true, "stream": true});
-    client_rt.block_on(stream_one(addr, warm.to_string(), Instant::now()));
+    let h2: Vec<H2Sender> = client_rt.block_on(async {
+        let mut h2 = Vec::with_capacity(h2_connections);
+        for _ in 0..h2_connections {
+            h2.push(h2_connect(addr).await);
+        }
+        h2
+    });
+    let sender = |i: usize| (!h2.is_empty()).then(|| h2[i % h2.len()].clone());
+    client_rt.block_on(stream_one(
+        addr,
+        sender(0),
+        warm.to_string(),
+        Instant::now(),
+    ));
     let cpu0 = cpu_ns();
     let mut run = client_rt.block_on(async {
         let t0 = Instant::now();
@@ -330,7 +380,7 @@ fn run_server(
                 "temperature": 0, "ignore_eos": true, "stream": true,
             })
             .to_string();
-            tasks.push(tokio::spawn(stream_one(addr, body, t0)));
+            tasks.push(tokio::spawn(stream_one(addr, sender(i), body, t0)));
         }
         let mut run = Run::default();
         for t in tasks {
@@ -443,6 +493,7 @@ fn main() {
                 cli.prompt_len,
                 cli.stream_interval,
                 engine_core,
+                cli.http2_connections,
             );
         }
         let mut pairs: Vec<(Run, Run)> = (0..cli.repeats.max(1))
@@ -468,6 +519,7 @@ fn main() {
                         cli.prompt_len,
                         cli.stream_interval,
                         engine_core,
+                        cli.http2_connections,
                     )
                 } else {
                     Run::default()
