@@ -113,6 +113,9 @@ pub struct CudaConfig {
     /// Cache compiled kernels on disk (`$XDG_CACHE_HOME/autoglm` or `~/.cache/autoglm`) so a
     /// second start skips NVRTC.
     pub kernel_disk_cache: bool,
+    /// Replay decode steps from CUDA graphs captured per batch-size bucket; `false` launches
+    /// every kernel of every step (vLLM's `--enforce-eager`).
+    pub graphs: bool,
 }
 
 impl Default for CudaConfig {
@@ -120,6 +123,7 @@ impl Default for CudaConfig {
         CudaConfig {
             memory_utilization: 0.9,
             kernel_disk_cache: true,
+            graphs: true,
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::tokenizer::{render, Tokenizer};
 use crate::wait::{self, CancelOnDone, CancelSignal};
 
 /// The engine options `Engine(...)` accepts as keywords, besides `device`.
-pub(crate) const OPTIONS: [&str; 12] = [
+pub(crate) const OPTIONS: [&str; 13] = [
     "block_size",
     "num_blocks",
     "kv_cache_mb",
@@ -42,6 +42,7 @@ pub(crate) const OPTIONS: [&str; 12] = [
     "num_threads",
     "seed",
     "gpu_memory_utilization",
+    "enforce_eager",
 ];
 
 fn option_err(name: &str, v: &Bound<'_, PyAny>, want: &str) -> PyErr {
@@ -123,6 +124,13 @@ pub(crate) fn engine_config(
                         })
                         .ok_or_else(|| option_err(n, &v, "must be a number in (0, 1]"))?;
                     cfg.cuda.memory_utilization = u as f32;
+                }
+            }
+            "enforce_eager" => {
+                if !v.is_none() {
+                    cfg.cuda.graphs = !v
+                        .extract::<bool>()
+                        .map_err(|_| option_err(n, &v, "must be a bool"))?;
                 }
             }
             "seed" => {
@@ -216,7 +224,8 @@ fn results(py: Python<'_>, finished: Vec<Finished>, single: bool) -> PyResult<Bo
 /// weights, tokenizer) and starts the engine thread. Options: block_size, num_blocks,
 /// kv_cache_mb, enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
 /// engine_core, compute_cores, num_threads, seed, gpu_memory_utilization (the share of the GPU's
-/// free memory the CUDA backend may use for weights and KV cache; default 0.9). Use it as a
+/// free memory the CUDA backend may use for weights and KV cache; default 0.9), enforce_eager
+/// (CUDA: launch every kernel of every decode step instead of replaying CUDA graphs). Use it as a
 /// context manager, or call
 /// `close()`, to stop the engine thread deterministically.
 #[pyclass(module = "autoglm", frozen)]

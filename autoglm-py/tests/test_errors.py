@@ -100,8 +100,12 @@ def test_bad_engine_options() -> None:
         message = r"gpu_memory_utilization = .*: must be a number in \(0, 1\]"
         with pytest.raises(autoglm.InvalidRequestError, match=message):
             autoglm.Engine(model, device="cpu", gpu_memory_utilization=bad)  # type: ignore[arg-type]
+    with pytest.raises(autoglm.InvalidRequestError, match=r"enforce_eager = 'no': must be a bool"):
+        autoglm.Engine(model, device="cpu", enforce_eager="no")  # type: ignore[arg-type]
     # Accepted (and unused) on the CPU backend.
-    with autoglm.Engine(model, device="cpu", gpu_memory_utilization=0.5) as e:
+    with autoglm.Engine(
+        model, device="cpu", gpu_memory_utilization=0.5, enforce_eager=True
+    ) as e:
         out = e.generate([1, 2, 3], autoglm.SamplingParams(max_tokens=1, ignore_eos=True))
         assert out.usage.completion_tokens == 1
 

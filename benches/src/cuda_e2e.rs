@@ -5,7 +5,8 @@
 //!
 //! Timing: wall clock around work that ends in a device synchronization (each decode step ends
 //! with the device argmax copying the tokens back; prefill synchronizes explicitly), after warm-up
-//! steps; medians reported. NOT YET RUN ON A GPU (see docs/BENCHMARKS.md).
+//! steps; medians reported. Decode is measured eagerly and then with CUDA graphs, on the same
+//! sequences, through `Backend::run_step` as the engine calls it. NOT YET RUN ON A GPU (see docs/BENCHMARKS.md).
 
 use std::time::Instant;
 
@@ -133,7 +134,10 @@ pub fn run(
     let roofline_s = read_bytes as f64 / (bw / 2.0);
     let mut decode = Vec::new();
     for &b in &a.batches {
-        let per_seq = (a.decode_prompt + a.warmup_steps + a.decode_steps + 2).div_ceil(BLOCK_SIZE);
+        // The same sequences decode eagerly, then through CUDA graphs (the first graph step
+        // captures): warm-up and timed steps for each.
+        let steps = a.warmup_steps + a.decode_steps;
+        let per_seq = (a.decode_prompt + 2 * steps + 2).div_ceil(BLOCK_SIZE);
         let mut cache = gpu.alloc_kv_cache(model.kv_cache_shape(b * per_seq, BLOCK_SIZE))?;
         let tables: Vec<Vec<u32>> = (0..b)
             .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
@@ -152,23 +156,32 @@ pub fn run(
         let greedy = vec![RowSampling::GREEDY; b];
         let mut next = Vec::with_capacity(b);
         gpu.sample_rows(&l, &greedy, &mut next)?;
-        let mut times = Vec::new();
         let mut last = Some(l);
-        for step in 0..a.warmup_steps + a.decode_steps {
-            let pos = a.decode_prompt + step;
-            let mut fb = ForwardBatch::new(per_seq);
-            for (s, table) in tables.iter().enumerate() {
-                fb.push_seq(&[next[s]], pos, table, BLOCK_SIZE);
+        let mut pos = a.decode_prompt;
+        let mut timed = |graphs: bool, next: &mut Vec<u32>| -> autoglm_core::Result<Vec<f64>> {
+            gpu.set_graphs(graphs);
+            let mut times = Vec::new();
+            for step in 0..steps {
+                let mut fb = ForwardBatch::new(per_seq);
+                for (s, table) in tables.iter().enumerate() {
+                    fb.push_seq(&[next[s]], pos, table, BLOCK_SIZE);
+                }
+                fb.logits_indices = (0..b as u32).collect();
+                let t = Instant::now();
+                let l = gpu.run_step(&fb, &mut cache, &mut |fb, c| {
+                    model.forward_logits(&gpu, fb, c)
+                })?;
+                gpu.sample_rows(&l, &greedy, next)?;
+                last = Some(l);
+                if step >= a.warmup_steps {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                pos += 1;
             }
-            fb.logits_indices = (0..b as u32).collect();
-            let t = Instant::now();
-            let l = model.forward_logits(&gpu, &fb, &mut cache)?;
-            gpu.sample_rows(&l, &greedy, &mut next)?;
-            last = Some(l);
-            if step >= a.warmup_steps {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
+            Ok(times)
+        };
+        let eager_times = timed(false, &mut next)?;
+        let times = timed(true, &mut next)?;
         // Device sampling of the last step's logits (temperature 0.8, top-k 50, top-p 0.9) next
         // to greedy: what a sampled request adds per step.
         let l = last.expect("at least one decode step");
@@ -198,10 +211,13 @@ pub fn run(
             sampled_s * 1e3
         ));
         let med = median(&mut times.clone());
+        let eager_med = median(&mut eager_times.clone());
         line(format!(
-            "decode batch {b}: median step {:.2} ms, {:.1} tok/s{}",
+            "decode batch {b}: median step {:.2} ms, {:.1} tok/s with CUDA graphs; {:.2} ms, {:.1} tok/s eager{}",
             med * 1e3,
             b as f64 / med,
+            eager_med * 1e3,
+            b as f64 / eager_med,
             if b == 1 {
                 format!(
                     " ({:.0}% of the roofline {:.1} tok/s: {:.2} GB read per step at {:.0} GB/s)",
@@ -216,6 +232,7 @@ pub fn run(
         ));
         decode.push(
             json!({"batch": b, "median_step_ms": med * 1e3, "tok_s": b as f64 / med,
+                           "eager_median_step_ms": eager_med * 1e3, "eager_tok_s": b as f64 / eager_med,
                            "sample_greedy_ms": greedy_s * 1e3, "sample_top_p_ms": sampled_s * 1e3,
                            "steps_ms": times.iter().map(|x| x * 1e3).collect::<Vec<_>>()}),
         );

@@ -82,6 +82,9 @@ pub struct EngineArgs {
     /// pool takes what is left unless --num-blocks is given).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
+    /// CUDA: launch every kernel of every decode step instead of replaying CUDA graphs.
+    #[arg(long)]
+    pub enforce_eager: bool,
 }
 
 impl EngineArgs {
@@ -102,6 +105,7 @@ impl EngineArgs {
         c.threading.compute_cores = self.compute_cores.clone().map(|l| l.0).unwrap_or_default();
         c.threading.num_threads = self.threads;
         c.cuda.memory_utilization = self.gpu_memory_utilization;
+        c.cuda.graphs = !self.enforce_eager;
         c
     }
 }

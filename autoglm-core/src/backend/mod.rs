@@ -89,6 +89,10 @@ pub fn rope_inv_freq(rotary_dim: usize, theta: f32) -> Vec<f32> {
         .collect()
 }
 
+/// One step's forward pass as [`Backend::run_step`] receives it.
+pub type ForwardFn<'a, B> =
+    dyn FnMut(&ForwardBatch, &mut <B as Backend>::KvCache) -> Result<<B as Backend>::Tensor> + 'a;
+
 /// Fused operations on a device. Activations are `[rows, cols]` matrices, one row per token.
 pub trait Backend: Send + Sync + 'static {
     /// A parameter resident on the device.
@@ -139,6 +143,27 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor>;
     /// Copies an activation to the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// Called by the model with the batch before the first op of each forward pass, so a device
+    /// backend can copy all of its metadata (ids, positions, slots, block tables, logits rows)
+    /// once. The default does nothing.
+    fn prepare_batch(&self, batch: &ForwardBatch) -> Result<()> {
+        let _ = batch;
+        Ok(())
+    }
+
+    /// Runs one engine step: `forward` (the model's forward pass) on `batch` and `cache`,
+    /// returning the logits of `batch.logits_indices`. A backend may instead replay a recording
+    /// of an earlier call of the same shape (the CUDA backend's decode graphs). The default
+    /// calls `forward`.
+    fn run_step(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut Self::KvCache,
+        forward: &mut ForwardFn<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        forward(batch, cache)
+    }
     /// Where the engine's pinned pool (batch metadata) gets its host memory: page-locked memory
     /// the device can copy from by DMA. By default `mmap`ed, `mlock`ed memory.
     fn host_allocator(&self) -> std::sync::Arc<dyn HostAllocator> {

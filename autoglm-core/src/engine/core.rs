@@ -427,9 +427,11 @@ impl<B: Backend> Core<B> {
         }
         let batch = self.build_batch(&plan);
         let on_device = self.backend.samples_on_device() && self.device_sampling_rows(&plan);
-        let logits = self
-            .model
-            .forward_logits(&self.backend, &batch, &mut self.cache)
+        let (model, backend) = (&self.model, &self.backend);
+        let logits = backend
+            .run_step(&batch, &mut self.cache, &mut |b, cache| {
+                model.forward_logits(backend, b, cache)
+            })
             .and_then(|l| {
                 if !on_device {
                     return self.backend.to_host(&l).map(Sampled::Logits);

@@ -386,6 +386,7 @@ pub fn cuda_options(ordinal: usize, config: &EngineConfig) -> CudaOptions {
         } else {
             None
         },
+        graphs: config.cuda.graphs,
     }
 }
 

@@ -178,6 +178,7 @@ impl<B: Backend> GlmModel<B> {
         cache: &mut B::KvCache,
     ) -> Result<B::Tensor> {
         let eps = self.config.rms_norm_eps;
+        backend.prepare_batch(batch)?;
         let mut residual = backend.embedding(&self.embed, &batch.token_ids)?;
         let mut h = backend.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
         for (i, layer) in self.layers.iter().enumerate() {

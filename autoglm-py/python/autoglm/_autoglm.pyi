@@ -335,6 +335,7 @@ class Engine:
         num_threads: int | None = None,
         seed: int | None = None,
         gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
         **options: NoReturn,
     ) -> Engine: ...
     @overload
@@ -440,6 +441,7 @@ class Server:
         num_threads: int | None = None,
         seed: int | None = None,
         gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
         **options: NoReturn,
     ) -> Server: ...
     def start(self) -> Server:

@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--seed", type=int, help="seed of the engine's random numbers")
     add("--gpu-memory-utilization", type=float,
         help="share of the GPU's free memory for weights and KV cache (CUDA; default 0.9)")
+    add("--enforce-eager", action="store_true",
+        help="CUDA: launch every kernel of every decode step instead of replaying CUDA graphs")
     return parser
 
 
@@ -153,6 +155,8 @@ def _serve(args: argparse.Namespace) -> None:
         options["reuse_port"] = True
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
+    if args.enforce_eager:
+        options["enforce_eager"] = True
     for name in (
         "unix_socket", "api_keys_file", "tls_cert", "tls_key", "requests_per_minute",
         "tokens_per_minute", "audit_log", "max_connections", "max_concurrent_requests",

@@ -9,6 +9,7 @@ use crate::runner::ForwardBatch;
 /// Where each array lies in the packed buffer (in elements).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct MetaLayout {
+    pub(crate) token_ids: Range<usize>,
     pub(crate) positions: Range<usize>,
     pub(crate) slot_mapping: Range<usize>,
     /// The sequence of each query token (derived from `query_start`).
@@ -16,6 +17,7 @@ pub(crate) struct MetaLayout {
     pub(crate) block_tables: Range<usize>,
     pub(crate) query_start: Range<usize>,
     pub(crate) context_lens: Range<usize>,
+    pub(crate) logits_indices: Range<usize>,
     pub(crate) max_blocks_per_seq: usize,
 }
 
@@ -28,11 +30,13 @@ pub(crate) fn pack(batch: &ForwardBatch, out: &mut HostVec<u32>) -> MetaLayout {
         out.extend_from_slice(xs);
         start..out.len()
     };
+    let token_ids = put(&batch.token_ids);
     let positions = put(&batch.positions);
     let slot_mapping = put(&batch.slot_mapping);
     let block_tables = put(&batch.block_tables);
     let query_start = put(&batch.query_start);
     let context_lens = put(&batch.context_lens);
+    let logits_indices = put(&batch.logits_indices);
     let start = out.len();
     for (seq, w) in batch.query_start.windows(2).enumerate() {
         for _ in w[0]..w[1] {
@@ -40,22 +44,26 @@ pub(crate) fn pack(batch: &ForwardBatch, out: &mut HostVec<u32>) -> MetaLayout {
         }
     }
     MetaLayout {
+        token_ids,
         positions,
         slot_mapping,
         seq_of_token: start..out.len(),
         block_tables,
         query_start,
         context_lens,
+        logits_indices,
         max_blocks_per_seq: batch.max_blocks_per_seq,
     }
 }
 
 impl MetaLayout {
-    /// Whether `packed`, laid out as `self`, holds `batch`'s metadata (so the device copy made
-    /// from it can be reused for another layer of the same step).
+    /// Whether `packed`, laid out as `self`, holds `batch` (so the device copy made from it can
+    /// be reused by every op of the same step).
     pub(crate) fn holds(&self, packed: &[u32], batch: &ForwardBatch) -> bool {
         let same = |r: &Range<usize>, xs: &[u32]| packed.get(r.clone()) == Some(xs);
         self.max_blocks_per_seq == batch.max_blocks_per_seq
+            && same(&self.token_ids, &batch.token_ids)
+            && same(&self.logits_indices, &batch.logits_indices)
             && same(&self.positions, &batch.positions)
             && same(&self.slot_mapping, &batch.slot_mapping)
             && same(&self.query_start, &batch.query_start)
@@ -73,6 +81,7 @@ mod tests {
         // A 3-token prefill chunk and a 1-token decode, block size 4.
         b.push_seq(&[5, 6, 7], 0, &[2], 4);
         b.push_seq(&[9], 6, &[0, 1], 4);
+        b.logits_indices.extend_from_slice(&[2, 3]);
         b
     }
 
@@ -82,15 +91,17 @@ mod tests {
         let mut out = HostVec::default();
         out.push(99);
         let l = pack(&b, &mut out);
+        assert_eq!(&out[l.token_ids.clone()], &[5, 6, 7, 9]);
         assert_eq!(&out[l.positions.clone()], &[0, 1, 2, 6]);
         assert_eq!(&out[l.slot_mapping.clone()], &[8, 9, 10, 6]);
         assert_eq!(&out[l.seq_of_token.clone()], &[0, 0, 0, 1]);
         assert_eq!(&out[l.block_tables.clone()], &[2, 0, 0, 0, 1, 0]);
         assert_eq!(&out[l.query_start.clone()], &[0, 3, 4]);
         assert_eq!(&out[l.context_lens.clone()], &[3, 7]);
+        assert_eq!(&out[l.logits_indices.clone()], &[2, 3]);
         assert_eq!(
             out.len(),
-            4 + 4 + 4 + 6 + 3 + 2,
+            4 + 4 + 4 + 4 + 6 + 3 + 2 + 2,
             "cleared first, nothing else"
         );
         assert!(l.holds(&out, &b));
@@ -112,9 +123,13 @@ mod tests {
         assert!(!l.holds(&out, &longer));
         let empty = ForwardBatch::new(3);
         assert!(!l.holds(&out, &empty));
-        // The token ids are not metadata: a batch that differs only there is held.
+        // Token ids and logits rows travel in the same copy.
         let mut ids = b.clone();
         ids.token_ids[0] = 1;
-        assert!(l.holds(&out, &ids));
+        assert!(!l.holds(&out, &ids));
+        let mut rows = b.clone();
+        rows.logits_indices.clear();
+        rows.logits_indices.push(2);
+        assert!(!l.holds(&out, &rows));
     }
 }

@@ -12,12 +12,15 @@
 //!
 //! Execution: one stream, event tracking off (all work is ordered on that stream), activations
 //! allocated from the driver's stream-ordered pool (kept across steps by a release threshold).
-//! Batch metadata (positions, slots, block tables) is uploaded once per forward pass and reused
-//! by every layer. Not yet here: CUDA graphs for decode steps, query-tiled prefill attention.
+//! Batch metadata (token ids, positions, slots, block tables, logits rows) is packed into pinned
+//! memory and copied once per forward pass (`Backend::prepare_batch`), then read by every op.
+//! Decode steps of up to 256 sequences are replayed from CUDA graphs captured per batch-size bucket
+//! (graph.rs; `CudaOptions::graphs`). Not yet here: query-tiled prefill attention.
 //!
 //! Nothing in this module has run on a GPU yet (see docs/BENCHMARKS.md and `tests/cuda_fixtures.rs`).
 
 pub mod compile;
+mod graph;
 mod host;
 mod meta;
 mod ops;
@@ -50,6 +53,9 @@ pub struct CudaOptions {
     pub memory_utilization: f32,
     /// Directory of the compiled-kernel cache; `None` keeps compiled kernels in memory only.
     pub kernel_cache_dir: Option<PathBuf>,
+    /// Replay decode steps from CUDA graphs (captured on first use per batch-size bucket);
+    /// `false` launches every kernel of every step (vLLM's `--enforce-eager`).
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -58,6 +64,7 @@ impl Default for CudaOptions {
             ordinal: 0,
             memory_utilization: 0.9,
             kernel_cache_dir: compile::default_cache_dir(),
+            graphs: true,
         }
     }
 }
@@ -91,9 +98,9 @@ pub struct CudaKvCache {
     v: Vec<CudaSlice<bf16>>,
 }
 
-/// The metadata of one batch on the device, reused by every layer of a forward pass. Its buffers
+/// The metadata of one batch on the device, read by every op of a forward pass. Its buffers
 /// outlive the batch: the next batch is packed into the same pinned staging buffer and copied
-/// into the same device buffer (grown when too small).
+/// into the same device buffer (grown when too small; never, for a graph's).
 struct DeviceBatch {
     /// The packed metadata in page-locked memory (from the backend's pinned pool).
     staging: HostVec<u32>,
@@ -107,11 +114,29 @@ struct DeviceBatch {
     meta: CudaSlice<u32>,
     /// Largest context length in the batch.
     max_context: usize,
-    /// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
-    inv_freq: CudaSlice<f32>,
-    inv_freq_key: (usize, u32),
-    /// The KV-cache shape the metadata was checked against.
-    cache_shape: KvCacheShape,
+    /// The KV-cache shape the batch was checked against (`check_batch`), if any yet.
+    checked: Option<KvCacheShape>,
+    /// Owned by a decode graph: buffers at fixed addresses, no events (the graph orders its
+    /// launches), attention split for the longest context the block tables can hold.
+    graph: bool,
+    /// Rows of the embedding table the ids were last read for (0: not read from here).
+    embed_rows: usize,
+}
+
+impl DeviceBatch {
+    fn new(backend: &CudaBackend, graph: bool) -> Result<DeviceBatch> {
+        Ok(DeviceBatch {
+            staging: HostVec::with_capacity_in(&backend.pinned, 0)?,
+            layout: meta::MetaLayout::default(),
+            uploaded: false,
+            copied: None,
+            meta: backend.alloc::<u32>(1, "batch metadata")?,
+            max_context: 0,
+            checked: None,
+            graph,
+            embed_rows: 0,
+        })
+    }
 }
 
 /// What `sample_rows` moves between host and device, kept across steps: the per-row parameters
@@ -123,6 +148,9 @@ struct SampleBuffers {
     dev_params: CudaSlice<f64>,
     dev_ids: CudaSlice<u32>,
 }
+
+/// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
+type RopeTable = Option<((usize, u32), CudaSlice<f32>)>;
 
 /// A CUDA device with its stream, cuBLAS handle and compiled kernels.
 pub struct CudaBackend {
@@ -141,6 +169,9 @@ pub struct CudaBackend {
     /// Page-locked host buffers (`cuMemHostAlloc`) for what is copied to the device.
     pinned: PinnedPool,
     batch: Mutex<Option<DeviceBatch>>,
+    /// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
+    rope: Mutex<RopeTable>,
+    graphs: Mutex<graph::Graphs>,
     sampling: Mutex<Option<SampleBuffers>>,
 }
 
@@ -315,7 +346,9 @@ impl CudaBackend {
             Arc::new(host::CudaHostAllocator::new(ctx.clone())),
             PinnedPoolConfig::default(),
         )?;
+        let graphs = Mutex::new(graph::Graphs::new(options.graphs));
         Ok(CudaBackend {
+            graphs,
             pinned,
             ctx,
             stream,
@@ -328,6 +361,7 @@ impl CudaBackend {
             max_shared_per_block,
             device_name,
             batch: Mutex::new(None),
+            rope: Mutex::new(None),
             sampling: Mutex::new(None),
         })
     }

@@ -8,8 +8,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::{
-    driver_err, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch, SampleBuffers,
-    WeightData,
+    driver_err, graph, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch,
+    RopeTable, SampleBuffers, WeightData,
 };
 use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling};
 use crate::error::{Error, Result};
@@ -91,7 +91,7 @@ impl CudaWeight {
 }
 
 impl CudaBackend {
-    fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+    pub(super) fn tensor(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
         let n = rows
             .checked_mul(cols)
             .ok_or_else(|| bad(what, format!("{rows} x {cols} overflows")))?;
@@ -182,46 +182,26 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Uploads (or reuses) the batch's metadata, after checking it against the cache.
-    fn device_batch<'a>(
+    /// Packs `batch` into the slot's pinned staging buffer and queues one copy of it to the
+    /// device, unless the slot holds it already.
+    fn upload_batch<'a>(
         &self,
         slot: &'a mut Option<DeviceBatch>,
         batch: &ForwardBatch,
-        cache: &KvCacheShape,
-        s: &AttentionShape,
-    ) -> Result<&'a DeviceBatch> {
-        let key = (s.rotary_dim, s.rope_theta.to_bits());
-        let inv_freq = || {
-            self.upload_slice(
-                &rope_inv_freq(s.rotary_dim, s.rope_theta),
-                "rope frequencies",
-            )
-        };
-        if let Some(d) = slot.as_ref() {
-            if d.uploaded
-                && d.cache_shape == *cache
-                && d.inv_freq_key == key
-                && d.layout.holds(&d.staging, batch)
-            {
-                return Ok(slot.as_ref().expect("checked"));
-            }
+    ) -> Result<&'a mut DeviceBatch> {
+        if slot
+            .as_ref()
+            .is_some_and(|d| d.uploaded && d.layout.holds(&d.staging, batch))
+        {
+            return Ok(slot.as_mut().expect("checked"));
         }
-        check_batch(batch, cache)?;
         if slot.is_none() {
-            *slot = Some(DeviceBatch {
-                staging: HostVec::with_capacity_in(&self.pinned, 0)?,
-                layout: meta::MetaLayout::default(),
-                uploaded: false,
-                copied: None,
-                meta: self.alloc::<u32>(1, "batch metadata")?,
-                max_context: 0,
-                inv_freq: inv_freq()?,
-                inv_freq_key: key,
-                cache_shape: *cache,
-            });
+            *slot = Some(DeviceBatch::new(self, false)?);
         }
         let d = slot.as_mut().expect("just filled");
         d.uploaded = false;
+        d.checked = None;
+        d.embed_rows = 0;
         if let Some(ev) = &d.copied {
             // The previous copy from the staging buffer must be done before it is rewritten
             // (normally long done: each step ends by reading its results back).
@@ -231,27 +211,80 @@ impl CudaBackend {
         d.layout = meta::pack(batch, &mut d.staging);
         let n = d.staging.len();
         if d.meta.len() < n {
+            if d.graph {
+                return Err(bad(
+                    "decode graph",
+                    format!("{n} metadata words for a buffer of {}", d.meta.len()),
+                ));
+            }
             d.meta = self.alloc::<u32>(n.next_power_of_two(), "batch metadata")?;
         }
         if n > 0 {
             let err = driver_err("batch metadata copy");
             self.ctx.bind_to_thread().map_err(&err)?;
-            // SAFETY: the staging buffer is not written again before the event recorded next
-            // reports the copy done, and it lives in the slot with `meta`.
+            // SAFETY: the staging buffer is not written again before the copy is done: an
+            // eager batch waits for the event recorded next, a graph's for its last launch.
             unsafe { self.copy_to_device_async(&d.staging, &mut d.meta, "batch metadata copy") }?;
-            match &d.copied {
-                Some(ev) => ev.record(&self.stream).map_err(&err)?,
-                None => d.copied = Some(self.stream.record_event(None).map_err(&err)?),
+            if !d.graph {
+                match &d.copied {
+                    Some(ev) => ev.record(&self.stream).map_err(&err)?,
+                    None => d.copied = Some(self.stream.record_event(None).map_err(&err)?),
+                }
             }
         }
-        if d.inv_freq_key != key {
-            d.inv_freq = inv_freq()?;
-            d.inv_freq_key = key;
-        }
         d.max_context = batch.context_lens.iter().copied().max().unwrap_or(0) as usize;
-        d.cache_shape = *cache;
         d.uploaded = true;
-        Ok(slot.as_ref().expect("just filled"))
+        Ok(d)
+    }
+
+    /// The rope table for `s`, made (with a pageable copy) when the shape changes.
+    fn rope_table(&self, s: &AttentionShape) -> Result<std::sync::MutexGuard<'_, RopeTable>> {
+        let key = (s.rotary_dim, s.rope_theta.to_bits());
+        let mut guard = self
+            .rope
+            .lock()
+            .map_err(|_| bad("attention", "rope table lock poisoned"))?;
+        if guard.as_ref().is_none_or(|(k, _)| *k != key) {
+            let t = self.upload_slice(
+                &rope_inv_freq(s.rotary_dim, s.rope_theta),
+                "rope frequencies",
+            )?;
+            *guard = Some((key, t));
+        }
+        Ok(guard)
+    }
+
+    /// The device copy of `host`: the `pick` part of the uploaded batch when that holds exactly
+    /// `host` (the usual case: the model passes the batch's own ids and rows), else a fresh
+    /// upload into `upload`. Inside a decode graph only the batch's copy will do. `embed_rows`
+    /// records the embedding table the ids are read for.
+    fn batch_part<'a>(
+        &self,
+        guard: &'a mut Option<DeviceBatch>,
+        pick: fn(&meta::MetaLayout) -> std::ops::Range<usize>,
+        host: &[u32],
+        upload: &'a mut Option<CudaSlice<u32>>,
+        what: &str,
+        embed_rows: Option<usize>,
+    ) -> Result<cudarc::driver::CudaView<'a, u32>> {
+        if let Some(d) = guard.as_mut() {
+            let r = pick(&d.layout);
+            if d.uploaded && d.staging.get(r.clone()) == Some(host) {
+                if let Some(v) = embed_rows {
+                    d.embed_rows = v;
+                }
+                let d: &'a DeviceBatch = d;
+                return Ok(d.meta.slice(r));
+            }
+            if d.graph {
+                return Err(bad(
+                    what,
+                    "inside a decode graph the batch must come from prepare_batch",
+                ));
+            }
+        }
+        let dev = upload.insert(self.upload_slice(host, what)?);
+        Ok(dev.slice(0..host.len()))
     }
 
     /// Queues a copy of `src` (page-locked host memory) into the start of `dst`, which must be
@@ -372,7 +405,8 @@ enum GeneratedBuffer {
 
 /// The checks of the CPU backend's attention (backend/cpu/attention.rs), which on a GPU guard
 /// against out-of-bounds reads and writes.
-fn check_batch(batch: &ForwardBatch, cache: &KvCacheShape) -> Result<()> {
+/// A slot of [`graph::PAD_SLOT`] (a padding token) is allowed: its key and value are not written.
+pub(super) fn check_batch(batch: &ForwardBatch, cache: &KvCacheShape) -> Result<()> {
     let op = "attention";
     let t = batch.num_tokens();
     if batch.positions.len() != t || batch.slot_mapping.len() != t {
@@ -418,7 +452,11 @@ fn check_batch(batch: &ForwardBatch, cache: &KvCacheShape) -> Result<()> {
         }
     }
     let slots = cache.num_blocks * bs;
-    if batch.slot_mapping.iter().any(|&s| s as usize >= slots) {
+    if batch
+        .slot_mapping
+        .iter()
+        .any(|&s| s != graph::PAD_SLOT && s as usize >= slots)
+    {
         return Err(bad(op, format!("slot outside the cache ({slots} slots)")));
     }
     Ok(())
@@ -540,7 +578,19 @@ impl Backend for CudaBackend {
         if ids.is_empty() {
             return Ok(out);
         }
-        let ids_dev = self.upload_slice(ids, "token ids")?;
+        let mut guard = self
+            .batch
+            .lock()
+            .map_err(|_| bad("embedding", "batch metadata lock poisoned"))?;
+        let mut upload = None;
+        let ids_dev = self.batch_part(
+            &mut guard,
+            |l| l.token_ids.clone(),
+            ids,
+            &mut upload,
+            "token ids",
+            Some(vocab),
+        )?;
         let (f, w) = (
             self.function("embedding_bf16")?,
             u32_of("embedding", "width", width)?,
@@ -708,7 +758,19 @@ impl Backend for CudaBackend {
         if rows.is_empty() || x.cols == 0 {
             return Ok(out);
         }
-        let rows_dev = self.upload_slice(rows, "row indices")?;
+        let mut guard = self
+            .batch
+            .lock()
+            .map_err(|_| bad("gather_rows", "batch metadata lock poisoned"))?;
+        let mut upload = None;
+        let rows_dev = self.batch_part(
+            &mut guard,
+            |l| l.logits_indices.clone(),
+            rows,
+            &mut upload,
+            "row indices",
+            None,
+        )?;
         let (f, cols) = (
             self.function("gather_rows")?,
             u32_of("gather_rows", "cols", x.cols)?,
@@ -769,7 +831,14 @@ impl Backend for CudaBackend {
             .batch
             .lock()
             .map_err(|_| bad(op, "batch metadata lock poisoned"))?;
-        let db = self.device_batch(&mut guard, batch, &cache.shape, s)?;
+        let db = self.upload_batch(&mut guard, batch)?;
+        if db.checked != Some(cache.shape) {
+            check_batch(batch, &cache.shape)?;
+            db.checked = Some(cache.shape);
+        }
+        let db: &DeviceBatch = db;
+        let rope = self.rope_table(s)?;
+        let inv_freq = &rope.as_ref().expect("made by rope_table").1;
         let positions = db.meta.slice(db.layout.positions.clone());
         let slot_mapping = db.meta.slice(db.layout.slot_mapping.clone());
         let seq_of_token = db.meta.slice(db.layout.seq_of_token.clone());
@@ -792,7 +861,7 @@ impl Backend for CudaBackend {
                 .arg(&mut qkv.data)
                 .arg(&positions)
                 .arg(&slot_mapping)
-                .arg(&db.inv_freq)
+                .arg(inv_freq)
                 .arg(kl)
                 .arg(vl)
                 .arg(&nh32)
@@ -820,7 +889,13 @@ impl Backend for CudaBackend {
                 )
             })?;
         let smem = attention_smem_bytes(g, hd, tile);
-        let splits = self.attention_splits(qkv.rows, nkv, db.max_context);
+        // A graph serves every context its block tables can hold.
+        let max_context = if db.graph {
+            batch.max_blocks_per_seq * cache.shape.block_size
+        } else {
+            db.max_context
+        };
+        let splits = self.attention_splits(qkv.rows, nkv, max_context);
         let tokens = u("tokens", qkv.rows)?;
         let parts = if splits > 1 {
             qkv.rows * nh * splits
@@ -916,6 +991,23 @@ impl Backend for CudaBackend {
 
     fn samples_on_device(&self) -> bool {
         true
+    }
+
+    fn prepare_batch(&self, batch: &ForwardBatch) -> Result<()> {
+        let mut guard = self
+            .batch
+            .lock()
+            .map_err(|_| bad("prepare_batch", "batch metadata lock poisoned"))?;
+        self.upload_batch(&mut guard, batch).map(|_| ())
+    }
+
+    fn run_step(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut CudaKvCache,
+        forward: &mut crate::backend::ForwardFn<'_, Self>,
+    ) -> Result<CudaTensor> {
+        self.run_step_graphs(batch, cache, forward)
     }
 
     fn sample_rows(&self, x: &CudaTensor, rows: &[RowSampling], out: &mut Vec<u32>) -> Result<()> {

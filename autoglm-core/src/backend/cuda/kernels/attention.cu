@@ -5,9 +5,11 @@
 // slot = block_table[pos / block_size] * block_size + pos % block_size. Token t of sequence s sees
 // the positions 0..=positions[t] of s (causal; earlier chunks are already in the cache).
 
+#define PAD_SLOT 0xFFFFFFFFu  // graph.rs PAD_SLOT
+
 // Interleaved rope on the first rotary_dim dims of every q and k head (pairs (2i, 2i+1), angle
 // inv_freq[i] * pos, inv_freq computed on the host exactly as the CPU does), then k and v of the
-// token are written (bf16) to its slot. grid = tokens, block = 128.
+// token are written (bf16) to its slot, unless the slot is PAD_SLOT. grid = tokens, block = 128.
 extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u32* __restrict__ positions,
                                                 const u32* __restrict__ slot_mapping,
                                                 const float* __restrict__ inv_freq, bf16_t* __restrict__ k_cache,
@@ -29,8 +31,10 @@ extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u
         x[1] = x1 * c + x0 * s;
     }
     __syncthreads();
+    const u32 slot = slot_mapping[t];
+    if (slot == PAD_SLOT) return;  // a padding token of a decode graph: nothing to cache
     const u32 kvw = num_kv_heads * head_dim;
-    const u64 at = (u64)slot_mapping[t] * kvw;
+    const u64 at = (u64)slot * kvw;
     const float* k = row + num_heads * head_dim;
     const float* v = k + kvw;
     for (u32 i = threadIdx.x; i < kvw; i += blockDim.x) {

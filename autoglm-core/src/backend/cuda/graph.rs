@@ -1,0 +1,436 @@
+//! CUDA graphs for decode steps.
+//!
+//! A decode step launches a few hundred small kernels (about ten per layer); at batch 1 the time
+//! the host spends launching them can exceed the time the device spends running them. So the
+//! first decode step of each batch-size bucket runs eagerly, then the same forward pass is
+//! captured once into a graph (`cuStreamBeginCapture` .. `cuStreamEndCapture`), and later steps of
+//! that bucket replay it with one `cuGraphLaunch`.
+//!
+//! What makes a replay compute the new step:
+//! - the batch is padded to the bucket's size and block-table width ([`pad_decode`]); padding
+//!   tokens have slot [`PAD_SLOT`], so their keys and values are never written, and their logits
+//!   rows are dropped;
+//! - the graph owns its metadata buffers (pinned staging and device copy, fixed addresses): its
+//!   first node copies the staging buffer to the device, so a replay packs the new step into the
+//!   same staging buffer and launches;
+//! - every op of the forward pass reads token ids, positions, slots, block tables and logits rows
+//!   from that copy (the model calls `prepare_batch` first), and allocates its activations from
+//!   the graph's own memory (allocations made during capture become graph memory nodes, freed
+//!   inside the graph); the logits end in a buffer the graph writes last;
+//! - attention is captured with as many KV splits as the longest context the block-table width
+//!   allows (the kernel cuts each token's own context into that many ranges on the device).
+//!
+//! The ops' host-side checks do not run on a replay, so the replay repeats the ones that guard
+//! memory (`check_batch`, token ids inside the vocabulary) before launching. Graphs are keyed by
+//! (bucket, block-table width, KV cache); one model per cache. A capture that fails turns graphs
+//! off for the backend (the step has its eager result already) and says so on stderr.
+//! `CudaOptions::graphs = false` (`--enforce-eager`) never captures.
+
+use std::collections::HashMap;
+
+use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice, DevicePtr};
+
+use super::ops::check_batch;
+use super::{driver_err, meta, CudaBackend, CudaKvCache, CudaTensor, DeviceBatch};
+use crate::backend::{ForwardFn, KvCacheShape};
+use crate::error::{Error, Result};
+use crate::runner::ForwardBatch;
+
+/// The slot of a padding token: its key and value are not written (vLLM's `PAD_SLOT_ID`).
+pub(crate) const PAD_SLOT: u32 = u32::MAX;
+
+/// Largest decode batch that is captured; larger ones run eagerly (their launches are a small
+/// part of a step that long).
+pub(crate) const MAX_GRAPH_BATCH: usize = 256;
+
+/// The batch size a decode step of `n` sequences is padded to: 1, 2, 4, 8, then multiples of 8
+/// up to 64, of 16 up to 128 and of 32 up to [`MAX_GRAPH_BATCH`] (19 sizes; padding adds at most
+/// a quarter); `None` when `n` is 0 or larger than that.
+pub(crate) fn bucket(n: usize) -> Option<usize> {
+    match n {
+        0 => None,
+        1..=8 => Some(n.next_power_of_two()),
+        9..=64 => Some(n.div_ceil(8) * 8),
+        65..=128 => Some(n.div_ceil(16) * 16),
+        _ if n <= MAX_GRAPH_BATCH => Some(n.div_ceil(32) * 32),
+        _ => None,
+    }
+}
+
+/// The block-table width a graph is captured with: a power of two, at least 8, so contexts
+/// growing by a block do not each need a graph of their own.
+pub(crate) fn table_width(max_blocks_per_seq: usize) -> usize {
+    max_blocks_per_seq.max(8).next_power_of_two()
+}
+
+/// Whether `batch` is a plain decode step: one token per sequence, each one's logits asked for,
+/// in order.
+pub(crate) fn is_decode(batch: &ForwardBatch) -> bool {
+    let n = batch.num_seqs();
+    n > 0
+        && batch.num_tokens() == n
+        && batch
+            .query_start
+            .iter()
+            .enumerate()
+            .all(|(i, &q)| q as usize == i)
+        && batch.logits_indices.len() == n
+        && batch
+            .logits_indices
+            .iter()
+            .enumerate()
+            .all(|(i, &r)| r as usize == i)
+}
+
+/// `batch` (a decode step of at most `bucket` sequences, block tables at most `width` wide)
+/// padded to `bucket` sequences with `width` block-table entries each, into `out` (cleared
+/// first; its buffers are reused). A padding sequence has one token: id 0 at position 0 with
+/// slot [`PAD_SLOT`], context length 1 and a block table of zeros (it reads, never writes, the
+/// first cache slot); its logits row is computed and ignored.
+pub(crate) fn pad_decode(
+    batch: &ForwardBatch,
+    bucket: usize,
+    width: usize,
+    out: &mut ForwardBatch,
+) {
+    let n = batch.num_tokens();
+    debug_assert!(is_decode(batch) && n <= bucket && batch.max_blocks_per_seq <= width);
+    out.max_blocks_per_seq = width;
+    out.token_ids.clear();
+    out.token_ids.extend_from_slice(&batch.token_ids);
+    out.token_ids.resize(bucket, 0);
+    out.positions.clear();
+    out.positions.extend_from_slice(&batch.positions);
+    out.positions.resize(bucket, 0);
+    out.slot_mapping.clear();
+    out.slot_mapping.extend_from_slice(&batch.slot_mapping);
+    out.slot_mapping.resize(bucket, PAD_SLOT);
+    out.query_start.clear();
+    out.query_start.extend(0..=bucket as u32);
+    out.context_lens.clear();
+    out.context_lens.extend_from_slice(&batch.context_lens);
+    out.context_lens.resize(bucket, 1);
+    out.block_tables.clear();
+    for s in 0..n {
+        out.block_tables.extend_from_slice(batch.block_table(s));
+        out.block_tables.resize((s + 1) * width, 0);
+    }
+    out.block_tables.resize(bucket * width, 0);
+    out.logits_indices.clear();
+    out.logits_indices.extend(0..bucket as u32);
+}
+
+/// One captured decode step.
+pub(super) struct DecodeGraph {
+    graph: CudaGraph,
+    /// The graph's metadata buffers, read by its nodes at fixed addresses.
+    batch: DeviceBatch,
+    /// The padded step being replayed (its buffers are reused).
+    padded: ForwardBatch,
+    /// Logits of all `bucket` rows, `cols` wide: the graph's last node writes them.
+    logits: CudaSlice<f32>,
+    cols: usize,
+    bucket: usize,
+    width: usize,
+    /// Rows of the embedding table the capture read ids from (replays check ids against it).
+    vocab: usize,
+    cache: KvCacheShape,
+    /// Recorded after each launch: the staging buffer is rewritten only once the launch before
+    /// has copied it.
+    launched: CudaEvent,
+}
+
+// SAFETY: CUDA graph objects may be used from any thread as long as no two threads use one at
+// the same time (the driver API's thread-safety rules for graphs); a `DecodeGraph` is reached only
+// through the backend's `Mutex<Graphs>`, and `CudaGraph::launch` binds the context first.
+unsafe impl Send for DecodeGraph {}
+
+/// The captured graphs of a backend.
+#[derive(Default)]
+pub(super) struct Graphs {
+    by_key: HashMap<(usize, usize, u64), DecodeGraph>,
+    /// Whether decode steps go through graphs (`CudaOptions::graphs`, `set_graphs`).
+    enabled: bool,
+    /// Set when a capture failed: every step runs eagerly from then on.
+    off: bool,
+}
+
+impl Graphs {
+    pub(super) fn new(enabled: bool) -> Graphs {
+        Graphs {
+            enabled,
+            ..Default::default()
+        }
+    }
+}
+
+type Forward<'a> = ForwardFn<'a, CudaBackend>;
+
+impl CudaBackend {
+    /// `Backend::run_step` of the CUDA backend: decode steps through graphs, the rest eagerly.
+    pub(super) fn run_step_graphs(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut CudaKvCache,
+        forward: &mut Forward<'_>,
+    ) -> Result<CudaTensor> {
+        let bucket = match bucket(batch.num_seqs()) {
+            Some(b) if is_decode(batch) && !cache.k.is_empty() => b,
+            _ => return forward(batch, cache),
+        };
+        let width = table_width(batch.max_blocks_per_seq);
+        let cache_id = cache.k[0].device_ptr(&self.stream).0;
+        let mut graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| Error::Backend("decode graphs lock poisoned".into()))?;
+        if graphs.off || !graphs.enabled {
+            drop(graphs);
+            return forward(batch, cache);
+        }
+        let key = (bucket, width, cache_id);
+        if let Some(g) = graphs.by_key.get_mut(&key) {
+            return self.replay(g, batch);
+        }
+        // First step of this shape: run it eagerly, padded as the graph will be (so the kernels
+        // and cuBLAS's choices for these shapes are loaded before the capture), keep its result,
+        // then record the same pass.
+        let mut padded = ForwardBatch::new(width);
+        pad_decode(batch, bucket, width, &mut padded);
+        let full = forward(&padded, cache)?;
+        let out = self.copy_rows(&full.data, batch.num_tokens(), full.cols)?;
+        match self.capture(padded, cache, forward, full.cols, bucket) {
+            Ok(g) => {
+                graphs.by_key.insert(key, g);
+            }
+            Err(e) => {
+                eprintln!(
+                    "autoglm: capturing the decode graph for batch {bucket} failed ({e}); \
+                     decode steps run without CUDA graphs from now on"
+                );
+                graphs.off = true;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records `forward` on `padded` into a graph whose last node copies the logits into a buffer
+    /// of its own.
+    fn capture(
+        &self,
+        padded: ForwardBatch,
+        cache: &mut CudaKvCache,
+        forward: &mut Forward<'_>,
+        cols: usize,
+        bucket: usize,
+    ) -> Result<DecodeGraph> {
+        let what = "decode graph capture";
+        // Buffers the graph reads and writes are made before the capture: an allocation made
+        // during it belongs to the graph and is freed by it.
+        let mut db = DeviceBatch::new(self, true)?;
+        db.layout = meta::pack(&padded, &mut db.staging);
+        db.meta = self.alloc::<u32>(db.staging.len(), "decode graph metadata")?;
+        let mut logits = self.alloc::<f32>(bucket * cols, "decode graph logits")?;
+        let launched = self.stream.record_event(None).map_err(driver_err(what))?;
+        let lock = || {
+            self.batch
+                .lock()
+                .map_err(|_| Error::Backend("batch metadata lock poisoned".into()))
+        };
+        // The ops find the graph's buffers in the backend's batch slot during the capture.
+        let eager = lock()?.replace(db);
+        let begun = self
+            .stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err(what));
+        let recorded = begun.and_then(|()| {
+            let t = forward(&padded, cache)?;
+            if t.rows != bucket || t.cols != cols {
+                return Err(Error::Backend(format!(
+                    "{what}: logits of {}x{} instead of {bucket}x{cols}",
+                    t.rows, t.cols
+                )));
+            }
+            self.stream
+                .memcpy_dtod(&t.data.slice(0..bucket * cols), &mut logits)
+                .map_err(driver_err(what))
+        });
+        // End the capture whatever happened, so the stream leaves capture mode.
+        let ended = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(driver_err(what));
+        let db = std::mem::replace(&mut *lock()?, eager)
+            .ok_or_else(|| Error::Backend(format!("{what}: the graph's metadata went missing")))?;
+        recorded?;
+        let graph = ended?.ok_or_else(|| Error::Backend(format!("{what}: empty graph")))?;
+        if db.embed_rows == 0 || !db.uploaded {
+            return Err(Error::Backend(format!(
+                "{what}: the forward pass did not read the batch from the graph's metadata"
+            )));
+        }
+        graph.upload().map_err(driver_err(what))?;
+        Ok(DecodeGraph {
+            graph,
+            vocab: db.embed_rows,
+            batch: db,
+            width: padded.max_blocks_per_seq,
+            padded,
+            logits,
+            cols,
+            bucket,
+            cache: cache.shape,
+            launched,
+        })
+    }
+
+    /// Replays `g` for `batch`: the new step packed into the graph's staging buffer, the memory
+    /// checks the ops would have made, one launch, then the step's logits rows copied out.
+    fn replay(&self, g: &mut DecodeGraph, batch: &ForwardBatch) -> Result<CudaTensor> {
+        let what = "decode graph replay";
+        g.launched.synchronize().map_err(driver_err(what))?;
+        pad_decode(batch, g.bucket, g.width, &mut g.padded);
+        check_batch(&g.padded, &g.cache)?;
+        if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= g.vocab) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {id} is outside the vocabulary ({})",
+                g.vocab
+            )));
+        }
+        let before = g.batch.staging.as_ptr();
+        let layout = meta::pack(&g.padded, &mut g.batch.staging);
+        if layout != g.batch.layout || g.batch.staging.as_ptr() != before {
+            return Err(Error::Backend(format!(
+                "{what}: the step's metadata does not fit the captured layout"
+            )));
+        }
+        g.graph.launch().map_err(driver_err(what))?;
+        g.launched.record(&self.stream).map_err(driver_err(what))?;
+        self.copy_rows(&g.logits, batch.num_tokens(), g.cols)
+    }
+
+    /// Turns decode graphs on or off from the next step (for A/B measurements; graphs already
+    /// captured are kept). A backend whose capture failed stays off.
+    pub fn set_graphs(&self, on: bool) {
+        if let Ok(mut g) = self.graphs.lock() {
+            g.enabled = on;
+        }
+    }
+
+    /// A new `rows x cols` tensor holding the first rows of `src`.
+    fn copy_rows(&self, src: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<CudaTensor> {
+        let mut out = self.tensor(rows, cols, "step logits")?;
+        let n = rows * cols;
+        if n > 0 {
+            if src.len() < n {
+                return Err(Error::Backend(format!(
+                    "step logits: {} values for {rows}x{cols}",
+                    src.len()
+                )));
+            }
+            self.stream
+                .memcpy_dtod(&src.slice(0..n), &mut out.data)
+                .map_err(driver_err("step logits"))?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three decode sequences (block size 4) with block tables of 2, 1 and 3 blocks.
+    fn decode() -> ForwardBatch {
+        let mut b = ForwardBatch::new(3);
+        b.push_seq(&[11], 5, &[7, 2], 4);
+        b.push_seq(&[12], 0, &[4], 4);
+        b.push_seq(&[13], 9, &[1, 3, 5], 4);
+        b.logits_indices.extend_from_slice(&[0, 1, 2]);
+        b
+    }
+
+    #[test]
+    fn buckets_cover_every_batch_up_to_the_largest_with_few_sizes() {
+        assert_eq!(bucket(0), None);
+        assert_eq!(bucket(MAX_GRAPH_BATCH + 1), None);
+        let mut sizes = std::collections::BTreeSet::new();
+        for n in 1..=MAX_GRAPH_BATCH {
+            let b = bucket(n).unwrap();
+            assert!(b >= n && b <= MAX_GRAPH_BATCH, "{n} -> {b}");
+            assert_eq!(bucket(b), Some(b), "a bucket is its own bucket");
+            // Padding wastes at most a quarter of a large batch.
+            assert!(n <= 8 || b - n < n.div_ceil(4).max(8), "{n} -> {b}");
+            sizes.insert(b);
+        }
+        assert_eq!(sizes.len(), 19, "{sizes:?}");
+        assert_eq!(table_width(1), 8);
+        assert_eq!(table_width(9), 16);
+        assert_eq!(table_width(16), 16);
+    }
+
+    #[test]
+    fn only_plain_decode_steps_take_a_graph() {
+        assert!(is_decode(&decode()));
+        let mut prefill = ForwardBatch::new(2);
+        prefill.push_seq(&[1, 2, 3], 0, &[0], 4);
+        prefill.logits_indices.push(2);
+        assert!(!is_decode(&prefill));
+        let mut partial = decode();
+        partial.logits_indices.clear();
+        partial.logits_indices.extend_from_slice(&[0, 2]);
+        assert!(!is_decode(&partial), "a row without logits");
+        let mut reordered = decode();
+        reordered.logits_indices.clear();
+        reordered.logits_indices.extend_from_slice(&[1, 0, 2]);
+        assert!(!is_decode(&reordered));
+        assert!(!is_decode(&ForwardBatch::new(1)), "empty");
+    }
+
+    #[test]
+    fn padding_keeps_the_real_rows_and_adds_rows_that_write_nothing() {
+        let b = decode();
+        let mut out = ForwardBatch::new(1);
+        // Stale content from a larger step must go.
+        pad_decode(&b, 8, 8, &mut out);
+        pad_decode(&b, 4, 8, &mut out);
+        assert_eq!(out.max_blocks_per_seq, 8);
+        assert_eq!(&out.token_ids[..], &[11, 12, 13, 0]);
+        assert_eq!(&out.positions[..], &[5, 0, 9, 0]);
+        assert_eq!(
+            &out.slot_mapping[..],
+            &[2 * 4 + 1, 4 * 4, 5 * 4 + 1, PAD_SLOT]
+        );
+        assert_eq!(&out.query_start[..], &[0, 1, 2, 3, 4]);
+        assert_eq!(&out.context_lens[..], &[6, 1, 10, 1]);
+        assert_eq!(&out.logits_indices[..], &[0, 1, 2, 3]);
+        assert_eq!(out.block_table(0), &[7, 2, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(out.block_table(1), &[4, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(out.block_table(2), &[1, 3, 5, 0, 0, 0, 0, 0]);
+        assert_eq!(out.block_table(3), &[0; 8]);
+        assert!(is_decode(&out));
+        // The padded batch passes the kernels' memory checks; a real slot outside the cache
+        // still does not.
+        let cache = KvCacheShape {
+            num_layers: 1,
+            num_blocks: 8,
+            block_size: 4,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
+        check_batch(&out, &cache).unwrap();
+        let mut bad = out.clone();
+        bad.slot_mapping[3] = PAD_SLOT - 1;
+        assert!(check_batch(&bad, &cache).is_err());
+        // The same shape packs to the same layout: what a replay relies on.
+        let mut staging = crate::memory::HostVec::default();
+        let first = meta::pack(&out, &mut staging);
+        let mut other = decode();
+        other.token_ids[1] = 99;
+        other.positions[1] = 3;
+        other.slot_mapping[1] = 4 * 4 + 3;
+        other.context_lens[1] = 4;
+        pad_decode(&other, 4, 8, &mut out);
+        assert_eq!(meta::pack(&out, &mut staging), first);
+    }
+}
