@@ -547,3 +547,43 @@ fn engine_with_cuda_graphs_gives_the_tokens_of_eager_steps() {
         .clone();
     assert_eq!(alone, eager[2], "alone (batch 1 graph) vs eager");
 }
+
+/// A decode loop as the engine runs it (`run_step`, then `sample_rows` on the device) moves
+/// nothing through pageable host memory, eagerly or through graphs: ids, positions, slots,
+/// block tables, sampling parameters and sampled tokens all travel through pinned buffers.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn steady_decode_copies_nothing_through_pageable_memory() {
+    let gpu = cuda();
+    let model = GlmModel::load(&fixture("glm4-tiny"), &gpu).unwrap();
+    let mut cache = gpu.alloc_kv_cache(model.kv_cache_shape(64, BLOCK)).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let prompt: Vec<u32> = (1..20).collect();
+    let mut b = ForwardBatch::new(table.len());
+    b.push_seq(&prompt, 0, &table, BLOCK);
+    b.logits_indices = vec![prompt.len() as u32 - 1].into();
+    let greedy = [RowSampling::GREEDY];
+    let mut next = Vec::with_capacity(1);
+    let l = model.forward_logits(&gpu, &b, &mut cache).unwrap();
+    gpu.sample_rows(&l, &greedy, &mut next).unwrap();
+    let before = gpu.pageable_copies();
+    let mut pos = prompt.len();
+    for graphs in [false, true] {
+        gpu.set_graphs(graphs);
+        for _ in 0..8 {
+            let mut b = ForwardBatch::new(table.len());
+            b.push_seq(&[next[0]], pos, &table, BLOCK);
+            b.logits_indices = vec![0].into();
+            let l = gpu
+                .run_step(&b, &mut cache, &mut |b, c| model.forward_logits(&gpu, b, c))
+                .unwrap();
+            gpu.sample_rows(&l, &greedy, &mut next).unwrap();
+            pos += 1;
+        }
+        assert_eq!(
+            gpu.pageable_copies(),
+            before,
+            "pageable copies during decode (graphs: {graphs})"
+        );
+    }
+}

@@ -173,6 +173,9 @@ pub struct CudaBackend {
     rope: Mutex<RopeTable>,
     graphs: Mutex<graph::Graphs>,
     sampling: Mutex<Option<SampleBuffers>>,
+    /// Copies between the device and pageable host memory so far (weights, logits for logprobs,
+    /// ops called outside a forward pass): a steady decode step makes none.
+    pageable_copies: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> Error {
@@ -348,6 +351,7 @@ impl CudaBackend {
         )?;
         let graphs = Mutex::new(graph::Graphs::new(options.graphs));
         Ok(CudaBackend {
+            pageable_copies: Default::default(),
             graphs,
             pinned,
             ctx,
@@ -427,6 +431,19 @@ impl CudaBackend {
         Ok(best)
     }
 
+    /// Copies made between the device and pageable host memory since the backend started. The
+    /// batch metadata, sampling parameters and sampled ids move through pinned buffers instead,
+    /// so a decode step without logprobs adds nothing here.
+    pub fn pageable_copies(&self) -> u64 {
+        self.pageable_copies
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_pageable_copy(&self) {
+        self.pageable_copies
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver_err("synchronize"))
@@ -459,6 +476,7 @@ impl CudaBackend {
     ) -> Result<CudaSlice<T>> {
         let mut dev = self.alloc::<T>(host.len(), what)?;
         if !host.is_empty() {
+            self.count_pageable_copy();
             self.stream
                 .memcpy_htod(host, &mut dev)
                 .map_err(driver_err(what))?;

@@ -976,6 +976,7 @@ impl Backend for CudaBackend {
         let n = x.rows * x.cols;
         let mut host = vec![0f32; n];
         if n > 0 {
+            self.count_pageable_copy();
             let view = x.data.slice(0..n);
             self.stream
                 .memcpy_dtoh(&view, &mut host)
