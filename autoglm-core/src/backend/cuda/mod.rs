@@ -76,6 +76,9 @@ pub struct CudaTensor {
     /// Columns.
     pub cols: usize,
     data: CudaSlice<f32>,
+    /// The same values rounded to bf16, when the op that made the tensor wrote them (the GEMM
+    /// operand of `linear`); dropped by ops that change the tensor in place.
+    bf16: Option<CudaSlice<bf16>>,
 }
 
 enum WeightData {

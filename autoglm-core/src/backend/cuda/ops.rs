@@ -99,7 +99,15 @@ impl CudaBackend {
             rows,
             cols,
             data: self.alloc::<f32>(n, what)?,
+            bf16: None,
         })
+    }
+
+    /// [`CudaBackend::tensor`] with a bf16 twin, for ops whose output feeds a GEMM.
+    fn tensor_with_bf16(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        let mut t = self.tensor(rows, cols, what)?;
+        t.bf16 = Some(self.alloc::<bf16>(rows * cols, what)?);
+        Ok(t)
     }
 
     /// `y[m, n] = x[m, k] @ w[n, k]^T` with bf16 operands, f32 accumulation and f32 output.
@@ -618,7 +626,7 @@ impl Backend for CudaBackend {
                 format!("weight {:?} for width {}", w.shape, x.cols),
             ));
         }
-        let mut out = self.tensor(x.rows, x.cols, "rms_norm output")?;
+        let mut out = self.tensor_with_bf16(x.rows, x.cols, "rms_norm output")?;
         if x.rows == 0 {
             return Ok(out);
         }
@@ -633,6 +641,7 @@ impl Backend for CudaBackend {
                 .arg(&x.data)
                 .arg(wd)
                 .arg(&mut out.data)
+                .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&width)
                 .arg(&eps)
                 .launch(rows_grid(x.rows)?)
@@ -658,7 +667,8 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut out = self.tensor(x.rows, x.cols, "add_rms_norm output")?;
+        let mut out = self.tensor_with_bf16(x.rows, x.cols, "add_rms_norm output")?;
+        residual.bf16 = None;
         if x.rows == 0 {
             return Ok(out);
         }
@@ -674,6 +684,7 @@ impl Backend for CudaBackend {
                 .arg(&x.data)
                 .arg(wd)
                 .arg(&mut out.data)
+                .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&width)
                 .arg(&eps)
                 .launch(rows_grid(x.rows)?)
@@ -695,9 +706,16 @@ impl Backend for CudaBackend {
                 format!("input width {} for weight {:?}", x.cols, w.shape),
             ));
         }
-        let xb = self.to_bf16(x)?;
+        let converted;
+        let xb = match &x.bf16 {
+            Some(b) => b,
+            None => {
+                converted = self.to_bf16(x)?;
+                &converted
+            }
+        };
         let mut y = self.tensor(x.rows, n, "linear output")?;
-        self.gemm_bf16(&xb, w.bf16("linear")?, &mut y.data, x.rows, n, k)?;
+        self.gemm_bf16(xb, w.bf16("linear")?, &mut y.data, x.rows, n, k)?;
         if let Some(b) = bias {
             let bd = b.f32("linear bias")?;
             if bd.len() != n {
@@ -727,7 +745,7 @@ impl Backend for CudaBackend {
             return Err(bad("silu_mul", format!("odd width {}", gate_up.cols)));
         }
         let half = gate_up.cols / 2;
-        let mut out = self.tensor(gate_up.rows, half, "silu_mul output")?;
+        let mut out = self.tensor_with_bf16(gate_up.rows, half, "silu_mul output")?;
         if gate_up.rows == 0 || half == 0 {
             return Ok(out);
         }
@@ -742,6 +760,7 @@ impl Backend for CudaBackend {
                 .launch_builder(f)
                 .arg(&gate_up.data)
                 .arg(&mut out.data)
+                .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&rows)
                 .arg(&h)
                 .launch(grid_for(gate_up.rows * half))
@@ -824,6 +843,7 @@ impl Backend for CudaBackend {
             ));
         }
         let mut out = self.tensor(qkv.rows, nh * hd, "attention output")?;
+        qkv.bf16 = None;
         if qkv.rows == 0 {
             return Ok(out);
         }

@@ -1,6 +1,7 @@
 // Row-wise kernels on the f32 residual stream. Launch shapes are set in cuda/ops.rs; every size
 // was checked on the host. Rows are indexed with 64-bit offsets (a 151552 x 4096 table has
-// 620M elements).
+// 620M elements). The kernels whose output feeds a GEMM (the norms, silu_mul) also write it as
+// bf16 (`out_bf16`, the GEMM operand), which saves a conversion kernel per GEMM.
 
 // out[r, :] = table[ids[r], :] (bf16 -> f32). grid = rows, block = 256.
 extern "C" __global__ void embedding_bf16(const bf16_t* __restrict__ table, const u32* __restrict__ ids,
@@ -11,9 +12,11 @@ extern "C" __global__ void embedding_bf16(const bf16_t* __restrict__ table, cons
     for (u32 c = threadIdx.x; c < width; c += blockDim.x) dst[c] = bf16_to_f32(src[c]);
 }
 
-// out = rmsnorm(x) * w, one block per row (blockDim a multiple of 32, at most 1024).
+// out = rmsnorm(x) * w (and out_bf16 = bf16(out)), one block per row (blockDim a multiple of 32,
+// at most 1024).
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
-                                    float* __restrict__ out, u32 width, float eps) {
+                                    float* __restrict__ out, bf16_t* __restrict__ out_bf16, u32 width,
+                                    float eps) {
     __shared__ float scratch[32];
     const u64 r = blockIdx.x;
     const float* xr = x + r * width;
@@ -22,13 +25,18 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)width + eps);
     float* o = out + r * width;
-    for (u32 c = threadIdx.x; c < width; c += blockDim.x) o[c] = w[c] * (xr[c] * inv);
+    bf16_t* ob = out_bf16 + r * width;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) {
+        const float v = w[c] * (xr[c] * inv);
+        o[c] = v;
+        ob[c] = f32_to_bf16(v);
+    }
 }
 
-// residual += x; out = rmsnorm(residual) * w. One block per row.
+// residual += x; out = rmsnorm(residual) * w (and out_bf16 = bf16(out)). One block per row.
 extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
                                         const float* __restrict__ w, float* __restrict__ out,
-                                        u32 width, float eps) {
+                                        bf16_t* __restrict__ out_bf16, u32 width, float eps) {
     __shared__ float scratch[32];
     const u64 r = blockIdx.x;
     float* rr = residual + r * width;
@@ -42,20 +50,27 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const floa
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)width + eps);
     float* o = out + r * width;
+    bf16_t* ob = out_bf16 + r * width;
     // Each thread re-reads only the elements it wrote itself, so no barrier is needed.
-    for (u32 c = threadIdx.x; c < width; c += blockDim.x) o[c] = w[c] * (rr[c] * inv);
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) {
+        const float v = w[c] * (rr[c] * inv);
+        o[c] = v;
+        ob[c] = f32_to_bf16(v);
+    }
 }
 
-// out[r, c] = silu(g[r, c]) * u[r, c] where each input row is [g | u] of 2 * half columns.
-// grid-stride over rows * half elements.
+// out[r, c] = silu(g[r, c]) * u[r, c] (and out_bf16 = bf16(out)) where each input row is [g | u]
+// of 2 * half columns. grid-stride over rows * half elements.
 extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, float* __restrict__ out,
-                                    u32 rows, u32 half) {
+                                    bf16_t* __restrict__ out_bf16, u32 rows, u32 half) {
     const u64 n = (u64)rows * half;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / half, c = i % half;
         const float g = gate_up[r * 2 * half + c];
         const float u = gate_up[r * 2 * half + half + c];
-        out[i] = g / (1.0f + expf(-g)) * u;
+        const float v = g / (1.0f + expf(-g)) * u;
+        out[i] = v;
+        out_bf16[i] = f32_to_bf16(v);
     }
 }
 
