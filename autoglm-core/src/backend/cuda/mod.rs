@@ -7,8 +7,9 @@
 //!
 //! Numerics: weight matrices (and the embedding table) are stored as bf16, converted on upload;
 //! norm weights and biases stay f32. The residual stream, norms, rope, softmax and every
-//! accumulation are f32; activations are rounded to bf16 by a small kernel just before each
-//! GEMM (`cublasGemmEx`: bf16 A/B, f32 compute, f32 out). The KV cache is bf16.
+//! accumulation are f32; activations are rounded to bf16 for each GEMM (`cublasGemmEx`: bf16 A/B,
+//! f32 compute, f32 out), written alongside the f32 output by the op that makes them (norms,
+//! silu_mul, attention) or, for other inputs, by a conversion kernel. The KV cache is bf16.
 //!
 //! Execution: one stream, event tracking off (all work is ordered on that stream), activations
 //! allocated from the driver's stream-ordered pool (kept across steps by a release threshold).

@@ -842,7 +842,7 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        let mut out = self.tensor(qkv.rows, nh * hd, "attention output")?;
+        let mut out = self.tensor_with_bf16(qkv.rows, nh * hd, "attention output")?;
         qkv.bf16 = None;
         if qkv.rows == 0 {
             return Ok(out);
@@ -958,6 +958,7 @@ impl Backend for CudaBackend {
                 .arg(&tile32)
                 .arg(&splits32)
                 .arg(&mut out.data)
+                .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&mut part_acc)
                 .arg(&mut part_m)
                 .arg(&mut part_l)
@@ -978,6 +979,7 @@ impl Backend for CudaBackend {
                     .arg(&part_m)
                     .arg(&part_l)
                     .arg(&mut out.data)
+                    .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                     .arg(&nh32)
                     .arg(&hd32)
                     .arg(&splits32)

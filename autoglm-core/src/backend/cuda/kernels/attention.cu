@@ -55,7 +55,8 @@ extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u
 // Tile rows are D+1 floats apart so the threads of a warp, which read one position each in the
 // score loop, hit different banks.
 //
-// With splits == 1 the block writes the normalised output out[t, h*D + d]. Otherwise it writes
+// With splits == 1 the block writes the normalised output out[t, h*D + d] (and its bf16 copy
+// out_bf16, the operand of the output projection's GEMM). Otherwise it writes
 // its partial state to part_acc[((t*H + h)*splits + split)*D + d], part_m / part_l[(t*H + h)*splits
 // + split], and attention_combine merges the splits.
 extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const bf16_t* __restrict__ k_cache,
@@ -63,7 +64,8 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
                                            const u32* __restrict__ seq_of_token, const u32* __restrict__ block_tables,
                                            u32 max_blocks_per_seq, u32 block_size, u32 num_heads,
                                            u32 num_kv_heads, u32 head_dim, float scale, u32 tile, u32 splits,
-                                           float* __restrict__ out, float* __restrict__ part_acc,
+                                           float* __restrict__ out, bf16_t* __restrict__ out_bf16,
+                                           float* __restrict__ part_acc,
                                            float* __restrict__ part_m, float* __restrict__ part_l) {
     extern __shared__ float smem[];
     const u32 t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
@@ -149,7 +151,10 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
         const u32 h = kvh * G + g;
         if (splits == 1) {
             // n_ctx >= 1, so the single split saw at least one position and l[g] >= 1.
-            out[((u64)t * num_heads + h) * D + d] = acc[i] / l[g];
+            const u64 o = ((u64)t * num_heads + h) * D + d;
+            const float v = acc[i] / l[g];
+            out[o] = v;
+            out_bf16[o] = f32_to_bf16(v);
         } else {
             const u64 p = ((u64)t * num_heads + h) * splits + split;
             part_acc[p * D + d] = acc[i];
@@ -161,10 +166,12 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
     }
 }
 
-// Merges the split-K partial states of paged_attention. grid = (tokens, H), block = 128.
+// Merges the split-K partial states of paged_attention into out and out_bf16. grid = (tokens, H),
+// block = 128.
 extern "C" __global__ void attention_combine(const float* __restrict__ part_acc, const float* __restrict__ part_m,
                                              const float* __restrict__ part_l, float* __restrict__ out,
-                                             u32 num_heads, u32 head_dim, u32 splits) {
+                                             bf16_t* __restrict__ out_bf16, u32 num_heads, u32 head_dim,
+                                             u32 splits) {
     const u64 th = (u64)blockIdx.x * num_heads + blockIdx.y;
     float mx = -INFINITY;
     for (u32 s = 0; s < splits; ++s) mx = fmaxf(mx, part_m[th * splits + s]);
@@ -179,6 +186,8 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part_acc,
             const float ms = part_m[th * splits + s];
             if (ms != -INFINITY) o += part_acc[(th * splits + s) * head_dim + d] * expf(ms - mx);
         }
-        out[th * head_dim + d] = o / total;
+        const float v = o / total;
+        out[th * head_dim + d] = v;
+        out_bf16[th * head_dim + d] = f32_to_bf16(v);
     }
 }
