@@ -27,12 +27,13 @@
 //! `CudaOptions::graphs = false` (`--enforce-eager`) never captures.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 
-use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice, DevicePtr};
+use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice};
 
 use super::ops::check_batch;
 use super::{driver_err, meta, CudaBackend, CudaKvCache, CudaTensor, DeviceBatch};
-use crate::backend::{ForwardFn, KvCacheShape};
+use crate::backend::ForwardFn;
 use crate::error::{Error, Result};
 use crate::runner::ForwardBatch;
 
@@ -120,24 +121,31 @@ pub(crate) fn pad_decode(
     out.logits_indices.extend(0..bucket as u32);
 }
 
+/// Most graphs kept per backend; the least recently replayed one goes first. Each holds the
+/// memory of its own activations (graph memory nodes), outside the KV-cache budget.
+const MAX_GRAPHS: usize = 48;
+
 /// One captured decode step.
 pub(super) struct DecodeGraph {
     graph: CudaGraph,
     /// The graph's metadata buffers, read by its nodes at fixed addresses.
     batch: DeviceBatch,
+    /// Where `batch.staging` was when the graph was captured.
+    staging_at: usize,
     /// The padded step being replayed (its buffers are reused).
     padded: ForwardBatch,
-    /// Logits of all `bucket` rows, `cols` wide: the graph's last node writes them.
-    logits: CudaSlice<f32>,
+    /// Logits width; the graph's last node writes `bucket` rows into `Graphs::logits[cols]`.
     cols: usize,
     bucket: usize,
     width: usize,
     /// Rows of the embedding table the capture read ids from (replays check ids against it).
     vocab: usize,
-    cache: KvCacheShape,
+    /// Gone once the KV cache the graph writes into is dropped (the graph is then dropped too).
+    cache_alive: Weak<()>,
     /// Recorded after each launch: the staging buffer is rewritten only once the launch before
     /// has copied it.
     launched: CudaEvent,
+    last_used: u64,
 }
 
 // SAFETY: CUDA graph objects may be used from any thread as long as no two threads use one at
@@ -148,11 +156,17 @@ unsafe impl Send for DecodeGraph {}
 /// The captured graphs of a backend.
 #[derive(Default)]
 pub(super) struct Graphs {
+    /// By (bucket, block-table width, KV cache id).
     by_key: HashMap<(usize, usize, u64), DecodeGraph>,
+    /// Where graphs leave their logits, one `MAX_GRAPH_BATCH x cols` buffer per logits width,
+    /// shared (replays and the copies out of it are ordered on the one stream).
+    logits: HashMap<usize, CudaSlice<f32>>,
     /// Whether decode steps go through graphs (`CudaOptions::graphs`, `set_graphs`).
     enabled: bool,
     /// Set when a capture failed: every step runs eagerly from then on.
     off: bool,
+    /// Steps replayed or captured so far (the LRU clock).
+    clock: u64,
 }
 
 impl Graphs {
@@ -160,6 +174,23 @@ impl Graphs {
         Graphs {
             enabled,
             ..Default::default()
+        }
+    }
+
+    /// Makes room for one more graph: drops graphs of caches that are gone, then the least
+    /// recently used while there are `MAX_GRAPHS` or more.
+    fn make_room(&mut self) {
+        self.by_key.retain(|_, g| g.cache_alive.strong_count() > 0);
+        while self.by_key.len() >= MAX_GRAPHS {
+            let oldest = self
+                .by_key
+                .iter()
+                .min_by_key(|(_, g)| g.last_used)
+                .map(|(k, _)| *k);
+            match oldest {
+                Some(k) => self.by_key.remove(&k),
+                None => break,
+            };
         }
     }
 }
@@ -175,11 +206,9 @@ impl CudaBackend {
         forward: &mut Forward<'_>,
     ) -> Result<CudaTensor> {
         let bucket = match bucket(batch.num_seqs()) {
-            Some(b) if is_decode(batch) && !cache.k.is_empty() => b,
+            Some(b) if is_decode(batch) => b,
             _ => return forward(batch, cache),
         };
-        let width = table_width(batch.max_blocks_per_seq);
-        let cache_id = cache.k[0].device_ptr(&self.stream).0;
         let mut graphs = self
             .graphs
             .lock()
@@ -188,9 +217,19 @@ impl CudaBackend {
             drop(graphs);
             return forward(batch, cache);
         }
-        let key = (bucket, width, cache_id);
-        if let Some(g) = graphs.by_key.get_mut(&key) {
-            return self.replay(g, batch);
+        // Padding and replays index the batch before any op would check it.
+        check_batch(batch, &cache.shape)?;
+        let width = table_width(batch.max_blocks_per_seq);
+        let key = (bucket, width, cache.id);
+        graphs.clock += 1;
+        let now = graphs.clock;
+        let Graphs { by_key, logits, .. } = &mut *graphs;
+        if let Some(g) = by_key.get_mut(&key) {
+            g.last_used = now;
+            let out = logits
+                .get(&g.cols)
+                .ok_or_else(|| Error::Backend("decode graph logits buffer missing".into()))?;
+            return self.replay(g, out, batch);
         }
         // First step of this shape: run it eagerly, padded as the graph will be (so the kernels
         // and cuBLAS's choices for these shapes are loaded before the capture), keep its result,
@@ -199,8 +238,12 @@ impl CudaBackend {
         pad_decode(batch, bucket, width, &mut padded);
         let full = forward(&padded, cache)?;
         let out = self.copy_rows(&full.data, batch.num_tokens(), full.cols)?;
-        match self.capture(padded, cache, forward, full.cols, bucket) {
-            Ok(g) => {
+        let cols = full.cols;
+        drop(full);
+        graphs.make_room();
+        match self.capture(&mut graphs, padded, cache, forward, cols, bucket) {
+            Ok(mut g) => {
+                g.last_used = now;
                 graphs.by_key.insert(key, g);
             }
             Err(e) => {
@@ -209,15 +252,17 @@ impl CudaBackend {
                      decode steps run without CUDA graphs from now on"
                 );
                 graphs.off = true;
+                graphs.by_key.clear();
             }
         }
         Ok(out)
     }
 
-    /// Records `forward` on `padded` into a graph whose last node copies the logits into a buffer
-    /// of its own.
+    /// Records `forward` on `padded` into a graph whose last node copies the logits into the
+    /// shared logits buffer for `cols`.
     fn capture(
         &self,
+        graphs: &mut Graphs,
         padded: ForwardBatch,
         cache: &mut CudaKvCache,
         forward: &mut Forward<'_>,
@@ -227,10 +272,20 @@ impl CudaBackend {
         let what = "decode graph capture";
         // Buffers the graph reads and writes are made before the capture: an allocation made
         // during it belongs to the graph and is freed by it.
+        let logits = match graphs.logits.entry(cols) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(self.alloc::<f32>(MAX_GRAPH_BATCH * cols, "decode graph logits")?)
+            }
+        };
         let mut db = DeviceBatch::new(self, true)?;
         db.layout = meta::pack(&padded, &mut db.staging);
+        if !db.staging.is_pinned() {
+            return Err(Error::Backend(format!(
+                "{what}: no pinned memory left for the graph's metadata"
+            )));
+        }
         db.meta = self.alloc::<u32>(db.staging.len(), "decode graph metadata")?;
-        let mut logits = self.alloc::<f32>(bucket * cols, "decode graph logits")?;
         let launched = self.stream.record_event(None).map_err(driver_err(what))?;
         let lock = || {
             self.batch
@@ -244,26 +299,29 @@ impl CudaBackend {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver_err(what));
         let recorded = begun.and_then(|()| {
-            let t = forward(&padded, cache)?;
-            if t.rows != bucket || t.cols != cols {
-                return Err(Error::Backend(format!(
-                    "{what}: logits of {}x{} instead of {bucket}x{cols}",
-                    t.rows, t.cols
-                )));
-            }
-            self.stream
-                .memcpy_dtod(&t.data.slice(0..bucket * cols), &mut logits)
-                .map_err(driver_err(what))
+            // A panic inside the pass must not leave the stream capturing.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let t = forward(&padded, cache)?;
+                if t.rows != bucket || t.cols != cols {
+                    return Err(Error::Backend(format!(
+                        "{what}: logits of {}x{} instead of {bucket}x{cols}",
+                        t.rows, t.cols
+                    )));
+                }
+                self.stream
+                    .memcpy_dtod(
+                        &t.data.slice(0..bucket * cols),
+                        &mut logits.slice_mut(0..bucket * cols),
+                    )
+                    .map_err(driver_err(what))
+            }))
+            .unwrap_or_else(|_| Err(Error::Backend(format!("{what}: the forward pass panicked"))))
         });
-        // End the capture whatever happened, so the stream leaves capture mode.
-        let ended = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(driver_err(what));
+        let graph = self.end_capture(what);
         let db = std::mem::replace(&mut *lock()?, eager)
             .ok_or_else(|| Error::Backend(format!("{what}: the graph's metadata went missing")))?;
         recorded?;
-        let graph = ended?.ok_or_else(|| Error::Backend(format!("{what}: empty graph")))?;
+        let graph = graph?;
         if db.embed_rows == 0 || !db.uploaded {
             return Err(Error::Backend(format!(
                 "{what}: the forward pass did not read the batch from the graph's metadata"
@@ -273,40 +331,69 @@ impl CudaBackend {
         Ok(DecodeGraph {
             graph,
             vocab: db.embed_rows,
+            staging_at: db.staging.as_ptr() as usize,
             batch: db,
             width: padded.max_blocks_per_seq,
             padded,
-            logits,
             cols,
             bucket,
-            cache: cache.shape,
+            cache_alive: Arc::downgrade(&cache.alive),
             launched,
+            last_used: 0,
         })
     }
 
-    /// Replays `g` for `batch`: the new step packed into the graph's staging buffer, the memory
-    /// checks the ops would have made, one launch, then the step's logits rows copied out.
-    fn replay(&self, g: &mut DecodeGraph, batch: &ForwardBatch) -> Result<CudaTensor> {
+    /// Ends the stream's capture whatever happened during it. An error a dropped buffer stored
+    /// in the context while the capture was failing is cleared first (cudarc would report it
+    /// instead of ending the capture, leaving the stream capturing for good).
+    fn end_capture(&self, what: &str) -> Result<CudaGraph> {
+        let stored = self.ctx.check_err().err();
+        let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let _ = self.ctx.check_err();
+        let capturing = self.stream.capture_status().map_err(driver_err(what))?;
+        if capturing != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            // SAFETY: ends the capture of this backend's own stream; the graph it returns (if
+            // any) is discarded by the driver call's failure or leaked, never launched.
+            let _ = unsafe { cudarc::driver::result::stream::end_capture(self.stream.cu_stream()) };
+            return Err(Error::Backend(format!(
+                "{what}: the stream could not leave capture mode ({capturing:?})"
+            )));
+        }
+        match (ended, stored) {
+            (Ok(Some(g)), None) => Ok(g),
+            (Ok(Some(_)), Some(e)) | (Err(_), Some(e)) => Err(driver_err(what)(e)),
+            (Ok(None), _) => Err(Error::Backend(format!("{what}: empty graph"))),
+            (Err(e), None) => Err(driver_err(what)(e)),
+        }
+    }
+
+    /// Replays `g` for `batch` (checked by the caller): the new step packed into the graph's
+    /// staging buffer, the vocabulary check the embedding op would have made, one launch, then
+    /// the step's logits rows copied out of `logits`.
+    fn replay(
+        &self,
+        g: &mut DecodeGraph,
+        logits: &CudaSlice<f32>,
+        batch: &ForwardBatch,
+    ) -> Result<CudaTensor> {
         let what = "decode graph replay";
-        g.launched.synchronize().map_err(driver_err(what))?;
-        pad_decode(batch, g.bucket, g.width, &mut g.padded);
-        check_batch(&g.padded, &g.cache)?;
         if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= g.vocab) {
             return Err(Error::InvalidRequest(format!(
                 "token id {id} is outside the vocabulary ({})",
                 g.vocab
             )));
         }
-        let before = g.batch.staging.as_ptr();
+        g.launched.synchronize().map_err(driver_err(what))?;
+        pad_decode(batch, g.bucket, g.width, &mut g.padded);
         let layout = meta::pack(&g.padded, &mut g.batch.staging);
-        if layout != g.batch.layout || g.batch.staging.as_ptr() != before {
+        if layout != g.batch.layout || g.batch.staging.as_ptr() as usize != g.staging_at {
             return Err(Error::Backend(format!(
                 "{what}: the step's metadata does not fit the captured layout"
             )));
         }
         g.graph.launch().map_err(driver_err(what))?;
         g.launched.record(&self.stream).map_err(driver_err(what))?;
-        self.copy_rows(&g.logits, batch.num_tokens(), g.cols)
+        self.copy_rows(logits, batch.num_tokens(), g.cols)
     }
 
     /// Turns decode graphs on or off from the next step (for A/B measurements; graphs already
@@ -339,6 +426,7 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::KvCacheShape;
 
     /// Three decode sequences (block size 4) with block tables of 2, 1 and 3 blocks.
     fn decode() -> ForwardBatch {

@@ -100,6 +100,10 @@ pub struct CudaKvCache {
     shape: KvCacheShape,
     k: Vec<CudaSlice<bf16>>,
     v: Vec<CudaSlice<bf16>>,
+    /// Unique per cache: the key of the graphs captured on it.
+    id: u64,
+    /// Graphs captured on this cache hold a `Weak` of it and are dropped once it is gone.
+    alive: Arc<()>,
 }
 
 /// The metadata of one batch on the device, read by every op of a forward pass. Its buffers
@@ -153,11 +157,13 @@ struct SampleBuffers {
     dev_ids: CudaSlice<u32>,
 }
 
-/// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
-type RopeTable = Option<((usize, u32), CudaSlice<f32>)>;
+/// Rope inverse frequencies by the (rotary_dim, theta bits) they were made for.
+type RopeTables = HashMap<(usize, u32), CudaSlice<f32>>;
 
 /// A CUDA device with its stream, cuBLAS handle and compiled kernels.
 pub struct CudaBackend {
+    /// First, so captured graphs are destroyed before the modules and buffers they use.
+    graphs: Mutex<graph::Graphs>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -173,9 +179,7 @@ pub struct CudaBackend {
     /// Page-locked host buffers (`cuMemHostAlloc`) for what is copied to the device.
     pinned: PinnedPool,
     batch: Mutex<Option<DeviceBatch>>,
-    /// Rope inverse frequencies and the (rotary_dim, theta bits) they were made for.
-    rope: Mutex<RopeTable>,
-    graphs: Mutex<graph::Graphs>,
+    rope: Mutex<RopeTables>,
     sampling: Mutex<Option<SampleBuffers>>,
     /// Copies between the device and pageable host memory so far (weights, logits for logprobs,
     /// ops called outside a forward pass): a steady decode step makes none.
@@ -369,7 +373,7 @@ impl CudaBackend {
             max_shared_per_block,
             device_name,
             batch: Mutex::new(None),
-            rope: Mutex::new(None),
+            rope: Mutex::new(HashMap::new()),
             sampling: Mutex::new(None),
         })
     }

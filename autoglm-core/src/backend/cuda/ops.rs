@@ -9,13 +9,16 @@ use rayon::prelude::*;
 
 use super::{
     driver_err, graph, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch,
-    RopeTable, SampleBuffers, WeightData,
+    RopeTables, SampleBuffers, WeightData,
 };
 use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling};
 use crate::error::{Error, Result};
 use crate::memory::{HostAllocator, HostVec};
 use crate::model::{Fill, FillPart, HostTensor};
 use crate::runner::ForwardBatch;
+
+/// Ids of KV caches (decode graphs are keyed by the cache they were captured on).
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
@@ -245,21 +248,24 @@ impl CudaBackend {
         Ok(d)
     }
 
-    /// The rope table for `s`, made (with a pageable copy) when the shape changes.
-    fn rope_table(&self, s: &AttentionShape) -> Result<std::sync::MutexGuard<'_, RopeTable>> {
+    /// The rope tables with the one for `s` among them (made with a pageable copy the first
+    /// time; kept for the backend's life, as captured graphs read them), and its key.
+    fn rope_table(
+        &self,
+        s: &AttentionShape,
+    ) -> Result<(std::sync::MutexGuard<'_, RopeTables>, (usize, u32))> {
         let key = (s.rotary_dim, s.rope_theta.to_bits());
         let mut guard = self
             .rope
             .lock()
             .map_err(|_| bad("attention", "rope table lock poisoned"))?;
-        if guard.as_ref().is_none_or(|(k, _)| *k != key) {
-            let t = self.upload_slice(
+        if let std::collections::hash_map::Entry::Vacant(e) = guard.entry(key) {
+            e.insert(self.upload_slice(
                 &rope_inv_freq(s.rotary_dim, s.rope_theta),
                 "rope frequencies",
-            )?;
-            *guard = Some((key, t));
+            )?);
         }
-        Ok(guard)
+        Ok((guard, key))
     }
 
     /// The device copy of `host`: the `pick` part of the uploaded batch when that holds exactly
@@ -572,7 +578,13 @@ impl Backend for CudaBackend {
             k.push(kl);
             v.push(vl);
         }
-        Ok(CudaKvCache { shape, k, v })
+        Ok(CudaKvCache {
+            shape,
+            k,
+            v,
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            alive: std::sync::Arc::new(()),
+        })
     }
 
     fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
@@ -857,8 +869,10 @@ impl Backend for CudaBackend {
             db.checked = Some(cache.shape);
         }
         let db: &DeviceBatch = db;
-        let rope = self.rope_table(s)?;
-        let inv_freq = &rope.as_ref().expect("made by rope_table").1;
+        let (rope, rope_key) = self.rope_table(s)?;
+        let inv_freq = rope
+            .get(&rope_key)
+            .ok_or_else(|| bad(op, "rope table missing"))?;
         let positions = db.meta.slice(db.layout.positions.clone());
         let slot_mapping = db.meta.slice(db.layout.slot_mapping.clone());
         let seq_of_token = db.meta.slice(db.layout.seq_of_token.clone());
