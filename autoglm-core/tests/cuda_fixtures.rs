@@ -189,12 +189,17 @@ fn device_generated_dummy_weights_equal_the_host_generator() {
 
 /// An engine on cuda:0 with the glm4-tiny fixture.
 fn cuda_engine() -> Engine {
+    cuda_engine_with_graphs(true)
+}
+
+fn cuda_engine_with_graphs(graphs: bool) -> Engine {
     let _ = cuda();
     let mut config = EngineConfig {
         device: Device::Cuda(0),
         ..EngineConfig::default()
     };
     config.cache.num_blocks = Some(1024);
+    config.cuda.graphs = graphs;
     Engine::from_dir(&fixture("glm4-tiny"), config).unwrap()
 }
 
@@ -500,16 +505,6 @@ fn decode_graphs_replay_what_eager_steps_compute() {
 #[test]
 #[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
 fn engine_with_cuda_graphs_gives_the_tokens_of_eager_steps() {
-    let engine = |graphs: bool| {
-        let _ = cuda();
-        let mut config = EngineConfig {
-            device: Device::Cuda(0),
-            ..EngineConfig::default()
-        };
-        config.cache.num_blocks = Some(1024);
-        config.cuda.graphs = graphs;
-        Engine::from_dir(&fixture("glm4-tiny"), config).unwrap()
-    };
     let prompts: Vec<Vec<u32>> = (0..6u32)
         .map(|i| {
             (0..(4 + 5 * i))
@@ -536,8 +531,8 @@ fn engine_with_cuda_graphs_gives_the_tokens_of_eager_steps() {
             })
             .collect()
     };
-    let eager = run(&engine(false));
-    let graphed = engine(true);
+    let eager = run(&cuda_engine_with_graphs(false));
+    let graphed = cuda_engine_with_graphs(true);
     assert_eq!(run(&graphed), eager, "batched: graphs vs eager");
     let alone = graphed
         .generate(prompts[2].clone(), greedy.clone())

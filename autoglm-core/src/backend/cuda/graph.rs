@@ -287,11 +287,7 @@ impl CudaBackend {
         }
         db.meta = self.alloc::<u32>(db.staging.len(), "decode graph metadata")?;
         let launched = self.stream.record_event(None).map_err(driver_err(what))?;
-        let lock = || {
-            self.batch
-                .lock()
-                .map_err(|_| Error::Backend("batch metadata lock poisoned".into()))
-        };
+        let lock = || self.lock_batch(what);
         // The ops find the graph's buffers in the backend's batch slot during the capture.
         let eager = lock()?.replace(db);
         let begun = self

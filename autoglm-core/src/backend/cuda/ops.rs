@@ -193,6 +193,16 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// The batch metadata slot.
+    pub(super) fn lock_batch(
+        &self,
+        op: &str,
+    ) -> Result<std::sync::MutexGuard<'_, Option<DeviceBatch>>> {
+        self.batch
+            .lock()
+            .map_err(|_| bad(op, "batch metadata lock poisoned"))
+    }
+
     /// Packs `batch` into the slot's pinned staging buffer and queues one copy of it to the
     /// device, unless the slot holds it already.
     fn upload_batch<'a>(
@@ -598,10 +608,7 @@ impl Backend for CudaBackend {
         if ids.is_empty() {
             return Ok(out);
         }
-        let mut guard = self
-            .batch
-            .lock()
-            .map_err(|_| bad("embedding", "batch metadata lock poisoned"))?;
+        let mut guard = self.lock_batch("embedding")?;
         let mut upload = None;
         let ids_dev = self.batch_part(
             &mut guard,
@@ -789,10 +796,7 @@ impl Backend for CudaBackend {
         if rows.is_empty() || x.cols == 0 {
             return Ok(out);
         }
-        let mut guard = self
-            .batch
-            .lock()
-            .map_err(|_| bad("gather_rows", "batch metadata lock poisoned"))?;
+        let mut guard = self.lock_batch("gather_rows")?;
         let mut upload = None;
         let rows_dev = self.batch_part(
             &mut guard,
@@ -859,10 +863,7 @@ impl Backend for CudaBackend {
         if qkv.rows == 0 {
             return Ok(out);
         }
-        let mut guard = self
-            .batch
-            .lock()
-            .map_err(|_| bad(op, "batch metadata lock poisoned"))?;
+        let mut guard = self.lock_batch(op)?;
         let db = self.upload_batch(&mut guard, batch)?;
         if db.checked != Some(cache.shape) {
             check_batch(batch, &cache.shape)?;
@@ -1031,10 +1032,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_batch(&self, batch: &ForwardBatch) -> Result<()> {
-        let mut guard = self
-            .batch
-            .lock()
-            .map_err(|_| bad("prepare_batch", "batch metadata lock poisoned"))?;
+        let mut guard = self.lock_batch("prepare_batch")?;
         self.upload_batch(&mut guard, batch).map(|_| ())
     }
 
