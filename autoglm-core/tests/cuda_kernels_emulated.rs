@@ -1,0 +1,320 @@
+//! The CUDA attention kernels (`rope_and_cache_write`, `paged_attention`, `attention_combine`)
+//! executed on the CPU, against the CPU backend's attention (the reference the fixtures check
+//! against transformers). `tests/emu/cuda_emu.h` emulates the little of CUDA C++ the kernels use
+//! (each block's threads as real threads, `__syncthreads` a barrier, uninitialised shared memory
+//! filled with NaNs); `tests/emu/attention_driver.cpp` launches the kernels as `ops.rs` does. This
+//! checks their indexing, the paged KV layout, rope, the online softmax, GQA grouping, split-K and
+//! its merge, the bf16 output copy and the padding slot on a machine without a GPU; timing and
+//! anything about the real device stay for `cuda_fixtures`. Needs a C++20 compiler (`$CXX`, else
+//! `c++`; `.ci/test` installs one).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use autoglm_core::backend::cpu::{CpuBackend, CpuTensor};
+use autoglm_core::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape};
+use autoglm_core::runner::ForwardBatch;
+use half::bf16;
+
+/// The slot of a padding token (cuda/graph.rs): its key and value must not be written.
+const PAD_SLOT: u32 = u32::MAX;
+const BLOCK: usize = 4;
+const BLOCKS: usize = 16;
+/// The value every cache slot starts with in the emulated cache (bf16 1.0).
+const SENTINEL: u16 = 0x3f80;
+
+fn emulator() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let exe =
+            std::env::temp_dir().join(format!("autoglm-attention-emu-{}", std::process::id()));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror", "-I"])
+            .arg(dir.join("src/backend/cuda/kernels"))
+            .arg("-I")
+            .arg(dir.join("tests/emu"))
+            .arg(dir.join("tests/emu/attention_driver.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cxx} (this test needs a C++20 compiler): {e}"));
+        assert!(
+            out.status.success(),
+            "{cxx} failed on the emulated kernels:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    })
+}
+
+fn shape() -> AttentionShape {
+    AttentionShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rotary_dim: 8,
+        rope_theta: 10000.0,
+        scale: 0.25,
+    }
+}
+
+/// One step as the kernels see it: the CPU batch's arrays plus optional padding rows.
+struct Step {
+    batch: ForwardBatch,
+    qkv: Vec<f32>,
+    /// Padding rows appended for the emulator only (the CPU backend has no padding slot).
+    pads: usize,
+}
+
+struct EmuOut {
+    qkv: Vec<f32>,
+    out: Vec<f32>,
+    out_bf16: Vec<u16>,
+    k: Vec<u16>,
+    v: Vec<u16>,
+}
+
+fn width(s: &AttentionShape) -> usize {
+    (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Runs the kernels on `step` with the given KV caches (bf16 bits, updated in place).
+fn run_emulated(step: &Step, tile: u32, splits: u32, k: &mut Vec<u16>, v: &mut Vec<u16>) -> EmuOut {
+    let s = shape();
+    let b = &step.batch;
+    let (n_real, w) = (b.num_tokens(), width(&s));
+    let tokens = n_real + step.pads;
+    let seqs = b.num_seqs() + step.pads;
+    let mbps = b.max_blocks_per_seq;
+    let mut seq_of_token = Vec::new();
+    for (seq, q) in b.query_start.windows(2).enumerate() {
+        seq_of_token.extend((q[0]..q[1]).map(|_| seq as u32));
+    }
+    let mut positions = b.positions.to_vec();
+    let mut slots = b.slot_mapping.to_vec();
+    let mut tables = b.block_tables.to_vec();
+    let mut qkv = step.qkv.clone();
+    for p in 0..step.pads {
+        positions.push(0);
+        slots.push(PAD_SLOT);
+        seq_of_token.push((b.num_seqs() + p) as u32);
+        tables.extend(std::iter::repeat_n(0, mbps));
+        qkv.extend(random(w, 99 + p as u64));
+    }
+    let mut bytes = Vec::new();
+    let header = [
+        tokens,
+        s.num_heads,
+        s.num_kv_heads,
+        s.head_dim,
+        s.rotary_dim,
+        BLOCK,
+        BLOCKS * BLOCK,
+        mbps,
+        seqs,
+    ];
+    for x in header {
+        bytes.extend((x as u32).to_le_bytes());
+    }
+    bytes.extend(tile.to_le_bytes());
+    bytes.extend(splits.to_le_bytes());
+    bytes.extend(s.scale.to_le_bytes());
+    qkv.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+    for arr in [&positions, &slots, &seq_of_token, &tables] {
+        arr.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+    }
+    rope_inv_freq(s.rotary_dim, s.rope_theta)
+        .iter()
+        .for_each(|x| bytes.extend(x.to_le_bytes()));
+    k.iter()
+        .chain(v.iter())
+        .for_each(|x| bytes.extend(x.to_le_bytes()));
+
+    let dir = std::env::temp_dir();
+    let tag = format!("{}-{tile}-{splits}-{tokens}", std::process::id());
+    let (inp, outp) = (
+        dir.join(format!("autoglm-emu-in-{tag}")),
+        dir.join(format!("autoglm-emu-out-{tag}")),
+    );
+    std::fs::write(&inp, &bytes).unwrap();
+    let run = Command::new(emulator())
+        .arg(&inp)
+        .arg(&outp)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "emulated kernels failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let raw = std::fs::read(&outp).unwrap();
+    let _ = std::fs::remove_file(&inp);
+    let _ = std::fs::remove_file(&outp);
+    let mut at = 0;
+    let mut f32s = |n: usize| -> Vec<f32> {
+        let v = raw[at..at + 4 * n]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        at += 4 * n;
+        v
+    };
+    let n_out = tokens * s.num_heads * s.head_dim;
+    let qkv_out = f32s(tokens * w);
+    let out = f32s(n_out);
+    let u16s = |at: usize, n: usize| -> Vec<u16> {
+        raw[at..at + 2 * n]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let base = 4 * (tokens * w + n_out);
+    let kv_len = k.len();
+    let out_bf16 = u16s(base, n_out);
+    *k = u16s(base + 2 * n_out, kv_len);
+    *v = u16s(base + 2 * n_out + 2 * kv_len, kv_len);
+    assert_eq!(raw.len(), base + 2 * n_out + 4 * kv_len, "output size");
+    EmuOut {
+        qkv: qkv_out,
+        out,
+        out_bf16,
+        k: k.clone(),
+        v: v.clone(),
+    }
+}
+
+fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// The two steps: a prefill of two sequences (10 and 6 tokens), then a mixed step (a 3-token
+/// chunk of sequence 0, one decode token of sequence 1) with one padding row. Sequence tables
+/// avoid block 0, which the padding row reads.
+fn steps() -> [Step; 2] {
+    let w = width(&shape());
+    let mut a = ForwardBatch::new(4);
+    a.push_seq(&[0; 10], 0, &[3, 5, 7], BLOCK);
+    a.push_seq(&[0; 6], 0, &[2, 9], BLOCK);
+    let mut b = ForwardBatch::new(4);
+    b.push_seq(&[0; 3], 10, &[3, 5, 7, 8], BLOCK);
+    b.push_seq(&[0; 1], 6, &[2, 9], BLOCK);
+    [
+        Step {
+            qkv: random(16 * w, 1),
+            batch: a,
+            pads: 0,
+        },
+        Step {
+            qkv: random(4 * w, 2),
+            batch: b,
+            pads: 1,
+        },
+    ]
+}
+
+/// Both steps on the CPU backend and through the emulated kernels with `tile` positions per
+/// shared-memory tile and `splits` KV splits; every output compared.
+fn check(tile: u32, splits: u32) {
+    let s = shape();
+    let cpu = CpuBackend::new();
+    let cache_shape = KvCacheShape {
+        num_layers: 1,
+        num_blocks: BLOCKS,
+        block_size: BLOCK,
+        num_kv_heads: s.num_kv_heads,
+        head_dim: s.head_dim,
+    };
+    let mut cache = cpu.alloc_kv_cache(cache_shape).unwrap();
+    let kvw = s.num_kv_heads * s.head_dim;
+    let mut k = vec![SENTINEL; BLOCKS * BLOCK * kvw];
+    let mut v = k.clone();
+    let (w, hd, nh) = (width(&s), s.head_dim, s.num_heads);
+    for (i, step) in steps().iter().enumerate() {
+        let what = format!("tile {tile}, splits {splits}, step {i}");
+        let n = step.batch.num_tokens();
+        let mut qkv = CpuTensor::new(n, w, step.qkv.clone());
+        let want = cpu
+            .attention(&mut qkv, &mut cache, 0, &step.batch, &s)
+            .unwrap();
+        let got = run_emulated(step, tile, splits, &mut k, &mut v);
+        // Rope on q and k (v untouched): f32 on both sides.
+        let e = max_rel_err(&got.qkv[..n * w], &qkv.data);
+        assert!(e < 1e-5, "{what}: roped qkv, relative error {e}");
+        // Attention over bf16 keys and values against the f32 cache of the CPU.
+        let e = max_rel_err(&got.out[..n * nh * hd], &want.data);
+        assert!(e < 2e-2, "{what}: attention output, relative error {e}");
+        for (j, (&b, &f)) in got.out_bf16.iter().zip(&got.out).enumerate() {
+            assert_eq!(b, bf16::from_f32(f).to_bits(), "{what}: bf16 output {j}");
+        }
+        // Each real token's key and value landed in its slot, as bf16 of the roped values.
+        for t in 0..n {
+            let slot = step.batch.slot_mapping[t] as usize;
+            let row = &got.qkv[t * w..(t + 1) * w];
+            let (kr, vr) = (&row[nh * hd..nh * hd + kvw], &row[nh * hd + kvw..]);
+            for c in 0..kvw {
+                assert_eq!(
+                    got.k[slot * kvw + c],
+                    bf16::from_f32(kr[c]).to_bits(),
+                    "{what}: k of token {t}"
+                );
+                assert_eq!(
+                    got.v[slot * kvw + c],
+                    bf16::from_f32(vr[c]).to_bits(),
+                    "{what}: v of token {t}"
+                );
+            }
+        }
+        // Block 0 belongs to no sequence: the padding row read it and wrote nothing.
+        assert!(
+            got.k[..BLOCK * kvw]
+                .iter()
+                .chain(&got.v[..BLOCK * kvw])
+                .all(|&x| x == SENTINEL),
+            "{what}: the padding row wrote into the cache"
+        );
+        // The padding row's output is finite (it attends to one slot).
+        let pad = &got.out[n * nh * hd..];
+        assert!(pad.iter().all(|x| x.is_finite()), "{what}: padding output");
+    }
+}
+
+#[test]
+fn attention_kernels_match_the_cpu_backend_in_one_tile() {
+    check(64, 1);
+}
+
+/// Tiles of 4 positions: every context spans several tiles, some partly filled.
+#[test]
+fn attention_kernels_match_the_cpu_backend_across_tiles() {
+    check(4, 1);
+}
+
+/// Split-K: each context cut into 3 ranges (some empty for short contexts), merged by
+/// attention_combine.
+#[test]
+fn split_attention_and_its_merge_match_the_cpu_backend() {
+    check(4, 3);
+    check(64, 5);
+}
