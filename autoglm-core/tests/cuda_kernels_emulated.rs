@@ -1,19 +1,25 @@
-//! The CUDA attention kernels (`rope_and_cache_write`, `paged_attention`, `attention_combine`)
-//! executed on the CPU, against the CPU backend's attention (the reference the fixtures check
-//! against transformers). `tests/emu/cuda_emu.h` emulates the little of CUDA C++ the kernels use
-//! (each block's threads as real threads, `__syncthreads` a barrier, uninitialised shared memory
-//! filled with NaNs); `tests/emu/attention_driver.cpp` launches the kernels as `ops.rs` does. This
-//! checks their indexing, the paged KV layout, rope, the online softmax, GQA grouping, split-K and
-//! its merge, the bf16 output copy and the padding slot on a machine without a GPU; timing and
-//! anything about the real device stay for `cuda_fixtures`. Needs a C++20 compiler (`$CXX`, else
-//! `c++`; `.ci/test` installs one).
+//! CUDA kernels executed on the CPU, against the host code they stand in for:
+//! - attention (`rope_and_cache_write`, `paged_attention`, `attention_combine`) against the CPU
+//!   backend's attention (the reference the fixtures check against transformers): indexing, the
+//!   paged KV layout, rope, the online softmax, GQA grouping, split-K and its merge, the bf16
+//!   output copy and the padding slot;
+//! - sampling (`argmax_rows`, `sample_rows`) against the host sampler's rules: for every case,
+//!   draws placed in the middle of a kept token's share must pick exactly that token.
+//!
+//! `tests/emu/cuda_emu.h` emulates the little of CUDA C++ the kernels use (each block's threads
+//! as real threads, `__syncthreads` and warp shuffles through barriers, uninitialised shared
+//! memory filled with NaNs); the drivers in `tests/emu` launch the kernels as `ops.rs` does.
+//! Timing and anything about the real device stay for `cuda_fixtures`. Needs a C++20 compiler
+//! (`$CXX`, else `c++`; `.ci/test` installs one).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use autoglm_core::backend::cpu::{CpuBackend, CpuTensor};
-use autoglm_core::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape};
+use autoglm_core::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling};
 use autoglm_core::runner::ForwardBatch;
 use half::bf16;
 
@@ -24,30 +30,57 @@ const BLOCKS: usize = 16;
 /// The value every cache slot starts with in the emulated cache (bf16 1.0).
 const SENTINEL: u16 = 0x3f80;
 
-fn emulator() -> &'static Path {
+/// Builds `tests/emu/{driver}.cpp` with the kernels (once per test process).
+fn build(driver: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = std::env::temp_dir().join(format!("autoglm-{driver}-{}", std::process::id()));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let out = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror", "-I"])
+        .arg(dir.join("src/backend/cuda/kernels"))
+        .arg("-I")
+        .arg(dir.join("tests/emu"))
+        .arg(dir.join(format!("tests/emu/{driver}.cpp")))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cxx} (this test needs a C++20 compiler): {e}"));
+    assert!(
+        out.status.success(),
+        "{cxx} failed on {driver}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// Runs a driver on `input`; returns its output file's bytes.
+fn run_driver(exe: &Path, tag: &str, input: &[u8]) -> Vec<u8> {
+    let dir = std::env::temp_dir();
+    let (inp, outp) = (
+        dir.join(format!("autoglm-emu-in-{}-{tag}", std::process::id())),
+        dir.join(format!("autoglm-emu-out-{}-{tag}", std::process::id())),
+    );
+    std::fs::write(&inp, input).unwrap();
+    let run = Command::new(exe).arg(&inp).arg(&outp).output().unwrap();
+    let _ = std::fs::remove_file(&inp);
+    assert!(
+        run.status.success(),
+        "emulated kernels failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let raw = std::fs::read(&outp).unwrap();
+    let _ = std::fs::remove_file(&outp);
+    raw
+}
+
+fn attention_emulator() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let exe =
-            std::env::temp_dir().join(format!("autoglm-attention-emu-{}", std::process::id()));
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let out = Command::new(&cxx)
-            .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror", "-I"])
-            .arg(dir.join("src/backend/cuda/kernels"))
-            .arg("-I")
-            .arg(dir.join("tests/emu"))
-            .arg(dir.join("tests/emu/attention_driver.cpp"))
-            .arg("-o")
-            .arg(&exe)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cxx} (this test needs a C++20 compiler): {e}"));
-        assert!(
-            out.status.success(),
-            "{cxx} failed on the emulated kernels:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        exe
-    })
+    EXE.get_or_init(|| build("attention_driver"))
+}
+
+fn sampling_emulator() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| build("sampling_driver"))
 }
 
 fn shape() -> AttentionShape {
@@ -147,26 +180,11 @@ fn run_emulated(step: &Step, tile: u32, splits: u32, k: &mut Vec<u16>, v: &mut V
         .chain(v.iter())
         .for_each(|x| bytes.extend(x.to_le_bytes()));
 
-    let dir = std::env::temp_dir();
-    let tag = format!("{}-{tile}-{splits}-{tokens}", std::process::id());
-    let (inp, outp) = (
-        dir.join(format!("autoglm-emu-in-{tag}")),
-        dir.join(format!("autoglm-emu-out-{tag}")),
+    let raw = run_driver(
+        attention_emulator(),
+        &format!("attention-{tile}-{splits}-{tokens}"),
+        &bytes,
     );
-    std::fs::write(&inp, &bytes).unwrap();
-    let run = Command::new(emulator())
-        .arg(&inp)
-        .arg(&outp)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "emulated kernels failed: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let raw = std::fs::read(&outp).unwrap();
-    let _ = std::fs::remove_file(&inp);
-    let _ = std::fs::remove_file(&outp);
     let mut at = 0;
     let mut f32s = |n: usize| -> Vec<f32> {
         let v = raw[at..at + 4 * n]
@@ -317,4 +335,133 @@ fn attention_kernels_match_the_cpu_backend_across_tiles() {
 fn split_attention_and_its_merge_match_the_cpu_backend() {
     check(4, 3);
     check(64, 5);
+}
+
+/// The logits of the device sampling test in cuda_fixtures: 1000 tokens, values repeating (ties at
+/// every cut), every 97th -inf.
+fn sampling_logits() -> Vec<f32> {
+    (0..1000)
+        .map(|i| {
+            if i % 97 == 5 {
+                f32::NEG_INFINITY
+            } else {
+                ((i * 37) % 101) as f32 * 0.05 - 2.5
+            }
+        })
+        .collect()
+}
+
+/// Runs `sample_rows` (`argmax` false) or `argmax_rows` on rows of `logits`.
+fn sample_emulated(logits: &[f32], cols: usize, params: &[RowSampling], argmax: bool) -> Vec<u32> {
+    let rows = logits.len() / cols;
+    let mut bytes = Vec::new();
+    for x in [rows as u32, cols as u32, u32::from(!argmax)] {
+        bytes.extend(x.to_le_bytes());
+    }
+    logits.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+    if !argmax {
+        assert_eq!(params.len(), rows);
+        for r in params {
+            for x in [
+                r.temperature as f64,
+                r.top_k as f64,
+                r.top_p as f64,
+                r.min_p as f64,
+                r.uniform,
+            ] {
+                bytes.extend(x.to_le_bytes());
+            }
+        }
+    }
+    let raw = run_driver(
+        sampling_emulator(),
+        &format!("sampling-{rows}-{cols}-{argmax}"),
+        &bytes,
+    );
+    raw.chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// For each setting, draws in the middle of kept tokens' shares (in index order, as the device
+/// walks them) must pick exactly those tokens: the first and last kept token, three between, and
+/// a draw just below 1. Checks the kept set at every cut (ties by index) and the walk.
+#[test]
+fn sample_rows_picks_the_token_whose_share_holds_the_draw() {
+    let logits = sampling_logits();
+    let row = |temperature, top_k, top_p, min_p| RowSampling {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        uniform: 0.0,
+    };
+    let cases = [
+        row(1.0, 0, 1.0, 0.0),
+        row(0.7, 15, 1.0, 0.0),
+        row(1.0, 0, 0.3, 0.0),
+        row(1.3, 0, 1.0, 0.5),
+        row(0.9, 40, 0.8, 0.05),
+        row(2.0, 1, 1.0, 0.0),
+        row(0.0, 0, 1.0, 0.0),
+    ];
+    let (mut params, mut want) = (Vec::new(), Vec::new());
+    for case in cases {
+        let shares = common::expected_shares(&logits, &case);
+        let kept: Vec<usize> = (0..logits.len()).filter(|&i| shares[i] > 0.0).collect();
+        let n = kept.len();
+        let picks: std::collections::BTreeSet<usize> =
+            [0, n / 4, n / 2, 3 * n / 4, n - 1].into_iter().collect();
+        let mut before = 0.0;
+        for (j, &t) in kept.iter().enumerate() {
+            if picks.contains(&j) {
+                params.push(RowSampling {
+                    uniform: before + shares[t] / 2.0,
+                    ..case
+                });
+                want.push(t as u32);
+            }
+            before += shares[t];
+        }
+        params.push(RowSampling {
+            uniform: 1.0 - 1e-12,
+            ..case
+        });
+        want.push(kept[n - 1] as u32);
+    }
+    let rows = params.len();
+    let all: Vec<f32> = (0..rows).flat_map(|_| logits.iter().copied()).collect();
+    let got = sample_emulated(&all, logits.len(), &params, false);
+    for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "row {r}: {:?}", params[r]);
+    }
+}
+
+/// argmax_rows: the first maximum, -inf rows included, for row widths below, at and above the
+/// block's 256 threads.
+#[test]
+fn argmax_rows_takes_the_first_maximum() {
+    for cols in [7usize, 256, 1000] {
+        let mut logits = Vec::new();
+        let mut want = Vec::new();
+        for r in 0..6usize {
+            let row: Vec<f32> = (0..cols)
+                .map(|i| match r {
+                    0 => ((i * 37) % 101) as f32,
+                    1 => f32::NEG_INFINITY,
+                    2 => -(i as f32),
+                    3 => i as f32,
+                    4 if i == cols / 2 => f32::INFINITY,
+                    _ => ((i * 7919) % 13) as f32 * 0.5,
+                })
+                .collect();
+            want.push(common::first_max(&row) as u32);
+            logits.extend(row);
+        }
+        let got = sample_emulated(&logits, cols, &[], true);
+        assert_eq!(
+            got, want,
+            "{cols} columns (rows: ties, all -inf, first, last, +inf, mixed)"
+        );
+    }
 }

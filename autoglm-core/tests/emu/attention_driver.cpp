@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
     std::vector<bf16_t> out_bf16(n_out, 0x7fc0);
     const size_t parts = splits > 1 ? (size_t)tokens * nh * splits : 1;
     std::vector<float> part_acc(splits > 1 ? parts * hd : 1), part_m(parts), part_l(parts);
-    if (4 * (2 * g * hd + tile * (hd + 1) + g * tile + 3 * g) > sizeof smem) {
+    if (4 * (2 * g * hd + tile * (hd + 1) + g * tile + 3 * g) > sizeof emu_dynamic_smem) {
         std::fprintf(stderr, "attention_driver: shared memory too small\n");
         return 2;
     }

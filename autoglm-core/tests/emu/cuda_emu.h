@@ -1,10 +1,17 @@
 // A CPU emulation of the little of CUDA C++ that the kernels in src/backend/cuda/kernels use, so
 // a kernel can run on a machine without a GPU (tests/cuda_kernels_emulated.rs). Each block runs
-// alone, its threads as real threads: __syncthreads() is a barrier, dynamic shared memory one
-// buffer, built-in indices thread-local. Warp shuffles are not emulated (calling one aborts).
-// Compiled with g++ -std=c++20 -pthread; include it first, then common.cuh and a kernel file.
+// alone, its threads as real threads: __syncthreads() is a barrier over the block, a warp shuffle
+// an exchange through a table with a barrier over the warp (so, as on the device, every lane of
+// the warp must take part), `__shared__` variables are statics (one block at a time uses them),
+// dynamic shared memory is one buffer, built-in indices are thread-local, atomics are
+// std::atomic_ref. Shared memory starts as NaN bytes at every block, like the garbage a device
+// leaves there. Compiled with c++ -std=c++20 -pthread; include it first, then common.cuh and a
+// kernel file. Blocks are one-dimensional as far as warps are concerned (threadIdx.x / 32).
 #pragma once
+#include <algorithm>
+#include <atomic>
 #include <barrier>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -18,7 +25,9 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
+#define DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu_dynamic_smem)
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -26,19 +35,32 @@ struct dim3 {
 inline thread_local dim3 threadIdx;
 inline dim3 blockIdx, blockDim, gridDim;
 
-// Dynamic shared memory (`extern __shared__ float smem[]`): the kernels' name for it.
-alignas(16) float smem[48 * 1024 / 4];
+// Dynamic shared memory (DYNAMIC_SMEM), at most the default 48 KiB.
+alignas(16) inline unsigned char emu_dynamic_smem[48 * 1024];
 
 inline std::barrier<>* g_block_barrier = nullptr;
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
 
+// Warp shuffles: each lane posts its value, the warp meets, each reads its partner's, the warp
+// meets again before the table is reused.
+inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_barriers;
+inline unsigned long long g_warp_slots[32][32];
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    std::memcpy(&g_warp_slots[warp][lane], &v, sizeof(T));
+    g_warp_barriers[warp]->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &g_warp_slots[warp][lane ^ (unsigned)lane_mask], sizeof(T));
+    g_warp_barriers[warp]->arrive_and_wait();
+    return r;
+}
+
+template <class T> inline T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __shfl_xor_sync(unsigned, float, int) {
-    std::fprintf(stderr, "cuda_emu: warp shuffles are not emulated\n");
-    std::abort();
-}
 template <class T> inline T min(T a, T b) { return b < a ? b : a; }
 template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 
@@ -51,9 +73,12 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = dim3{x, y, z};
-                std::memset(smem, 0xff, sizeof smem);  // garbage, as on a device
+                std::memset(emu_dynamic_smem, 0xff, sizeof emu_dynamic_smem);
                 std::barrier<> bar(n);
                 g_block_barrier = &bar;
+                g_warp_barriers.clear();
+                for (unsigned w = 0; w < (n + 31) / 32; ++w)
+                    g_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
                 std::vector<std::thread> threads;
                 threads.reserve(n);
                 for (unsigned t = 0; t < n; ++t) {

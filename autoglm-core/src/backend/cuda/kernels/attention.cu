@@ -67,7 +67,7 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
                                            float* __restrict__ out, bf16_t* __restrict__ out_bf16,
                                            float* __restrict__ part_acc,
                                            float* __restrict__ part_m, float* __restrict__ part_l) {
-    extern __shared__ float smem[];
+    DYNAMIC_SMEM(float, smem);
     const u32 t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const u32 G = num_heads / num_kv_heads, D = head_dim, KS = head_dim + 1;
     float* q = smem;

@@ -7,6 +7,12 @@ typedef unsigned short bf16_t;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// The block's dynamic shared memory, as an array `name` of T (tests/emu/cuda_emu.h maps it to a
+// buffer of its own).
+#ifndef DYNAMIC_SMEM
+#define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 // NVRTC has no <math.h>: +infinity as its bit pattern.
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
