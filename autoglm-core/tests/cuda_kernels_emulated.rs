@@ -465,3 +465,269 @@ fn argmax_rows_takes_the_first_maximum() {
         );
     }
 }
+
+fn ops_emulator() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| build("ops_driver"))
+}
+
+/// Input of `tests/emu/ops_driver.cpp`, built field by field.
+#[derive(Default)]
+struct OpInput(Vec<u8>);
+
+impl OpInput {
+    fn u32(mut self, x: u32) -> Self {
+        self.0.extend(x.to_le_bytes());
+        self
+    }
+    fn u64(mut self, x: u64) -> Self {
+        self.0.extend(x.to_le_bytes());
+        self
+    }
+    fn f32s(mut self, xs: &[f32]) -> Self {
+        xs.iter().for_each(|x| self.0.extend(x.to_le_bytes()));
+        self
+    }
+    fn u32s(mut self, xs: &[u32]) -> Self {
+        xs.iter().for_each(|x| self.0.extend(x.to_le_bytes()));
+        self
+    }
+    fn u16s(mut self, xs: &[u16]) -> Self {
+        xs.iter().for_each(|x| self.0.extend(x.to_le_bytes()));
+        self
+    }
+    fn run(self, tag: &str) -> OpOutput {
+        OpOutput(run_driver(ops_emulator(), tag, &self.0), 0)
+    }
+}
+
+/// Output of `ops_driver`, read array by array.
+struct OpOutput(Vec<u8>, usize);
+
+impl OpOutput {
+    fn f32s(&mut self, n: usize) -> Vec<f32> {
+        let v = self.0[self.1..self.1 + 4 * n]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        self.1 += 4 * n;
+        v
+    }
+    fn u16s(&mut self, n: usize) -> Vec<u16> {
+        let v = self.0[self.1..self.1 + 2 * n]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        self.1 += 2 * n;
+        v
+    }
+    fn done(&self) {
+        assert_eq!(self.1, self.0.len(), "the driver wrote more than was read");
+    }
+}
+
+fn bf16_bits(xs: &[f32]) -> Vec<u16> {
+    xs.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+/// rms_norm, add_rms_norm and silu_mul against the CPU backend, rows wider than a block (300
+/// columns over 256 threads), with their bf16 copies equal to the f32 outputs rounded.
+#[test]
+fn norms_and_silu_match_the_cpu_backend() {
+    use autoglm_core::model::HostTensor;
+    let cpu = CpuBackend::new();
+    let (rows, width, eps) = (3usize, 300usize, 1e-5f32);
+    let x = random(rows * width, 11);
+    let r = random(rows * width, 12);
+    let w: Vec<f32> = random(width, 13).iter().map(|v| 1.0 + v).collect();
+    let wt = cpu
+        .upload(HostTensor::owned(vec![width], w.clone()))
+        .unwrap();
+    let xt = CpuTensor::new(rows, width, x.clone());
+
+    let mut o = OpInput::default()
+        .u32(0)
+        .u32(rows as u32)
+        .u32(width as u32)
+        .f32s(&[eps])
+        .f32s(&x)
+        .f32s(&w)
+        .run("rms_norm");
+    let (out, ob) = (o.f32s(rows * width), o.u16s(rows * width));
+    o.done();
+    let want = cpu.rms_norm(&xt, &wt, eps).unwrap();
+    let e = max_rel_err(&out, &want.data);
+    assert!(e < 1e-5, "rms_norm: relative error {e}");
+    assert_eq!(ob, bf16_bits(&out), "rms_norm: bf16 copy");
+
+    let mut o = OpInput::default()
+        .u32(1)
+        .u32(rows as u32)
+        .u32(width as u32)
+        .f32s(&[eps])
+        .f32s(&r)
+        .f32s(&x)
+        .f32s(&w)
+        .run("add_rms_norm");
+    let (res, out, ob) = (
+        o.f32s(rows * width),
+        o.f32s(rows * width),
+        o.u16s(rows * width),
+    );
+    o.done();
+    let mut rt = CpuTensor::new(rows, width, r.clone());
+    let want = cpu.add_rms_norm(&mut rt, &xt, &wt, eps).unwrap();
+    assert_eq!(res, rt.data, "add_rms_norm: the residual (r + x, exact)");
+    let e = max_rel_err(&out, &want.data);
+    assert!(e < 1e-5, "add_rms_norm: relative error {e}");
+    assert_eq!(ob, bf16_bits(&out), "add_rms_norm: bf16 copy");
+
+    let gate_up = random(rows * 2 * width, 14)
+        .iter()
+        .map(|v| 6.0 * v)
+        .collect::<Vec<f32>>();
+    let mut o = OpInput::default()
+        .u32(2)
+        .u32(rows as u32)
+        .u32(width as u32)
+        .f32s(&gate_up)
+        .run("silu_mul");
+    let (out, ob) = (o.f32s(rows * width), o.u16s(rows * width));
+    o.done();
+    let want = cpu
+        .silu_mul(&CpuTensor::new(rows, 2 * width, gate_up))
+        .unwrap();
+    let e = max_rel_err(&out, &want.data);
+    assert!(e < 1e-6, "silu_mul: relative error {e}");
+    assert_eq!(ob, bf16_bits(&out), "silu_mul: bf16 copy");
+}
+
+/// Embedding (bf16 table), gather_rows, add_bias and the f32 -> bf16 conversion are exact:
+/// against the CPU backend, and against `half` for the rounding (ties to even, infinities,
+/// subnormals, overflow to infinity; NaN stays NaN).
+#[test]
+fn embedding_gather_bias_and_bf16_rounding_are_exact() {
+    use autoglm_core::model::HostTensor;
+    let cpu = CpuBackend::new();
+    let (vocab, width) = (50usize, 300usize);
+    // Table values that bf16 holds exactly, so the CPU's f32 table is the same table.
+    let table: Vec<f32> = random(vocab * width, 21)
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_f32())
+        .collect();
+    let ids = [0u32, 49, 7, 7, 13];
+    let mut o = OpInput::default()
+        .u32(3)
+        .u32(vocab as u32)
+        .u32(width as u32)
+        .u32(ids.len() as u32)
+        .u16s(&bf16_bits(&table))
+        .u32s(&ids)
+        .run("embedding");
+    let out = o.f32s(ids.len() * width);
+    o.done();
+    let tt = cpu
+        .upload(HostTensor::owned(vec![vocab, width], table.clone()))
+        .unwrap();
+    assert_eq!(out, cpu.embedding(&tt, &ids).unwrap().data, "embedding");
+
+    let x = random(6 * width, 22);
+    let picks = [5u32, 0, 5, 2];
+    let mut o = OpInput::default()
+        .u32(5)
+        .u32(6)
+        .u32(width as u32)
+        .u32(picks.len() as u32)
+        .f32s(&x)
+        .u32s(&picks)
+        .run("gather_rows");
+    let out = o.f32s(picks.len() * width);
+    o.done();
+    let want = cpu
+        .gather_rows(&CpuTensor::new(6, width, x.clone()), &picks)
+        .unwrap();
+    assert_eq!(out, want.data, "gather_rows");
+
+    let b = random(width, 23);
+    let mut o = OpInput::default()
+        .u32(6)
+        .u32(6)
+        .u32(width as u32)
+        .f32s(&x)
+        .f32s(&b)
+        .run("add_bias");
+    let out = o.f32s(6 * width);
+    o.done();
+    let want: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + b[i % width])
+        .collect();
+    assert_eq!(out, want, "add_bias");
+
+    let mut values = vec![
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + f32::EPSILON * 32768.0, // halfway between two bf16 values: to even
+        1.0 + f32::EPSILON * 98304.0, // halfway, rounds up to even
+        -3.5e-39,                     // subnormal
+        f32::MAX,                     // overflows to infinity
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+    ];
+    values.extend(random(1000, 24).iter().map(|v| v * 1e3));
+    values.push(f32::NAN);
+    let mut o = OpInput::default()
+        .u32(7)
+        .u64(values.len() as u64)
+        .f32s(&values)
+        .run("f32_to_bf16");
+    let got = o.u16s(values.len());
+    o.done();
+    for (v, g) in values.iter().zip(&got) {
+        if v.is_nan() {
+            assert!(bf16::from_bits(*g).is_nan(), "NaN -> {g:#x}");
+        } else {
+            assert_eq!(*g, bf16::from_f32(*v).to_bits(), "bf16 of {v:e}");
+        }
+    }
+}
+
+/// Weights generated on the device (random.cu) equal RandomWeights' host tensor element for
+/// element, over several 4096-element chunks and a partial last one; the bf16 variant equals
+/// them rounded.
+#[test]
+fn generated_weights_equal_the_host_generator() {
+    use autoglm_core::model::{Fill, WeightSource};
+    let src = autoglm_core::model::RandomWeights {
+        seed: 3,
+        scale: 0.05,
+    };
+    let name = "model.layers.0.mlp.down_proj.weight";
+    let shape = [3usize, 5000];
+    let n = shape[0] * shape[1];
+    let host = src.tensor(name, &shape).unwrap();
+    let Some(Fill::Uniform { stream, scale }) = src.generator(name) else {
+        panic!("{name} is not generated from a stream");
+    };
+    for as_bf16 in [false, true] {
+        let mut o = OpInput::default()
+            .u32(4)
+            .u32(u32::from(as_bf16))
+            .u64(n as u64)
+            .u64(stream)
+            .f32s(&[scale])
+            .run(&format!("random-{as_bf16}"));
+        if as_bf16 {
+            let got = o.u16s(n);
+            o.done();
+            assert_eq!(got, bf16_bits(&host.data), "bf16 weights");
+        } else {
+            let got = o.f32s(n);
+            o.done();
+            assert_eq!(&got[..], &host.data[..], "f32 weights");
+        }
+    }
+}
