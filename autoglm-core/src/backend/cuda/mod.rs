@@ -19,6 +19,8 @@
 //! (graph.rs; `CudaOptions::graphs`). Not yet here: query-tiled prefill attention.
 //!
 //! Nothing in this module has run on a GPU yet (see docs/BENCHMARKS.md and `tests/cuda_fixtures.rs`).
+//! Every kernel has run on the CPU, though, under a small emulation of CUDA C++
+//! (`tests/emu`, `tests/cuda_kernels_emulated.rs`), against the CPU backend and the host sampler.
 
 pub mod compile;
 mod graph;
