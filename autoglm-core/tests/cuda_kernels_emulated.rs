@@ -129,7 +129,27 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Runs the kernels on `step` with the given KV caches (bf16 bits, updated in place).
-fn run_emulated(step: &Step, tile: u32, splits: u32, k: &mut Vec<u16>, v: &mut Vec<u16>) -> EmuOut {
+/// Which attention kernel the driver launches after the cache write.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    /// `paged_attention` with this many KV splits (merged by `attention_combine`).
+    Paged { splits: u32 },
+    /// `paged_attention_prefill` with this many query tokens a block.
+    Prefill { qt: u32 },
+}
+
+/// Runs the kernels on `step` with the given KV caches (bf16 bits, updated in place).
+fn run_emulated(
+    step: &Step,
+    tile: u32,
+    kernel: Kernel,
+    k: &mut Vec<u16>,
+    v: &mut Vec<u16>,
+) -> EmuOut {
+    let (splits, code, qt) = match kernel {
+        Kernel::Paged { splits } => (splits, 0u32, 1u32),
+        Kernel::Prefill { qt } => (1, 1, qt),
+    };
     let s = shape();
     let b = &step.batch;
     let (n_real, w) = (b.num_tokens(), width(&s));
@@ -169,8 +189,14 @@ fn run_emulated(step: &Step, tile: u32, splits: u32, k: &mut Vec<u16>, v: &mut V
     bytes.extend(tile.to_le_bytes());
     bytes.extend(splits.to_le_bytes());
     bytes.extend(s.scale.to_le_bytes());
+    bytes.extend(code.to_le_bytes());
+    bytes.extend(qt.to_le_bytes());
     qkv.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
-    for arr in [&positions, &slots, &seq_of_token, &tables] {
+    let mut query_start = b.query_start.to_vec();
+    for p in 0..step.pads {
+        query_start.push((n_real + p + 1) as u32);
+    }
+    for arr in [&positions, &slots, &seq_of_token, &tables, &query_start] {
         arr.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
     }
     rope_inv_freq(s.rotary_dim, s.rope_theta)
@@ -182,7 +208,7 @@ fn run_emulated(step: &Step, tile: u32, splits: u32, k: &mut Vec<u16>, v: &mut V
 
     let raw = run_driver(
         attention_emulator(),
-        &format!("attention-{tile}-{splits}-{tokens}"),
+        &format!("attention-{tile}-{code}-{splits}-{qt}-{tokens}"),
         &bytes,
     );
     let mut at = 0;
@@ -254,7 +280,7 @@ fn steps() -> [Step; 2] {
 
 /// Both steps on the CPU backend and through the emulated kernels with `tile` positions per
 /// shared-memory tile and `splits` KV splits; every output compared.
-fn check(tile: u32, splits: u32) {
+fn check(tile: u32, kernel: Kernel) {
     let s = shape();
     let cpu = CpuBackend::new();
     let cache_shape = KvCacheShape {
@@ -270,13 +296,13 @@ fn check(tile: u32, splits: u32) {
     let mut v = k.clone();
     let (w, hd, nh) = (width(&s), s.head_dim, s.num_heads);
     for (i, step) in steps().iter().enumerate() {
-        let what = format!("tile {tile}, splits {splits}, step {i}");
+        let what = format!("tile {tile}, {kernel:?}, step {i}");
         let n = step.batch.num_tokens();
         let mut qkv = CpuTensor::new(n, w, step.qkv.clone());
         let want = cpu
             .attention(&mut qkv, &mut cache, 0, &step.batch, &s)
             .unwrap();
-        let got = run_emulated(step, tile, splits, &mut k, &mut v);
+        let got = run_emulated(step, tile, kernel, &mut k, &mut v);
         // Rope on q and k (v untouched): f32 on both sides.
         let e = max_rel_err(&got.qkv[..n * w], &qkv.data);
         assert!(e < 1e-5, "{what}: roped qkv, relative error {e}");
@@ -320,21 +346,32 @@ fn check(tile: u32, splits: u32) {
 
 #[test]
 fn attention_kernels_match_the_cpu_backend_in_one_tile() {
-    check(64, 1);
+    check(64, Kernel::Paged { splits: 1 });
 }
 
 /// Tiles of 4 positions: every context spans several tiles, some partly filled.
 #[test]
 fn attention_kernels_match_the_cpu_backend_across_tiles() {
-    check(4, 1);
+    check(4, Kernel::Paged { splits: 1 });
 }
 
 /// Split-K: each context cut into 3 ranges (some empty for short contexts), merged by
 /// attention_combine.
 #[test]
 fn split_attention_and_its_merge_match_the_cpu_backend() {
-    check(4, 3);
-    check(64, 5);
+    check(4, Kernel::Paged { splits: 3 });
+    check(64, Kernel::Paged { splits: 5 });
+}
+
+/// The query-tiled prefill kernel: blocks of 1, 2, 3 and 8 query tokens (the 10- and 3-token
+/// chunks end in partial blocks; the decode token and the padding row are blocks of one), each
+/// row masked at its own position, with one and with many KV tiles.
+#[test]
+fn prefill_kernel_matches_the_cpu_backend() {
+    for qt in [1, 2, 3, 8] {
+        check(4, Kernel::Prefill { qt });
+    }
+    check(64, Kernel::Prefill { qt: 4 });
 }
 
 /// The logits of the device sampling test in cuda_fixtures: 1000 tokens, values repeating (ties at

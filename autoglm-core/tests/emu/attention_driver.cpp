@@ -1,8 +1,10 @@
 // Runs the attention kernels of attention.cu on the CPU emulator (cuda_emu.h) the way ops.rs
-// launches them: rope_and_cache_write, paged_attention, then attention_combine when splits > 1.
+// launches them: rope_and_cache_write, then paged_attention (and attention_combine when
+// splits > 1) or, with kernel 1, paged_attention_prefill with `qt` query tokens a block.
 // Usage: attention_driver IN OUT. IN (little-endian): u32 tokens, heads, kv_heads, head_dim,
-// rotary_dim, block_size, slots, max_blocks_per_seq, seqs, tile, splits, f32 scale; then f32 qkv,
-// u32 positions, slot_mapping, seq_of_token, block_tables, f32 inv_freq, bf16 k_cache, v_cache.
+// rotary_dim, block_size, slots, max_blocks_per_seq, seqs, tile, splits, f32 scale, u32 kernel,
+// qt; then f32 qkv, u32 positions, slot_mapping, seq_of_token, block_tables, query_start
+// (seqs + 1), f32 inv_freq, bf16 k_cache, v_cache.
 // OUT: f32 qkv (after rope), f32 out, bf16 out_bf16, bf16 k_cache, v_cache.
 #include "cuda_emu.h"
 #include "common.cuh"
@@ -24,19 +26,21 @@ int main(int argc, char** argv) {
     FILE* in = std::fopen(argv[1], "rb");
     if (!in) return 2;
     std::vector<u32> h;
-    get(in, h, 12);
+    get(in, h, 14);
     const u32 tokens = h[0], nh = h[1], nkv = h[2], hd = h[3], rot = h[4], bs = h[5], slots = h[6],
               mbps = h[7], seqs = h[8], tile = h[9], splits = h[10];
     const float scale = __uint_as_float(h[11]);
+    const u32 kernel = h[12], qt = h[13];
     const u32 width = (nh + 2 * nkv) * hd, kvw = nkv * hd, g = nh / nkv;
     std::vector<float> qkv, inv_freq;
-    std::vector<u32> positions, slot_mapping, seq_of_token, tables;
+    std::vector<u32> positions, slot_mapping, seq_of_token, tables, query_start;
     std::vector<bf16_t> k_cache, v_cache;
     get(in, qkv, (size_t)tokens * width);
     get(in, positions, tokens);
     get(in, slot_mapping, tokens);
     get(in, seq_of_token, tokens);
     get(in, tables, (size_t)seqs * mbps);
+    get(in, query_start, (size_t)seqs + 1);
     get(in, inv_freq, rot / 2);
     get(in, k_cache, (size_t)slots * kvw);
     get(in, v_cache, (size_t)slots * kvw);
@@ -47,7 +51,8 @@ int main(int argc, char** argv) {
     std::vector<bf16_t> out_bf16(n_out, 0x7fc0);
     const size_t parts = splits > 1 ? (size_t)tokens * nh * splits : 1;
     std::vector<float> part_acc(splits > 1 ? parts * hd : 1), part_m(parts), part_l(parts);
-    if (4 * (2 * g * hd + tile * (hd + 1) + g * tile + 3 * g) > sizeof emu_dynamic_smem) {
+    const u32 rows = kernel == 1 ? qt * g : g;
+    if (4 * (2 * rows * hd + tile * (hd + 1) + rows * tile + 3 * rows) > sizeof emu_dynamic_smem) {
         std::fprintf(stderr, "attention_driver: shared memory too small\n");
         return 2;
     }
@@ -56,12 +61,22 @@ int main(int argc, char** argv) {
         rope_and_cache_write(qkv.data(), positions.data(), slot_mapping.data(), inv_freq.data(),
                              k_cache.data(), v_cache.data(), nh, nkv, hd, rot);
     });
-    emu_launch(dim3{tokens, nkv, splits}, dim3{128, 1, 1}, [&] {
-        paged_attention(qkv.data(), k_cache.data(), v_cache.data(), positions.data(),
-                        seq_of_token.data(), tables.data(), mbps, bs, nh, nkv, hd, scale, tile, splits,
-                        out.data(), out_bf16.data(), part_acc.data(), part_m.data(), part_l.data());
-    });
-    if (splits > 1) {
+    if (kernel == 1) {
+        u32 longest = 0;
+        for (u32 s = 0; s < seqs; ++s) longest = max(longest, query_start[s + 1] - query_start[s]);
+        emu_launch(dim3{seqs, (longest + qt - 1) / qt, nkv}, dim3{256, 1, 1}, [&] {
+            paged_attention_prefill(qkv.data(), k_cache.data(), v_cache.data(), positions.data(),
+                                    query_start.data(), tables.data(), mbps, bs, nh, nkv, hd, scale, tile,
+                                    qt, out.data(), out_bf16.data());
+        });
+    } else {
+        emu_launch(dim3{tokens, nkv, splits}, dim3{128, 1, 1}, [&] {
+            paged_attention(qkv.data(), k_cache.data(), v_cache.data(), positions.data(),
+                            seq_of_token.data(), tables.data(), mbps, bs, nh, nkv, hd, scale, tile, splits,
+                            out.data(), out_bf16.data(), part_acc.data(), part_m.data(), part_l.data());
+        });
+    }
+    if (kernel == 0 && splits > 1) {
         emu_launch(dim3{tokens, nh, 1}, dim3{128, 1, 1}, [&] {
             attention_combine(part_acc.data(), part_m.data(), part_l.data(), out.data(),
                               out_bf16.data(), nh, hd, splits);

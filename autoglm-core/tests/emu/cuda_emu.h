@@ -35,8 +35,8 @@ struct dim3 {
 inline thread_local dim3 threadIdx;
 inline dim3 blockIdx, blockDim, gridDim;
 
-// Dynamic shared memory (DYNAMIC_SMEM), at most the default 48 KiB.
-alignas(16) inline unsigned char emu_dynamic_smem[48 * 1024];
+// Dynamic shared memory (DYNAMIC_SMEM), at most what an H100 block may opt in to.
+alignas(16) inline unsigned char emu_dynamic_smem[227 * 1024];
 
 inline std::barrier<>* g_block_barrier = nullptr;
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }

@@ -53,6 +53,7 @@ pub const MODULES: &[KernelModule] = &[
             "rope_and_cache_write",
             "paged_attention",
             "attention_combine",
+            "paged_attention_prefill",
         ],
     },
     KernelModule {

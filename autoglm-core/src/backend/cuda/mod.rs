@@ -16,7 +16,10 @@
 //! Batch metadata (token ids, positions, slots, block tables, logits rows) is packed into pinned
 //! memory and copied once per forward pass (`Backend::prepare_batch`), then read by every op.
 //! Decode steps of up to 256 sequences are replayed from CUDA graphs captured per batch-size bucket
-//! (graph.rs; `CudaOptions::graphs`). Not yet here: query-tiled prefill attention.
+//! (graph.rs; `CudaOptions::graphs`). Attention: decode steps use `paged_attention` (GQA groups,
+//! split-K over long contexts), batches with prefill chunks `paged_attention_prefill` (several
+//! query tokens a block, so each staged K/V tile serves them all). Not yet here: attention on
+//! tensor cores.
 //!
 //! Nothing in this module has run on a GPU yet (see docs/BENCHMARKS.md and `tests/cuda_fixtures.rs`).
 //! Every kernel has run on the CPU, though, under a small emulation of CUDA C++
@@ -177,6 +180,8 @@ pub struct CudaBackend {
     arch: u32,
     sm_count: usize,
     max_shared_per_block: usize,
+    /// Dynamic shared memory `paged_attention_prefill` may use (opted in at start-up).
+    prefill_smem_cap: usize,
     device_name: String,
     /// Page-locked host buffers (`cuMemHostAlloc`) for what is copied to the device.
     pinned: PinnedPool,
@@ -335,6 +340,23 @@ impl CudaBackend {
             }
         }
 
+        // The prefill kernel may use more than the default 48 KiB of shared memory where the
+        // device lets a block opt in.
+        let optin = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).unwrap_or(0);
+        let mut prefill_smem_cap = (48 << 10).min(max_shared_per_block);
+        let cap = optin.min(ops::PREFILL_SMEM_CAP);
+        if cap > prefill_smem_cap {
+            let set = functions.get("paged_attention_prefill").map(|f| {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cap as i32,
+                )
+            });
+            if let Some(Ok(())) = set {
+                prefill_smem_cap = cap;
+            }
+        }
+
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| unavailable(format!("cuda:{n}: cuBLAS: {e}")))?;
         // SAFETY: uninitialised scratch memory is what a cuBLAS workspace is.
@@ -373,6 +395,7 @@ impl CudaBackend {
             arch,
             sm_count,
             max_shared_per_block,
+            prefill_smem_cap,
             device_name,
             batch: Mutex::new(None),
             rope: Mutex::new(HashMap::new()),

@@ -24,6 +24,8 @@ static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the attention kernel.
 const ATTN_THREADS: u32 = 128;
+/// Threads per block of the query-tiled prefill attention kernel.
+const PREFILL_THREADS: u32 = 256;
 /// Threads per row of `sample_rows` (SAMPLE_THREADS in sampling.cu, which sizes its scan buffer).
 const SAMPLE_THREADS: u32 = 1024;
 /// Elements per random-generator chunk (model/random.rs).
@@ -62,6 +64,30 @@ fn i32_of(op: &str, what: &str, v: usize) -> Result<i32> {
 
 /// Shared memory (bytes) of `paged_attention` for group size `g`, head width `d`, tile `tile`
 /// (the layout documented in kernels/attention.cu).
+/// Dynamic shared memory of `paged_attention_prefill` for `rows` query rows a block (attention.cu).
+pub(super) fn prefill_smem_bytes(rows: usize, d: usize, tile: usize) -> usize {
+    4 * (2 * rows * d + tile * (d + 1) + rows * tile + 3 * rows)
+}
+
+/// Shared memory the prefill kernel may use a block (opted in above the default 48 KiB where the
+/// device allows): two blocks still fit on an H100 SM.
+pub(super) const PREFILL_SMEM_CAP: usize = 100 << 10;
+
+/// Query tokens per block and KV positions per shared-memory tile of the prefill kernel for `g`
+/// query heads per KV head of width `hd` within `cap` bytes of shared memory: as many tokens as
+/// fit (at most 128 rows a block), then the widest tile. `None` when one token's rows do not fit.
+pub(super) fn prefill_tiling(g: usize, hd: usize, cap: usize) -> Option<(usize, usize)> {
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .filter(|&qt| qt * g <= 128)
+        .find_map(|qt| {
+            [64usize, 32, 16, 8]
+                .into_iter()
+                .find(|&t| prefill_smem_bytes(qt * g, hd, t) <= cap)
+                .map(|t| (qt, t))
+        })
+}
+
 pub(super) fn attention_smem_bytes(g: usize, d: usize, tile: usize) -> usize {
     4 * (2 * g * d + tile * (d + 1) + g * tile + 3 * g)
 }
@@ -912,6 +938,62 @@ impl Backend for CudaBackend {
         .map_err(driver_err("rope_and_cache_write"))?;
 
         let g = nh / nkv;
+        // Prefill chunks: the query-tiled kernel, each K/V tile serving several query tokens.
+        let longest = batch
+            .query_start
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        if let Some((qt, tile)) =
+            prefill_tiling(g, hd, self.prefill_smem_cap).filter(|_| longest >= 2)
+        {
+            let blocks_y = longest.div_ceil(qt);
+            let query_start = db.meta.slice(db.layout.query_start.clone());
+            let (mbps, bs) = (
+                u("max_blocks_per_seq", batch.max_blocks_per_seq)?,
+                u("block_size", cache.shape.block_size)?,
+            );
+            let (tile32, qt32) = (tile as u32, qt as u32);
+            let smem = prefill_smem_bytes(qt * g, hd, tile) as u32;
+            let f = self.function("paged_attention_prefill")?;
+            let (kl, vl) = (&cache.k[layer], &cache.v[layer]);
+            // SAFETY: as paged_attention below (check_batch bounds every table entry and
+            // position); query_start has num_seqs + 1 entries ending at the token count; the
+            // dynamic shared memory is what the kernel's layout needs for (qt * g, hd, tile) and
+            // within what prefill_tiling allows (opted in at start-up).
+            unsafe {
+                self.stream
+                    .launch_builder(f)
+                    .arg(&qkv.data)
+                    .arg(kl)
+                    .arg(vl)
+                    .arg(&positions)
+                    .arg(&query_start)
+                    .arg(&block_tables)
+                    .arg(&mbps)
+                    .arg(&bs)
+                    .arg(&nh32)
+                    .arg(&nkv32)
+                    .arg(&hd32)
+                    .arg(&s.scale)
+                    .arg(&tile32)
+                    .arg(&qt32)
+                    .arg(&mut out.data)
+                    .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
+                    .launch(LaunchConfig {
+                        grid_dim: (
+                            u("sequences", batch.num_seqs())?,
+                            u("query blocks", blocks_y)?,
+                            nkv32,
+                        ),
+                        block_dim: (PREFILL_THREADS, 1, 1),
+                        shared_mem_bytes: smem,
+                    })
+            }
+            .map_err(driver_err("paged_attention_prefill"))?;
+            return Ok(out);
+        }
         let tile = [64usize, 32, 16, 8, 4, 2, 1]
             .into_iter()
             .find(|&t| attention_smem_bytes(g, hd, t) <= (48 << 10).min(self.max_shared_per_block))
@@ -1171,6 +1253,19 @@ mod tests {
         // 32 heads over 2 KV heads, head_dim 128, tile 32: 34 KiB.
         assert!(attention_smem_bytes(16, 128, 32) <= 48 << 10);
         assert!(attention_smem_bytes(16, 128, 64) > 48 << 10);
+    }
+
+    #[test]
+    fn prefill_tiling_of_glm4_9b_serves_several_tokens_a_block() {
+        // 16 query heads per KV head, head_dim 128.
+        assert_eq!(prefill_tiling(16, 128, PREFILL_SMEM_CAP), Some((4, 32)));
+        assert!(prefill_smem_bytes(64, 128, 32) <= PREFILL_SMEM_CAP);
+        // Without the opt-in, within the default 48 KiB: two tokens a block.
+        assert_eq!(prefill_tiling(16, 128, 48 << 10), Some((2, 16)));
+        // A small shape (2 query heads per KV head of width 16): 8 tokens, the widest tile.
+        assert_eq!(prefill_tiling(2, 16, 48 << 10), Some((8, 64)));
+        // Nothing fits: None, and the paged kernel takes over.
+        assert_eq!(prefill_tiling(64, 256, 48 << 10), None);
     }
 
     #[test]

@@ -191,3 +191,114 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part_acc,
         out_bf16[th * head_dim + d] = f32_to_bf16(v);
     }
 }
+
+// Paged causal attention for prefill chunks, tiled over queries: a block serves up to `qt`
+// consecutive query tokens of one sequence with the G = H / KVH query heads of one KV head, so
+// each K/V tile staged in shared memory serves R = qt * G rows instead of G. Each row sees the
+// positions up to its own token's position (later ones in the tile are masked).
+//
+// grid = (sequences, ceil(longest query run / qt), KVH); block = 256 threads. Block (s, y, kvh)
+// takes tokens query_start[s] + y * qt .. min(+ qt, query_start[s + 1]) and exits when that is
+// empty. Row r is token t0 + r / G, head kvh * G + r % G.
+//
+// Dynamic shared memory (floats): q [R*D] | acc [R*D] | kv tile [tile*(D+1)] | scores [R*tile] |
+// m [R] | l [R] | alpha [R], with R = qt * G (ops.rs, prefill_smem_bytes).
+extern "C" __global__ void paged_attention_prefill(const float* __restrict__ qkv, const bf16_t* __restrict__ k_cache,
+                                                   const bf16_t* __restrict__ v_cache, const u32* __restrict__ positions,
+                                                   const u32* __restrict__ query_start, const u32* __restrict__ block_tables,
+                                                   u32 max_blocks_per_seq, u32 block_size, u32 num_heads,
+                                                   u32 num_kv_heads, u32 head_dim, float scale, u32 tile, u32 qt,
+                                                   float* __restrict__ out, bf16_t* __restrict__ out_bf16) {
+    DYNAMIC_SMEM(float, smem);
+    const u32 seq = blockIdx.x, kvh = blockIdx.z;
+    const u32 t0 = query_start[seq] + blockIdx.y * qt;
+    const u32 t_end = query_start[seq + 1];
+    if (t0 >= t_end) return;  // the whole block: no barrier is skipped by part of it
+    const u32 nq = min(qt, t_end - t0);
+    const u32 G = num_heads / num_kv_heads, D = head_dim, KS = head_dim + 1, R = nq * G, RMAX = qt * G;
+    float* q = smem;
+    float* acc = q + RMAX * D;
+    float* kv = acc + RMAX * D;
+    float* sc = kv + tile * KS;
+    float* m = sc + RMAX * tile;
+    float* l = m + RMAX;
+    float* alpha = l + RMAX;
+
+    const u32 width = (num_heads + 2 * num_kv_heads) * D;
+    for (u32 i = threadIdx.x; i < R * D; i += blockDim.x) {
+        const u32 r = i / D;
+        // Row r: token t0 + r / G, whose group's heads are adjacent in its qkv row.
+        q[i] = qkv[(u64)(t0 + r / G) * width + (u64)kvh * G * D + (r % G) * D + i % D];
+        acc[i] = 0.0f;
+    }
+    for (u32 r = threadIdx.x; r < R; r += blockDim.x) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    // Positions within a chunk rise by one per token: the last token sees the most.
+    const u32 n_ctx = positions[t0 + nq - 1] + 1;
+    const u32* table = block_tables + (u64)seq * max_blocks_per_seq;
+    const u32 kvw = num_kv_heads * D;
+    __syncthreads();
+
+    for (u32 j0 = 0; j0 < n_ctx; j0 += tile) {
+        const u32 n = min(tile, n_ctx - j0);
+        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
+            const u32 j = j0 + i / D;
+            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+            kv[(i / D) * KS + i % D] = bf16_to_f32(k_cache[slot * kvw + (u64)kvh * D + i % D]);
+        }
+        __syncthreads();
+        for (u32 i = threadIdx.x; i < R * n; i += blockDim.x) {
+            const u32 r = i / n, j = i % n;
+            float s = -INFINITY;
+            if (j0 + j <= positions[t0 + r / G]) {  // causal: the row's own position and before
+                const float* qr = q + r * D;
+                const float* kj = kv + j * KS;
+                s = 0.0f;
+                for (u32 d = 0; d < D; ++d) s += qr[d] * kj[d];
+                s *= scale;
+            }
+            sc[r * tile + j] = s;
+        }
+        __syncthreads();
+        // Online softmax per row. Every row sees position 0 in the first tile, so m[r] is finite
+        // from then on and a masked score only ever gives p = exp(-inf) = 0.
+        for (u32 r = threadIdx.x; r < R; r += blockDim.x) {
+            float mx = m[r];
+            for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[r * tile + j]);
+            const float a = expf(m[r] - mx);
+            float sum = 0.0f;
+            for (u32 j = 0; j < n; ++j) {
+                const float p = expf(sc[r * tile + j] - mx);
+                sc[r * tile + j] = p;
+                sum += p;
+            }
+            l[r] = l[r] * a + sum;
+            m[r] = mx;
+            alpha[r] = a;
+        }
+        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
+            const u32 j = j0 + i / D;
+            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+            kv[(i / D) * KS + i % D] = bf16_to_f32(v_cache[slot * kvw + (u64)kvh * D + i % D]);
+        }
+        __syncthreads();
+        for (u32 i = threadIdx.x; i < R * D; i += blockDim.x) {
+            const u32 r = i / D, d = i % D;
+            float o = acc[i] * alpha[r];
+            for (u32 j = 0; j < n; ++j) o += sc[r * tile + j] * kv[j * KS + d];
+            acc[i] = o;
+        }
+        __syncthreads();
+    }
+
+    for (u32 i = threadIdx.x; i < R * D; i += blockDim.x) {
+        const u32 r = i / D, d = i % D;
+        const u32 t = t0 + r / G, h = kvh * G + r % G;
+        const u64 o = ((u64)t * num_heads + h) * D + d;
+        const float v = acc[i] / l[r];
+        out[o] = v;
+        out_bf16[o] = f32_to_bf16(v);
+    }
+}
