@@ -945,8 +945,8 @@ impl Backend for CudaBackend {
             .map(|w| (w[1] - w[0]) as usize)
             .max()
             .unwrap_or(0);
-        if let Some((qt, tile)) =
-            prefill_tiling(g, hd, self.prefill_smem_cap).filter(|_| longest >= 2)
+        if let Some((qt, tile)) = prefill_tiling(g, hd, self.prefill_smem_cap)
+            .filter(|&(qt, _)| longest >= 2 && longest.div_ceil(qt) <= 65_535)
         {
             let blocks_y = longest.div_ceil(qt);
             let query_start = db.meta.slice(db.layout.query_start.clone());
