@@ -2,10 +2,9 @@
 // a kernel can run on a machine without a GPU (tests/cuda_kernels_emulated.rs). Each block runs
 // alone, its threads as real threads: __syncthreads() is a barrier over the block, a warp shuffle
 // an exchange through a table with a barrier over the warp (so, as on the device, every lane of
-// the warp must take part), `__shared__` variables are statics (one block at a time uses them),
-// dynamic shared memory is one buffer, built-in indices are thread-local, atomics are
-// std::atomic_ref. Shared memory starts as NaN bytes at every block, like the garbage a device
-// leaves there. Compiled with c++ -std=c++20 -pthread; include it first, then common.cuh and a
+// the warp must take part), shared memory (declared through common.cuh's SHARED_ARRAY /
+// SHARED_VAR / DYNAMIC_SMEM) is a per-block arena refilled with NaN bytes at every block, like the
+// garbage a device leaves there, built-in indices are thread-local, atomics are std::atomic_ref. Compiled with c++ -std=c++20 -pthread; include it first, then common.cuh and a
 // kernel file. Blocks are one-dimensional as far as warps are concerned (threadIdx.x / 32).
 #pragma once
 #include <algorithm>
@@ -25,8 +24,9 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static
 #define __launch_bounds__(...)
+#define SHARED_ARRAY(T, name, n) T* name = emu_shared_alloc<T>(n)
+#define SHARED_VAR(T, name) T& name = *emu_shared_alloc<T>(1)
 #define DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu_dynamic_smem)
 
 struct dim3 {
@@ -37,6 +37,21 @@ inline dim3 blockIdx, blockDim, gridDim;
 
 // Dynamic shared memory (DYNAMIC_SMEM), at most what an H100 block may opt in to.
 alignas(16) inline unsigned char emu_dynamic_smem[227 * 1024];
+
+// Static shared memory (SHARED_ARRAY, SHARED_VAR): each thread of a block walks the same
+// declarations in the same order, so a per-thread bump offset into one per-block arena gives
+// every thread the same address for the same variable.
+alignas(16) inline unsigned char emu_static_smem[48 * 1024];
+inline thread_local size_t emu_static_offset = 0;
+template <class T> inline T* emu_shared_alloc(size_t n) {
+    size_t at = (emu_static_offset + 15) & ~size_t(15);
+    if (at + n * sizeof(T) > sizeof emu_static_smem) {
+        std::fprintf(stderr, "cuda_emu: more than 48 KiB of static shared memory\n");
+        std::abort();
+    }
+    emu_static_offset = at + n * sizeof(T);
+    return reinterpret_cast<T*>(emu_static_smem + at);
+}
 
 inline std::barrier<>* g_block_barrier = nullptr;
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
@@ -74,7 +89,9 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = dim3{x, y, z};
+                // Shared memory starts as garbage on a device: NaN bytes here.
                 std::memset(emu_dynamic_smem, 0xff, sizeof emu_dynamic_smem);
+                std::memset(emu_static_smem, 0xff, sizeof emu_static_smem);
                 std::barrier<> bar(n);
                 g_block_barrier = &bar;
                 g_warp_barriers.clear();
@@ -85,6 +102,7 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
                 for (unsigned t = 0; t < n; ++t) {
                     threads.emplace_back([&, t] {
                         threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                        emu_static_offset = 0;
                         kernel();
                     });
                 }

@@ -7,9 +7,11 @@ typedef unsigned short bf16_t;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// The block's dynamic shared memory, as an array `name` of T (tests/emu/cuda_emu.h maps it to a
-// buffer of its own).
-#ifndef DYNAMIC_SMEM
+// Shared memory, declared through macros so tests/emu/cuda_emu.h can give each emulated block
+// fresh (poisoned) memory: an array `name` of n T, one T, and the dynamic shared memory as T[].
+#ifndef SHARED_ARRAY
+#define SHARED_ARRAY(T, name, n) __shared__ T name[n]
+#define SHARED_VAR(T, name) __shared__ T name
 #define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
 #endif
 

@@ -17,7 +17,7 @@ extern "C" __global__ void embedding_bf16(const bf16_t* __restrict__ table, cons
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ out, bf16_t* __restrict__ out_bf16, u32 width,
                                     float eps) {
-    __shared__ float scratch[32];
+    SHARED_ARRAY(float, scratch, 32);
     const u64 r = blockIdx.x;
     const float* xr = x + r * width;
     float ss = 0.0f;
@@ -37,7 +37,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
                                         const float* __restrict__ w, float* __restrict__ out,
                                         bf16_t* __restrict__ out_bf16, u32 width, float eps) {
-    __shared__ float scratch[32];
+    SHARED_ARRAY(float, scratch, 32);
     const u64 r = blockIdx.x;
     float* rr = residual + r * width;
     const float* xr = x + r * width;

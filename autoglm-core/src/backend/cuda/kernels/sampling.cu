@@ -3,8 +3,8 @@
 // out[r] = index of the largest logit of row r; the first one on ties (as the host sampler and
 // torch.argmax). One block per row, blockDim a power of two <= 1024.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out, u32 cols) {
-    __shared__ float best_v[1024];
-    __shared__ u32 best_i[1024];
+    SHARED_ARRAY(float, best_v, 1024);
+    SHARED_ARRAY(u32, best_i, 1024);
     const float* row = logits + (u64)blockIdx.x * cols;
     float bv = -INFINITY;
     u32 bi = 0xffffffffu;
@@ -158,14 +158,14 @@ __device__ __forceinline__ bool passes_all(const Cut& ck, const Cut& cp, float m
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const float* __restrict__ logits, const double* __restrict__ params,
                                        u32* __restrict__ out, u32 cols) {
-    __shared__ double scan[SAMPLE_THREADS];
-    __shared__ double hist_w[256];
-    __shared__ u32 hist_n[256];
-    __shared__ float sv[32];
-    __shared__ u32 si[32];
-    __shared__ u32 pick_digit;
-    __shared__ double pick_rest;
-    __shared__ u32 picked;
+    SHARED_ARRAY(double, scan, SAMPLE_THREADS);
+    SHARED_ARRAY(double, hist_w, 256);
+    SHARED_ARRAY(u32, hist_n, 256);
+    SHARED_ARRAY(float, sv, 32);
+    SHARED_ARRAY(u32, si, 32);
+    SHARED_VAR(u32, pick_digit);
+    SHARED_VAR(double, pick_rest);
+    SHARED_VAR(u32, picked);
 
     const float* row = logits + (u64)blockIdx.x * cols;
     const double* p = params + (u64)blockIdx.x * 5;
