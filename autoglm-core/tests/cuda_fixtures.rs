@@ -256,16 +256,8 @@ fn engine_on_cuda_device_argmax_equals_host_greedy_and_batching_changes_nothing(
 #[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
 fn device_sampling_draws_every_kept_token_by_its_share() {
     let gpu = cuda();
-    let vocab = 1000;
-    let values: Vec<f32> = (0..vocab)
-        .map(|i| {
-            if i % 97 == 5 {
-                f32::NEG_INFINITY
-            } else {
-                ((i * 37) % 101) as f32 * 0.05 - 2.5
-            }
-        })
-        .collect();
+    let values = sampling_logits();
+    let vocab = values.len();
     let table = gpu
         .upload(HostTensor::owned(vec![1, vocab], values))
         .unwrap();
@@ -280,15 +272,7 @@ fn device_sampling_draws_every_kept_token_by_its_share() {
         min_p,
         uniform: 0.0,
     };
-    let cases = [
-        row(1.0, 0, 1.0, 0.0),
-        row(0.7, 15, 1.0, 0.0),
-        row(1.0, 0, 0.3, 0.0),
-        row(1.3, 0, 1.0, 0.5),
-        row(0.9, 40, 0.8, 0.05),
-        row(2.0, 1, 1.0, 0.0),
-        row(0.0, 0, 1.0, 0.0),
-    ];
+    let cases = sampling_cases();
     let mut ids = Vec::new();
     for case in cases {
         let rows: Vec<RowSampling> = (0..N)

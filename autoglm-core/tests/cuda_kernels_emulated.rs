@@ -374,20 +374,6 @@ fn prefill_kernel_matches_the_cpu_backend() {
     check(64, Kernel::Prefill { qt: 4 });
 }
 
-/// The logits of the device sampling test in cuda_fixtures: 1000 tokens, values repeating (ties at
-/// every cut), every 97th -inf.
-fn sampling_logits() -> Vec<f32> {
-    (0..1000)
-        .map(|i| {
-            if i % 97 == 5 {
-                f32::NEG_INFINITY
-            } else {
-                ((i * 37) % 101) as f32 * 0.05 - 2.5
-            }
-        })
-        .collect()
-}
-
 /// Runs `sample_rows` (`argmax` false) or `argmax_rows` on rows of `logits`.
 fn sample_emulated(logits: &[f32], cols: usize, params: &[RowSampling], argmax: bool) -> Vec<u32> {
     let rows = logits.len() / cols;
@@ -425,23 +411,8 @@ fn sample_emulated(logits: &[f32], cols: usize, params: &[RowSampling], argmax: 
 /// a draw just below 1. Checks the kept set at every cut (ties by index) and the walk.
 #[test]
 fn sample_rows_picks_the_token_whose_share_holds_the_draw() {
-    let logits = sampling_logits();
-    let row = |temperature, top_k, top_p, min_p| RowSampling {
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        uniform: 0.0,
-    };
-    let cases = [
-        row(1.0, 0, 1.0, 0.0),
-        row(0.7, 15, 1.0, 0.0),
-        row(1.0, 0, 0.3, 0.0),
-        row(1.3, 0, 1.0, 0.5),
-        row(0.9, 40, 0.8, 0.05),
-        row(2.0, 1, 1.0, 0.0),
-        row(0.0, 0, 1.0, 0.0),
-    ];
+    let logits = common::sampling_logits();
+    let cases = common::sampling_cases();
     let (mut params, mut want) = (Vec::new(), Vec::new());
     for case in cases {
         let shares = common::expected_shares(&logits, &case);

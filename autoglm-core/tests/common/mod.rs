@@ -82,6 +82,41 @@ pub fn first_max(x: &[f32]) -> usize {
     best
 }
 
+/// The logits of the device sampling tests: 1000 tokens, values repeating (ties at every cut),
+/// every 97th -inf.
+pub fn sampling_logits() -> Vec<f32> {
+    (0..1000)
+        .map(|i| {
+            if i % 97 == 5 {
+                f32::NEG_INFINITY
+            } else {
+                ((i * 37) % 101) as f32 * 0.05 - 2.5
+            }
+        })
+        .collect()
+}
+
+/// The settings of the device sampling tests (uniform 0: each test sets its draws): plain,
+/// top-k, top-p, min-p, all three, top-k 1, greedy.
+pub fn sampling_cases() -> [autoglm_core::backend::RowSampling; 7] {
+    let row = |temperature, top_k, top_p, min_p| autoglm_core::backend::RowSampling {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        uniform: 0.0,
+    };
+    [
+        row(1.0, 0, 1.0, 0.0),
+        row(0.7, 15, 1.0, 0.0),
+        row(1.0, 0, 0.3, 0.0),
+        row(1.3, 0, 1.0, 0.5),
+        row(0.9, 40, 0.8, 0.05),
+        row(2.0, 1, 1.0, 0.0),
+        row(0.0, 0, 1.0, 0.0),
+    ]
+}
+
 /// Each token's share of draws under `r` by the host sampler's rules (`sampling::sample`):
 /// candidates sorted by (logit desc, index asc), then top-k, min-p, top-p.
 pub fn expected_shares(logits: &[f32], r: &autoglm_core::backend::RowSampling) -> Vec<f64> {

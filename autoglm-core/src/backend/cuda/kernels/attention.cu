@@ -43,6 +43,54 @@ extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u
     }
 }
 
+// Shared steps of the two attention kernels below. A block holds `rows` query rows; a tile of n
+// context positions (starting at j0) is staged in shared memory as f32 rows D + 1 floats apart
+// (so the threads of a warp, reading one position each, hit different banks).
+
+// Stages keys or values of positions j0..j0+n of KV head `kvh` from the paged cache.
+__device__ __forceinline__ void stage_tile(float* kv, const bf16_t* __restrict__ cache, const u32* table, u32 j0,
+                                           u32 n, u32 block_size, u32 kvw, u32 kvh, u32 D) {
+    const u32 KS = D + 1;
+    for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
+        const u32 j = j0 + i / D;
+        const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
+        kv[(i / D) * KS + i % D] = bf16_to_f32(cache[slot * kvw + (u64)kvh * D + i % D]);
+    }
+}
+
+// Online softmax over the tile's scores sc[r * tile + j]: one thread per row updates its running
+// max m and sum l, turns the scores into weights and leaves the rescale factor of the old
+// accumulator in alpha (0 on the first tile, where m was -inf).
+__device__ __forceinline__ void online_softmax(float* sc, float* m, float* l, float* alpha, u32 rows, u32 n,
+                                               u32 tile) {
+    for (u32 r = threadIdx.x; r < rows; r += blockDim.x) {
+        float mx = m[r];
+        for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[r * tile + j]);
+        const float a = expf(m[r] - mx);
+        float sum = 0.0f;
+        for (u32 j = 0; j < n; ++j) {
+            const float p = expf(sc[r * tile + j] - mx);
+            sc[r * tile + j] = p;
+            sum += p;
+        }
+        l[r] = l[r] * a + sum;
+        m[r] = mx;
+        alpha[r] = a;
+    }
+}
+
+// acc[r, d] = acc[r, d] * alpha[r] + sum_j weight[r, j] * v[j, d] over the staged values.
+__device__ __forceinline__ void accumulate_pv(float* acc, const float* sc, const float* kv, const float* alpha,
+                                              u32 rows, u32 n, u32 D, u32 tile) {
+    const u32 KS = D + 1;
+    for (u32 i = threadIdx.x; i < rows * D; i += blockDim.x) {
+        const u32 r = i / D, d = i % D;
+        float o = acc[i] * alpha[r];
+        for (u32 j = 0; j < n; ++j) o += sc[r * tile + j] * kv[j * KS + d];
+        acc[i] = o;
+    }
+}
+
 // Paged attention with an online softmax, for prefill chunks and decodes alike.
 //
 // grid = (tokens, KVH, splits); block = 128 threads. A block serves the G = H / KVH query heads
@@ -99,11 +147,7 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
     for (u32 j0 = begin; j0 < end; j0 += tile) {
         const u32 n = min(tile, end - j0);
         // Stage K of positions j0..j0+n.
-        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
-            const u32 j = j0 + i / D;
-            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
-            kv[(i / D) * KS + i % D] = bf16_to_f32(k_cache[slot * kvw + (u64)kvh * D + i % D]);
-        }
+        stage_tile(kv, k_cache, table, j0, n, block_size, kvw, kvh, D);
         __syncthreads();
         // Scores of every (head in group, position in tile).
         for (u32 i = threadIdx.x; i < G * n; i += blockDim.x) {
@@ -116,33 +160,11 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
         }
         __syncthreads();
         // Online softmax: one thread per head of the group updates its running max and sum.
-        for (u32 g = threadIdx.x; g < G; g += blockDim.x) {
-            float mx = m[g];
-            for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[g * tile + j]);
-            const float a = expf(m[g] - mx);  // m[g] == -inf on the first tile: a = 0
-            float sum = 0.0f;
-            for (u32 j = 0; j < n; ++j) {
-                const float p = expf(sc[g * tile + j] - mx);
-                sc[g * tile + j] = p;
-                sum += p;
-            }
-            l[g] = l[g] * a + sum;
-            m[g] = mx;
-            alpha[g] = a;
-        }
+        online_softmax(sc, m, l, alpha, G, n, tile);
         // Stage V (the K tile is no longer needed once the scores exist).
-        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
-            const u32 j = j0 + i / D;
-            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
-            kv[(i / D) * KS + i % D] = bf16_to_f32(v_cache[slot * kvw + (u64)kvh * D + i % D]);
-        }
+        stage_tile(kv, v_cache, table, j0, n, block_size, kvw, kvh, D);
         __syncthreads();
-        for (u32 i = threadIdx.x; i < G * D; i += blockDim.x) {
-            const u32 g = i / D, d = i % D;
-            float o = acc[i] * alpha[g];
-            for (u32 j = 0; j < n; ++j) o += sc[g * tile + j] * kv[j * KS + d];
-            acc[i] = o;
-        }
+        accumulate_pv(acc, sc, kv, alpha, G, n, D, tile);
         __syncthreads();
     }
 
@@ -243,11 +265,7 @@ extern "C" __global__ void paged_attention_prefill(const float* __restrict__ qkv
 
     for (u32 j0 = 0; j0 < n_ctx; j0 += tile) {
         const u32 n = min(tile, n_ctx - j0);
-        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
-            const u32 j = j0 + i / D;
-            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
-            kv[(i / D) * KS + i % D] = bf16_to_f32(k_cache[slot * kvw + (u64)kvh * D + i % D]);
-        }
+        stage_tile(kv, k_cache, table, j0, n, block_size, kvw, kvh, D);
         __syncthreads();
         for (u32 i = threadIdx.x; i < R * n; i += blockDim.x) {
             const u32 r = i / n, j = i % n;
@@ -264,32 +282,10 @@ extern "C" __global__ void paged_attention_prefill(const float* __restrict__ qkv
         __syncthreads();
         // Online softmax per row. Every row sees position 0 in the first tile, so m[r] is finite
         // from then on and a masked score only ever gives p = exp(-inf) = 0.
-        for (u32 r = threadIdx.x; r < R; r += blockDim.x) {
-            float mx = m[r];
-            for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[r * tile + j]);
-            const float a = expf(m[r] - mx);
-            float sum = 0.0f;
-            for (u32 j = 0; j < n; ++j) {
-                const float p = expf(sc[r * tile + j] - mx);
-                sc[r * tile + j] = p;
-                sum += p;
-            }
-            l[r] = l[r] * a + sum;
-            m[r] = mx;
-            alpha[r] = a;
-        }
-        for (u32 i = threadIdx.x; i < n * D; i += blockDim.x) {
-            const u32 j = j0 + i / D;
-            const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
-            kv[(i / D) * KS + i % D] = bf16_to_f32(v_cache[slot * kvw + (u64)kvh * D + i % D]);
-        }
+        online_softmax(sc, m, l, alpha, R, n, tile);
+        stage_tile(kv, v_cache, table, j0, n, block_size, kvw, kvh, D);
         __syncthreads();
-        for (u32 i = threadIdx.x; i < R * D; i += blockDim.x) {
-            const u32 r = i / D, d = i % D;
-            float o = acc[i] * alpha[r];
-            for (u32 j = 0; j < n; ++j) o += sc[r * tile + j] * kv[j * KS + d];
-            acc[i] = o;
-        }
+        accumulate_pv(acc, sc, kv, alpha, R, n, D, tile);
         __syncthreads();
     }
 
