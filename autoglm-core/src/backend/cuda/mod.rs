@@ -127,6 +127,8 @@ struct DeviceBatch {
     meta: CudaSlice<u32>,
     /// Largest context length in the batch.
     max_context: usize,
+    /// Most query tokens of one sequence in the batch (1 for a decode step).
+    longest_query: usize,
     /// The KV-cache shape the batch was checked against (`check_batch`), if any yet.
     checked: Option<KvCacheShape>,
     /// Owned by a decode graph: buffers at fixed addresses, no events (the graph orders its
@@ -145,6 +147,7 @@ impl DeviceBatch {
             copied: None,
             meta: backend.alloc::<u32>(1, "batch metadata")?,
             max_context: 0,
+            longest_query: 0,
             checked: None,
             graph,
             embed_rows: 0,

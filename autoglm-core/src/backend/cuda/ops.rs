@@ -280,6 +280,12 @@ impl CudaBackend {
             }
         }
         d.max_context = batch.context_lens.iter().copied().max().unwrap_or(0) as usize;
+        d.longest_query = batch
+            .query_start
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
         d.uploaded = true;
         Ok(d)
     }
@@ -938,26 +944,21 @@ impl Backend for CudaBackend {
         .map_err(driver_err("rope_and_cache_write"))?;
 
         let g = nh / nkv;
+        let (mbps, bs) = (
+            u("max_blocks_per_seq", batch.max_blocks_per_seq)?,
+            u("block_size", cache.shape.block_size)?,
+        );
+        let (kl, vl) = (&cache.k[layer], &cache.v[layer]);
         // Prefill chunks: the query-tiled kernel, each K/V tile serving several query tokens.
-        let longest = batch
-            .query_start
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as usize)
-            .max()
-            .unwrap_or(0);
+        let longest = db.longest_query;
         if let Some((qt, tile)) = prefill_tiling(g, hd, self.prefill_smem_cap)
             .filter(|&(qt, _)| longest >= 2 && longest.div_ceil(qt) <= 65_535)
         {
             let blocks_y = longest.div_ceil(qt);
             let query_start = db.meta.slice(db.layout.query_start.clone());
-            let (mbps, bs) = (
-                u("max_blocks_per_seq", batch.max_blocks_per_seq)?,
-                u("block_size", cache.shape.block_size)?,
-            );
             let (tile32, qt32) = (tile as u32, qt as u32);
             let smem = prefill_smem_bytes(qt * g, hd, tile) as u32;
             let f = self.function("paged_attention_prefill")?;
-            let (kl, vl) = (&cache.k[layer], &cache.v[layer]);
             // SAFETY: as paged_attention below (check_batch bounds every table entry and
             // position); query_start has num_seqs + 1 entries ending at the token count; the
             // dynamic shared memory is what the kernel's layout needs for (qt * g, hd, tile) and
@@ -1025,13 +1026,8 @@ impl Backend for CudaBackend {
         )?;
         let mut part_m = self.alloc::<f32>(parts, "attention partials")?;
         let mut part_l = self.alloc::<f32>(parts, "attention partials")?;
-        let (mbps, bs) = (
-            u("max_blocks_per_seq", batch.max_blocks_per_seq)?,
-            u("block_size", cache.shape.block_size)?,
-        );
         let (tile32, splits32) = (tile as u32, splits as u32);
         let f = self.function("paged_attention")?;
-        let (kl, vl) = (&cache.k[layer], &cache.v[layer]);
         // SAFETY: shapes as documented in attention.cu: every block-table entry the kernel reads
         // (positions < context_len, covered by the table) names a block inside the cache
         // (check_batch); seq_of_token < num_seqs; the dynamic shared memory is the size the
