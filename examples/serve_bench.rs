@@ -250,6 +250,69 @@ fn run_engine(
     run
 }
 
+/// Client-side timing of one streamed response, as vLLM's benchmark_serving takes it: every SSE
+/// event is one token here (the server sends one per token), and events that arrive in one read
+/// arrive together (an ITL of 0, as that client would see them).
+struct EventClock {
+    t0: Instant,
+    sent: Instant,
+    events: usize,
+    ttft: f64,
+    last: Instant,
+    itl: Vec<f64>,
+    arrivals: Vec<f32>,
+    prev_newline: bool,
+}
+
+impl EventClock {
+    fn new(t0: Instant, sent: Instant) -> Self {
+        EventClock {
+            t0,
+            sent,
+            events: 0,
+            ttft: 0.0,
+            last: sent,
+            itl: Vec::new(),
+            arrivals: Vec::new(),
+            prev_newline: false,
+        }
+    }
+
+    /// Body bytes that arrived at `now`; an event ends with a blank line.
+    fn feed(&mut self, data: &[u8], now: Instant) {
+        for i in memchr::memchr_iter(b'\n', data) {
+            let after_newline = if i == 0 {
+                self.prev_newline
+            } else {
+                data[i - 1] == b'\n'
+            };
+            if after_newline {
+                if self.events == 0 {
+                    self.ttft = (now - self.sent).as_secs_f64();
+                } else {
+                    self.itl.push((now - self.last).as_secs_f64());
+                }
+                self.last = now;
+                self.events += 1;
+                self.arrivals.push((now - self.t0).as_secs_f32());
+            }
+        }
+        if let Some(&b) = data.last() {
+            self.prev_newline = b == b'\n';
+        }
+    }
+
+    /// (tokens, TTFT, ITLs, latency, token arrival times in seconds from `t0`).
+    fn finish(mut self) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
+        // The last event is `[DONE]`, which carries no token.
+        let tokens = self.events.saturating_sub(1);
+        self.itl.pop();
+        self.arrivals.pop();
+        let latency = (self.last - self.sent).as_secs_f64();
+        (tokens, self.ttft, self.itl, latency, self.arrivals)
+    }
+}
+
 /// One streaming request; returns (tokens, TTFT, ITLs, latency, token arrival times in seconds
 /// from `t0`).
 async fn stream_one(
@@ -258,69 +321,149 @@ async fn stream_one(
     body: String,
     t0: Instant,
 ) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
-    let req = |uri: &str| {
-        hyper::Request::post(uri)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.clone())))
-            .expect("request")
+    let Some(mut tx) = h2 else {
+        return h1_stream(addr, &body, t0).await;
     };
-    let (sent, resp) = match h2 {
-        Some(mut tx) => {
-            let req = req(&format!("http://{addr}/v1/completions"));
-            let sent = Instant::now();
-            (sent, tx.send_request(req).await.expect("response"))
-        }
-        None => {
-            let io = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            io.set_nodelay(true).ok();
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-                .await
-                .expect("handshake");
-            tokio::spawn(conn);
-            let mut req = req("/v1/completions");
-            req.headers_mut()
-                .insert("host", hyper::header::HeaderValue::from_static("bench"));
-            let sent = Instant::now();
-            (sent, tx.send_request(req).await.expect("response"))
-        }
-    };
+    let req = hyper::Request::post(format!("http://{addr}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let sent = Instant::now();
+    let resp = tx.send_request(req).await.expect("response");
     assert_eq!(resp.status(), 200);
+    let mut clock = EventClock::new(t0, sent);
     let mut body = resp.into_body();
-    let (mut events, mut ttft, mut last) = (0usize, 0.0, sent);
-    let mut itl = Vec::new();
-    let mut arrivals = Vec::new();
-    let mut prev_newline = false;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.expect("frame").into_data() else {
-            continue;
-        };
-        let now = Instant::now();
-        // Events end with a blank line; the server sends one token per event here, and events
-        // that arrive in one read arrive together (an ITL of 0, as a client would see it).
-        for i in memchr::memchr_iter(b'\n', &data) {
-            let after_newline = if i == 0 {
-                prev_newline
-            } else {
-                data[i - 1] == b'\n'
-            };
-            if after_newline {
-                if events == 0 {
-                    ttft = (now - sent).as_secs_f64();
-                } else {
-                    itl.push((now - last).as_secs_f64());
-                }
-                last = now;
-                events += 1;
-                arrivals.push((now - t0).as_secs_f32());
-            }
+        if let Ok(data) = frame.expect("frame").into_data() {
+            clock.feed(&data, Instant::now());
         }
-        prev_newline = data.last() == Some(&b'\n');
     }
-    // The last event is `[DONE]`, which carries no token.
-    let tokens = events.saturating_sub(1);
-    itl.pop();
-    arrivals.pop();
-    (tokens, ttft, itl, (last - sent).as_secs_f64(), arrivals)
+    clock.finish()
+}
+
+/// One streaming request on its own HTTP/1.1 connection, written and read directly on the
+/// socket (as a load generator like wrk does) so the client's share of the one core it shares
+/// with the server stays small: the request in one write, the response read into one reused
+/// buffer, its chunked framing decoded in place.
+async fn h1_stream(
+    addr: SocketAddr,
+    body: &str,
+    t0: Instant,
+) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut io = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    io.set_nodelay(true).ok();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let sent = Instant::now();
+    io.write_all(req.as_bytes()).await.expect("send request");
+    let mut clock = EventClock::new(t0, sent);
+    let mut buf = vec![0u8; 16 << 10];
+    let mut filled = 0;
+    // The head: status 200 and a chunked body.
+    let body_start = loop {
+        let n = io.read(&mut buf[filled..]).await.expect("read response");
+        assert!(n > 0, "connection closed before the response head");
+        filled += n;
+        if let Some(end) = memchr::memmem::find(&buf[..filled], b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end]).expect("response head");
+            assert!(head.starts_with("HTTP/1.1 200"), "response: {head}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked"),
+                "not chunked: {head}"
+            );
+            break end + 4;
+        }
+        assert!(filled < buf.len(), "response head over {} bytes", buf.len());
+    };
+    let mut chunks = Chunked::Size(0);
+    let mut now = Instant::now();
+    let mut data = &buf[body_start..filled];
+    loop {
+        chunks.feed(data, |d| clock.feed(d, now));
+        if chunks == Chunked::Done {
+            break;
+        }
+        let n = io.read(&mut buf).await.expect("read body");
+        assert!(n > 0, "connection closed mid-body");
+        now = Instant::now();
+        data = &buf[..n];
+    }
+    clock.finish()
+}
+
+/// Decoder state of a chunked HTTP/1.1 body (no extensions or trailers expected, as the server
+/// sends none).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Chunked {
+    /// Reading a chunk-size line (the hex digits so far).
+    Size(usize),
+    /// After the size line's CR.
+    SizeLf(usize),
+    /// Inside chunk data (bytes left).
+    Data(usize),
+    DataCr,
+    DataLf,
+    /// After the last chunk: its blank line's CR, then LF.
+    EndCr,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    /// Decodes `input`, passing each run of body data to `data`.
+    fn feed(&mut self, mut input: &[u8], mut data: impl FnMut(&[u8])) {
+        while let Some(&b) = input.first() {
+            let mut used = 1;
+            *self = match *self {
+                Chunked::Size(n) => match b {
+                    b'\r' => Chunked::SizeLf(n),
+                    _ => {
+                        let d = (b as char).to_digit(16).expect("hex chunk size") as usize;
+                        Chunked::Size(n * 16 + d)
+                    }
+                },
+                Chunked::SizeLf(n) => {
+                    assert_eq!(b, b'\n', "chunk size line");
+                    if n == 0 {
+                        Chunked::EndCr
+                    } else {
+                        Chunked::Data(n)
+                    }
+                }
+                Chunked::Data(n) => {
+                    used = n.min(input.len());
+                    data(&input[..used]);
+                    if used == n {
+                        Chunked::DataCr
+                    } else {
+                        Chunked::Data(n - used)
+                    }
+                }
+                Chunked::DataCr => {
+                    assert_eq!(b, b'\r', "chunk end");
+                    Chunked::DataLf
+                }
+                Chunked::DataLf => {
+                    assert_eq!(b, b'\n', "chunk end");
+                    Chunked::Size(0)
+                }
+                Chunked::EndCr => {
+                    assert_eq!(b, b'\r', "last chunk");
+                    Chunked::EndLf
+                }
+                Chunked::EndLf => {
+                    assert_eq!(b, b'\n', "last chunk");
+                    Chunked::Done
+                }
+                Chunked::Done => panic!("bytes after the last chunk"),
+            };
+            input = &input[used..];
+        }
+    }
 }
 
 /// The same requests through the server on loopback.

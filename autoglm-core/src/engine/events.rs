@@ -131,6 +131,17 @@ impl EventReceiver {
         Poll::Pending
     }
 
+    /// Like [`poll_recv`](Self::poll_recv) without registering a waker: `Some(next)` (as
+    /// `take`), `None` when nothing is queued yet.
+    pub(crate) fn try_recv(&self) -> Option<Option<Event>> {
+        Self::take(&mut self.0.lock())
+    }
+
+    /// Events queued now.
+    pub(crate) fn queued(&self) -> usize {
+        self.0.lock().queue.len()
+    }
+
     pub(crate) fn recv(&self) -> Option<Event> {
         let mut s = self.0.lock();
         loop {
@@ -242,6 +253,27 @@ mod tests {
             .collect();
         producer.join().unwrap();
         assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn try_recv_takes_what_is_queued_without_a_waker() {
+        let (tx, rx) = channel();
+        assert!(rx.try_recv().is_none(), "nothing queued yet");
+        assert_eq!(rx.queued(), 0);
+        for i in 0..3 {
+            tx.send(out(i, false)).unwrap();
+        }
+        assert_eq!(rx.queued(), 3);
+        assert_eq!(id(rx.try_recv().expect("queued")), 0);
+        assert_eq!(rx.queued(), 2);
+        assert_eq!(id(rx.try_recv().expect("queued")), 1);
+        drop(tx);
+        assert_eq!(
+            id(rx.try_recv().expect("queued")),
+            2,
+            "queued events outlive the sender"
+        );
+        assert!(matches!(rx.try_recv(), Some(None)), "then the end");
     }
 
     #[test]

@@ -471,6 +471,26 @@ impl RequestStream {
         self.on_event(ev)
     }
 
+    /// The next event if one is queued, without waiting: `Some(Some(ev))`, `Some(None)` at the
+    /// end, `None` when nothing is ready yet. A consumer that writes events out in groups takes
+    /// the rest of a group this way after awaiting its first event.
+    pub fn try_recv(&mut self) -> Option<Option<Result<RequestOutput>>> {
+        if self.closed {
+            return Some(None);
+        }
+        let ev = self.rx.try_recv()?;
+        Some(self.on_event(ev))
+    }
+
+    /// Events ready to be received without waiting.
+    pub fn queued(&self) -> usize {
+        if self.closed {
+            0
+        } else {
+            self.rx.queued()
+        }
+    }
+
     /// Cancels the request now (also done on drop).
     pub fn cancel(&mut self) {
         if !self.closed {

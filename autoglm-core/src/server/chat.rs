@@ -246,6 +246,10 @@ impl StreamFormat for ChatFormat {
         push_sse_event(buf, &self.envelope(&choice));
     }
 
+    fn event_size_hint(&self) -> usize {
+        self.plain.size_hint()
+    }
+
     fn usage(&mut self, usage: &UsageOut) -> Bytes {
         sse_event(&Chunk::<StreamChoice<'_>> {
             id: &self.id,

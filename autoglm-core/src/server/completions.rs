@@ -223,6 +223,10 @@ impl StreamFormat for CompletionFormat {
         );
     }
 
+    fn event_size_hint(&self) -> usize {
+        self.plain.size_hint()
+    }
+
     fn usage(&mut self, usage: &UsageOut) -> Bytes {
         sse_event(&Chunk::<StreamChoice<'_>> {
             id: &self.id,

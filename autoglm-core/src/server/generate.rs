@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
@@ -41,6 +40,25 @@ impl Events {
         match self {
             Events::One(s) => s.recv_async().await.map(|e| (0, e)),
             Events::Many(rx) => rx.recv().await,
+        }
+    }
+
+    /// The next event if one is ready: `Some(None)` at the end, `None` when nothing is ready.
+    fn try_next(&mut self) -> Option<Option<(usize, Result<RequestOutput>)>> {
+        match self {
+            Events::One(s) => s.try_recv().map(|e| e.map(|e| (0, e))),
+            Events::Many(rx) => match rx.try_recv() {
+                Ok(ev) => Some(Some(ev)),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+            },
+        }
+    }
+
+    fn queued(&self) -> usize {
+        match self {
+            Events::One(s) => s.queued(),
+            Events::Many(rx) => rx.len(),
         }
     }
 }
@@ -144,6 +162,25 @@ impl Job {
             },
             None => self.events.next().await,
         };
+        self.account(ev)
+    }
+
+    /// The next event if one is ready without waiting (`Some(next)`), else `None`.
+    pub(crate) fn try_next(&mut self) -> Option<Option<Result<(usize, RequestOutput), ApiError>>> {
+        let ev = self.events.try_next()?;
+        Some(self.account(ev))
+    }
+
+    /// Events ready without waiting.
+    pub(crate) fn queued(&self) -> usize {
+        self.events.queued()
+    }
+
+    /// Latency metrics and token counts of an event.
+    fn account(
+        &mut self,
+        ev: Option<(usize, Result<RequestOutput>)>,
+    ) -> Option<Result<(usize, RequestOutput), ApiError>> {
         let (prompt, ev) = ev?;
         let out = match ev {
             Ok(out) => out,
@@ -190,6 +227,8 @@ pub(crate) trait StreamFormat: Send + 'static {
     fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut);
     /// The final usage event (`choices: []`).
     fn usage(&mut self, usage: &UsageOut) -> Bytes;
+    /// About the bytes of one plain token event, to size a chunk's buffer before rendering.
+    fn event_size_hint(&self) -> usize;
 }
 
 enum Phase {
@@ -244,8 +283,11 @@ pub(crate) fn sse_stream<F: StreamFormat>(
                     None => st.phase = Phase::Events,
                 },
                 Phase::Events => {
-                    // Wait for one event, then take the ones already queued behind it.
+                    // Wait for one event, then take the ones already queued behind it, rendered
+                    // into a buffer sized for all of them at once (no regrowth while rendering).
                     let mut next = st.job.next().await;
+                    let ready = 1 + st.job.queued().min(st.batch - 1);
+                    st.buf.reserve(ready * st.format.event_size_hint());
                     let mut taken = 0;
                     loop {
                         match next {
@@ -264,7 +306,7 @@ pub(crate) fn sse_stream<F: StreamFormat>(
                         if taken == st.batch {
                             break;
                         }
-                        match st.job.next().now_or_never() {
+                        match st.job.try_next() {
                             Some(ev) => next = ev,
                             None => break,
                         }
@@ -367,6 +409,11 @@ impl EventTemplate {
         super::body::push_json_str(&mut head, model);
         head.extend_from_slice(b",\"choices\":[{\"index\":");
         EventTemplate { head, mid, tail }
+    }
+
+    /// The bytes of an event with a short text (a token or two).
+    pub(crate) fn size_hint(&self) -> usize {
+        self.head.len() + self.mid.len() + self.tail.len() + 16
     }
 
     /// Appends the event to `buf`.
