@@ -35,6 +35,16 @@ async fn bad_requests_are_400_with_openai_errors() {
     assert_eq!(r.status, 400);
     let r = send(a, "POST", "/v1/completions", &ct, "[1, 2]").await;
     assert_eq!(r.status, 400);
+    assert!(r.error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("must be a JSON object"));
+    let r = send(a, "POST", "/v1/completions", &ct, "{\"prompt\": [1]} [").await;
+    assert_eq!(r.status, 400);
+    assert!(r.error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
 
     for (body, needle) in [
         (json!({"prompt": [1], "max_tokens": "ten"}), "invalid type"),

@@ -193,6 +193,14 @@ fn bind_tcp(sa: SocketAddr, opts: &SocketOptions) -> io::Result<tokio::net::TcpL
     if let Some(n) = opts.recv_buffer_size {
         socket.set_recv_buffer_size(n)?;
     }
+    // On Linux accepted sockets inherit TCP_NODELAY and the keepalive settings from the
+    // listener, which saves their setsockopt calls on every accept (see `tune_accepted`).
+    if opts.nodelay {
+        socket.set_tcp_nodelay(true)?;
+    }
+    if let Some(ka) = keepalive(opts) {
+        socket.set_tcp_keepalive(&ka)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::from(sa))?;
     socket.listen(opts.backlog.min(i32::MAX as u32) as i32)?;
@@ -228,18 +236,27 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     }
 }
 
-/// Applies the per-connection options to an accepted TCP stream.
+fn keepalive(opts: &SocketOptions) -> Option<TcpKeepalive> {
+    opts.keepalive.map(|idle| {
+        TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10).min(idle.max(Duration::from_secs(1))))
+    })
+}
+
+/// Applies the per-connection options to an accepted TCP stream, where it did not inherit them
+/// from its listener (Linux passes them on; other systems may not).
 pub(crate) fn tune_accepted(
     stream: &tokio::net::TcpStream,
     opts: &SocketOptions,
 ) -> io::Result<()> {
+    if cfg!(target_os = "linux") {
+        return Ok(());
+    }
     if opts.nodelay {
         stream.set_nodelay(true)?;
     }
-    if let Some(idle) = opts.keepalive {
-        let ka = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10).min(idle.max(Duration::from_secs(1))));
+    if let Some(ka) = keepalive(opts) {
         SockRef::from(stream).set_tcp_keepalive(&ka)?;
     }
     Ok(())
@@ -311,10 +328,13 @@ mod tests {
             }
         };
         tune_accepted(&accepted, &opts).unwrap();
+        // On Linux these come from the listener alone (tune_accepted sets nothing there).
+        assert!(opts.nodelay);
         assert!(accepted.nodelay().unwrap());
         let s = SockRef::from(&accepted);
         assert!(s.keepalive().unwrap());
         assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
         drop(client);
     }
 

@@ -176,6 +176,21 @@ pub(crate) fn digits(mut n: usize) -> usize {
     d
 }
 
+/// Appends `n` in decimal (what `write!(buf, "{n}")` gives, without the formatting machinery).
+pub(crate) fn push_decimal(buf: &mut impl BufMut, mut n: usize) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.put_slice(&tmp[i..]);
+}
+
 /// The last event of every stream.
 pub(crate) const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
@@ -237,8 +252,11 @@ mod tests {
             assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
             assert_eq!(json_str_len(s), out.len());
         }
-        for n in [0, 9, 10, 99, 100, 12345] {
+        for n in [0, 9, 10, 99, 100, 12345, usize::MAX] {
             assert_eq!(digits(n), n.to_string().len());
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
         }
     }
 

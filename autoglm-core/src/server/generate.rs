@@ -76,6 +76,8 @@ pub(crate) struct Job {
     first_token: bool,
     /// When each choice last produced output (for inter-token latency).
     last: Vec<Option<Instant>>,
+    /// When the last awaited event arrived.
+    now: Instant,
     pub(crate) completion_tokens: usize,
 }
 
@@ -144,6 +146,7 @@ pub(crate) fn submit(
         lease,
         rec,
         deadline,
+        now: Instant::now(),
         first_token: true,
         completion_tokens: 0,
     })
@@ -162,10 +165,12 @@ impl Job {
             },
             None => self.events.next().await,
         };
+        self.now = Instant::now();
         self.account(ev)
     }
 
-    /// The next event if one is ready without waiting (`Some(next)`), else `None`.
+    /// The next event if one is ready without waiting (`Some(next)`), else `None`. Its latency
+    /// metrics take the time of the last awaited event: both were ready together.
     pub(crate) fn try_next(&mut self) -> Option<Option<Result<(usize, RequestOutput), ApiError>>> {
         let ev = self.events.try_next()?;
         Some(self.account(ev))
@@ -186,7 +191,7 @@ impl Job {
             Ok(out) => out,
             Err(e) => return Some(Err(e.into())),
         };
-        let now = Instant::now();
+        let now = self.now;
         let metrics = &self.rec.state.metrics;
         if self.first_token {
             self.first_token = false;
@@ -418,7 +423,6 @@ impl EventTemplate {
 
     /// Appends the event to `buf`.
     pub(crate) fn render(&self, index: usize, text: &str, buf: &mut BytesMut) {
-        use std::fmt::Write;
         let len = self.head.len()
             + super::body::digits(index)
             + self.mid.len()
@@ -427,7 +431,7 @@ impl EventTemplate {
         buf.reserve(len);
         let start = buf.len();
         buf.put_slice(&self.head);
-        let _ = write!(buf, "{index}");
+        super::body::push_decimal(buf, index);
         buf.put_slice(self.mid);
         super::body::push_json_str(buf, text);
         buf.put_slice(self.tail);

@@ -26,15 +26,25 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             "The request body is empty; a JSON object is expected.",
         ));
     }
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}.")))?;
-    if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "The request body must be a JSON object.",
-        ));
+    // A struct would also deserialize from a JSON array; only an object is a request.
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('{') {
+        return Err(
+            match serde_json::from_str::<serde::de::IgnoredAny>(trimmed) {
+                Err(e) => {
+                    ApiError::bad_request(format!("The request body is not valid JSON: {e}."))
+                }
+                Ok(_) => ApiError::bad_request("The request body must be a JSON object."),
+            },
+        );
     }
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::bad_request(format!("Invalid request: {e}.")))
+    // One pass straight into the request type; syntax errors and type errors told apart.
+    serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::bad_request(format!("Invalid request: {e}."))
+        }
+        _ => ApiError::bad_request(format!("The request body is not valid JSON: {e}.")),
+    })
 }
 
 /// `stream_options`.
