@@ -65,9 +65,11 @@ struct Cli {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 8)]
     prompt_len: usize,
-    /// Worker threads of the server's runtime.
-    #[arg(long, default_value_t = 2)]
-    server_workers: usize,
+    /// Worker threads (and SO_REUSEPORT acceptors) of the server's runtime; default: one per
+    /// core the server may use (the cores left beside `--engine-core`, else all), as
+    /// `examples/serve --http-cores` does.
+    #[arg(long)]
+    server_workers: Option<usize>,
     /// Worker threads of the client's runtime.
     #[arg(long, default_value_t = 1)]
     client_workers: usize,
@@ -486,7 +488,7 @@ fn run_server(
             listen: vec![BindAddr::Tcp(([127, 0, 0, 1], 0).into())],
             ..Default::default()
         };
-        cfg.socket.acceptors = 2;
+        cfg.socket.acceptors = server_rt.metrics().num_workers();
         cfg.stream_interval = stream_interval;
         cfg.http.max_connections = 2 * c + 16;
         cfg.limits.max_concurrent_requests = 2 * c + 16;
@@ -583,8 +585,12 @@ fn main() {
             autoglm_core::threading::pin_current_thread_to(&rest).expect("pin runtime thread");
         }
     };
+    let server_workers = cli
+        .server_workers
+        .unwrap_or(if engine_core.is_some() { others.len() } else { cores.len() })
+        .max(1);
     let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.server_workers)
+        .worker_threads(server_workers)
         .on_thread_start(pin_others.clone())
         .thread_name("bench-server")
         .enable_all()
@@ -600,7 +606,7 @@ fn main() {
     println!("machine: {}", machine());
     println!(
         "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; stream interval {} (engine-alone consumers: {}); engine core {}; median-ratio pair of {} alternating engine/server runs",
-        cli.prompt_len, cli.server_workers, cli.client_workers, cli.stream_interval,
+        cli.prompt_len, server_workers, cli.client_workers, cli.stream_interval,
         cli.engine_stream_interval.unwrap_or(cli.stream_interval),
         engine_core.map_or("unpinned".to_string(), |c| format!("{c} (everything else on {others:?})")),
         cli.repeats
