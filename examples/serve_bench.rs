@@ -587,7 +587,11 @@ fn main() {
     };
     let server_workers = cli
         .server_workers
-        .unwrap_or(if engine_core.is_some() { others.len() } else { cores.len() })
+        .unwrap_or(if engine_core.is_some() {
+            others.len()
+        } else {
+            cores.len()
+        })
         .max(1);
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(server_workers)
@@ -612,9 +616,9 @@ fn main() {
         cli.repeats
     );
     println!();
-    println!("| streams | tokens/stream | engine tok/s | server tok/s | server/engine | middle 80%: engine tok/s | server tok/s | server/engine | engine TTFT p50 ms | TTFT p50 ms | TTFT p99 ms | TTFT max ms | ITL p50 ms | ITL p99 ms | TPOT mean ms | CPU µs/token: engine alone (engine + consumer) | via server (engine + server + client) |");
+    println!("| streams | tokens/stream | engine tok/s | server tok/s | server/engine | all pairs | middle 80%: engine tok/s | server tok/s | server/engine | engine TTFT p50 ms | TTFT p50 ms | TTFT p99 ms | TTFT max ms | ITL p50 ms | ITL p99 ms | TPOT mean ms | CPU µs/token: engine alone (engine + consumer) | via server (engine + server + client) |");
     println!(
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     );
     let engine_interval = cli.engine_stream_interval.unwrap_or(cli.stream_interval);
     for &c in &cli.concurrency.0 {
@@ -680,6 +684,8 @@ fn main() {
             let r = |p: &(Run, Run)| p.1.tok_per_s() / p.0.tok_per_s();
             r(a).total_cmp(&r(b))
         });
+        let ratio = |p: &(Run, Run)| p.1.tok_per_s() / p.0.tok_per_s();
+        let (lo, hi) = (ratio(&pairs[0]), ratio(&pairs[pairs.len() - 1]));
         let (engine, mut server) = pairs.swap_remove(pairs.len() / 2);
         if want("server") {
             assert_eq!(server.tokens, c * tokens, "every token delivered");
@@ -689,7 +695,7 @@ fn main() {
         }
         let tpot_mean = server.tpot.iter().sum::<f64>() / server.tpot.len().max(1) as f64;
         println!(
-            "| {c} | {tokens} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
+            "| {c} | {tokens} | {:.0} | {:.0} | {:.3} | {lo:.2}-{hi:.2} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
             engine.tok_per_s(),
             server.tok_per_s(),
             server.tok_per_s() / engine.tok_per_s(),
