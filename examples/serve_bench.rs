@@ -717,3 +717,48 @@ fn main() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunked body of SSE events, decoded from every split of it into two reads.
+    #[test]
+    fn chunked_sse_bodies_decode_at_any_split() {
+        let events = [
+            "data: {\"text\":\"a\"}\n\n",
+            "data: {\"text\":\"\\n\\n\"}\n\ndata: {\"text\":\"b\"}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        let mut wire = Vec::new();
+        for e in events {
+            wire.extend_from_slice(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes());
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        let want: String = events.concat();
+        for cut in 0..=wire.len() {
+            let t0 = Instant::now();
+            let mut clock = EventClock::new(t0, t0);
+            let mut body = Vec::new();
+            let mut dec = Chunked::Size(0);
+            for part in [&wire[..cut], &wire[cut..]] {
+                dec.feed(part, |d| {
+                    body.extend_from_slice(d);
+                    clock.feed(d, Instant::now());
+                });
+            }
+            assert_eq!(dec, Chunked::Done, "cut at {cut}");
+            assert_eq!(String::from_utf8(body).unwrap(), want, "cut at {cut}");
+            // Four events, the last `[DONE]`: three tokens.
+            let (tokens, _, itl, _, arrivals) = clock.finish();
+            assert_eq!(tokens, 3, "cut at {cut}");
+            assert_eq!((itl.len(), arrivals.len()), (2, 3));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "hex chunk size")]
+    fn a_bad_chunk_size_is_refused() {
+        Chunked::Size(0).feed(b"zz\r\n", |_| {});
+    }
+}
