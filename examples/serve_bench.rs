@@ -91,6 +91,13 @@ struct Cli {
     /// opening one HTTP/1.1 connection per stream.
     #[arg(long, default_value_t = 0)]
     http2_connections: usize,
+    /// Requests each stream runs one after another (the next starts when the previous one's
+    /// last token arrives; through the server on the same keep-alive HTTP/1.1 connection), so C
+    /// streams stay busy while requests start and finish, as `vllm bench serve
+    /// --max-concurrency C --num-prompts C*R` runs. 1: every stream is one request on a new
+    /// connection, all sent at once.
+    #[arg(long, default_value_t = 1)]
+    requests_per_stream: usize,
     /// Measure only `engine` or only `server` (for profiling); default both.
     #[arg(long)]
     only: Option<String>,
@@ -192,9 +199,11 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// The engine alone: every request submitted at once, each stream drained by its own task, woken
 /// at the same stream interval as the server's streams (so the comparison isolates the server).
+#[allow(clippy::too_many_arguments)]
 fn run_engine(
     rt: &tokio::runtime::Runtime,
     c: usize,
+    requests: usize,
     tokens: usize,
     prompt_len: usize,
     stream_interval: usize,
@@ -211,37 +220,65 @@ fn run_engine(
     let cpu0 = cpu_ns();
     let mut run = rt.block_on(async {
         let t0 = Instant::now();
-        let mut tasks = Vec::with_capacity(c);
-        for i in 0..c {
-            let params = SamplingParams {
-                max_tokens: tokens,
-                ignore_eos: true,
-                ..SamplingParams::greedy()
-            };
+        let params = SamplingParams {
+            max_tokens: tokens,
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        let submit = |k: usize| {
             let mut s = engine
-                .submit(prompt(i, prompt_len), params)
+                .submit(prompt(k, prompt_len), params.clone())
                 .expect("submit");
             s.set_stream_interval(stream_interval);
+            s
+        };
+        let mut tasks = Vec::with_capacity(c);
+        for i in 0..c {
+            // Every stream's first request is submitted at once, the rest as the previous ends.
+            let first = submit(i * requests);
+            let mut sent = t0.elapsed();
+            let (engine, params) = (engine.clone(), params.clone());
             tasks.push(tokio::spawn(async move {
-                let mut n = 0;
-                let mut first = None;
-                let mut arrivals = Vec::with_capacity(tokens);
-                while let Some(ev) = s.recv_async().await {
-                    let k = ev.expect("event").token_ids.len();
-                    n += k;
-                    let now = t0.elapsed();
-                    first.get_or_insert(now);
-                    arrivals.extend(std::iter::repeat_n(now.as_secs_f32(), k));
+                let mut out = Vec::with_capacity(requests);
+                let mut next = Some(first);
+                for r in 0..requests {
+                    let mut s = next.take().expect("a request");
+                    let mut n = 0;
+                    let mut first_at = None;
+                    let mut arrivals = Vec::with_capacity(tokens);
+                    while let Some(ev) = s.recv_async().await {
+                        let k = ev.expect("event").token_ids.len();
+                        n += k;
+                        let now = t0.elapsed();
+                        first_at.get_or_insert(now);
+                        arrivals.extend(std::iter::repeat_n(now.as_secs_f32(), k));
+                    }
+                    out.push((
+                        n,
+                        first_at.unwrap_or_default().saturating_sub(sent),
+                        arrivals,
+                    ));
+                    if r + 1 < requests {
+                        let mut s = engine
+                            .submit(prompt(i * requests + r + 1, prompt_len), params.clone())
+                            .expect("submit");
+                        s.set_stream_interval(stream_interval);
+                        sent = t0.elapsed();
+                        next = Some(s);
+                    }
                 }
-                (n, first.unwrap_or_default(), arrivals)
+                out
             }));
         }
         let mut run = Run::default();
         for t in tasks {
-            let (n, ttft, arrivals) = t.await.expect("task");
-            run.tokens += n;
-            run.ttft.push(ttft.as_secs_f64());
-            run.arrivals.push(arrivals);
+            let mut stream_arrivals = Vec::new();
+            for (n, ttft, arrivals) in t.await.expect("task") {
+                run.tokens += n;
+                run.ttft.push(ttft.as_secs_f64());
+                stream_arrivals.extend(arrivals);
+            }
+            run.arrivals.push(stream_arrivals);
         }
         run.wall = t0.elapsed();
         run
@@ -315,17 +352,29 @@ impl EventClock {
     }
 }
 
-/// One streaming request; returns (tokens, TTFT, ITLs, latency, token arrival times in seconds
-/// from `t0`).
-async fn stream_one(
+/// A request's client-side figures: (tokens, TTFT, ITLs, latency, token arrival times in seconds
+/// from the run's start).
+type Timing = (usize, f64, Vec<f64>, f64, Vec<f32>);
+
+/// One stream: its requests one after another, each streamed; their timings.
+async fn stream_requests(
     addr: SocketAddr,
     h2: Option<H2Sender>,
-    body: String,
+    bodies: Vec<String>,
     t0: Instant,
-) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
-    let Some(mut tx) = h2 else {
-        return h1_stream(addr, &body, t0).await;
+) -> Vec<Timing> {
+    let Some(tx) = h2 else {
+        return h1_stream(addr, &bodies, t0).await;
     };
+    let mut out = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        out.push(h2_request(tx.clone(), addr, body, t0).await);
+    }
+    out
+}
+
+/// One streaming request over a shared HTTP/2 connection.
+async fn h2_request(mut tx: H2Sender, addr: SocketAddr, body: String, t0: Instant) -> Timing {
     let req = hyper::Request::post(format!("http://{addr}/v1/completions"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
@@ -343,58 +392,57 @@ async fn stream_one(
     clock.finish()
 }
 
-/// One streaming request on its own HTTP/1.1 connection, written and read directly on the
-/// socket (as a load generator like wrk does) so the client's share of the one core it shares
-/// with the server stays small: the request in one write, the response read into one reused
-/// buffer, its chunked framing decoded in place.
-async fn h1_stream(
-    addr: SocketAddr,
-    body: &str,
-    t0: Instant,
-) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
+/// A stream's requests, one after another on one new HTTP/1.1 connection (kept alive between
+/// them), written and read directly on the socket (as a load generator like wrk does) so the
+/// client's share of the one core it shares with the server stays small: each request in one
+/// write, the responses read into one reused buffer, their chunked framing decoded in place.
+async fn h1_stream(addr: SocketAddr, bodies: &[String], t0: Instant) -> Vec<Timing> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut io = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    io.set_nodelay(true).ok();
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let sent = Instant::now();
-    io.write_all(req.as_bytes()).await.expect("send request");
-    let mut clock = EventClock::new(t0, sent);
     let mut buf = vec![0u8; 16 << 10];
-    let mut filled = 0;
-    // The head: status 200 and a chunked body.
-    let body_start = loop {
-        let n = io.read(&mut buf[filled..]).await.expect("read response");
-        assert!(n > 0, "connection closed before the response head");
-        filled += n;
-        if let Some(end) = memchr::memmem::find(&buf[..filled], b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end]).expect("response head");
-            assert!(head.starts_with("HTTP/1.1 200"), "response: {head}");
-            assert!(
-                head.to_ascii_lowercase()
-                    .contains("transfer-encoding: chunked"),
-                "not chunked: {head}"
-            );
-            break end + 4;
+    let mut out = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let sent = Instant::now();
+        io.write_all(req.as_bytes()).await.expect("send request");
+        let mut clock = EventClock::new(t0, sent);
+        let mut filled = 0;
+        // The head: status 200 and a chunked body.
+        let body_start = loop {
+            let n = io.read(&mut buf[filled..]).await.expect("read response");
+            assert!(n > 0, "connection closed before the response head");
+            filled += n;
+            if let Some(end) = memchr::memmem::find(&buf[..filled], b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buf[..end]).expect("response head");
+                assert!(head.starts_with("HTTP/1.1 200"), "response: {head}");
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains("transfer-encoding: chunked"),
+                    "not chunked: {head}"
+                );
+                break end + 4;
+            }
+            assert!(filled < buf.len(), "response head over {} bytes", buf.len());
+        };
+        let mut chunks = Chunked::Size(0);
+        let mut now = Instant::now();
+        let (mut from, mut to) = (body_start, filled);
+        loop {
+            chunks.feed(&buf[from..to], |d| clock.feed(d, now));
+            if chunks == Chunked::Done {
+                break;
+            }
+            let n = io.read(&mut buf).await.expect("read body");
+            assert!(n > 0, "connection closed mid-body");
+            now = Instant::now();
+            (from, to) = (0, n);
         }
-        assert!(filled < buf.len(), "response head over {} bytes", buf.len());
-    };
-    let mut chunks = Chunked::Size(0);
-    let mut now = Instant::now();
-    let mut data = &buf[body_start..filled];
-    loop {
-        chunks.feed(data, |d| clock.feed(d, now));
-        if chunks == Chunked::Done {
-            break;
-        }
-        let n = io.read(&mut buf).await.expect("read body");
-        assert!(n > 0, "connection closed mid-body");
-        now = Instant::now();
-        data = &buf[..n];
+        out.push(clock.finish());
     }
-    clock.finish()
+    out
 }
 
 /// Decoder state of a chunked HTTP/1.1 body (no extensions or trailers expected, as the server
@@ -474,6 +522,7 @@ fn run_server(
     server_rt: &tokio::runtime::Runtime,
     client_rt: &tokio::runtime::Runtime,
     c: usize,
+    requests: usize,
     tokens: usize,
     prompt_len: usize,
     stream_interval: usize,
@@ -509,10 +558,10 @@ fn run_server(
         h2
     });
     let sender = |i: usize| (!h2.is_empty()).then(|| h2[i % h2.len()].clone());
-    client_rt.block_on(stream_one(
+    client_rt.block_on(stream_requests(
         addr,
         sender(0),
-        warm.to_string(),
+        vec![warm.to_string()],
         Instant::now(),
     ));
     let cpu0 = cpu_ns();
@@ -520,23 +569,30 @@ fn run_server(
         let t0 = Instant::now();
         let mut tasks = Vec::with_capacity(c);
         for i in 0..c {
-            let body = serde_json::json!({
-                "model": "null", "prompt": prompt(i, prompt_len), "max_tokens": tokens,
-                "temperature": 0, "ignore_eos": true, "stream": true,
-            })
-            .to_string();
-            tasks.push(tokio::spawn(stream_one(addr, sender(i), body, t0)));
+            let bodies = (0..requests)
+                .map(|r| {
+                    serde_json::json!({
+                        "model": "null", "prompt": prompt(i * requests + r, prompt_len),
+                        "max_tokens": tokens, "temperature": 0, "ignore_eos": true, "stream": true,
+                    })
+                    .to_string()
+                })
+                .collect();
+            tasks.push(tokio::spawn(stream_requests(addr, sender(i), bodies, t0)));
         }
         let mut run = Run::default();
         for t in tasks {
-            let (n, ttft, itl, latency, arrivals) = t.await.expect("client task");
-            run.arrivals.push(arrivals);
-            run.tokens += n;
-            run.ttft.push(ttft);
-            if n > 1 {
-                run.tpot.push((latency - ttft) / (n - 1) as f64);
+            let mut stream_arrivals = Vec::new();
+            for (n, ttft, itl, latency, arrivals) in t.await.expect("client task") {
+                stream_arrivals.extend(arrivals);
+                run.tokens += n;
+                run.ttft.push(ttft);
+                if n > 1 {
+                    run.tpot.push((latency - ttft) / (n - 1) as f64);
+                }
+                run.itl.extend(itl);
             }
-            run.itl.extend(itl);
+            run.arrivals.push(stream_arrivals);
         }
         run.wall = t0.elapsed();
         run
@@ -609,10 +665,11 @@ fn main() {
         .expect("client runtime");
     println!("machine: {}", machine());
     println!(
-        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; stream interval {} (engine-alone consumers: {}); engine core {}; median-ratio pair of {} alternating engine/server runs",
+        "null backend, bundled model shape (vocab 600) and tokenizer; prompt {} tokens; server workers {}, client workers {}; stream interval {} (engine-alone consumers: {}); engine core {}; {} request(s) per stream; median-ratio pair of {} alternating engine/server runs",
         cli.prompt_len, server_workers, cli.client_workers, cli.stream_interval,
         cli.engine_stream_interval.unwrap_or(cli.stream_interval),
         engine_core.map_or("unpinned".to_string(), |c| format!("{c} (everything else on {others:?})")),
+        cli.requests_per_stream.max(1),
         cli.repeats
     );
     println!();
@@ -623,6 +680,12 @@ fn main() {
     let engine_interval = cli.engine_stream_interval.unwrap_or(cli.stream_interval);
     for &c in &cli.concurrency.0 {
         let tokens = (cli.total_tokens / c.max(1)).clamp(64, 4000);
+        let requests = cli.requests_per_stream.max(1);
+        let per_stream = if requests == 1 {
+            tokens.to_string()
+        } else {
+            format!("{requests} x {tokens}")
+        };
         // Warm-up (page faults, thread pools, connection paths).
         let want = |what: &str| cli.only.as_deref().is_none_or(|o| o == what);
         // Engine and server runs alternate, so load from elsewhere on the machine hits both
@@ -631,6 +694,7 @@ fn main() {
             run_engine(
                 &server_rt,
                 c,
+                1,
                 64,
                 cli.prompt_len,
                 engine_interval,
@@ -642,6 +706,7 @@ fn main() {
                 &server_rt,
                 &client_rt,
                 c,
+                1,
                 64,
                 cli.prompt_len,
                 cli.stream_interval,
@@ -655,6 +720,7 @@ fn main() {
                     run_engine(
                         &server_rt,
                         c,
+                        requests,
                         tokens,
                         cli.prompt_len,
                         engine_interval,
@@ -668,6 +734,7 @@ fn main() {
                         &server_rt,
                         &client_rt,
                         c,
+                        requests,
                         tokens,
                         cli.prompt_len,
                         cli.stream_interval,
@@ -688,14 +755,18 @@ fn main() {
         let (lo, hi) = (ratio(&pairs[0]), ratio(&pairs[pairs.len() - 1]));
         let (engine, mut server) = pairs.swap_remove(pairs.len() / 2);
         if want("server") {
-            assert_eq!(server.tokens, c * tokens, "every token delivered");
+            assert_eq!(
+                server.tokens,
+                c * requests * tokens,
+                "every token delivered"
+            );
         }
         if want("engine") {
-            assert_eq!(engine.tokens, c * tokens);
+            assert_eq!(engine.tokens, c * requests * tokens);
         }
         let tpot_mean = server.tpot.iter().sum::<f64>() / server.tpot.len().max(1) as f64;
         println!(
-            "| {c} | {tokens} | {:.0} | {:.0} | {:.3} | {lo:.2}-{hi:.2} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
+            "| {c} | {per_stream} | {:.0} | {:.0} | {:.3} | {lo:.2}-{hi:.2} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.2} + {:.2} | {:.2} + {:.2} + {:.2} |",
             engine.tok_per_s(),
             server.tok_per_s(),
             server.tok_per_s() / engine.tok_per_s(),
