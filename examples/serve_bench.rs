@@ -225,7 +225,7 @@ fn run_engine(
             ignore_eos: true,
             ..SamplingParams::greedy()
         };
-        let submit = |k: usize| {
+        let submit = move |engine: &Engine, params: &SamplingParams, k: usize| {
             let mut s = engine
                 .submit(prompt(k, prompt_len), params.clone())
                 .expect("submit");
@@ -235,7 +235,7 @@ fn run_engine(
         let mut tasks = Vec::with_capacity(c);
         for i in 0..c {
             // Every stream's first request is submitted at once, the rest as the previous ends.
-            let first = submit(i * requests);
+            let first = submit(&engine, &params, i * requests);
             let mut sent = t0.elapsed();
             let (engine, params) = (engine.clone(), params.clone());
             tasks.push(tokio::spawn(async move {
@@ -259,12 +259,8 @@ fn run_engine(
                         arrivals,
                     ));
                     if r + 1 < requests {
-                        let mut s = engine
-                            .submit(prompt(i * requests + r + 1, prompt_len), params.clone())
-                            .expect("submit");
-                        s.set_stream_interval(stream_interval);
+                        next = Some(submit(&engine, &params, i * requests + r + 1));
                         sent = t0.elapsed();
-                        next = Some(s);
                     }
                 }
                 out
@@ -341,8 +337,8 @@ impl EventClock {
         }
     }
 
-    /// (tokens, TTFT, ITLs, latency, token arrival times in seconds from `t0`).
-    fn finish(mut self) -> (usize, f64, Vec<f64>, f64, Vec<f32>) {
+    /// The request's figures, once its last event arrived.
+    fn finish(mut self) -> Timing {
         // The last event is `[DONE]`, which carries no token.
         let tokens = self.events.saturating_sub(1);
         self.itl.pop();
@@ -641,14 +637,7 @@ fn main() {
             autoglm_core::threading::pin_current_thread_to(&rest).expect("pin runtime thread");
         }
     };
-    let server_workers = cli
-        .server_workers
-        .unwrap_or(if engine_core.is_some() {
-            others.len()
-        } else {
-            cores.len()
-        })
-        .max(1);
+    let server_workers = cli.server_workers.unwrap_or(others.len()).max(1);
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(server_workers)
         .on_thread_start(pin_others.clone())
@@ -747,11 +736,8 @@ fn main() {
                 (e, s)
             })
             .collect();
-        pairs.sort_by(|a, b| {
-            let r = |p: &(Run, Run)| p.1.tok_per_s() / p.0.tok_per_s();
-            r(a).total_cmp(&r(b))
-        });
         let ratio = |p: &(Run, Run)| p.1.tok_per_s() / p.0.tok_per_s();
+        pairs.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
         let (lo, hi) = (ratio(&pairs[0]), ratio(&pairs[pairs.len() - 1]));
         let (engine, mut server) = pairs.swap_remove(pairs.len() / 2);
         if want("server") {

@@ -26,14 +26,15 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             "The request body is empty; a JSON object is expected.",
         ));
     }
+    let not_json = |e: serde_json::Error| {
+        ApiError::bad_request(format!("The request body is not valid JSON: {e}."))
+    };
     // A struct would also deserialize from a JSON array; only an object is a request.
     let trimmed = text.trim_start();
     if !trimmed.starts_with('{') {
         return Err(
             match serde_json::from_str::<serde::de::IgnoredAny>(trimmed) {
-                Err(e) => {
-                    ApiError::bad_request(format!("The request body is not valid JSON: {e}."))
-                }
+                Err(e) => not_json(e),
                 Ok(_) => ApiError::bad_request("The request body must be a JSON object."),
             },
         );
@@ -43,7 +44,7 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         serde_json::error::Category::Data => {
             ApiError::bad_request(format!("Invalid request: {e}."))
         }
-        _ => ApiError::bad_request(format!("The request body is not valid JSON: {e}.")),
+        _ => not_json(e),
     })
 }
 
