@@ -5,6 +5,11 @@
 //! events are waiting rather than for every event (the first event, a choice's last event and
 //! errors wake it at once), so a consumer that writes events out in groups, like the server, also
 //! pays for one wake-up per group. Whatever is queued is always handed out when the receiver asks.
+//!
+//! The receiver takes the whole queue at once: it swaps its own (empty) queue for the shared one
+//! under the lock and then hands events out without locking, so a consumer that drains a group
+//! locks once per group rather than once per event, and the engine's pushes reuse the swapped-in
+//! queue's memory.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -58,7 +63,11 @@ impl Shared {
 pub(crate) struct EventSender(Arc<Shared>);
 
 /// The stream's end; dropping it makes every later send fail.
-pub(crate) struct EventReceiver(Arc<Shared>);
+pub(crate) struct EventReceiver {
+    shared: Arc<Shared>,
+    /// Events already taken from the shared queue, in order, ahead of it.
+    local: VecDeque<Event>,
+}
 
 /// The receiver is gone.
 #[derive(Debug)]
@@ -77,7 +86,11 @@ pub(crate) fn channel() -> (EventSender, EventReceiver) {
         }),
         cond: Condvar::new(),
     });
-    (EventSender(shared.clone()), EventReceiver(shared))
+    let rx = EventReceiver {
+        shared: shared.clone(),
+        local: VecDeque::new(),
+    };
+    (EventSender(shared), rx)
 }
 
 impl EventSender {
@@ -110,18 +123,24 @@ impl Drop for EventSender {
 
 impl EventReceiver {
     /// `Some(next)`: the next event, or `Some(None)` when the sender is gone and nothing is
-    /// left; `None`: nothing yet.
-    fn take(s: &mut State) -> Option<Option<Event>> {
-        match s.queue.pop_front() {
+    /// left; `None`: nothing yet. Takes the whole shared queue when the local one is empty.
+    fn take(local: &mut VecDeque<Event>, s: &mut State) -> Option<Option<Event>> {
+        if local.is_empty() {
+            std::mem::swap(local, &mut s.queue);
+        }
+        match local.pop_front() {
             Some(ev) => Some(Some(ev)),
             None if s.sender_gone => Some(None),
             None => None,
         }
     }
 
-    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        let mut s = self.0.lock();
-        if let Some(ev) = Self::take(&mut s) {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if let Some(ev) = self.local.pop_front() {
+            return Poll::Ready(Some(ev));
+        }
+        let mut s = self.shared.lock();
+        if let Some(ev) = Self::take(&mut self.local, &mut s) {
             return Poll::Ready(ev);
         }
         match &mut s.waker {
@@ -133,36 +152,42 @@ impl EventReceiver {
 
     /// Like [`poll_recv`](Self::poll_recv) without registering a waker: `Some(next)` (as
     /// `take`), `None` when nothing is queued yet.
-    pub(crate) fn try_recv(&self) -> Option<Option<Event>> {
-        Self::take(&mut self.0.lock())
+    pub(crate) fn try_recv(&mut self) -> Option<Option<Event>> {
+        if let Some(ev) = self.local.pop_front() {
+            return Some(Some(ev));
+        }
+        Self::take(&mut self.local, &mut self.shared.lock())
     }
 
     /// Events queued now.
     pub(crate) fn queued(&self) -> usize {
-        self.0.lock().queue.len()
+        self.local.len() + self.shared.lock().queue.len()
     }
 
-    pub(crate) fn recv(&self) -> Option<Event> {
-        let mut s = self.0.lock();
+    pub(crate) fn recv(&mut self) -> Option<Event> {
+        if let Some(ev) = self.local.pop_front() {
+            return Some(ev);
+        }
+        let mut s = self.shared.lock();
         loop {
-            if let Some(ev) = Self::take(&mut s) {
+            if let Some(ev) = Self::take(&mut self.local, &mut s) {
                 return ev;
             }
             s.blocked = true;
-            s = self.0.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = self.shared.cond.wait(s).unwrap_or_else(|e| e.into_inner());
             s.blocked = false;
         }
     }
 
     pub(crate) fn set_interval(&self, k: usize) {
-        self.0.lock().interval = k.max(1);
+        self.shared.lock().interval = k.max(1);
     }
 }
 
 impl Drop for EventReceiver {
     fn drop(&mut self) {
         let queued = {
-            let mut s = self.0.lock();
+            let mut s = self.shared.lock();
             s.receiver_gone = true;
             std::mem::take(&mut s.queue)
         };
@@ -199,7 +224,7 @@ mod tests {
 
     #[test]
     fn wakes_once_per_interval_and_delivers_in_order() {
-        let (tx, rx) = channel();
+        let (tx, mut rx) = channel();
         rx.set_interval(3);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
@@ -208,7 +233,7 @@ mod tests {
         assert!(rx.poll_recv(&mut cx).is_pending());
         tx.send(out(0, false)).unwrap();
         assert_eq!(wakes(), 1, "the first event wakes at once");
-        assert_eq!(id(poll_ready(&rx, &mut cx)), 0);
+        assert_eq!(id(poll_ready(&mut rx, &mut cx)), 0);
         assert!(rx.poll_recv(&mut cx).is_pending());
         tx.send(out(1, false)).unwrap();
         tx.send(out(2, false)).unwrap();
@@ -216,23 +241,23 @@ mod tests {
         tx.send(out(3, false)).unwrap();
         assert_eq!(wakes(), 2, "the third one wakes");
         for want in 1..=3 {
-            assert_eq!(id(poll_ready(&rx, &mut cx)), want);
+            assert_eq!(id(poll_ready(&mut rx, &mut cx)), want);
         }
         assert!(rx.poll_recv(&mut cx).is_pending());
         tx.send(out(4, true)).unwrap();
         assert_eq!(wakes(), 3, "a choice's last event wakes at once");
-        assert_eq!(id(poll_ready(&rx, &mut cx)), 4);
+        assert_eq!(id(poll_ready(&mut rx, &mut cx)), 4);
         assert!(rx.poll_recv(&mut cx).is_pending());
         tx.send(Err(Error::EngineShutdown)).unwrap();
         assert_eq!(wakes(), 4, "an error wakes at once");
-        assert!(matches!(poll_ready(&rx, &mut cx), Some(Err(_))));
+        assert!(matches!(poll_ready(&mut rx, &mut cx), Some(Err(_))));
         assert!(rx.poll_recv(&mut cx).is_pending());
         drop(tx);
         assert_eq!(wakes(), 5, "the end wakes");
-        assert!(poll_ready(&rx, &mut cx).is_none());
+        assert!(poll_ready(&mut rx, &mut cx).is_none());
     }
 
-    fn poll_ready(rx: &EventReceiver, cx: &mut Context<'_>) -> Option<Event> {
+    fn poll_ready(rx: &mut EventReceiver, cx: &mut Context<'_>) -> Option<Event> {
         match rx.poll_recv(cx) {
             Poll::Ready(ev) => ev,
             Poll::Pending => panic!("an event was queued"),
@@ -241,7 +266,7 @@ mod tests {
 
     #[test]
     fn blocking_receiver_across_threads() {
-        let (tx, rx) = channel();
+        let (tx, mut rx) = channel();
         rx.set_interval(4);
         let producer = std::thread::spawn(move || {
             for i in 0..1000 {
@@ -257,7 +282,7 @@ mod tests {
 
     #[test]
     fn try_recv_takes_what_is_queued_without_a_waker() {
-        let (tx, rx) = channel();
+        let (tx, mut rx) = channel();
         assert!(rx.try_recv().is_none(), "nothing queued yet");
         assert_eq!(rx.queued(), 0);
         for i in 0..3 {
@@ -274,6 +299,26 @@ mod tests {
             "queued events outlive the sender"
         );
         assert!(matches!(rx.try_recv(), Some(None)), "then the end");
+    }
+
+    #[test]
+    fn events_sent_while_some_are_taken_keep_their_order() {
+        let (tx, mut rx) = channel();
+        for i in 0..3 {
+            tx.send(out(i, false)).unwrap();
+        }
+        assert_eq!(id(rx.try_recv().expect("queued")), 0);
+        // 1 and 2 were taken together with 0; 3 and 4 queue behind them.
+        tx.send(out(3, false)).unwrap();
+        tx.send(out(4, true)).unwrap();
+        assert_eq!(rx.queued(), 4);
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv().flatten())
+            .map(|e| id(Some(e)))
+            .collect();
+        assert_eq!(got, [1, 2, 3, 4]);
+        assert!(rx.try_recv().is_none(), "the sender is still there");
+        drop(tx);
+        assert!(matches!(rx.try_recv(), Some(None)));
     }
 
     #[test]

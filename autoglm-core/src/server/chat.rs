@@ -89,14 +89,10 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         logprobs: want_logprobs,
         tok,
         return_ids,
-        prelude_next: 0,
     };
     if req.common.stream() {
-        return Ok(sse_response(sse_stream(
-            job,
-            fmt,
-            req.common.include_usage(),
-        )));
+        let events = sse_stream(job, fmt, req.common.include_usage()).await;
+        return Ok(sse_response(events));
     }
     let n = job.num_choices();
     let mut text = vec![String::new(); n];
@@ -159,8 +155,6 @@ struct ChatFormat {
     logprobs: bool,
     tok: Tokenizer,
     return_ids: bool,
-    /// Next choice whose role delta is due.
-    prelude_next: usize,
 }
 
 #[derive(Serialize)]
@@ -195,22 +189,22 @@ impl ChatFormat {
 }
 
 impl StreamFormat for ChatFormat {
-    fn prelude(&mut self, num_choices: usize) -> Option<Bytes> {
-        if self.prelude_next >= num_choices {
-            return None;
+    fn prelude(&mut self, num_choices: usize, buf: &mut BytesMut) {
+        for index in 0..num_choices {
+            push_sse_event(
+                buf,
+                &self.envelope(&StreamChoice {
+                    index,
+                    delta: Delta {
+                        role: Some("assistant"),
+                        content: Some(""),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                    token_ids: None,
+                }),
+            );
         }
-        let index = self.prelude_next;
-        self.prelude_next += 1;
-        Some(sse_event(&self.envelope(&StreamChoice {
-            index,
-            delta: Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            },
-            logprobs: None,
-            finish_reason: None,
-            token_ids: None,
-        })))
     }
 
     fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {

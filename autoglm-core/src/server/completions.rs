@@ -80,11 +80,8 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         return_ids,
     };
     if req.common.stream() {
-        return Ok(sse_response(sse_stream(
-            job,
-            fmt,
-            req.common.include_usage(),
-        )));
+        let events = sse_stream(job, fmt, req.common.include_usage()).await;
+        return Ok(sse_response(events));
     }
     let mut choices: Vec<ChoiceAcc> = (0..job.num_choices())
         .map(|_| ChoiceAcc::default())
@@ -177,9 +174,7 @@ struct StreamChoice<'a> {
 }
 
 impl StreamFormat for CompletionFormat {
-    fn prelude(&mut self, _num_choices: usize) -> Option<Bytes> {
-        None
-    }
+    fn prelude(&mut self, _num_choices: usize, _buf: &mut BytesMut) {}
 
     fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {
         let finish_reason = out.finish_reason.map(|f| f.as_str());

@@ -154,7 +154,7 @@ pub(crate) fn submit(
 
 impl Job {
     /// The next event as (choice index, output); `None` at the end.
-    pub(crate) async fn next(&mut self) -> Option<Result<(usize, RequestOutput), ApiError>> {
+    pub(crate) async fn next(&mut self) -> NextEvent {
         let ev = match &mut self.deadline {
             Some(d) => tokio::select! {
                 biased;
@@ -225,8 +225,8 @@ impl Job {
 
 /// What differs between chat and completion streams: the JSON of each event.
 pub(crate) trait StreamFormat: Send + 'static {
-    /// Events sent before the first token (chat: each choice's assistant role); `None` when done.
-    fn prelude(&mut self, num_choices: usize) -> Option<Bytes>;
+    /// Appends the events sent before the first token (chat: each choice's assistant role).
+    fn prelude(&mut self, num_choices: usize, buf: &mut BytesMut);
     /// Appends the event for one output to `buf`; nothing when there is nothing to send (no
     /// text, no logprobs, not the end).
     fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut);
@@ -237,20 +237,24 @@ pub(crate) trait StreamFormat: Send + 'static {
 }
 
 enum Phase {
-    Prelude,
     Events,
     Usage,
     Done,
     End,
 }
 
+/// An event as [`Job::next`] gives it.
+type NextEvent = Option<Result<(usize, RequestOutput), ApiError>>;
+
 struct SseState<F> {
     job: Job,
     format: F,
     include_usage: bool,
     phase: Phase,
-    /// Where token events are rendered; each chunk is split off it, and its memory is reused
-    /// once hyper has written and dropped the chunk.
+    /// The first event, awaited before the response was answered.
+    first: Option<NextEvent>,
+    /// Where events are rendered; each chunk is split off it, and its memory is reused once
+    /// hyper has written and dropped the chunk.
     buf: BytesMut,
     /// Most token events merged into one chunk.
     batch: usize,
@@ -261,36 +265,43 @@ const MERGE_READY: usize = 16;
 
 /// The SSE body of a job: prelude, one event per output, optional usage, `[DONE]`.
 ///
+/// Resolves once the job's first event is ready, so that the response head, the prelude and
+/// the first token go out in one socket write (what a client measures as its time to first
+/// token is unchanged; the head waits for it).
+///
 /// Every token is its own SSE event, rendered once into the stream's buffer. The events that are
 /// ready when the stream is polled (up to the stream interval, or 16) go out together as one
 /// chunk, so a stream that fell behind catches up with one socket write. With a stream interval
 /// `k > 1` the engine wakes the stream once `k` events are queued (the first token and a choice's
 /// last one at once): one wake-up and one socket write per `k` tokens.
-pub(crate) fn sse_stream<F: StreamFormat>(
-    job: Job,
-    format: F,
+pub(crate) async fn sse_stream<F: StreamFormat>(
+    mut job: Job,
+    mut format: F,
     include_usage: bool,
 ) -> impl futures_util::Stream<Item = Bytes> + Send {
+    let first = job.next().await;
     let batch = job.rec.state.config.stream_interval.max(MERGE_READY);
+    let mut buf = BytesMut::new();
+    format.prelude(job.num_choices(), &mut buf);
     let state = SseState {
         job,
         format,
         include_usage,
-        phase: Phase::Prelude,
-        buf: BytesMut::new(),
+        phase: Phase::Events,
+        first: Some(first),
+        buf,
         batch,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         loop {
             match st.phase {
-                Phase::Prelude => match st.format.prelude(st.job.num_choices()) {
-                    Some(b) => return Some((b, st)),
-                    None => st.phase = Phase::Events,
-                },
                 Phase::Events => {
                     // Wait for one event, then take the ones already queued behind it, rendered
                     // into a buffer sized for all of them at once (no regrowth while rendering).
-                    let mut next = st.job.next().await;
+                    let mut next = match st.first.take() {
+                        Some(first) => first,
+                        None => st.job.next().await,
+                    };
                     let ready = 1 + st.job.queued().min(st.batch - 1);
                     st.buf.reserve(ready * st.format.event_size_hint());
                     let mut taken = 0;
