@@ -150,6 +150,11 @@ struct Cli {
     /// loop then never shares its core with socket work).
     #[arg(long)]
     http_cores: Option<List<usize>>,
+    /// Leave every thread to the OS scheduler. By default, serving one model on two cores or more
+    /// without --engine-core or --http-cores, the engine loop runs on the first core and the
+    /// HTTP threads on the others.
+    #[arg(long)]
+    no_pin: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -373,18 +378,29 @@ fn model_specs(cli: &Cli) -> Result<Vec<(String, PathBuf)>, Error> {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
-    let http_cores = cli.http_cores.clone().map(|l| l.0).unwrap_or_default();
+    let specs = model_specs(&cli)?;
+    let mut engine_config = cli.engine.config();
+    let mut http_cores = cli.http_cores.clone().map(|l| l.0).unwrap_or_default();
     autoglm_core::threading::check_cores(&http_cores)
         .map_err(|e| invalid("http_cores", e.to_string()))?;
+    let chosen = cli.engine.engine_core.is_some() || !http_cores.is_empty();
+    if !cli.no_pin && !chosen && specs.len() == 1 {
+        if let Some((engine, rest)) = autoglm_core::threading::serving_layout() {
+            eprintln!(
+                "cores: engine loop on core {engine}, HTTP threads on {rest:?} (--no-pin leaves them to the OS)"
+            );
+            engine_config.threading.engine_core = Some(engine);
+            http_cores = rest;
+        }
+    }
     let workers = cli
         .workers
         .or((!http_cores.is_empty()).then_some(http_cores.len()))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     let config = server_config(&cli, workers)?;
-    let engine_config = cli.engine.config();
     let models = Arc::new(ModelRegistry::new(engine_config.clone()));
-    for (name, dir) in model_specs(&cli)? {
+    for (name, dir) in specs {
         let t0 = std::time::Instant::now();
         let engine = Engine::from_dir(&dir, engine_config.clone())?;
         eprintln!(

@@ -15,8 +15,9 @@
 //! request's (latency - TTFT) / (tokens - 1); output throughput is all tokens over the wall time
 //! from the first request sent to the last token received; "middle 80%" throughput is the rate
 //! between the arrival of 10% and of 90% of all tokens (streams open, without connection set-up
-//! and tail). `--engine-core N` pins the engine loop to core N and every other thread (server,
-//! client, engine-alone consumers) to the remaining cores. Each configuration runs `--repeats`
+//! and tail). As `examples/serve` runs by default on two cores or more, the engine loop is on
+//! the first core and every other thread (server, client, engine-alone consumers) on the
+//! remaining ones (`--engine-core N` picks the core, `--unpinned` leaves all to the OS). Each configuration runs `--repeats`
 //! times, engine and server runs alternating, and the pair with the median server/engine ratio
 //! is reported.
 
@@ -84,9 +85,13 @@ struct Cli {
     #[arg(long)]
     engine_stream_interval: Option<usize>,
     /// Pin the engine loop to this core and every runtime thread (server, client, engine-alone
-    /// consumers) to the other cores, so the engine never shares its core with socket work.
+    /// consumers) to the other cores, so the engine never shares its core with socket work
+    /// (default: the first core, as `examples/serve` does, when there are two or more).
     #[arg(long)]
     engine_core: Option<usize>,
+    /// Pin nothing (`examples/serve --no-pin`).
+    #[arg(long, conflicts_with = "engine_core")]
+    unpinned: bool,
     /// Multiplex the streams over this many HTTP/2 (h2c, prior knowledge) connections instead of
     /// opening one HTTP/1.1 connection per stream.
     #[arg(long, default_value_t = 0)]
@@ -617,9 +622,13 @@ fn machine() -> String {
 fn main() {
     let cli = Cli::parse();
     let _ = autoglm_core::net::raise_nofile_limit();
-    // With --pin: the engine on the first allowed core, every runtime thread on the rest.
+    // The engine on its core, every runtime thread on the rest.
     let cores = autoglm_core::threading::allowed_cores();
-    let engine_core = cli.engine_core;
+    let engine_core = match (cli.unpinned, cli.engine_core) {
+        (true, _) => None,
+        (false, Some(c)) => Some(c),
+        (false, None) => autoglm_core::threading::serving_layout().map(|(e, _)| e),
+    };
     let others: Vec<usize> = cores
         .iter()
         .copied()

@@ -514,6 +514,32 @@ def test_console_script_pins_engine_and_http_threads_apart() -> None:
         served.kill()
 
 
+@pytest.mark.parametrize("no_pin", [False, True])
+def test_console_script_keeps_the_engine_loop_apart_by_default(no_pin: bool) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    mine = re.search(r"Cpus_allowed_list:\s*(\S+)", Path("/proc/self/status").read_text())
+    assert mine is not None
+    everywhere = {mine.group(1)}
+    served = Served("--model", str(TINY), "--port", "0", *(["--no-pin"] if no_pin else []))
+    try:
+        url = served.expect(r"serving glm4-tiny on (http://127\.0\.0\.1:\d+)").group(1)
+        r = client_for(url).completions.create(model=NAME, prompt="hi", max_tokens=4)
+        assert r.usage is not None and r.usage.completion_tokens == 4
+        threads = thread_cores(served.proc.pid)
+        # Compute workers may use every core either way.
+        assert threads["autoglm-compute"] == everywhere, threads
+        if no_pin or len(cores) < 2:
+            assert threads["autoglm-engine"] == everywhere, threads
+            assert threads["autoglm-http"] == everywhere, threads
+            assert "engine loop on core" not in served.stderr()
+        else:
+            assert threads["autoglm-engine"] == {str(cores[0])}, threads
+            assert str(cores[0]) not in threads["autoglm-http"], threads
+            assert f"engine loop on core {cores[0]}" in served.stderr()
+    finally:
+        served.kill()
+
+
 def test_console_script_second_signal_forces_the_stop() -> None:
     served = Served("--model", str(TINY), "--port", "0", "--shutdown-grace", "60")
     try:

@@ -81,6 +81,15 @@ pub fn pin_current_thread_to(cores: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// The default layout of a serving process on a machine with two cores or more: the engine loop
+/// on the first core this process may use, its socket threads on the others (so the loop never
+/// waits behind socket work). `None` with a single core.
+pub fn serving_layout() -> Option<(usize, Vec<usize>)> {
+    let cores = allowed_cores();
+    let (&engine, rest) = cores.split_first()?;
+    (!rest.is_empty()).then(|| (engine, rest.to_vec()))
+}
+
 /// Builds the compute pool described by `cfg`, each worker pinned to its core when cores are given.
 pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
     check_cores(&cfg.compute_cores)?;
@@ -94,16 +103,21 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
         cfg.compute_cores.len()
     };
     let cores = cfg.compute_cores.clone();
+    // Without cores of their own the workers may run anywhere the process may, even when the
+    // thread building the pool (the engine loop) is pinned: threads inherit their creator's mask.
+    let anywhere = allowed_cores();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("autoglm-compute-{i}"))
         .start_handler(move |i| {
-            if let Some(&core) = cores.get(i) {
-                // Checked above against the process's cores; a failure here (the mask changed
-                // under us) leaves the worker unpinned, which costs speed, not correctness.
-                if let Err(e) = pin_current_thread(core) {
-                    eprintln!("autoglm: {e}");
-                }
+            let r = match cores.get(i) {
+                Some(&core) => pin_current_thread(core),
+                None => pin_current_thread_to(&anywhere),
+            };
+            // Checked above against the process's cores; a failure here (the mask changed under
+            // us) leaves the worker where it was, which costs speed, not correctness.
+            if let Err(e) = r {
+                eprintln!("autoglm: {e}");
             }
         })
         .build()
@@ -113,6 +127,42 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpinned_compute_workers_do_not_inherit_a_pinned_creators_core() {
+        let allowed = allowed_cores();
+        let masks = std::thread::spawn(move || {
+            pin_current_thread(allowed[0]).unwrap();
+            let pool = build_compute_pool(&ThreadingConfig {
+                num_threads: Some(2),
+                ..Default::default()
+            })
+            .unwrap();
+            pool.broadcast(|_| current_thread_cores())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(masks.len(), 2);
+        for m in masks {
+            assert_eq!(
+                m,
+                allowed_cores(),
+                "a compute worker kept its creator's mask"
+            );
+        }
+    }
+
+    #[test]
+    fn serving_layout_splits_the_allowed_cores() {
+        let allowed = allowed_cores();
+        match serving_layout() {
+            Some((engine, rest)) => {
+                assert_eq!(engine, allowed[0]);
+                assert_eq!(rest, allowed[1..]);
+            }
+            None => assert_eq!(allowed.len(), 1),
+        }
+    }
 
     #[test]
     fn pins_a_thread_to_a_set_of_allowed_cores() {

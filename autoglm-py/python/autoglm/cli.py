@@ -10,6 +10,7 @@ bad usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--workers", type=int, help="HTTP threads (default: one per core)")
     add("--http-cores", type=_core_list, metavar="LIST",
         help="cores the HTTP threads stay on, e.g. 1,2,3")
+    add("--no-pin", action="store_true",
+        help="leave every thread to the OS scheduler (default, serving one model on two cores or "
+        "more without --engine-core or --http-cores: the engine loop on the first core, the "
+        "HTTP threads on the others)")
     add("--reuse-port", action="store_true",
         help="one SO_REUSEPORT socket per worker (several servers may then share a port)")
     engine = s.add_argument_group("engine options")
@@ -149,6 +154,25 @@ def _models(specs: Sequence[str], served_model_name: str | None) -> dict[str, An
     return {"models": models}
 
 
+def _default_cores(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """The serving layout ``examples/serve`` uses too: one model on two cores or more, no core
+    given: the engine loop on the first core this process may use, the HTTP threads on the rest
+    (so the loop never waits behind socket work)."""
+    if args.no_pin or args.engine_core is not None or args.http_cores is not None:
+        return
+    if len(options.get("models", {None: None})) != 1:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    args.engine_core, args.http_cores = cores[0], cores[1:]
+    print(
+        f"autoglm: cores: engine loop on core {cores[0]}, HTTP threads on {cores[1:]} "
+        "(--no-pin leaves them to the OS)",
+        file=sys.stderr,
+    )
+
+
 def _serve(args: argparse.Namespace) -> None:
     options: dict[str, Any] = _models(args.model, args.served_model_name)
     if args.reuse_port:
@@ -157,6 +181,7 @@ def _serve(args: argparse.Namespace) -> None:
         options["enable_prefix_caching"] = False
     if args.enforce_eager:
         options["enforce_eager"] = True
+    _default_cores(args, options)
     for name in (
         "unix_socket", "api_keys_file", "tls_cert", "tls_key", "requests_per_minute",
         "tokens_per_minute", "audit_log", "max_connections", "max_concurrent_requests",
