@@ -312,6 +312,60 @@ async fn stream_disconnect_frees_kv_blocks() {
     srv.stop().await;
 }
 
+/// A streamed request's response head waits for its first token; a client that leaves while
+/// the request still waits for a free sequence cancels it all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_stream_disconnect_cancels_before_its_first_token() {
+    use tokio::io::AsyncWriteExt;
+    let mut ec = engine_config();
+    ec.scheduler.max_num_seqs = 64;
+    let engine = autoglm_core::Engine::from_dir(&fixture_dir(), ec).unwrap();
+    let srv = start(loopback_config(), vec![(MODEL, engine)]);
+    let addr = srv.addr;
+    let metrics = async || get(addr, "/metrics").await.text();
+    // 64 choices take every sequence for a long while.
+    let long = tokio::spawn(async move {
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": [1, 2, 3], "n": 64, "max_tokens": 4000, "ignore_eos": true}),
+        )
+        .await
+    });
+    // (The gauges count sequences.)
+    eventually("the long request to run", async || {
+        metric(&metrics().await, "autoglm_num_requests_running{") == 64.0
+    })
+    .await;
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = json!({"prompt": [4], "max_tokens": 8, "stream": true}).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    eventually("the streamed request to wait for a sequence", async || {
+        metric(&metrics().await, "autoglm_num_requests_waiting{") == 1.0
+    })
+    .await;
+    drop(sock);
+    eventually("the waiting request to be cancelled", async || {
+        let m = metrics().await;
+        metric(&m, "autoglm_num_requests_waiting{") == 0.0
+            && metric(&m, "autoglm_http_requests_in_flight") == 1.0
+    })
+    .await;
+    let m = metrics().await;
+    assert_eq!(
+        metric(&m, "autoglm_num_requests_running{"),
+        64.0,
+        "the long request ended before the check: the test proved nothing"
+    );
+    long.abort();
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts() {
     let mut cfg = loopback_config();
