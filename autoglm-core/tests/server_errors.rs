@@ -211,21 +211,25 @@ async fn bodies_and_heads_over_the_limits() {
     srv.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overload_is_503_and_disconnect_cancels() {
-    let mut cfg = loopback_config();
-    cfg.limits.max_concurrent_requests = 1;
-    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
-    // A long generation holds the only slot: 64 choices of up to 4000 tokens.
-    let addr = srv.addr;
-    let long = tokio::spawn(async move {
+/// A generation of 64 choices of up to 4000 tokens, running in the background.
+fn long_generation(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<Reply> {
+    tokio::spawn(async move {
         post(
             addr,
             "/v1/completions",
             &json!({"prompt": [1, 2, 3], "n": 64, "max_tokens": 4000, "ignore_eos": true}),
         )
         .await
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_503_and_disconnect_cancels() {
+    let mut cfg = loopback_config();
+    cfg.limits.max_concurrent_requests = 1;
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    // A long generation holds the only slot.
+    let long = long_generation(srv.addr);
     eventually("the long request to run", async || {
         let m = get(srv.addr, "/metrics").await.text();
         metric(&m, "autoglm_kv_blocks_used{") > 0.0
@@ -323,15 +327,8 @@ async fn queued_stream_disconnect_cancels_before_its_first_token() {
     let srv = start(loopback_config(), vec![(MODEL, engine)]);
     let addr = srv.addr;
     let metrics = async || get(addr, "/metrics").await.text();
-    // 64 choices take every sequence for a long while.
-    let long = tokio::spawn(async move {
-        post(
-            addr,
-            "/v1/completions",
-            &json!({"prompt": [1, 2, 3], "n": 64, "max_tokens": 4000, "ignore_eos": true}),
-        )
-        .await
-    });
+    // Its 64 choices take every sequence for a long while.
+    let long = long_generation(addr);
     // (The gauges count sequences.)
     eventually("the long request to run", async || {
         metric(&metrics().await, "autoglm_num_requests_running{") == 64.0

@@ -123,11 +123,10 @@ impl Drop for EventSender {
 
 impl EventReceiver {
     /// `Some(next)`: the next event, or `Some(None)` when the sender is gone and nothing is
-    /// left; `None`: nothing yet. Takes the whole shared queue when the local one is empty.
+    /// left; `None`: nothing yet. Called once `local` is empty: takes the whole shared queue.
     fn take(local: &mut VecDeque<Event>, s: &mut State) -> Option<Option<Event>> {
-        if local.is_empty() {
-            std::mem::swap(local, &mut s.queue);
-        }
+        debug_assert!(local.is_empty());
+        std::mem::swap(local, &mut s.queue);
         match local.pop_front() {
             Some(ev) => Some(Some(ev)),
             None if s.sender_gone => Some(None),

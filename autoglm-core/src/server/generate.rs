@@ -63,6 +63,9 @@ impl Events {
     }
 }
 
+/// An event as [`Job::next`] gives it: (choice index, output); `None` at the end.
+type NextEvent = Option<Result<(usize, RequestOutput), ApiError>>;
+
 /// An admitted generation.
 pub(crate) struct Job {
     events: Events,
@@ -171,7 +174,7 @@ impl Job {
 
     /// The next event if one is ready without waiting (`Some(next)`), else `None`. Its latency
     /// metrics take the time of the last awaited event: both were ready together.
-    pub(crate) fn try_next(&mut self) -> Option<Option<Result<(usize, RequestOutput), ApiError>>> {
+    pub(crate) fn try_next(&mut self) -> Option<NextEvent> {
         let ev = self.events.try_next()?;
         Some(self.account(ev))
     }
@@ -182,10 +185,7 @@ impl Job {
     }
 
     /// Latency metrics and token counts of an event.
-    fn account(
-        &mut self,
-        ev: Option<(usize, Result<RequestOutput>)>,
-    ) -> Option<Result<(usize, RequestOutput), ApiError>> {
+    fn account(&mut self, ev: Option<(usize, Result<RequestOutput>)>) -> NextEvent {
         let (prompt, ev) = ev?;
         let out = match ev {
             Ok(out) => out,
@@ -242,9 +242,6 @@ enum Phase {
     Done,
     End,
 }
-
-/// An event as [`Job::next`] gives it.
-type NextEvent = Option<Result<(usize, RequestOutput), ApiError>>;
 
 struct SseState<F> {
     job: Job,

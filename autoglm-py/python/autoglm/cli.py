@@ -160,7 +160,7 @@ def _default_cores(args: argparse.Namespace, options: dict[str, Any]) -> None:
     (so the loop never waits behind socket work)."""
     if args.no_pin or args.engine_core is not None or args.http_cores is not None:
         return
-    if len(options.get("models", {None: None})) != 1:
+    if len(options.get("models", ())) > 1:  # several models: their engine loops would share a core
         return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
