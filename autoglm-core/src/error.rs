@@ -62,6 +62,9 @@ pub enum Error {
     /// A backend operation failed (out of memory, kernel error).
     #[error("backend: {0}")]
     Backend(String),
+    /// An image could not be used: not an image, truncated, larger than allowed, a bad size.
+    #[error("image: {0}")]
+    Image(String),
     /// The engine thread has stopped; no more requests are accepted.
     #[error("the engine has shut down")]
     EngineShutdown,

@@ -22,6 +22,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod media;
 pub mod memory;
 pub mod model;
 #[cfg(feature = "server")]
