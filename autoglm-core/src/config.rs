@@ -143,11 +143,55 @@ pub struct EngineConfig {
     pub threading: ThreadingConfig,
     /// Seed for requests that give none (each request draws its own seed from it).
     pub seed: u64,
+    /// Images (Glm4v models).
+    pub multimodal: MultiModalConfig,
+}
+
+/// How a Glm4v engine takes images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiModalConfig {
+    /// Overrides `preprocessor_config.json`'s pixel budget `size.longest_edge` (counted over the
+    /// two frames an image becomes, as transformers counts it); vLLM's `mm_processor_kwargs`.
+    pub max_pixels: Option<usize>,
+    /// Overrides `size.shortest_edge`.
+    pub min_pixels: Option<usize>,
+    /// Largest `width * height` an encoded image may declare (checked from its header before
+    /// decoding); `None`: the preprocessing default.
+    pub max_image_pixels: Option<usize>,
+    /// Bytes of encoded image features kept for reuse (keyed by image content); an image is
+    /// encoded once while its features stay here.
+    pub encoder_cache_bytes: usize,
+}
+
+impl Default for MultiModalConfig {
+    fn default() -> Self {
+        MultiModalConfig {
+            max_pixels: None,
+            min_pixels: None,
+            max_image_pixels: None,
+            encoder_cache_bytes: 256 << 20,
+        }
+    }
 }
 
 impl EngineConfig {
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<()> {
+        let m = &self.multimodal;
+        if m.max_pixels == Some(0) || m.min_pixels == Some(0) || m.max_image_pixels == Some(0) {
+            return Err(Error::config(
+                "multimodal",
+                "max_pixels, min_pixels and max_image_pixels must be positive",
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (m.min_pixels, m.max_pixels) {
+            if lo > hi {
+                return Err(Error::config(
+                    "multimodal.min_pixels",
+                    format!("{lo} is above max_pixels {hi}"),
+                ));
+            }
+        }
         let c = &self.cache;
         if c.block_size == 0 || c.block_size > 1024 {
             return Err(Error::config(

@@ -34,7 +34,7 @@ pub enum Error {
         msg: String,
     },
     /// `config.json` names an architecture this engine does not implement.
-    #[error("unsupported architecture {0:?} (supported: GlmForCausalLM, Glm4ForCausalLM)")]
+    #[error("unsupported architecture {0:?} (supported: GlmForCausalLM, Glm4ForCausalLM, Glm4vForConditionalGeneration)")]
     UnsupportedArchitecture(String),
     /// A configuration value is out of range or inconsistent.
     #[error("invalid config `{field}`: {msg}")]

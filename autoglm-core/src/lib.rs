@@ -34,7 +34,9 @@ pub mod server;
 pub mod threading;
 pub mod tokenizer;
 
-pub use config::{CacheConfig, CudaConfig, Device, EngineConfig, SchedulerConfig, ThreadingConfig};
+pub use config::{
+    CacheConfig, CudaConfig, Device, EngineConfig, MultiModalConfig, SchedulerConfig, ThreadingConfig,
+};
 pub use engine::{Engine, RequestOutput, RequestStream};
 pub use error::{Error, Result};
 pub use sampling::{FinishReason, SamplingParams};

@@ -91,6 +91,7 @@ fn shape() -> AttentionShape {
         rotary_dim: 8,
         rope_theta: 10000.0,
         scale: 0.25,
+        mrope_section: None,
     }
 }
 

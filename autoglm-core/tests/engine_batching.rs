@@ -335,6 +335,7 @@ fn higher_priority_waiting_requests_run_first() {
             prompt: prompts()[0].clone(),
             params: greedy(),
             priority: 5,
+            images: Vec::new(),
         })
         .unwrap();
     let high = e
@@ -342,6 +343,7 @@ fn higher_priority_waiting_requests_run_first() {
             prompt: prompts()[1].clone(),
             params: greedy(),
             priority: -1,
+            images: Vec::new(),
         })
         .unwrap();
     let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

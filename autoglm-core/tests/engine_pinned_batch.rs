@@ -80,6 +80,7 @@ fn building_a_decode_batch_in_a_warm_pool_allocates_nothing_on_the_heap() {
         num_seqs: SEQS,
         max_blocks_per_seq: STRIDE,
         num_logits: SEQS,
+        mrope: false,
     };
     let tables: Vec<Vec<u32>> = (0..SEQS)
         .map(|s| ((s * STRIDE) as u32..((s + 1) * STRIDE) as u32).collect())

@@ -143,6 +143,7 @@ fn request_err(engine: &Engine, prompt: Vec<u32>, params: SamplingParams) -> Str
         prompt,
         params,
         priority: 0,
+        images: Vec::new(),
     }) {
         Ok(_) => panic!("request accepted but should not have been"),
         Err(e) => {

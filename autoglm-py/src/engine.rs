@@ -283,6 +283,7 @@ impl Engine {
                         prompt: prompt.ids.clone(),
                         params,
                         priority,
+                        images: Vec::new(),
                     })
                     .map_err(request_err)?;
                 Ok(Submitted {

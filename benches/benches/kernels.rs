@@ -132,6 +132,7 @@ fn attention_decode(c: &mut Criterion) {
         rotary_dim: head_dim / 2,
         rope_theta: 10000.0,
         scale: (head_dim as f32).powf(-0.5),
+        mrope_section: None,
     };
     let per_seq = ctx / bs;
     let mut g = c.benchmark_group("attention_decode");

@@ -323,6 +323,8 @@ impl ModelShape {
             rope_theta: 10000.0,
             rotary_dim: self.head_dim / 2,
             eos_token_ids: vec![],
+            mrope_section: None,
+            vision: None,
         };
         cfg.validate()?;
         Ok(cfg)

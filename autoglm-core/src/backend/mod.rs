@@ -10,7 +10,7 @@ pub mod null;
 use crate::error::{Error, Result};
 use crate::memory::{HostAllocator, MmapAllocator};
 use crate::model::{FillPart, HostTensor};
-use crate::runner::ForwardBatch;
+use crate::runner::{ForwardBatch, VisionBatch};
 
 /// Shape of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,59 @@ pub struct AttentionShape {
     pub rope_theta: f32,
     /// Softmax scale, usually `head_dim^-0.5`.
     pub scale: f32,
+    /// M-RoPE (Glm4v): frequencies `0..s[0]` rotate by the token's temporal position, the next
+    /// `s[1]` by its height position and the last `s[2]` by its width position
+    /// (`ForwardBatch::mrope_positions`). `None`: every frequency uses `ForwardBatch::positions`.
+    pub mrope_section: Option<[usize; 3]>,
+}
+
+impl AttentionShape {
+    /// Which of the three M-RoPE streams (0 t, 1 h, 2 w) rotates frequency `i`.
+    pub fn mrope_stream(section: [usize; 3], i: usize) -> usize {
+        if i < section[0] {
+            0
+        } else if i < section[0] + section[1] {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// Attention geometry of the vision tower: `[q | k | v]` rows of `num_heads` heads each, 2-D
+/// rotary over the whole head (NeoX halves: the first quarter of each half rotates by the
+/// patch's row, the second by its column), no causal mask, attention within each image only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VisionAttentionShape {
+    /// Heads (q, k and v alike).
+    pub num_heads: usize,
+    /// Per-head width (a multiple of 4).
+    pub head_dim: usize,
+    /// Rotary base.
+    pub rope_theta: f32,
+    /// Softmax scale, `head_dim^-0.5`.
+    pub scale: f32,
+}
+
+/// Where each row of [`Backend::interpolate_pos_embed`] samples the learned position table:
+/// the bicubic taps (PyTorch's `grid_sample`, `align_corners=False`, border padding, A = -0.75)
+/// of a patch at `(h, w)` in a `gh x gw` grid over a `side x side` table.
+pub fn pos_embed_taps(side: usize, grid: [u32; 2], hw: [u32; 2]) -> [([usize; 4], [f32; 4]); 2] {
+    let axis = |pos: u32, n: u32| -> ([usize; 4], [f32; 4]) {
+        // grid_sample unnormalises g = (pos + 0.5) / n * 2 - 1 to x = ((g + 1) * side - 1) / 2.
+        let g = (pos as f32 + 0.5) / n as f32 * 2.0 - 1.0;
+        let x = ((g + 1.0) * side as f32 - 1.0) / 2.0;
+        let x0 = x.floor();
+        let t = x - x0;
+        let a = -0.75f32;
+        let near = |d: f32| ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0;
+        let far = |d: f32| ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a;
+        let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        let max = side as i64 - 1;
+        let idx = [-1i64, 0, 1, 2].map(|k| (x0 as i64 + k).clamp(0, max) as usize);
+        (idx, w)
+    };
+    [axis(hw[0], grid[0]), axis(hw[1], grid[1])]
 }
 
 /// How [`Backend::sample_rows`] turns one row of logits into a token: the host sampler's
@@ -143,6 +196,83 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Self::Tensor>;
     /// Copies an activation to the host, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// A `[rows, cols]` activation holding `data` (row-major), e.g. an image's patches.
+    fn tensor_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor> {
+        let _ = (rows, cols, data);
+        Err(self.missing_op("tensor_from_host"))
+    }
+
+    /// `(x - mean) / sqrt(var + eps) * w + b` over each row (`nn.LayerNorm`).
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        b: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let _ = (x, w, b, eps);
+        Err(self.missing_op("layer_norm"))
+    }
+
+    /// Exact (erf) GELU of every element.
+    fn gelu(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        let _ = x;
+        Err(self.missing_op("gelu"))
+    }
+
+    /// `[rows, cols]` viewed as `[rows / k, k * cols]`: each `k` consecutive rows side by side.
+    fn group_rows(&self, x: Self::Tensor, k: usize) -> Result<Self::Tensor> {
+        let _ = (x, k);
+        Err(self.missing_op("group_rows"))
+    }
+
+    /// Overwrites rows `dst_row..dst_row + n` of `dst` with rows `src_row..src_row + n` of `src`
+    /// (image features in place of placeholder embeddings).
+    fn copy_rows(
+        &self,
+        dst: &mut Self::Tensor,
+        dst_row: usize,
+        src: &Self::Tensor,
+        src_row: usize,
+        n: usize,
+    ) -> Result<()> {
+        let _ = (dst, dst_row, src, src_row, n);
+        Err(self.missing_op("copy_rows"))
+    }
+
+    /// The learned `[side * side, width]` position table sampled at each patch of `batch`
+    /// ([`pos_embed_taps`]): one row per patch.
+    fn interpolate_pos_embed(
+        &self,
+        table: &Self::Weight,
+        side: usize,
+        batch: &VisionBatch,
+    ) -> Result<Self::Tensor> {
+        let _ = (table, side, batch);
+        Err(self.missing_op("interpolate_pos_embed"))
+    }
+
+    /// The vision tower's attention: 2-D rope on q and k of each `[q | k | v]` row (by the
+    /// patch coordinates of `batch`), then softmax attention of every patch over all patches
+    /// of its own image (no mask).
+    fn vision_attention(
+        &self,
+        qkv: &Self::Tensor,
+        batch: &VisionBatch,
+        shape: &VisionAttentionShape,
+    ) -> Result<Self::Tensor> {
+        let _ = (qkv, batch, shape);
+        Err(self.missing_op("vision_attention"))
+    }
+
+    /// The error of an operation this backend does not implement.
+    fn missing_op(&self, op: &str) -> Error {
+        Error::Backend(format!(
+            "the {} backend does not implement `{op}` (needed by the vision tower)",
+            self.name()
+        ))
+    }
 
     /// Called by the model with the batch before the first op of each forward pass, so a device
     /// backend can copy all of its metadata (ids, positions, slots, block tables, logits rows)

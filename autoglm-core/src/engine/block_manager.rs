@@ -22,6 +22,19 @@ pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
     h.finish()
 }
 
+/// [`chain_hash`] with `salt` (the images a block's placeholder tokens stand for) mixed in;
+/// equal to `chain_hash` when `salt` is 0.
+pub fn salted_hash(parent: u64, tokens: &[u32], salt: u64) -> u64 {
+    let h = chain_hash(parent, tokens);
+    if salt == 0 {
+        return h;
+    }
+    let mut s = std::collections::hash_map::DefaultHasher::new();
+    h.hash(&mut s);
+    salt.hash(&mut s);
+    s.finish()
+}
+
 /// The block pool.
 #[derive(Debug, Clone)]
 pub struct BlockManager {
@@ -120,12 +133,14 @@ impl BlockManager {
     }
 
     /// Takes the cached blocks holding the longest prefix of `tokens` made of full blocks, at most
-    /// `max_tokens` tokens, into the (empty) `table`; returns their hashes.
+    /// `max_tokens` tokens, into the (empty) `table`; returns their hashes. `salt(b)` is mixed
+    /// into block `b`'s hash ([`salted_hash`]).
     pub fn take_cached_prefix(
         &mut self,
         tokens: &[u32],
         max_tokens: usize,
         table: &mut Vec<BlockId>,
+        salt: impl Fn(usize) -> u64,
     ) -> Vec<u64> {
         debug_assert!(table.is_empty());
         let mut hashes = Vec::new();
@@ -133,8 +148,11 @@ impl BlockManager {
             return hashes;
         }
         let mut parent = 0;
-        for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(self.block_size) {
-            let h = chain_hash(parent, chunk);
+        for (b, chunk) in tokens[..max_tokens.min(tokens.len())]
+            .chunks_exact(self.block_size)
+            .enumerate()
+        {
+            let h = salted_hash(parent, chunk, salt(b));
             let Some(&b) = self.by_hash.get(&h) else {
                 break;
             };

@@ -5,14 +5,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::block_manager::BlockManager;
+use super::encoder_cache::EncoderCache;
 use super::events::EventSender;
 use super::scheduler::{Scheduler, SchedulerOutput};
-use super::sequence::{SeqId, Sequence};
+use super::sequence::{PromptImages, SeqId, Sequence};
 use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
 use crate::backend::{Backend, RowSampling};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::memory::{PinnedPool, PinnedPoolConfig};
+use crate::model::vision::ImageRows;
 use crate::model::GlmModel;
 use crate::runner::{BatchShape, ForwardBatch};
 use crate::sampling::{self, FinishReason, SamplerState};
@@ -23,6 +25,8 @@ pub(crate) struct NewRequest {
     pub(crate) id: RequestId,
     pub(crate) req: Request,
     pub(crate) tx: EventSender,
+    /// The prompt's images laid out (checked on the submitting thread).
+    pub(crate) images: Option<Arc<PromptImages>>,
 }
 
 struct RequestState {
@@ -68,6 +72,17 @@ struct Core<B: Backend> {
     sampled_ids: Vec<u32>,
     /// Page-locked buffers each step's batch is built in (reused across steps).
     pinned: PinnedPool,
+    /// Encoded image features by image content hash.
+    encoder: EncoderCache<B::Tensor>,
+}
+
+/// Where one scheduled chunk takes rows of an image's features: the image's content hash and
+/// the rows ([`ImageRows`] without the tensor).
+struct ImageSpan {
+    hash: u64,
+    src_row: usize,
+    dst_row: usize,
+    len: usize,
 }
 
 /// Memory the OS says is available, in bytes (Linux), if known.
@@ -213,6 +228,7 @@ pub(crate) fn run<B: Backend>(
             row_sampling: Vec::new(),
             sampled_ids: Vec::new(),
             pinned,
+            encoder: EncoderCache::new(config.multimodal.encoder_cache_bytes),
         };
         Ok((core, pool))
     })();
@@ -270,7 +286,12 @@ impl<B: Backend> Core<B> {
     }
 
     fn add_request(&mut self, new: NewRequest) {
-        let NewRequest { id, req, tx } = new;
+        let NewRequest {
+            id,
+            req,
+            tx,
+            images,
+        } = new;
         let n = req.params.n;
         let max_output = req
             .params
@@ -285,12 +306,9 @@ impl<B: Backend> Core<B> {
             let seq_id = self.next_seq;
             self.next_seq += 1;
             self.arrivals += 1;
-            self.scheduler.add(Sequence::new(
-                seq_id,
-                req.prompt.clone(),
-                req.priority,
-                self.arrivals,
-            ));
+            let mut seq = Sequence::new(seq_id, req.prompt.clone(), req.priority, self.arrivals);
+            seq.images = images.clone();
+            self.scheduler.add(seq);
             let detok = self
                 .tokenizer
                 .as_ref()
@@ -376,6 +394,7 @@ impl<B: Backend> Core<B> {
             num_seqs: plan.scheduled.len(),
             max_blocks_per_seq: stride,
             num_logits: plan.scheduled.iter().filter(|s| s.sample).count(),
+            mrope: self.model.config().mrope_section.is_some(),
         };
         let mut batch = ForwardBatch::in_pool(&self.pinned, shape)
             .unwrap_or_else(|_| ForwardBatch::new(stride));
@@ -390,6 +409,15 @@ impl<B: Backend> Core<B> {
                 &seq.block_table,
                 bs,
             );
+            if shape.mrope {
+                for pos in s.start..s.start + s.len {
+                    let thw = match &seq.images {
+                        Some(im) => im.mrope.at(pos),
+                        None => [pos as u32; 3],
+                    };
+                    batch.mrope_positions.extend_from_slice(&thw);
+                }
+            }
             if s.sample {
                 batch.logits_indices.push(batch.num_tokens() as u32 - 1);
             }
@@ -425,12 +453,32 @@ impl<B: Backend> Core<B> {
                 }
             }
         }
+        let spans = match self.encode_images(&plan) {
+            Ok(spans) => spans,
+            Err((seq, e)) => {
+                if let Some(r) = self.choices.get(&seq).map(|c| c.request) {
+                    self.abort_request(r, Some(e));
+                }
+                return;
+            }
+        };
         let batch = self.build_batch(&plan);
         let on_device = self.backend.samples_on_device() && self.device_sampling_rows(&plan);
-        let (model, backend) = (&self.model, &self.backend);
+        let (model, backend, encoder) = (&self.model, &self.backend, &self.encoder);
+        let image_rows: Vec<ImageRows<'_, B::Tensor>> = spans
+            .iter()
+            .filter_map(|sp| {
+                encoder.get(sp.hash).map(|embeds| ImageRows {
+                    embeds,
+                    src_row: sp.src_row,
+                    dst_row: sp.dst_row,
+                    len: sp.len,
+                })
+            })
+            .collect();
         let logits = backend
             .run_step(&batch, &mut self.cache, &mut |b, cache| {
-                model.forward_logits(backend, b, cache)
+                model.forward_logits_with_images(backend, b, cache, &image_rows)
             })
             .and_then(|l| {
                 if !on_device {
@@ -447,6 +495,8 @@ impl<B: Backend> Core<B> {
                 }
                 Ok(Sampled::Tokens(ids))
             });
+        drop(image_rows);
+        self.encoder.evict_to_limit();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match logits {
             Ok(l) => l,
@@ -489,6 +539,61 @@ impl<B: Backend> Core<B> {
             self.sampled_ids = ids;
         }
         self.publish_stats();
+    }
+
+    /// Runs the vision tower on every image a chunk of `plan` needs and that the encoder cache
+    /// lacks, and returns where each chunk takes image features. On failure, the sequence whose
+    /// image failed and the error.
+    fn encode_images(
+        &mut self,
+        plan: &SchedulerOutput,
+    ) -> std::result::Result<Vec<ImageSpan>, (SeqId, Error)> {
+        let mut spans = Vec::new();
+        let mut row0 = 0;
+        for s in &plan.scheduled {
+            let (start, end) = (s.start, s.start + s.len);
+            let images = self
+                .scheduler
+                .get(s.seq_id)
+                .and_then(|q| q.images.clone());
+            for im in images.iter().flat_map(|im| im.images.iter()) {
+                let (lo, hi) = (im.offset.max(start), (im.offset + im.num_tokens).min(end));
+                if lo >= hi {
+                    continue;
+                }
+                let hash = im.image.content_hash;
+                if self.encoder.touch(hash) {
+                    self.stats.encoder_cache_hits.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let t0 = std::time::Instant::now();
+                    let embeds = self.encode_image(&im.image).map_err(|e| (s.seq_id, e))?;
+                    let bytes = im.num_tokens * self.model.config().hidden_size * 4;
+                    self.encoder.insert(hash, embeds, bytes);
+                    self.stats.images_encoded.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .image_encode_ns
+                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+                spans.push(ImageSpan {
+                    hash,
+                    src_row: lo - im.offset,
+                    dst_row: row0 + (lo - start),
+                    len: hi - lo,
+                });
+            }
+            row0 += s.len;
+        }
+        Ok(spans)
+    }
+
+    fn encode_image(&self, image: &crate::media::ProcessedImage) -> Result<B::Tensor> {
+        let vision = self
+            .model
+            .vision()
+            .ok_or_else(|| Error::InvalidRequest("this model does not take images".into()))?;
+        let [_, gh, gw] = image.grid_thw;
+        let batch = vision.batch(&[[gh, gw]])?;
+        vision.encode(&self.backend, &image.pixel_values, &batch)
     }
 
     /// For a backend that samples on the device: fills `row_sampling` for the plan's sampled

@@ -7,7 +7,9 @@
 
 pub mod block_manager;
 mod core;
+mod encoder_cache;
 mod events;
+mod images;
 pub mod scheduler;
 pub mod sequence;
 
@@ -23,6 +25,7 @@ use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
 use crate::config::{Device, EngineConfig};
 use crate::error::{Error, Result};
+use crate::media::{ImageProcessorConfig, ProcessedImage};
 use crate::memory::{PinnedPool, PoolStats};
 use crate::model::{GlmModel, ModelConfig};
 use crate::sampling::{FinishReason, SamplingParams, TokenLogprobs};
@@ -30,6 +33,8 @@ use crate::tokenizer::Tokenizer;
 
 /// Identifies a request.
 pub type RequestId = u64;
+
+pub use images::ImageInput;
 
 /// A request: prompt token ids, sampling parameters and a priority.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +45,10 @@ pub struct Request {
     pub params: SamplingParams,
     /// Smaller runs first; default 0.
     pub priority: i32,
+    /// The prompt's images, in order (Glm4v). Each stands for one run of `<|image|>` tokens in
+    /// `prompt` of exactly its token count ([`Engine::submit_with_images`] expands single
+    /// placeholders to that count).
+    pub images: Vec<Arc<ProcessedImage>>,
 }
 
 /// Token counts of a finished request.
@@ -111,6 +120,16 @@ pub struct EngineStats {
     pub prompt_tokens_computed: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
+    /// Images run through the vision tower.
+    pub images_encoded: AtomicU64,
+    /// Image placeholders whose features came from the encoder cache.
+    pub encoder_cache_hits: AtomicU64,
+    /// Nanoseconds the engine thread spent in the vision tower.
+    pub image_encode_ns: AtomicU64,
+    /// Images preprocessed (decoded, resized, normalised) on submission.
+    pub images_preprocessed: AtomicU64,
+    /// Nanoseconds spent preprocessing them (on the submitting threads).
+    pub image_preprocess_ns: AtomicU64,
     /// The pinned pool batches are built in; set when the engine thread starts.
     pinned_pool: std::sync::OnceLock<PinnedPool>,
 }
@@ -139,6 +158,8 @@ struct Shared {
     max_model_len: usize,
     config: EngineConfig,
     backend_name: String,
+    /// The image preprocessor (Glm4v models).
+    images: Option<ImageProcessorConfig>,
 }
 
 impl Drop for Shared {
@@ -191,7 +212,8 @@ impl Engine {
             },
         };
         let tokenizer = Tokenizer::from_dir(dir)?;
-        match cuda {
+        let images = ImageProcessorConfig::from_dir(dir)?;
+        let engine = match cuda {
             Some(backend) => {
                 let model_config = ModelConfig::from_file(&dir.join("config.json"))?;
                 backend.check_fits(crate::backend::cuda::weight_bytes(&model_config))?;
@@ -203,7 +225,63 @@ impl Engine {
                 let model = GlmModel::load(dir, &backend)?;
                 Engine::new(backend, model, Some(tokenizer), config)
             }
+        }?;
+        engine.with_image_processor(images)
+    }
+
+    /// Replaces the image preprocessing settings (by default `preprocessor_config.json`'s, or
+    /// transformers' defaults without one), applying the engine's `multimodal` overrides. Only
+    /// meaningful for a model with a vision tower.
+    pub fn with_image_processor(self, mut cfg: ImageProcessorConfig) -> Result<Engine> {
+        let m = &self.shared.config.multimodal;
+        if let Some(v) = m.max_pixels {
+            cfg.max_pixels = v;
         }
+        if let Some(v) = m.min_pixels {
+            cfg.min_pixels = v;
+        }
+        if let Some(v) = m.max_image_pixels {
+            cfg.max_image_pixels = v;
+        }
+        cfg.validate()?;
+        let Some(vision) = self.shared.model_config.vision.as_ref() else {
+            return Ok(self);
+        };
+        if cfg.patch_size != vision.patch_size
+            || cfg.merge_size != vision.spatial_merge_size
+            || cfg.temporal_patch_size != vision.temporal_patch_size
+        {
+            return Err(Error::config(
+                "preprocessor_config.json",
+                format!(
+                    "patch {} / merge {} / temporal {} differ from the vision tower's {} / {} / {}",
+                    cfg.patch_size,
+                    cfg.merge_size,
+                    cfg.temporal_patch_size,
+                    vision.patch_size,
+                    vision.spatial_merge_size,
+                    vision.temporal_patch_size
+                ),
+            ));
+        }
+        let mut shared = match Arc::try_unwrap(self.shared) {
+            Ok(s) => s,
+            Err(_) => {
+                return Err(Error::config(
+                    "multimodal",
+                    "the image processor can only be set before the engine is shared",
+                ))
+            }
+        };
+        shared.images = Some(cfg);
+        Ok(Engine {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The image preprocessing settings, for a model that takes images.
+    pub fn image_processor(&self) -> Option<&ImageProcessorConfig> {
+        self.shared.images.as_ref()
     }
 
     /// Starts an engine over an already-loaded model. Without a tokenizer, requests are token ids
@@ -265,19 +343,21 @@ impl Engine {
                 ));
             }
         };
-        Ok(Engine {
+        Engine {
             shared: Arc::new(Shared {
                 commands,
                 thread: Mutex::new(Some(thread)),
                 next_id: AtomicU64::new(1),
                 stats,
-                model_config,
                 tokenizer,
                 max_model_len,
+                images: None,
+                model_config,
                 config,
                 backend_name,
             }),
-        })
+        }
+        .with_image_processor(ImageProcessorConfig::default())
     }
 
     /// The tokenizer; an error for an engine built without one.
@@ -320,18 +400,25 @@ impl Engine {
             prompt,
             params,
             priority: 0,
+            images: Vec::new(),
         })
     }
 
     /// Validates and submits a request; its events arrive on the returned stream.
     pub fn submit_request(&self, req: Request) -> Result<RequestStream> {
         self.validate(&req)?;
+        let images = images::prompt_images(&self.shared.model_config, &req)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = events::channel();
         let n = req.params.n;
         self.shared
             .commands
-            .send(Command::Submit(Box::new(core::NewRequest { id, req, tx })))
+            .send(Command::Submit(Box::new(core::NewRequest {
+                id,
+                req,
+                tx,
+                images,
+            })))
             .map_err(|_| Error::EngineShutdown)?;
         Ok(RequestStream {
             id,

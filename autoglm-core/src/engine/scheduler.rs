@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use foldhash::HashMap;
 
-use super::block_manager::{chain_hash, BlockManager};
+use super::block_manager::{salted_hash, BlockManager};
 use super::sequence::{SeqId, SeqStatus, Sequence};
 
 /// One sequence's share of a step.
@@ -170,10 +170,14 @@ impl Scheduler {
                 if seq.block_table.is_empty() {
                     // At least one token must run to produce logits.
                     let max_cached = seq.tokens.len() - 1;
+                    let bs = self.blocks.block_size();
+                    let images = seq.images.clone();
+                    let salt = |b| images.as_ref().map_or(0, |im| im.block_salt(b, bs));
                     seq.block_hashes = self.blocks.take_cached_prefix(
                         &seq.tokens,
                         max_cached,
                         &mut seq.block_table,
+                        salt,
                     );
                     seq.num_computed = seq.block_hashes.len() * self.blocks.block_size();
                 }
@@ -211,7 +215,8 @@ impl Scheduler {
             seq.num_computed = s.start + s.len;
             for b in seq.block_hashes.len()..seq.num_computed / bs {
                 let parent = seq.block_hashes.last().copied().unwrap_or(0);
-                let h = chain_hash(parent, &seq.tokens[b * bs..(b + 1) * bs]);
+                let salt = seq.block_salt(b, bs);
+                let h = salted_hash(parent, &seq.tokens[b * bs..(b + 1) * bs], salt);
                 self.blocks.register_full(seq.block_table[b], h);
                 seq.block_hashes.push(h);
             }

@@ -1,6 +1,46 @@
 //! A sequence: one completion of one request, as the scheduler sees it.
 
+use std::sync::Arc;
+
 use super::block_manager::BlockId;
+use crate::media::ProcessedImage;
+use crate::model::mrope::MropePositions;
+
+/// One image of a prompt: where its placeholder tokens sit.
+#[derive(Debug, Clone)]
+pub struct PromptImage {
+    /// The preprocessed image.
+    pub image: Arc<ProcessedImage>,
+    /// Index of its first placeholder token in the prompt.
+    pub offset: usize,
+    /// Placeholder tokens (one per merged 2x2 block of patches).
+    pub num_tokens: usize,
+}
+
+/// The images of a multimodal prompt and its M-RoPE positions, shared by a request's choices.
+#[derive(Debug, Clone)]
+pub struct PromptImages {
+    /// In prompt order.
+    pub images: Vec<PromptImage>,
+    /// The prompt's rotary positions and the decode delta.
+    pub mrope: MropePositions,
+}
+
+impl PromptImages {
+    /// What the prefix cache mixes into the hash of block `b` (of `block_size` tokens) besides
+    /// its token ids: the content hashes of the images whose placeholders it holds, so prompts
+    /// that differ only in an image never share KV blocks. 0 for a block without images.
+    pub fn block_salt(&self, b: usize, block_size: usize) -> u64 {
+        let (lo, hi) = (b * block_size, (b + 1) * block_size);
+        self.images
+            .iter()
+            .filter(|im| im.offset < hi && im.offset + im.num_tokens > lo)
+            .fold(0u64, |acc, im| {
+                let h = im.image.content_hash ^ (im.offset as u64).rotate_left(32);
+                (acc.rotate_left(5) ^ h).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+            })
+    }
+}
 
 /// Identifies a sequence inside the engine.
 pub type SeqId = u64;
@@ -37,6 +77,8 @@ pub struct Sequence {
     pub status: SeqStatus,
     /// Times this sequence was preempted.
     pub num_preemptions: u32,
+    /// The prompt's images (Glm4v), if any.
+    pub images: Option<Arc<PromptImages>>,
 }
 
 impl Sequence {
@@ -53,7 +95,15 @@ impl Sequence {
             block_hashes: Vec::new(),
             status: SeqStatus::Waiting,
             num_preemptions: 0,
+            images: None,
         }
+    }
+
+    /// The prefix-cache salt of block `b` ([`PromptImages::block_salt`]; 0 without images).
+    pub fn block_salt(&self, b: usize, block_size: usize) -> u64 {
+        self.images
+            .as_ref()
+            .map_or(0, |im| im.block_salt(b, block_size))
     }
 
     /// Generated tokens.

@@ -16,6 +16,9 @@ pub enum Architecture {
     Glm,
     /// `Glm4ForCausalLM` (GLM-4-0414 family): adds post-attention and post-MLP RMSNorms.
     Glm4,
+    /// `Glm4vForConditionalGeneration` (GLM-4.1V, AutoGLM-Phone-9B): the GLM4 decoder with M-RoPE
+    /// behind a vision tower.
+    Glm4v,
 }
 
 impl Architecture {
@@ -23,6 +26,7 @@ impl Architecture {
         match name {
             "GlmForCausalLM" => Ok(Architecture::Glm),
             "Glm4ForCausalLM" => Ok(Architecture::Glm4),
+            "Glm4vForConditionalGeneration" => Ok(Architecture::Glm4v),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -32,6 +36,7 @@ impl Architecture {
         match self {
             Architecture::Glm => "GlmForCausalLM",
             Architecture::Glm4 => "Glm4ForCausalLM",
+            Architecture::Glm4v => "Glm4vForConditionalGeneration",
         }
     }
 }
@@ -69,12 +74,132 @@ pub struct ModelConfig {
     pub rotary_dim: usize,
     /// End-of-sequence ids from `config.json` (GLM has three).
     pub eos_token_ids: Vec<u32>,
+    /// M-RoPE (Glm4v): how many of the `rotary_dim / 2` frequencies take their angle from the
+    /// temporal, height and width position streams, in that order. `None`: 1-D rope.
+    pub mrope_section: Option<[usize; 3]>,
+    /// The vision tower and image token ids (Glm4v).
+    pub vision: Option<VisionConfig>,
+}
+
+/// `vision_config` of a Glm4v checkpoint, with the image token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Width of the tower.
+    pub hidden_size: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Width of the merger's SwiGLU (the blocks' MLP is `out_hidden_size` wide).
+    pub intermediate_size: usize,
+    /// Width of the merged image tokens: the text model's hidden size.
+    pub out_hidden_size: usize,
+    /// Side of the square the learned position table was trained on (`image_size / patch_size`
+    /// positions a side).
+    pub image_size: usize,
+    /// Pixels per patch side.
+    pub patch_size: usize,
+    /// Colour channels.
+    pub in_channels: usize,
+    /// Patches per merged token side (2: 2x2 patches make one token).
+    pub spatial_merge_size: usize,
+    /// Frames per patch (an image is duplicated into 2).
+    pub temporal_patch_size: usize,
+    /// RMSNorm epsilon of the tower.
+    pub rms_norm_eps: f32,
+    /// Base of the tower's 2-D rotary embedding.
+    pub rope_theta: f32,
+    /// `<|image|>`: the placeholder each image token replaces.
+    pub image_token_id: u32,
+    /// `<|begin_of_image|>`.
+    pub image_start_token_id: u32,
+    /// `<|end_of_image|>`.
+    pub image_end_token_id: u32,
+}
+
+impl VisionConfig {
+    /// Per-head width of the tower.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    /// Values per patch: channels x frames x patch x patch (1176).
+    pub fn patch_dim(&self) -> usize {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+
+    /// Positions per side of the learned position table (24).
+    pub fn num_positions_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Number of parameters of the tower.
+    pub fn num_parameters(&self) -> usize {
+        let (h, m, o, i) = (
+            self.hidden_size,
+            self.spatial_merge_size * self.spatial_merge_size,
+            self.out_hidden_size,
+            self.intermediate_size,
+        );
+        let side = self.num_positions_side();
+        let block = 2 * h + 3 * h * h + h * h + 3 * o * h;
+        self.patch_dim() * h + h + h + side * side * h + self.depth * block + h
+            + (m * h * o + o)
+            + (o * o + 2 * o + 3 * i * o)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vision_config.depth", self.depth),
+            ("vision_config.hidden_size", self.hidden_size),
+            ("vision_config.num_heads", self.num_heads),
+            ("vision_config.intermediate_size", self.intermediate_size),
+            ("vision_config.out_hidden_size", self.out_hidden_size),
+            ("vision_config.patch_size", self.patch_size),
+            ("vision_config.in_channels", self.in_channels),
+            ("vision_config.spatial_merge_size", self.spatial_merge_size),
+            ("vision_config.temporal_patch_size", self.temporal_patch_size),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::config(field, "must be positive"));
+            }
+        }
+        if self.hidden_size % self.num_heads != 0 || self.head_dim() % 4 != 0 {
+            return Err(Error::config(
+                "vision_config.num_heads",
+                format!(
+                    "{} heads over width {} do not give a head width divisible by 4 (2-D rotary)",
+                    self.num_heads, self.hidden_size
+                ),
+            ));
+        }
+        if self.num_positions_side() == 0 {
+            return Err(Error::config(
+                "vision_config.image_size",
+                format!("{} is smaller than one patch", self.image_size),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(Error::config(
+                "vision_config.rms_norm_eps",
+                format!("{} is not a non-negative number", self.rms_norm_eps),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::config(
+                "vision_config.rope_parameters.rope_theta",
+                format!("{} is not a positive number", self.rope_theta),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ModelConfig {
     /// Whether the layers carry `post_self_attn_layernorm` / `post_mlp_layernorm` (GLM4).
     pub fn has_post_norms(&self) -> bool {
-        self.architecture == Architecture::Glm4
+        matches!(self.architecture, Architecture::Glm4 | Architecture::Glm4v)
     }
 
     /// Width of the fused q|k|v projection output.
@@ -91,7 +216,8 @@ impl ModelConfig {
         let norms = if self.has_post_norms() { 4 * h } else { 2 * h };
         let layer = qkv * h + bias + q * h + 2 * i * h + i * h + norms;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_layers * layer + h + head
+        let vision = self.vision.as_ref().map_or(0, VisionConfig::num_parameters);
+        v * h + self.num_layers * layer + h + head + vision
     }
 
     /// Reads and validates `config.json`.
@@ -112,11 +238,36 @@ impl ModelConfig {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+        let json = |source| Error::Json {
             path: "config.json".into(),
             source,
-        })?;
-        raw.into_config()
+        };
+        let mut top: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(json)?;
+        // Glm4v nests the decoder's keys under `text_config`; keys it lacks (architectures,
+        // token ids, tie_word_embeddings) come from the top level.
+        let vision = top.remove("vision_config");
+        let merged = match top.remove("text_config") {
+            Some(serde_json::Value::Object(mut text)) => {
+                for (k, v) in top.iter() {
+                    text.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                text
+            }
+            Some(other) if !other.is_null() => {
+                return Err(Error::config("text_config", "must be an object"))
+            }
+            _ => top.clone(),
+        };
+        let raw: RawConfig =
+            serde_json::from_value(serde_json::Value::Object(merged)).map_err(json)?;
+        let vision = match vision {
+            Some(v) if !v.is_null() => {
+                Some(serde_json::from_value::<RawVision>(v).map_err(json)?)
+            }
+            _ => None,
+        };
+        raw.into_config(vision, &top)
     }
 }
 
@@ -125,6 +276,34 @@ struct RawRope {
     rope_theta: Option<f64>,
     partial_rotary_factor: Option<f64>,
     rope_type: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    mrope_section: Option<Vec<usize>>,
+}
+
+impl RawRope {
+    fn rope_type(&self) -> Option<&str> {
+        self.rope_type.as_deref().or(self.kind.as_deref())
+    }
+}
+
+#[derive(Deserialize)]
+struct RawVision {
+    depth: usize,
+    hidden_size: usize,
+    num_heads: usize,
+    intermediate_size: usize,
+    out_hidden_size: usize,
+    image_size: Option<usize>,
+    patch_size: Option<usize>,
+    in_channels: Option<usize>,
+    spatial_merge_size: Option<usize>,
+    temporal_patch_size: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    rope_parameters: Option<RawRope>,
+    rope_theta: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -163,10 +342,17 @@ struct RawConfig {
     rope_parameters: Option<RawRope>,
     rope_scaling: Option<serde_json::Value>,
     eos_token_id: Option<OneOrMany>,
+    image_token_id: Option<u32>,
+    image_start_token_id: Option<u32>,
+    image_end_token_id: Option<u32>,
 }
 
 impl RawConfig {
-    fn into_config(self) -> Result<ModelConfig> {
+    fn into_config(
+        self,
+        vision: Option<RawVision>,
+        top: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<ModelConfig> {
         let arch_name = match self.architectures.as_deref() {
             Some([one, ..]) => one.clone(),
             _ => return Err(Error::config("architectures", "missing or empty")),
@@ -180,23 +366,31 @@ impl RawConfig {
                 ));
             }
         }
-        if let Some(scaling) = &self.rope_scaling {
-            if !scaling.is_null() {
-                return Err(Error::config(
-                    "rope_scaling",
-                    format!("{scaling} is not supported"),
-                ));
+        // Older Glm4v files carry `mrope_section` in a `rope_scaling` of type "default"; any
+        // real scaling is refused.
+        let scaling = match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let refused = || Error::config("rope_scaling", format!("{v} is not supported"));
+                let r: RawRope = serde_json::from_value(v.clone()).map_err(|_| refused())?;
+                if !matches!(r.rope_type(), None | Some("default" | "mrope")) {
+                    return Err(refused());
+                }
+                Some(r)
             }
-        }
+        };
         let rope = self.rope_parameters.as_ref();
-        if let Some(kind) = rope.and_then(|r| r.rope_type.as_deref()) {
-            if kind != "default" {
+        if let Some(kind) = rope.and_then(RawRope::rope_type) {
+            if kind != "default" && kind != "mrope" {
                 return Err(Error::config(
                     "rope_parameters.rope_type",
                     format!("{kind:?} is not supported"),
                 ));
             }
         }
+        let mrope = rope
+            .and_then(|r| r.mrope_section.clone())
+            .or_else(|| scaling.as_ref().and_then(|r| r.mrope_section.clone()));
         let rope_theta = rope
             .and_then(|r| r.rope_theta)
             .or(self.rope_theta)
@@ -216,6 +410,44 @@ impl RawConfig {
             .eos_token_id
             .map(OneOrMany::into_vec)
             .unwrap_or_default();
+        let mrope_section = match mrope {
+            None => None,
+            Some(v) => match v[..] {
+                [t, h, w] => Some([t, h, w]),
+                _ => {
+                    return Err(Error::config(
+                        "rope_parameters.mrope_section",
+                        format!("{v:?} must list three sizes (t, h, w)"),
+                    ))
+                }
+            },
+        };
+        let vision = match (architecture, vision) {
+            (Architecture::Glm4v, None) => {
+                return Err(Error::config(
+                    "vision_config",
+                    "missing (Glm4vForConditionalGeneration needs one)",
+                ))
+            }
+            (Architecture::Glm4v, Some(v)) => {
+                let token = |name: &str, own: Option<u32>| -> Result<u32> {
+                    own.or_else(|| top.get(name).and_then(|v| v.as_u64()).map(|v| v as u32))
+                        .ok_or_else(|| Error::config(name, "missing"))
+                };
+                Some(v.into_config(
+                    token("image_token_id", self.image_token_id)?,
+                    token("image_start_token_id", self.image_start_token_id)?,
+                    token("image_end_token_id", self.image_end_token_id)?,
+                )?)
+            }
+            (_, _) => None,
+        };
+        if architecture == Architecture::Glm4v && mrope_section.is_none() {
+            return Err(Error::config(
+                "rope_parameters.mrope_section",
+                "missing (Glm4v's decoder uses M-RoPE)",
+            ));
+        }
         let cfg = ModelConfig {
             architecture,
             hidden_size: self.hidden_size,
@@ -232,9 +464,55 @@ impl RawConfig {
             rope_theta: rope_theta as f32,
             rotary_dim,
             eos_token_ids,
+            mrope_section,
+            vision,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+impl RawVision {
+    fn into_config(self, image: u32, start: u32, end: u32) -> Result<VisionConfig> {
+        if let Some(act) = self.hidden_act.as_deref() {
+            if act != "silu" {
+                return Err(Error::config(
+                    "vision_config.hidden_act",
+                    format!("{act:?} is not supported (only \"silu\")"),
+                ));
+            }
+        }
+        if self.attention_bias == Some(true) {
+            return Err(Error::config(
+                "vision_config.attention_bias",
+                "true is not supported (Glm4v's tower has no qkv bias)",
+            ));
+        }
+        let theta = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0);
+        let v = VisionConfig {
+            depth: self.depth,
+            hidden_size: self.hidden_size,
+            num_heads: self.num_heads,
+            intermediate_size: self.intermediate_size,
+            out_hidden_size: self.out_hidden_size,
+            image_size: self.image_size.unwrap_or(336),
+            patch_size: self.patch_size.unwrap_or(14),
+            in_channels: self.in_channels.unwrap_or(3),
+            spatial_merge_size: self.spatial_merge_size.unwrap_or(2),
+            temporal_patch_size: self.temporal_patch_size.unwrap_or(2),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-5) as f32,
+            rope_theta: theta as f32,
+            image_token_id: image,
+            image_start_token_id: start,
+            image_end_token_id: end,
+        };
+        v.validate()?;
+        Ok(v)
     }
 }
 
@@ -284,6 +562,43 @@ impl ModelConfig {
                 "rope_theta",
                 format!("{} is not a positive number", self.rope_theta),
             ));
+        }
+        if let Some(sec) = self.mrope_section {
+            if sec.iter().sum::<usize>() != self.rotary_dim / 2 {
+                return Err(Error::config(
+                    "rope_parameters.mrope_section",
+                    format!(
+                        "{sec:?} sums to {}, but the rotary dim {} has {} frequencies",
+                        sec.iter().sum::<usize>(),
+                        self.rotary_dim,
+                        self.rotary_dim / 2
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = &self.vision {
+            v.validate()?;
+            if v.out_hidden_size != self.hidden_size {
+                return Err(Error::config(
+                    "vision_config.out_hidden_size",
+                    format!(
+                        "{} differs from the text model's hidden_size {}",
+                        v.out_hidden_size, self.hidden_size
+                    ),
+                ));
+            }
+            for (field, id) in [
+                ("image_token_id", v.image_token_id),
+                ("image_start_token_id", v.image_start_token_id),
+                ("image_end_token_id", v.image_end_token_id),
+            ] {
+                if id as usize >= self.vocab_size {
+                    return Err(Error::config(
+                        field,
+                        format!("{id} is outside the vocabulary ({})", self.vocab_size),
+                    ));
+                }
+            }
         }
         if let Some(bad) = self
             .eos_token_ids

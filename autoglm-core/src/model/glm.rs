@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use super::{Checkpoint, FillPart, HostTensor, ModelConfig, WeightSource};
+use super::vision::{ImageRows, VisionModel};
+use super::{load_stacked, Checkpoint, ModelConfig, TextWeights, WeightSource};
 use crate::backend::{AttentionShape, Backend, KvCacheShape};
 use crate::error::Result;
 use crate::runner::ForwardBatch;
@@ -23,9 +24,10 @@ struct GlmLayer<B: Backend> {
     post_mlp_norm: Option<B::Weight>,
 }
 
-/// A loaded GLM model on backend `B`.
+/// A loaded GLM model on backend `B`; for Glm4v, with its vision tower.
 pub struct GlmModel<B: Backend> {
     config: ModelConfig,
+    vision: Option<VisionModel<B>>,
     embed: B::Weight,
     layers: Vec<GlmLayer<B>>,
     norm: B::Weight,
@@ -42,42 +44,21 @@ impl<B: Backend> GlmModel<B> {
         Self::from_source(config, &ckpt, backend)
     }
 
-    /// Builds the model from any weight source (a checkpoint, random weights).
+    /// Builds the model from any weight source (a checkpoint, random weights). Glm4v
+    /// checkpoints may name the decoder's weights `model.language_model.*` (transformers 5,
+    /// published GLM-4.1V files) or `model.*`, and the tower's `model.visual.*` or `visual.*`.
     pub fn from_source(config: ModelConfig, src: &dyn WeightSource, backend: &B) -> Result<Self> {
         config.validate()?;
+        let vision = match &config.vision {
+            Some(v) => Some(VisionModel::from_source(v, src, backend)?),
+            None => None,
+        };
+        let text = TextWeights::text(src);
+        let src: &dyn WeightSource = &text;
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
-        // One weight from one or more tensors stacked along the first dimension: generated on the
-        // backend when the source is a generator the backend can run, else read and uploaded.
-        let load = |parts: &[(String, Vec<usize>)]| -> Result<B::Weight> {
-            let fills: Option<Vec<FillPart>> = parts
-                .iter()
-                .map(|(name, shape)| {
-                    src.generator(name).map(|fill| FillPart {
-                        rows: shape[0],
-                        fill,
-                    })
-                })
-                .collect();
-            if let Some(fills) = fills {
-                let mut shape = parts[0].1.clone();
-                shape[0] = parts.iter().map(|p| p.1[0]).sum();
-                if let Some(w) = backend.generate(&shape, &fills) {
-                    return w;
-                }
-            }
-            let mut tensors = parts
-                .iter()
-                .map(|(name, shape)| src.tensor(name, shape))
-                .collect::<Result<Vec<HostTensor>>>()?;
-            let t = if tensors.len() == 1 {
-                tensors.pop().expect("one tensor")
-            } else {
-                HostTensor::concat_rows(&tensors)
-            };
-            backend.upload(t)
-        };
+        let load = |parts: &[(String, Vec<usize>)]| load_stacked(src, backend, parts);
         let one = |name: String, shape: &[usize]| load(&[(name, shape.to_vec())]);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -130,9 +111,11 @@ impl<B: Backend> GlmModel<B> {
             rotary_dim: c.rotary_dim,
             rope_theta: c.rope_theta,
             scale: (hd as f32).powf(-0.5),
+            mrope_section: c.mrope_section,
         };
         Ok(GlmModel {
             config,
+            vision,
             embed,
             layers,
             norm,
@@ -144,6 +127,11 @@ impl<B: Backend> GlmModel<B> {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The vision tower (Glm4v), if the model has one.
+    pub fn vision(&self) -> Option<&VisionModel<B>> {
+        self.vision.as_ref()
     }
 
     /// The KV-cache shape for `num_blocks` blocks of `block_size` tokens.
@@ -177,9 +165,24 @@ impl<B: Backend> GlmModel<B> {
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
     ) -> Result<B::Tensor> {
+        self.forward_logits_with_images(backend, batch, cache, &[])
+    }
+
+    /// [`GlmModel::forward_logits`] with image features in place of the embeddings of the
+    /// batch rows `images` name (the `<|image|>` placeholders).
+    pub fn forward_logits_with_images(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch,
+        cache: &mut B::KvCache,
+        images: &[ImageRows<'_, B::Tensor>],
+    ) -> Result<B::Tensor> {
         let eps = self.config.rms_norm_eps;
         backend.prepare_batch(batch)?;
         let mut residual = backend.embedding(&self.embed, &batch.token_ids)?;
+        for img in images {
+            backend.copy_rows(&mut residual, img.dst_row, img.embeds, img.src_row, img.len)?;
+        }
         let mut h = backend.rms_norm(&residual, &self.layers[0].input_norm, eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let mut qkv = backend.linear(&h, &layer.qkv, layer.qkv_bias.as_ref())?;

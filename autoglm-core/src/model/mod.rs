@@ -3,13 +3,16 @@
 mod config;
 mod glm;
 mod loader;
+pub mod mrope;
 mod random;
+pub mod vision;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, VisionConfig};
 pub use glm::GlmModel;
 pub use loader::{Checkpoint, F32Data, HostTensor};
 pub use random::RandomWeights;
 
+use crate::backend::Backend;
 use crate::error::Result;
 
 /// Where weights come from: a checkpoint on disk or a generator.
@@ -57,5 +60,99 @@ impl WeightSource for Checkpoint {
     }
     fn contains(&self, name: &str) -> bool {
         Checkpoint::contains(self, name)
+    }
+}
+
+/// One weight from one or more tensors stacked along the first dimension: generated on the
+/// backend when the source is a generator the backend can run, else read and uploaded.
+pub(crate) fn load_stacked<B: Backend>(
+    src: &dyn WeightSource,
+    backend: &B,
+    parts: &[(String, Vec<usize>)],
+) -> Result<B::Weight> {
+    let fills: Option<Vec<FillPart>> = parts
+        .iter()
+        .map(|(name, shape)| {
+            src.generator(name).map(|fill| FillPart {
+                rows: shape[0],
+                fill,
+            })
+        })
+        .collect();
+    if let Some(fills) = fills {
+        let mut shape = parts[0].1.clone();
+        shape[0] = parts.iter().map(|p| p.1[0]).sum();
+        if let Some(w) = backend.generate(&shape, &fills) {
+            return w;
+        }
+    }
+    let mut tensors = parts
+        .iter()
+        .map(|(name, shape)| src.tensor(name, shape))
+        .collect::<Result<Vec<HostTensor>>>()?;
+    let t = if tensors.len() == 1 {
+        tensors.pop().expect("one tensor")
+    } else {
+        HostTensor::concat_rows(&tensors)
+    };
+    backend.upload(t)
+}
+
+/// A weight source seen through renamed prefixes: the first `(from, to)` pair whose `to` form
+/// the source holds for `probe` applies to every name starting with `from`.
+pub(crate) struct Renamed<'a> {
+    inner: &'a dyn WeightSource,
+    rename: Option<(&'static str, &'static str)>,
+}
+
+impl<'a> Renamed<'a> {
+    pub(crate) fn new(
+        inner: &'a dyn WeightSource,
+        probe: &str,
+        pairs: &[(&'static str, &'static str)],
+    ) -> Self {
+        let rename = pairs.iter().copied().find(|(from, to)| {
+            !inner.contains(probe)
+                && probe
+                    .strip_prefix(from)
+                    .is_some_and(|rest| inner.contains(&format!("{to}{rest}")))
+        });
+        Renamed { inner, rename }
+    }
+
+    fn name(&self, name: &str) -> String {
+        match self.rename {
+            Some((from, to)) => match name.strip_prefix(from) {
+                Some(rest) => format!("{to}{rest}"),
+                None => name.to_string(),
+            },
+            None => name.to_string(),
+        }
+    }
+}
+
+impl WeightSource for Renamed<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.inner.tensor(&self.name(name), shape)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&self.name(name))
+    }
+    fn generator(&self, name: &str) -> Option<Fill> {
+        self.inner.generator(&self.name(name))
+    }
+}
+
+/// The decoder's weights under the names `glm.rs` uses (`model.layers.*`, ...), whether the
+/// checkpoint keeps them there or under transformers 5's `model.language_model.*`.
+pub(crate) type TextWeights<'a> = Renamed<'a>;
+
+impl<'a> TextWeights<'a> {
+    pub(crate) fn text(inner: &'a dyn WeightSource) -> Self {
+        Renamed::new(
+            inner,
+            "model.embed_tokens.weight",
+            &[("model.", "model.language_model.")],
+        )
     }
 }

@@ -23,6 +23,8 @@ pub struct BatchShape {
     pub max_blocks_per_seq: usize,
     /// Rows whose logits are returned.
     pub num_logits: usize,
+    /// Whether the tokens carry M-RoPE positions (three each).
+    pub mrope: bool,
 }
 
 /// Everything a backend needs to run one forward pass over a mixed batch.
@@ -44,6 +46,49 @@ pub struct ForwardBatch {
     pub max_blocks_per_seq: usize,
     /// Rows (token indices) whose logits are returned, in order.
     pub logits_indices: HostVec<u32>,
+    /// M-RoPE (Glm4v): the rotary position of each token in the temporal, height and width
+    /// streams, three entries a token (`[t, h, w]`). Empty for 1-D rope, where `positions`
+    /// drive the rotation; when set, `positions` still index the cache and the causal mask.
+    pub mrope_positions: HostVec<u32>,
+}
+
+/// The vision tower's input metadata for one encoder call: the images' patches stacked in
+/// `pixel_values` order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VisionBatch {
+    /// Prefix sums of patches per image: image `i` owns rows `cu_seqlens[i]..cu_seqlens[i+1]`
+    /// (attention stays within an image).
+    pub cu_seqlens: Vec<u32>,
+    /// Patch grid `[gh, gw]` of each image.
+    pub grids: Vec<[u32; 2]>,
+    /// `[h, w]` coordinates of each row's patch in its image's grid (2x2 merge-block order).
+    pub patch_hw: Vec<[u32; 2]>,
+}
+
+impl VisionBatch {
+    /// Number of patch rows.
+    pub fn num_patches(&self) -> usize {
+        self.patch_hw.len()
+    }
+
+    /// Appends one image of `grid` patches whose rows have coordinates `patch_hw`.
+    pub fn push_image(&mut self, grid: [u32; 2], patch_hw: &[[u32; 2]]) {
+        if self.cu_seqlens.is_empty() {
+            self.cu_seqlens.push(0);
+        }
+        self.grids.push(grid);
+        self.patch_hw.extend_from_slice(patch_hw);
+        self.cu_seqlens.push(self.patch_hw.len() as u32);
+    }
+
+    /// The image each row belongs to.
+    pub fn image_of_rows(&self) -> Vec<u32> {
+        let mut out = vec![0u32; self.num_patches()];
+        for (i, w) in self.cu_seqlens.windows(2).enumerate() {
+            out[w[0] as usize..w[1] as usize].fill(i as u32);
+        }
+        out
+    }
 }
 
 impl ForwardBatch {
@@ -87,6 +132,11 @@ impl ForwardBatch {
             block_tables: vec(shape.num_seqs * shape.max_blocks_per_seq)?,
             max_blocks_per_seq: shape.max_blocks_per_seq,
             logits_indices: vec(shape.num_logits)?,
+            mrope_positions: if shape.mrope {
+                vec(3 * shape.num_tokens)?
+            } else {
+                HostVec::new()
+            },
         })
     }
 
@@ -103,6 +153,7 @@ impl ForwardBatch {
         ]
         .iter()
         .all(|v| v.is_pinned())
+            && (self.mrope_positions.is_empty() || self.mrope_positions.is_pinned())
     }
 
     /// Appends a sequence's chunk: `tokens` at positions `start..start+len`, with its block table
@@ -165,6 +216,7 @@ mod tests {
         num_seqs: 2,
         max_blocks_per_seq: 3,
         num_logits: 2,
+        mrope: false,
     };
 
     #[test]

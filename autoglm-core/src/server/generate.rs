@@ -100,6 +100,7 @@ pub(crate) fn submit(
             prompt,
             params,
             priority,
+            images: Vec::new(),
         };
         match lease.engine.submit_request(req) {
             Ok(mut s) => {

@@ -29,10 +29,17 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Interleaved rotary embedding on the first `rotary_dim` dims of each head in `row`.
-fn rope_row(row: &mut [f32], heads: usize, head_dim: usize, inv_freq: &[f32], pos: u32) {
+/// Interleaved rotary embedding on the first `rotary_dim` dims of each head in `row`; frequency
+/// `i` turns by `pos(i)` (one position for 1-D rope, a stream's for M-RoPE).
+fn rope_row(
+    row: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    inv_freq: &[f32],
+    pos: impl Fn(usize) -> u32,
+) {
     for (i, &f) in inv_freq.iter().enumerate() {
-        let angle = f * pos as f32;
+        let angle = f * pos(i) as f32;
         let (sin, cos) = angle.sin_cos();
         for h in 0..heads {
             let base = h * head_dim + 2 * i;
@@ -61,6 +68,13 @@ fn check_batch(
     }
     if batch.query_start.len() != batch.num_seqs() + 1 || batch.positions.len() != qkv.rows {
         return bad("inconsistent batch metadata".into());
+    }
+    if s.mrope_section.is_some() && batch.mrope_positions.len() != 3 * qkv.rows {
+        return bad(format!(
+            "M-RoPE needs 3 positions per token: {} for {} tokens",
+            batch.mrope_positions.len(),
+            qkv.rows
+        ));
     }
     let bs = cache.shape.block_size;
     for seq in 0..batch.num_seqs() {
@@ -109,13 +123,29 @@ pub(super) fn attention(
     let (qw, kvw) = (nh * hd, nkv * hd);
     let inv_freq = rope_inv_freq(s.rotary_dim, s.rope_theta);
     let cols = qkv.cols;
-    qkv.data
-        .par_chunks_mut(cols)
-        .zip(batch.positions.par_iter())
-        .for_each(|(row, &pos)| {
-            // q and k heads are adjacent in the row, so one pass rotates both.
-            rope_row(&mut row[..qw + kvw], nh + nkv, hd, &inv_freq, pos);
-        });
+    // q and k heads are adjacent in the row, so one pass rotates both.
+    match s.mrope_section {
+        None => qkv
+            .data
+            .par_chunks_mut(cols)
+            .zip(batch.positions.par_iter())
+            .for_each(|(row, &pos)| {
+                rope_row(&mut row[..qw + kvw], nh + nkv, hd, &inv_freq, |_| pos);
+            }),
+        Some(section) => {
+            let stream: Vec<usize> = (0..inv_freq.len())
+                .map(|i| AttentionShape::mrope_stream(section, i))
+                .collect();
+            qkv.data
+                .par_chunks_mut(cols)
+                .zip(batch.mrope_positions.par_chunks(3))
+                .for_each(|(row, thw)| {
+                    rope_row(&mut row[..qw + kvw], nh + nkv, hd, &inv_freq, |i| {
+                        thw[stream[i]]
+                    });
+                })
+        }
+    }
 
     let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
     for (row, &slot) in qkv.data.chunks_exact(cols).zip(&batch.slot_mapping) {

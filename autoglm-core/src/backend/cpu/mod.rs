@@ -5,13 +5,14 @@
 
 mod attention;
 pub mod gemv;
+mod vision;
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, KvCacheShape};
+use super::{AttentionShape, Backend, KvCacheShape, VisionAttentionShape};
 use crate::error::{Error, Result};
 use crate::model::{F32Data, HostTensor};
-use crate::runner::ForwardBatch;
+use crate::runner::{ForwardBatch, VisionBatch};
 
 /// Rows per rayon task in element-wise kernels: keeps tasks big enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 4;
@@ -337,49 +338,115 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
     }
+
+    fn tensor_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuTensor> {
+        if data.len() != rows * cols {
+            return Err(shape_err(
+                "tensor_from_host",
+                format!("{} values for {rows}x{cols}", data.len()),
+            ));
+        }
+        Ok(CpuTensor::new(rows, cols, data.to_vec()))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        b: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        if w.data.len() != x.cols || b.data.len() != x.cols {
+            return Err(shape_err(
+                "layer_norm",
+                format!(
+                    "weight {} and bias {} for width {}",
+                    w.data.len(),
+                    b.data.len(),
+                    x.cols
+                ),
+            ));
+        }
+        let mut out = vec![0f32; x.data.len()];
+        out.par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks(x.cols))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(d, s)| {
+                let n = s.len() as f64;
+                let mean = s.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = s.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let inv = 1.0 / (var as f32 + eps).sqrt();
+                let mean = mean as f32;
+                for (((d, &v), &g), &b) in d.iter_mut().zip(s).zip(&w.data[..]).zip(&b.data[..]) {
+                    *d = (v - mean) * inv * g + b;
+                }
+            });
+        Ok(CpuTensor::new(x.rows, x.cols, out))
+    }
+
+    fn gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        let data = x
+            .data
+            .par_iter()
+            .with_min_len(1024)
+            .map(|&v| 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)))
+            .collect();
+        Ok(CpuTensor::new(x.rows, x.cols, data))
+    }
+
+    fn group_rows(&self, x: CpuTensor, k: usize) -> Result<CpuTensor> {
+        if k == 0 || x.rows % k != 0 {
+            return Err(shape_err(
+                "group_rows",
+                format!("{} rows do not split into groups of {k}", x.rows),
+            ));
+        }
+        Ok(CpuTensor::new(x.rows / k, x.cols * k, x.data))
+    }
+
+    fn copy_rows(
+        &self,
+        dst: &mut CpuTensor,
+        dst_row: usize,
+        src: &CpuTensor,
+        src_row: usize,
+        n: usize,
+    ) -> Result<()> {
+        if dst.cols != src.cols || dst_row + n > dst.rows || src_row + n > src.rows {
+            return Err(shape_err(
+                "copy_rows",
+                format!(
+                    "{n} rows from row {src_row} of {}x{} to row {dst_row} of {}x{}",
+                    src.rows, src.cols, dst.rows, dst.cols
+                ),
+            ));
+        }
+        let c = dst.cols;
+        dst.data[dst_row * c..(dst_row + n) * c]
+            .copy_from_slice(&src.data[src_row * c..(src_row + n) * c]);
+        Ok(())
+    }
+
+    fn interpolate_pos_embed(
+        &self,
+        table: &CpuWeight,
+        side: usize,
+        batch: &VisionBatch,
+    ) -> Result<CpuTensor> {
+        vision::interpolate_pos_embed(table, side, batch)
+    }
+
+    fn vision_attention(
+        &self,
+        qkv: &CpuTensor,
+        batch: &VisionBatch,
+        shape: &VisionAttentionShape,
+    ) -> Result<CpuTensor> {
+        vision::vision_attention(qkv, batch, shape)
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The skinny (row-split) path and gemm's own path agree for every decode-sized batch,
-    /// with and without a bias to accumulate onto.
-    #[test]
-    fn skinny_products_match_the_blocked_gemm() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        let (n, k) = (1000, 300);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
-            .collect();
-        for m in 1..=SKINNY_ROWS + 1 {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
-                .collect();
-            for acc in [false, true] {
-                let bias: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32).collect();
-                let mut want = if acc { bias.clone() } else { vec![0.0; m * n] };
-                gemm_call(
-                    &mut want,
-                    n,
-                    &x,
-                    &w,
-                    (m, n, k),
-                    acc,
-                    gemm::Parallelism::None,
-                );
-                let mut got = if acc { bias.clone() } else { vec![0.0; m * n] };
-                pool.install(|| matmul_nt(&mut got, &x, &w, m, n, k, acc));
-                for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                        "m {m} acc {acc}: {a} vs {b}"
-                    );
-                }
-            }
-        }
-    }
+/// The error function, through libm's f64 `erf` (PyTorch's exact GELU to f32 rounding).
+fn erf(x: f32) -> f32 {
+    libm::erf(x as f64) as f32
 }
