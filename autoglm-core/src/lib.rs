@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -35,7 +36,8 @@ pub mod threading;
 pub mod tokenizer;
 
 pub use config::{
-    CacheConfig, CudaConfig, Device, EngineConfig, MultiModalConfig, SchedulerConfig, ThreadingConfig,
+    CacheConfig, CudaConfig, Device, EngineConfig, MultiModalConfig, SchedulerConfig,
+    ThreadingConfig,
 };
 pub use engine::{Engine, RequestOutput, RequestStream};
 pub use error::{Error, Result};

@@ -7,6 +7,10 @@
 //! Tolerances: weights and activations are rounded to bf16 before each GEMM (8 bits of mantissa,
 //! relative step 2^-8 = 0.4%), so logits differ from the f32 reference by about 1e-2 of their
 //! scale; greedy tokens are compared where the reference's top-2 margin exceeds that.
+//!
+//! Glm4v (glm4v-tiny): the vision tower's ops one by one and the whole tower against the CPU,
+//! prompts with images (M-RoPE) and their decode steps against transformers, M-RoPE decode
+//! steps through graphs against eager ones, and the engine with images.
 
 mod common;
 
@@ -564,5 +568,600 @@ fn steady_decode_copies_nothing_through_pageable_memory() {
             before,
             "pageable copies during decode (graphs: {graphs})"
         );
+    }
+}
+
+// Glm4v (the glm4v-tiny fixture): the vision tower's ops, the tower, M-RoPE prompts and decode
+// steps (eager and through graphs) and the engine with images, on the device.
+
+const GLM4V: &str = "glm4v-tiny";
+
+/// The images of a glm4v-tiny case as transformers preprocessed them: patch grid `[gh, gw]` and
+/// pixel values.
+fn glm4v_images(case: &serde_json::Value) -> Vec<([usize; 2], Vec<f32>)> {
+    let grids = case["image_grid_thw"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let tensors = case["pixel_values_tensors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    tensors
+        .iter()
+        .zip(grids)
+        .map(|(t, g)| {
+            let g = ids(&g);
+            let pixels = expected_tensor(GLM4V, t.as_str().unwrap()).1;
+            ([g[1] as usize, g[2] as usize], pixels)
+        })
+        .collect()
+}
+
+fn glm4v_cases() -> Vec<serde_json::Value> {
+    expected(GLM4V)["cases"].as_array().unwrap().clone()
+}
+
+/// Every named stage of the tower on `images` (one batch) and its output, on the host.
+type Stages = Vec<(String, Vec<f32>)>;
+fn tower<B: Backend>(
+    backend: &B,
+    model: &GlmModel<B>,
+    images: &[([usize; 2], Vec<f32>)],
+) -> (Stages, Vec<f32>) {
+    let vision = model.vision().unwrap();
+    let grids: Vec<[usize; 2]> = images.iter().map(|i| i.0).collect();
+    let pixels: Vec<f32> = images.iter().flat_map(|i| i.1.iter().copied()).collect();
+    let batch = vision.batch(&grids).unwrap();
+    let mut stages = Vec::new();
+    let out = vision
+        .encode_stages(backend, &pixels, &batch, &mut |name, t| {
+            stages.push((name.to_string(), backend.to_host(t)?));
+            Ok(())
+        })
+        .unwrap();
+    (stages, backend.to_host(&out).unwrap())
+}
+
+/// The vision tower on the device against the CPU reference, stage by stage (bf16 tolerance),
+/// and its output against transformers' image embeddings; a case's images encoded together
+/// equal them encoded one by one (attention stays within each image).
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn glm4v_vision_tower_matches_the_cpu_backend_at_every_stage() {
+    let gpu = cuda();
+    let cpu = CpuBackend::new();
+    let mg = GlmModel::load(&fixture(GLM4V), &gpu).unwrap();
+    let mc = GlmModel::load(&fixture(GLM4V), &cpu).unwrap();
+    let mut checked = 0;
+    for case in glm4v_cases() {
+        let name = case["name"].as_str().unwrap();
+        let images = glm4v_images(&case);
+        if images.is_empty() {
+            continue;
+        }
+        let (gs, gout) = tower(&gpu, &mg, &images);
+        let (cs, cout) = tower(&cpu, &mc, &images);
+        assert_eq!(gs.len(), cs.len(), "{name}: stages");
+        for ((stage, g), (_, c)) in gs.iter().zip(&cs) {
+            let e = rel_err(g, c);
+            eprintln!("{name}: {stage}: relative error {e:.2e}");
+            assert!(e < TOL, "{name}: {stage}: relative error {e}");
+        }
+        let e = rel_err(&gout, &cout);
+        assert!(
+            e < TOL,
+            "{name}: tower output vs the CPU: relative error {e}"
+        );
+        let want = expected_tensor(GLM4V, case["image_embeds_tensor"].as_str().unwrap()).1;
+        let e = rel_err(&gout, &want);
+        assert!(
+            e < TOL,
+            "{name}: tower output vs transformers: relative error {e}"
+        );
+        if images.len() > 1 {
+            let alone: Vec<f32> = images
+                .iter()
+                .flat_map(|im| tower(&gpu, &mg, std::slice::from_ref(im)).1)
+                .collect();
+            let e = rel_err(&gout, &alone);
+            assert!(
+                e < 1e-3,
+                "{name}: images together vs alone: relative error {e}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3, "cases with images: {checked}");
+}
+
+/// Prefill of a case's whole prompt with its M-RoPE positions and image rows on `backend`, in
+/// the cache blocks `table` (blocks of `BLOCK`): the logits of every prompt row and the prompt's
+/// M-RoPE positions.
+fn glm4v_prefill<B: Backend>(
+    backend: &B,
+    model: &GlmModel<B>,
+    case: &serde_json::Value,
+    table: &[u32],
+    cache: &mut B::KvCache,
+) -> (Vec<f32>, autoglm_core::model::mrope::MropePositions) {
+    use autoglm_core::model::vision::ImageRows;
+    let prompt = ids(&case["prompt_token_ids"]);
+    let vision = model.vision().unwrap();
+    let image_token = model.config().vision.as_ref().unwrap().image_token_id;
+    let images = glm4v_images(case);
+    let merged: Vec<[usize; 2]> = images.iter().map(|i| [i.0[0] / 2, i.0[1] / 2]).collect();
+    let pos = autoglm_core::model::mrope::mrope_positions(&prompt, image_token, &merged).unwrap();
+    let mut b = ForwardBatch::new(table.len());
+    b.push_seq(&prompt, 0, table, BLOCK);
+    b.logits_indices = (0..prompt.len() as u32).collect();
+    b.mrope_positions = pos.positions.iter().flatten().copied().collect();
+    let embeds: Vec<B::Tensor> = images
+        .iter()
+        .map(|(g, px)| {
+            vision
+                .encode(backend, px, &vision.batch(&[*g]).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let mut rows = Vec::new();
+    let (mut i, mut k) = (0, 0);
+    while i < prompt.len() {
+        if prompt[i] == image_token {
+            let len = merged[k][0] * merged[k][1];
+            rows.push(ImageRows {
+                embeds: &embeds[k],
+                src_row: 0,
+                dst_row: i,
+                len,
+            });
+            i += len;
+            k += 1;
+        } else {
+            i += 1;
+        }
+    }
+    let logits = model
+        .forward_logits_with_images(backend, &b, cache, &rows)
+        .unwrap();
+    (backend.to_host(&logits).unwrap(), pos)
+}
+
+/// The decode step of token `tok` at `pos` (M-RoPE position `pos + delta` in every stream).
+fn glm4v_decode(
+    tok: u32,
+    pos: usize,
+    m: &autoglm_core::model::mrope::MropePositions,
+) -> ForwardBatch {
+    let mut b = single(&[tok], pos, false);
+    b.mrope_positions = m.at(pos).to_vec().into();
+    b
+}
+
+/// Prompts with images (M-RoPE positions, image rows over the placeholders) give transformers'
+/// logits at every position within bf16 tolerance, and the CPU's; then, teacher-forced with the
+/// reference tokens, every decode step's logits match and the greedy token agrees wherever the
+/// reference's top-2 margin is clear (above 0.05 and twice the row's actual deviation).
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn glm4v_prompt_and_decode_logits_with_images_match_the_reference() {
+    let gpu = cuda();
+    let cpu = CpuBackend::new();
+    let mg = GlmModel::load(&fixture(GLM4V), &gpu).unwrap();
+    let mc = GlmModel::load(&fixture(GLM4V), &cpu).unwrap();
+    let vocab = mg.config().vocab_size;
+    let mut compared = 0;
+    for case in glm4v_cases() {
+        let name = case["name"].as_str().unwrap();
+        let prompt = ids(&case["prompt_token_ids"]);
+        let mut gc = gpu.alloc_kv_cache(mg.kv_cache_shape(128, BLOCK)).unwrap();
+        let mut cc = cpu.alloc_kv_cache(mc.kv_cache_shape(128, BLOCK)).unwrap();
+        // Blocks 0.. as `single` (the decode steps below) uses them.
+        let table: Vec<u32> = (0..prompt.len().div_ceil(BLOCK) as u32).collect();
+        let (g, m) = glm4v_prefill(&gpu, &mg, &case, &table, &mut gc);
+        let (c, _) = glm4v_prefill(&cpu, &mc, &case, &table, &mut cc);
+        let want = expected_tensor(GLM4V, case["logits_tensor"].as_str().unwrap()).1;
+        check_rows(&format!("{name}: prompt vs transformers"), &g, &want, vocab);
+        check_rows(&format!("{name}: prompt vs the CPU"), &g, &c, vocab);
+
+        let greedy = ids(&case["greedy_token_ids"]);
+        let margins = case["greedy_top2_margins"].as_array().unwrap();
+        let want = expected_tensor(GLM4V, case["greedy_logits_tensor"].as_str().unwrap()).1;
+        let mut logits = g[(prompt.len() - 1) * vocab..].to_vec();
+        for (step, &tok) in greedy.iter().enumerate() {
+            let w = &want[step * vocab..(step + 1) * vocab];
+            let e = rel_err(&logits, w);
+            assert!(e < TOL, "{name}: decode step {step}: relative error {e}");
+            let dev = logits
+                .iter()
+                .zip(w)
+                .fold(0f32, |mx, (a, b)| mx.max((a - b).abs()));
+            let margin = margins[step].as_f64().unwrap() as f32;
+            if margin > 0.05f32.max(2.0 * dev) {
+                assert_eq!(argmax(&logits), tok, "{name}: greedy token at step {step}");
+                compared += 1;
+            }
+            let b = glm4v_decode(tok, prompt.len() + step, &m);
+            logits = mg.forward(&gpu, &b, &mut gc).unwrap();
+        }
+    }
+    assert!(compared > 0, "no decode step had a clear margin");
+}
+
+/// M-RoPE decode steps replayed from CUDA graphs compute what eager steps compute: three
+/// glm4v-tiny sequences (prompts with images, so their decode positions run behind their cache
+/// positions by the rope delta; bucket 4, one padding row) decode 10 steps through `run_step`
+/// on a backend with graphs and on one without; logits agree to float noise at every step, and
+/// neither backend copies anything through pageable memory while decoding.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn glm4v_mrope_decode_graphs_replay_what_eager_steps_compute() {
+    let graphed = cuda_with_graphs(true);
+    let eager = cuda_with_graphs(false);
+    let mg = GlmModel::load(&fixture(GLM4V), &graphed).unwrap();
+    let me = GlmModel::load(&fixture(GLM4V), &eager).unwrap();
+    let vocab = mg.config().vocab_size;
+    let cases: Vec<_> = glm4v_cases().into_iter().take(3).collect();
+    // One cache per backend; sequence s owns blocks 64 s .. 64 s + 64 (256 tokens).
+    let mut cg = graphed
+        .alloc_kv_cache(mg.kv_cache_shape(256, BLOCK))
+        .unwrap();
+    let mut ce = eager.alloc_kv_cache(me.kv_cache_shape(256, BLOCK)).unwrap();
+    let table = |s: usize, len: usize| -> Vec<u32> {
+        (0..len.div_ceil(BLOCK) as u32)
+            .map(|b| s as u32 * 64 + b)
+            .collect()
+    };
+    let mut seqs = Vec::new();
+    for (s, case) in cases.iter().enumerate() {
+        // Each prompt alone, with its images, in its own blocks.
+        let len = case["prompt_token_ids"].as_array().unwrap().len();
+        let (g, m) = glm4v_prefill(&graphed, &mg, case, &table(s, len), &mut cg);
+        let (e, _) = glm4v_prefill(&eager, &me, case, &table(s, len), &mut ce);
+        check_rows(&format!("prefill {s}"), &g, &e, vocab);
+        seqs.push((len, m, argmax(&e[(len - 1) * vocab..])));
+    }
+    let before = (graphed.pageable_copies(), eager.pageable_copies());
+    for step in 0..10 {
+        let width = seqs
+            .iter()
+            .enumerate()
+            .map(|(s, q)| table(s, q.0 + 1).len())
+            .max()
+            .unwrap();
+        let mut b = ForwardBatch::new(width);
+        for (s, (len, m, tok)) in seqs.iter().enumerate() {
+            b.push_seq(&[*tok], *len, &table(s, len + 1), BLOCK);
+            b.mrope_positions.extend_from_slice(&m.at(*len));
+        }
+        b.logits_indices = (0..seqs.len() as u32).collect();
+        let run = |backend: &CudaBackend, model: &GlmModel<CudaBackend>, cache| {
+            let t = backend
+                .run_step(&b, cache, &mut |b, c| model.forward_logits(backend, b, c))
+                .unwrap();
+            backend.to_host(&t).unwrap()
+        };
+        let g = run(&graphed, &mg, &mut cg);
+        let e = run(&eager, &me, &mut ce);
+        for (s, q) in seqs.iter_mut().enumerate() {
+            let (gr, er) = (
+                &g[s * vocab..(s + 1) * vocab],
+                &e[s * vocab..(s + 1) * vocab],
+            );
+            let err = rel_err(gr, er);
+            assert!(err < 2e-3, "step {step} seq {s}: relative error {err}");
+            q.2 = argmax(er);
+            q.0 += 1;
+        }
+    }
+    assert_eq!(
+        (graphed.pageable_copies(), eager.pageable_copies()),
+        before,
+        "pageable copies during M-RoPE decode"
+    );
+}
+
+fn glm4v_engine(graphs: bool) -> Engine {
+    let _ = cuda();
+    let mut config = EngineConfig {
+        device: Device::Cuda(0),
+        ..EngineConfig::default()
+    };
+    config.cache.num_blocks = Some(1024);
+    config.cuda.graphs = graphs;
+    Engine::from_dir(&fixture(GLM4V), config).unwrap()
+}
+
+/// The engine on cuda:0 with images: greedy continuations equal transformers' up to the first
+/// step whose reference top-2 margin is under 0.05 (bf16 may flip a closer call), and the same
+/// with CUDA graphs as without (M-RoPE decode steps replayed).
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn glm4v_engine_on_cuda_gives_the_reference_tokens_with_and_without_graphs() {
+    use autoglm_core::engine::Request;
+    use autoglm_core::media::ProcessedImage;
+    use std::sync::Arc;
+    let run = |engine: &Engine| -> Vec<Vec<u32>> {
+        let streams: Vec<_> = glm4v_cases()
+            .iter()
+            .map(|case| {
+                let images = glm4v_images(case)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (g, px))| {
+                        Arc::new(ProcessedImage {
+                            grid_thw: [1, g[0], g[1]],
+                            pixel_values: px,
+                            original_hw: (0, 0),
+                            resized_hw: (g[0] * 14, g[1] * 14),
+                            // Distinct per image file (the encoder and prefix caches key on it).
+                            content_hash: case["pixel_values_tensors"][i]
+                                .as_str()
+                                .unwrap()
+                                .bytes()
+                                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                                }),
+                        })
+                    })
+                    .collect();
+                let greedy = ids(&case["greedy_token_ids"]);
+                engine
+                    .submit_request(Request {
+                        prompt: ids(&case["prompt_token_ids"]),
+                        params: SamplingParams {
+                            max_tokens: greedy.len(),
+                            ignore_eos: true,
+                            ..SamplingParams::greedy()
+                        },
+                        priority: 0,
+                        images,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|s| {
+                autoglm_core::engine::collect(s, 1).unwrap().choices[0]
+                    .token_ids
+                    .clone()
+            })
+            .collect()
+    };
+    let graphed = run(&glm4v_engine(true));
+    let eager = run(&glm4v_engine(false));
+    assert_eq!(graphed, eager, "graphs vs eager");
+    for (case, got) in glm4v_cases().iter().zip(&graphed) {
+        let name = case["name"].as_str().unwrap();
+        let want = ids(&case["greedy_token_ids"]);
+        let margins = case["greedy_top2_margins"].as_array().unwrap();
+        let clear = margins
+            .iter()
+            .position(|m| m.as_f64().unwrap() < 0.05)
+            .unwrap_or(want.len());
+        assert_eq!(
+            &got[..clear],
+            &want[..clear],
+            "{name}: the first {clear} tokens"
+        );
+    }
+}
+
+/// The vision tower's new ops, one by one on the device against the CPU backend:
+/// tensor_from_host and group_rows exactly; copy_rows exactly, with the bf16 twin the next GEMM
+/// reads kept consistent (copied when both tensors carry one, dropped otherwise); layer_norm,
+/// gelu, the position-table resampling and the per-image attention within tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn vision_ops_match_the_cpu_backend_on_the_device() {
+    use autoglm_core::backend::cpu::CpuTensor;
+    use autoglm_core::backend::VisionAttentionShape;
+    use autoglm_core::model::vision::merge_block_positions;
+    use autoglm_core::runner::VisionBatch;
+    let gpu = cuda();
+    let cpu = CpuBackend::new();
+    let data = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    let (rows, cols) = (12usize, 40usize);
+    let x = data(rows * cols, 1);
+    let t = gpu.tensor_from_host(rows, cols, &x).unwrap();
+    assert_eq!(gpu.to_host(&t).unwrap(), x, "tensor_from_host");
+    assert!(
+        gpu.tensor_from_host(rows, cols + 1, &x).is_err(),
+        "size mismatch"
+    );
+    let grouped = gpu.group_rows(t, 4).unwrap();
+    assert_eq!((grouped.rows, grouped.cols), (3, 160));
+    assert_eq!(
+        gpu.to_host(&grouped).unwrap(),
+        x,
+        "group_rows keeps the data"
+    );
+    let t = gpu.tensor_from_host(rows, cols, &x).unwrap();
+    assert!(gpu.group_rows(t, 5).is_err(), "12 rows in groups of 5");
+
+    // copy_rows, then a GEMM: its result must be that of the copied values.
+    let up = |v: Vec<f32>, shape: Vec<usize>| HostTensor::owned(shape, v);
+    let wg = gpu.upload(up(data(8 * cols, 2), vec![8, cols])).unwrap();
+    let norm = gpu.upload(up(vec![1.0; cols], vec![cols])).unwrap();
+    let src_host = data(5 * cols, 3);
+    for twins in [true, false] {
+        let base = gpu.tensor_from_host(rows, cols, &x).unwrap();
+        // With twins: both from rms_norm (which writes one); without: straight from the host.
+        let mut dst = if twins {
+            gpu.rms_norm(&base, &norm, 1e-6).unwrap()
+        } else {
+            base
+        };
+        let s = gpu.tensor_from_host(5, cols, &src_host).unwrap();
+        let src = if twins {
+            gpu.rms_norm(&s, &norm, 1e-6).unwrap()
+        } else {
+            s
+        };
+        let mut want = gpu.to_host(&dst).unwrap();
+        let src_vals = gpu.to_host(&src).unwrap();
+        want[4 * cols..7 * cols].copy_from_slice(&src_vals[cols..4 * cols]);
+        gpu.copy_rows(&mut dst, 4, &src, 1, 3).unwrap();
+        assert_eq!(
+            gpu.to_host(&dst).unwrap(),
+            want,
+            "copy_rows (twins: {twins})"
+        );
+        let fresh = gpu.tensor_from_host(rows, cols, &want).unwrap();
+        let a = gpu.to_host(&gpu.linear(&dst, &wg, None).unwrap()).unwrap();
+        let b = gpu
+            .to_host(&gpu.linear(&fresh, &wg, None).unwrap())
+            .unwrap();
+        assert_eq!(
+            a, b,
+            "the GEMM after copy_rows reads the copied rows (twins: {twins})"
+        );
+        assert!(
+            gpu.copy_rows(&mut dst, 10, &src, 0, 3).is_err(),
+            "past the end"
+        );
+    }
+    // A twin-carrying destination and a source without one: the stale twin must go.
+    let mut dst = gpu
+        .rms_norm(&gpu.tensor_from_host(rows, cols, &x).unwrap(), &norm, 1e-6)
+        .unwrap();
+    let src = gpu.tensor_from_host(5, cols, &src_host).unwrap();
+    gpu.copy_rows(&mut dst, 0, &src, 0, 5).unwrap();
+    let vals = gpu.to_host(&dst).unwrap();
+    let a = gpu.to_host(&gpu.linear(&dst, &wg, None).unwrap()).unwrap();
+    let fresh = gpu.tensor_from_host(rows, cols, &vals).unwrap();
+    let b = gpu
+        .to_host(&gpu.linear(&fresh, &wg, None).unwrap())
+        .unwrap();
+    assert_eq!(a, b, "a stale bf16 twin was used after copy_rows");
+
+    // layer_norm and gelu.
+    let w = data(cols, 4).iter().map(|v| 1.0 + v).collect::<Vec<_>>();
+    let bias = data(cols, 5);
+    let (wg1, bg1) = (
+        gpu.upload(up(w.clone(), vec![cols])).unwrap(),
+        gpu.upload(up(bias.clone(), vec![cols])).unwrap(),
+    );
+    let (wc1, bc1) = (
+        cpu.upload(up(w, vec![cols])).unwrap(),
+        cpu.upload(up(bias, vec![cols])).unwrap(),
+    );
+    let xs: Vec<f32> = x.iter().map(|v| 3.0 * v + 2.0).collect();
+    let (xg, xc) = (
+        gpu.tensor_from_host(rows, cols, &xs).unwrap(),
+        CpuTensor::new(rows, cols, xs.clone()),
+    );
+    let g = gpu
+        .to_host(&gpu.layer_norm(&xg, &wg1, &bg1, 1e-5).unwrap())
+        .unwrap();
+    let c = cpu.layer_norm(&xc, &wc1, &bc1, 1e-5).unwrap().data;
+    assert!(rel_err(&g, &c) < 1e-5, "layer_norm: {}", rel_err(&g, &c));
+    let g = gpu.to_host(&gpu.gelu(&xg).unwrap()).unwrap();
+    let c = cpu.gelu(&xc).unwrap().data;
+    assert!(rel_err(&g, &c) < 1e-6, "gelu: {}", rel_err(&g, &c));
+
+    // The position table (bf16-exact values) at grids smaller and larger than it.
+    let (side, width) = (24usize, 64usize);
+    let table: Vec<f32> = data(side * side * width, 6)
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    let tg = gpu
+        .upload(up(table.clone(), vec![side * side, width]))
+        .unwrap();
+    let tc = cpu.upload(up(table, vec![side * side, width])).unwrap();
+    let mut batch = VisionBatch::default();
+    for [gh, gw] in [[10usize, 4], [4, 6], [4, 8], [40, 30]] {
+        batch.push_image([gh as u32, gw as u32], &merge_block_positions(gh, gw, 2));
+    }
+    let g = gpu
+        .to_host(&gpu.interpolate_pos_embed(&tg, side, &batch).unwrap())
+        .unwrap();
+    let c = cpu.interpolate_pos_embed(&tc, side, &batch).unwrap().data;
+    assert!(
+        rel_err(&g, &c) < 1e-6,
+        "interpolate_pos_embed: {}",
+        rel_err(&g, &c)
+    );
+
+    // Attention within each image: the 40x30 image (1200 patches, many tiles) and three small.
+    for (nh, hd) in [(4usize, 16usize), (2, 128)] {
+        let shape = VisionAttentionShape {
+            num_heads: nh,
+            head_dim: hd,
+            rope_theta: 10000.0,
+            scale: (hd as f32).powf(-0.5),
+        };
+        let n = batch.num_patches();
+        let qkv = data(n * 3 * nh * hd, 7 + hd as u32);
+        let g = gpu
+            .vision_attention(
+                &gpu.tensor_from_host(n, 3 * nh * hd, &qkv).unwrap(),
+                &batch,
+                &shape,
+            )
+            .unwrap();
+        let c = cpu
+            .vision_attention(&CpuTensor::new(n, 3 * nh * hd, qkv), &batch, &shape)
+            .unwrap();
+        let e = rel_err(&gpu.to_host(&g).unwrap(), &c.data);
+        assert!(
+            e < 1e-4,
+            "vision_attention ({nh} heads of {hd}): relative error {e}"
+        );
+    }
+}
+
+/// A full phone screenshot's worth of patches (116 x 112 = 12,992, heads of 128) in one image,
+/// beside a small one: the per-image attention on the device equals the CPU's (f32 on both
+/// sides). 812 query blocks of 16 patches, each walking 406 key tiles of 32.
+#[test]
+#[ignore = "needs a CUDA GPU; run with --include-ignored on the GPU machine"]
+fn vision_attention_of_a_screenshot_sized_image_matches_the_cpu() {
+    use autoglm_core::backend::cpu::CpuTensor;
+    use autoglm_core::backend::VisionAttentionShape;
+    use autoglm_core::model::vision::merge_block_positions;
+    use autoglm_core::runner::VisionBatch;
+    let gpu = cuda();
+    let cpu = CpuBackend::new();
+    let mut batch = VisionBatch::default();
+    for [gh, gw] in [[116usize, 112], [4, 6]] {
+        batch.push_image([gh as u32, gw as u32], &merge_block_positions(gh, gw, 2));
+    }
+    let (nh, hd) = (2usize, 128usize);
+    let shape = VisionAttentionShape {
+        num_heads: nh,
+        head_dim: hd,
+        rope_theta: 10000.0,
+        scale: (hd as f32).powf(-0.5),
+    };
+    let n = batch.num_patches();
+    let w = 3 * nh * hd;
+    let qkv: Vec<f32> = (0..(n * w) as u64)
+        .map(|i| {
+            ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let g = gpu
+        .vision_attention(&gpu.tensor_from_host(n, w, &qkv).unwrap(), &batch, &shape)
+        .unwrap();
+    let g = gpu.to_host(&g).unwrap();
+    eprintln!(
+        "{n} patches: {:.1} ms on the device (first call, upload included)",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let c = cpu
+        .vision_attention(&CpuTensor::new(n, w, qkv), &batch, &shape)
+        .unwrap();
+    for (i, r) in batch.cu_seqlens.windows(2).enumerate() {
+        let rows = r[0] as usize * nh * hd..r[1] as usize * nh * hd;
+        let e = rel_err(&g[rows.clone()], &c.data[rows]);
+        assert!(e < 1e-4, "image {i}: relative error {e}");
     }
 }

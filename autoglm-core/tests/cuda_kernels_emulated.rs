@@ -2,7 +2,10 @@
 //! - attention (`rope_and_cache_write`, `paged_attention`, `attention_combine`) against the CPU
 //!   backend's attention (the reference the fixtures check against transformers): indexing, the
 //!   paged KV layout, rope, the online softmax, GQA grouping, split-K and its merge, the bf16
-//!   output copy and the padding slot;
+//!   output copy and the padding slot; with M-RoPE, rope by the `[t, h, w]` streams;
+//! - the vision tower's kernels (vision.cu) against the CPU backend's ops: `layer_norm`, `gelu`,
+//!   the bicubic position-table resampling (bit for bit), and the 2-D-rope attention within each
+//!   image of a batch (`vision_rope`, `vision_attention`);
 //! - sampling (`argmax_rows`, `sample_rows`) against the host sampler's rules: for every case,
 //!   draws placed in the middle of a kept token's share must pick exactly that token.
 //!
@@ -19,8 +22,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use autoglm_core::backend::cpu::{CpuBackend, CpuTensor};
-use autoglm_core::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling};
-use autoglm_core::runner::ForwardBatch;
+use autoglm_core::backend::{
+    rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling, VisionAttentionShape,
+};
+use autoglm_core::model::vision::merge_block_positions;
+use autoglm_core::runner::{ForwardBatch, VisionBatch};
 use half::bf16;
 
 /// The slot of a padding token (cuda/graph.rs): its key and value must not be written.
@@ -36,7 +42,15 @@ fn build(driver: &str) -> PathBuf {
     let exe = std::env::temp_dir().join(format!("autoglm-{driver}-{}", std::process::id()));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Werror", "-I"])
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-ffp-contract=off",
+            "-pthread",
+            "-Wall",
+            "-Werror",
+            "-I",
+        ])
         .arg(dir.join("src/backend/cuda/kernels"))
         .arg("-I")
         .arg(dir.join("tests/emu"))
@@ -141,6 +155,7 @@ enum Kernel {
 
 /// Runs the kernels on `step` with the given KV caches (bf16 bits, updated in place).
 fn run_emulated(
+    s: &AttentionShape,
     step: &Step,
     tile: u32,
     kernel: Kernel,
@@ -151,9 +166,8 @@ fn run_emulated(
         Kernel::Paged { splits } => (splits, 0u32, 1u32),
         Kernel::Prefill { qt } => (1, 1, qt),
     };
-    let s = shape();
     let b = &step.batch;
-    let (n_real, w) = (b.num_tokens(), width(&s));
+    let (n_real, w) = (b.num_tokens(), width(s));
     let tokens = n_real + step.pads;
     let seqs = b.num_seqs() + step.pads;
     let mbps = b.max_blocks_per_seq;
@@ -165,7 +179,9 @@ fn run_emulated(
     let mut slots = b.slot_mapping.to_vec();
     let mut tables = b.block_tables.to_vec();
     let mut qkv = step.qkv.clone();
+    let mut mrope = b.mrope_positions.to_vec();
     for p in 0..step.pads {
+        mrope.extend([0, 0, 0]);
         positions.push(0);
         slots.push(PAD_SLOT);
         seq_of_token.push((b.num_seqs() + p) as u32);
@@ -192,6 +208,15 @@ fn run_emulated(
     bytes.extend(s.scale.to_le_bytes());
     bytes.extend(code.to_le_bytes());
     bytes.extend(qt.to_le_bytes());
+    // The rope kernel's streams: ops.rs passes the same for each shape.
+    let pairs = s.rotary_dim as u32 / 2;
+    let (stride, sec0, sec01) = match s.mrope_section {
+        None => (1u32, pairs, pairs),
+        Some(sec) => (3, sec[0] as u32, (sec[0] + sec[1]) as u32),
+    };
+    for x in [stride, sec0, sec01] {
+        bytes.extend(x.to_le_bytes());
+    }
     qkv.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
     let mut query_start = b.query_start.to_vec();
     for p in 0..step.pads {
@@ -199,6 +224,10 @@ fn run_emulated(
     }
     for arr in [&positions, &slots, &seq_of_token, &tables, &query_start] {
         arr.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+    }
+    if s.mrope_section.is_some() {
+        assert_eq!(mrope.len(), 3 * tokens, "three M-RoPE positions a token");
+        mrope.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
     }
     rope_inv_freq(s.rotary_dim, s.rope_theta)
         .iter()
@@ -209,7 +238,10 @@ fn run_emulated(
 
     let raw = run_driver(
         attention_emulator(),
-        &format!("attention-{tile}-{code}-{splits}-{qt}-{tokens}"),
+        &format!(
+            "attention-{tile}-{code}-{splits}-{qt}-{tokens}-{}",
+            s.mrope_section.is_some()
+        ),
         &bytes,
     );
     let mut at = 0;
@@ -256,15 +288,30 @@ fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
 
 /// The two steps: a prefill of two sequences (10 and 6 tokens), then a mixed step (a 3-token
 /// chunk of sequence 0, one decode token of sequence 1) with one padding row. Sequence tables
-/// avoid block 0, which the padding row reads.
-fn steps() -> [Step; 2] {
-    let w = width(&shape());
+/// avoid block 0, which the padding row reads. With M-RoPE (`s.mrope_section`), every token's
+/// three positions differ from each other and from its position.
+fn steps(s: &AttentionShape) -> [Step; 2] {
+    let w = width(s);
     let mut a = ForwardBatch::new(4);
     a.push_seq(&[0; 10], 0, &[3, 5, 7], BLOCK);
     a.push_seq(&[0; 6], 0, &[2, 9], BLOCK);
     let mut b = ForwardBatch::new(4);
     b.push_seq(&[0; 3], 10, &[3, 5, 7, 8], BLOCK);
     b.push_seq(&[0; 1], 6, &[2, 9], BLOCK);
+    if s.mrope_section.is_some() {
+        for batch in [&mut a, &mut b] {
+            let thw: Vec<u32> = batch
+                .positions
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &p)| {
+                    let i = i as u32;
+                    [p + 1, p + 2 + i % 3, 2 * p + 7 + i % 4]
+                })
+                .collect();
+            batch.mrope_positions = thw.into();
+        }
+    }
     [
         Step {
             qkv: random(16 * w, 1),
@@ -282,7 +329,12 @@ fn steps() -> [Step; 2] {
 /// Both steps on the CPU backend and through the emulated kernels with `tile` positions per
 /// shared-memory tile and `splits` KV splits; every output compared.
 fn check(tile: u32, kernel: Kernel) {
-    let s = shape();
+    check_shape(&shape(), tile, kernel);
+}
+
+/// [`check`] for the attention shape `s`.
+fn check_shape(s: &AttentionShape, tile: u32, kernel: Kernel) {
+    let s = *s;
     let cpu = CpuBackend::new();
     let cache_shape = KvCacheShape {
         num_layers: 1,
@@ -296,14 +348,14 @@ fn check(tile: u32, kernel: Kernel) {
     let mut k = vec![SENTINEL; BLOCKS * BLOCK * kvw];
     let mut v = k.clone();
     let (w, hd, nh) = (width(&s), s.head_dim, s.num_heads);
-    for (i, step) in steps().iter().enumerate() {
+    for (i, step) in steps(&s).iter().enumerate() {
         let what = format!("tile {tile}, {kernel:?}, step {i}");
         let n = step.batch.num_tokens();
         let mut qkv = CpuTensor::new(n, w, step.qkv.clone());
         let want = cpu
             .attention(&mut qkv, &mut cache, 0, &step.batch, &s)
             .unwrap();
-        let got = run_emulated(step, tile, kernel, &mut k, &mut v);
+        let got = run_emulated(&s, step, tile, kernel, &mut k, &mut v);
         // Rope on q and k (v untouched): f32 on both sides.
         let e = max_rel_err(&got.qkv[..n * w], &qkv.data);
         assert!(e < 1e-5, "{what}: roped qkv, relative error {e}");
@@ -373,6 +425,61 @@ fn prefill_kernel_matches_the_cpu_backend() {
         check(4, Kernel::Prefill { qt });
     }
     check(64, Kernel::Prefill { qt: 4 });
+}
+
+/// The glm4v-tiny text attention: heads of 32 with 16 rotary dims, M-RoPE section [2, 3, 3].
+fn mrope_shape() -> AttentionShape {
+    AttentionShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 32,
+        rotary_dim: 16,
+        rope_theta: 10000.0,
+        scale: 32f32.powf(-0.5),
+        mrope_section: Some([2, 3, 3]),
+    }
+}
+
+/// M-RoPE: `rope_and_cache_write` turns frequency i by stream `mrope_stream([2, 3, 3], i)` of
+/// the token's `[t, h, w]` (all three differing from each other and from the token's position,
+/// which still picks the cache slot and the causal mask), against the CPU backend with the same
+/// M-RoPE positions, through every attention kernel. The comparison can tell the streams apart:
+/// the CPU's roped q and k under 1-D rope or other sections differ far beyond its tolerance.
+#[test]
+fn mrope_rope_path_matches_the_cpu_backend() {
+    let s = mrope_shape();
+    let cpu = CpuBackend::new();
+    let step = &steps(&s)[0];
+    let roped = |section: Option<[usize; 3]>| {
+        let shape = AttentionShape {
+            mrope_section: section,
+            ..s
+        };
+        let mut cache = cpu
+            .alloc_kv_cache(KvCacheShape {
+                num_layers: 1,
+                num_blocks: BLOCKS,
+                block_size: BLOCK,
+                num_kv_heads: s.num_kv_heads,
+                head_dim: s.head_dim,
+            })
+            .unwrap();
+        let mut qkv = CpuTensor::new(step.batch.num_tokens(), width(&s), step.qkv.clone());
+        cpu.attention(&mut qkv, &mut cache, 0, &step.batch, &shape)
+            .unwrap();
+        qkv.data
+    };
+    let want = roped(s.mrope_section);
+    for other in [None, Some([8, 0, 0]), Some([3, 3, 2]), Some([2, 2, 4])] {
+        let e = max_rel_err(&roped(other), &want);
+        assert!(
+            e > 1e-2,
+            "{other:?} rotates like [2, 3, 3] (difference {e})"
+        );
+    }
+    check_shape(&s, 64, Kernel::Paged { splits: 1 });
+    check_shape(&s, 4, Kernel::Paged { splits: 3 });
+    check_shape(&s, 4, Kernel::Prefill { qt: 2 });
 }
 
 /// Runs `sample_rows` (`argmax` false) or `argmax_rows` on rows of `logits`.
@@ -737,6 +844,218 @@ fn generated_weights_equal_the_host_generator() {
             let got = o.f32s(n);
             o.done();
             assert_eq!(&got[..], &host.data[..], "f32 weights");
+        }
+    }
+}
+
+fn vision_emulator() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| build("vision_driver"))
+}
+
+/// Runs one op of `tests/emu/vision_driver.cpp`.
+fn run_vision(input: OpInput, tag: &str) -> OpOutput {
+    OpOutput(run_driver(vision_emulator(), tag, &input.0), 0)
+}
+
+/// layer_norm (rows wider than a block, a mean far from 0) and exact GELU against the CPU
+/// backend; GELU's bf16 copy equals its f32 output rounded.
+#[test]
+fn layer_norm_and_gelu_match_the_cpu_backend() {
+    use autoglm_core::model::HostTensor;
+    let cpu = CpuBackend::new();
+    let (rows, width, eps) = (4usize, 300usize, 1e-5f32);
+    let x: Vec<f32> = random(rows * width, 31)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| 2.0 * v + 3.0 + (i / width) as f32)
+        .collect();
+    let w: Vec<f32> = random(width, 32).iter().map(|v| 1.0 + v).collect();
+    let b = random(width, 33);
+    let up = |v: &[f32]| {
+        cpu.upload(HostTensor::owned(vec![v.len()], v.to_vec()))
+            .unwrap()
+    };
+    let mut o = run_vision(
+        OpInput::default()
+            .u32(0)
+            .u32(rows as u32)
+            .u32(width as u32)
+            .f32s(&[eps])
+            .f32s(&x)
+            .f32s(&w)
+            .f32s(&b),
+        "layer_norm",
+    );
+    let out = o.f32s(rows * width);
+    o.done();
+    let want = cpu
+        .layer_norm(
+            &CpuTensor::new(rows, width, x.clone()),
+            &up(&w),
+            &up(&b),
+            eps,
+        )
+        .unwrap();
+    let e = max_rel_err(&out, &want.data);
+    assert!(e < 1e-5, "layer_norm: relative error {e}");
+
+    let mut x: Vec<f32> = random(3000, 34).iter().map(|v| 5.0 * v).collect();
+    x.extend([0.0, -0.0, 1e-8, -7.0, 7.0, 30.0, -30.0]);
+    let mut o = run_vision(
+        OpInput::default().u32(1).u64(x.len() as u64).f32s(&x),
+        "gelu",
+    );
+    let (out, ob) = (o.f32s(x.len()), o.u16s(x.len()));
+    o.done();
+    let want = cpu.gelu(&CpuTensor::new(1, x.len(), x.clone())).unwrap();
+    let e = max_rel_err(&out, &want.data);
+    assert!(e < 1e-6, "gelu: relative error {e}");
+    // Element by element too (tanh's approximation is 1e-3 away near |x| = 2); erff's last bits
+    // differ from libm's, amplified where 1 + erf(x) cancels (x < -1).
+    for (i, (&g, &v)) in out.iter().zip(&want.data).enumerate() {
+        assert!(
+            (g - v).abs() <= 1e-6 * v.abs().max(1.0),
+            "gelu({}) = {g}, want {v}",
+            x[i]
+        );
+    }
+    assert_eq!(ob, bf16_bits(&out), "gelu: bf16 copy");
+}
+
+/// A vision batch of images of `grids` patch grids, rows in 2x2 merge-block order (the tower's).
+fn vision_batch(grids: &[[u32; 2]]) -> VisionBatch {
+    let mut b = VisionBatch::default();
+    for &[gh, gw] in grids {
+        b.push_image(
+            [gh, gw],
+            &merge_block_positions(gh as usize, gw as usize, 2),
+        );
+    }
+    b
+}
+
+/// The bicubic resampling of a 24 x 24 position table (bf16 values, as the backend stores it)
+/// to grids of 10x4, 4x6 and 4x8 patches (the fixture's images) and 40x30 (larger than the
+/// table), in one batch: equal to the CPU backend's bit for bit (the kernel computes the taps
+/// and accumulates in the CPU's order, each operation rounded alike). Rows wider than a block.
+#[test]
+fn interpolate_pos_embed_matches_the_cpu_backend_bit_for_bit() {
+    use autoglm_core::model::HostTensor;
+    let cpu = CpuBackend::new();
+    let (side, width) = (24usize, 300usize);
+    let table: Vec<f32> = random(side * side * width, 41)
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_f32())
+        .collect();
+    let grids = [[10u32, 4], [4, 6], [4, 8], [40, 30]];
+    let batch = vision_batch(&grids);
+    let rows = batch.num_patches();
+    let mut input = OpInput::default()
+        .u32(2)
+        .u32(rows as u32)
+        .u32(grids.len() as u32)
+        .u32(side as u32)
+        .u32(width as u32)
+        .u16s(&bf16_bits(&table));
+    input = input.u32s(&batch.patch_hw.iter().flatten().copied().collect::<Vec<_>>());
+    input = input.u32s(&batch.image_of_rows());
+    input = input.u32s(&grids.iter().flatten().copied().collect::<Vec<_>>());
+    let mut o = run_vision(input, "interpolate");
+    let got = o.f32s(rows * width);
+    o.done();
+    let t = cpu
+        .upload(HostTensor::owned(vec![side * side, width], table))
+        .unwrap();
+    let want = cpu.interpolate_pos_embed(&t, side, &batch).unwrap();
+    for (i, w) in batch.cu_seqlens.windows(2).enumerate() {
+        let r = w[0] as usize * width..w[1] as usize * width;
+        let (g, x) = (&got[r.clone()], &want.data[r]);
+        let e = max_rel_err(g, x);
+        assert!(g == x, "image {i} ({:?}): relative error {e}", grids[i]);
+    }
+}
+
+/// The 2-D NeoX-halves rope of the vision tower (backend/cpu/vision.rs), as a reference for the
+/// kernel's rotated q and k: `[rows, 2 * heads * head_dim]`.
+fn rope_2d_reference(qkv: &[f32], hw: &[[u32; 2]], nh: usize, hd: usize) -> Vec<f32> {
+    let inv = rope_inv_freq(hd / 2, 10000.0);
+    let (w, half, quarter) = (nh * hd, hd / 2, hd / 4);
+    let mut out = Vec::with_capacity(hw.len() * 2 * w);
+    for (row, p) in qkv.chunks(3 * w).zip(hw) {
+        let mut qk = row[..2 * w].to_vec();
+        for head in qk.chunks_mut(hd) {
+            for d in 0..half {
+                let angle = if d < quarter {
+                    p[0] as f32 * inv[d]
+                } else {
+                    p[1] as f32 * inv[d - quarter]
+                };
+                let (s, c) = angle.sin_cos();
+                let (a, b) = (head[d], head[d + half]);
+                head[d] = a * c - b * s;
+                head[d + half] = b * c + a * s;
+            }
+        }
+        out.extend(qk);
+    }
+    out
+}
+
+/// `vision_rope` + `vision_attention` on a batch of two images of different sizes (10x8 = 80
+/// patches, several key tiles and query blocks, and 4x6 = 24) against the CPU backend, heads of
+/// 16 and 128, with the tiling ops.rs picks and with small odd tiles (partial query blocks and
+/// key tiles everywhere). f32 on both sides; the output's bf16 copy is it rounded.
+#[test]
+fn vision_attention_matches_the_cpu_backend_within_each_image() {
+    let cpu = CpuBackend::new();
+    let batch = vision_batch(&[[10, 8], [4, 6]]);
+    let rows = batch.num_patches();
+    // (heads, head_dim, [(query rows a block, key rows a tile)]): vision_tiling's choice first.
+    let cases = [
+        (2usize, 16usize, [(16u32, 64u32), (3, 8)]),
+        (2, 128, [(16, 32), (5, 24)]),
+    ];
+    for (nh, hd, tilings) in cases {
+        let w = nh * hd;
+        let shape = VisionAttentionShape {
+            num_heads: nh,
+            head_dim: hd,
+            rope_theta: 10000.0,
+            scale: (hd as f32).powf(-0.5),
+        };
+        // Larger q and k than v: scores far from uniform, so the weights matter.
+        let qkv: Vec<f32> = random(rows * 3 * w, 50 + hd as u64)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i % (3 * w) < 2 * w { 2.5 * v } else { v })
+            .collect();
+        let want = cpu
+            .vision_attention(&CpuTensor::new(rows, 3 * w, qkv.clone()), &batch, &shape)
+            .unwrap();
+        let rope = rope_2d_reference(&qkv, &batch.patch_hw, nh, hd);
+        for (qt, tile) in tilings {
+            let what = format!("{nh} heads of {hd}, {qt} query rows a block, tiles of {tile}");
+            let mut input = OpInput::default().u32(3);
+            for x in [rows, 2, nh, hd, tile as usize, qt as usize] {
+                input = input.u32(x as u32);
+            }
+            input = input.f32s(&[shape.scale]).f32s(&qkv);
+            input = input.u32s(&batch.patch_hw.iter().flatten().copied().collect::<Vec<_>>());
+            input = input
+                .u32s(&batch.cu_seqlens)
+                .f32s(&rope_inv_freq(hd / 2, shape.rope_theta));
+            let mut o = run_vision(input, &format!("vision-attention-{hd}-{qt}-{tile}"));
+            let (qk, out, ob) = (o.f32s(rows * 2 * w), o.f32s(rows * w), o.u16s(rows * w));
+            o.done();
+            let e = max_rel_err(&qk, &rope);
+            assert!(e < 1e-5, "{what}: rotated q and k, relative error {e}");
+            for (i, c) in batch.cu_seqlens.windows(2).enumerate() {
+                let r = c[0] as usize * w..c[1] as usize * w;
+                let e = max_rel_err(&out[r.clone()], &want.data[r]);
+                assert!(e < 1e-5, "{what}: image {i}: relative error {e}");
+            }
+            assert_eq!(ob, bf16_bits(&out), "{what}: bf16 copy");
         }
     }
 }

@@ -12,8 +12,8 @@ use autoglm_core::backend::Backend;
 use autoglm_core::engine::Request;
 use autoglm_core::media::ProcessedImage;
 use autoglm_core::model::mrope::mrope_positions;
-use autoglm_core::model::{Architecture, GlmModel, ModelConfig};
 use autoglm_core::model::vision::ImageRows;
+use autoglm_core::model::{Architecture, GlmModel, ModelConfig};
 use autoglm_core::runner::ForwardBatch;
 use autoglm_core::{Engine, EngineConfig, SamplingParams};
 use common::*;
@@ -45,8 +45,14 @@ fn tensor(name: &str) -> Vec<f32> {
 
 /// The case's images as transformers preprocessed them.
 fn images(case: &Value) -> Vec<Arc<ProcessedImage>> {
-    let grids = case["image_grid_thw"].as_array().cloned().unwrap_or_default();
-    let tensors = case["pixel_values_tensors"].as_array().cloned().unwrap_or_default();
+    let grids = case["image_grid_thw"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let tensors = case["pixel_values_tensors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     tensors
         .iter()
         .zip(grids)
@@ -62,28 +68,38 @@ fn images(case: &Value) -> Vec<Arc<ProcessedImage>> {
                     .as_str()
                     .unwrap()
                     .bytes()
-                    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)),
+                    .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                    }),
             })
         })
         .collect()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[test]
 fn config_reads_text_and_vision_settings_in_both_layouts() {
     let c = ModelConfig::from_file(&fixture(NAME).join("config.json")).unwrap();
     assert_eq!(c.architecture, Architecture::Glm4v);
-    assert_eq!((c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads), (128, 2, 4, 2));
+    assert_eq!(
+        (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads),
+        (128, 2, 4, 2)
+    );
     assert_eq!((c.head_dim, c.rotary_dim, c.vocab_size), (32, 16, 640));
     assert_eq!(c.mrope_section, Some([2, 3, 3]));
     assert_eq!(c.eos_token_ids, [584, 591, 593, 603]);
     let v = c.vision.as_ref().unwrap();
-    assert_eq!((v.depth, v.hidden_size, v.num_heads, v.out_hidden_size), (2, 64, 4, 128));
-    assert_eq!((v.image_token_id, v.image_start_token_id, v.image_end_token_id), (598, 594, 595));
+    assert_eq!(
+        (v.depth, v.hidden_size, v.num_heads, v.out_hidden_size),
+        (2, 64, 4, 128)
+    );
+    assert_eq!(
+        (
+            v.image_token_id,
+            v.image_start_token_id,
+            v.image_end_token_id
+        ),
+        (598, 594, 595)
+    );
     assert_eq!((v.patch_dim(), v.num_positions_side()), (1176, 24));
 
     // GLM-4.1V-9B-Thinking's older layout: rope keys inside text_config, mrope_section under
@@ -106,11 +122,18 @@ fn config_reads_text_and_vision_settings_in_both_layouts() {
     // A wrong section sum or a missing vision config is named.
     let mut bad = old.clone();
     bad["text_config"]["rope_scaling"]["mrope_section"] = serde_json::json!([2, 3, 4]);
-    let e = ModelConfig::from_json(&bad.to_string()).unwrap_err().to_string();
-    assert!(e.contains("mrope_section") && e.contains("sums to 9"), "{e}");
+    let e = ModelConfig::from_json(&bad.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mrope_section") && e.contains("sums to 9"),
+        "{e}"
+    );
     let mut bad = old;
     bad.as_object_mut().unwrap().remove("vision_config");
-    let e = ModelConfig::from_json(&bad.to_string()).unwrap_err().to_string();
+    let e = ModelConfig::from_json(&bad.to_string())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("vision_config"), "{e}");
 }
 
@@ -125,14 +148,28 @@ fn vision_tower_matches_every_stage() {
         if imgs.is_empty() {
             continue;
         }
-        let grids: Vec<[usize; 2]> = imgs.iter().map(|i| [i.grid_thw[1], i.grid_thw[2]]).collect();
+        let grids: Vec<[usize; 2]> = imgs
+            .iter()
+            .map(|i| [i.grid_thw[1], i.grid_thw[2]])
+            .collect();
         let batch = vision.batch(&grids).unwrap();
         // The patch coordinates and per-image sequences transformers used.
         let (_, hw) = expected_i64(&format!("{name}.vision.position_ids_hw"));
-        let ours: Vec<i64> = batch.patch_hw.iter().flat_map(|p| [p[0] as i64, p[1] as i64]).collect();
+        let ours: Vec<i64> = batch
+            .patch_hw
+            .iter()
+            .flat_map(|p| [p[0] as i64, p[1] as i64])
+            .collect();
         assert_eq!(ours, hw, "{name}: patch coordinates");
         let (_, cu) = expected_i64(&format!("{name}.vision.cu_seqlens"));
-        assert_eq!(batch.cu_seqlens.iter().map(|&x| x as i64).collect::<Vec<_>>(), cu);
+        assert_eq!(
+            batch
+                .cu_seqlens
+                .iter()
+                .map(|&x| x as i64)
+                .collect::<Vec<_>>(),
+            cu
+        );
         let pixels: Vec<f32> = imgs.iter().flat_map(|i| i.pixel_values.clone()).collect();
         let stages = case["vision_stage_tensors"].as_object().unwrap().clone();
         let mut checked = 0;
@@ -171,7 +208,11 @@ fn mrope_positions_and_delta_match_get_rope_index() {
             let got: Vec<i64> = p.positions.iter().map(|x| x[stream] as i64).collect();
             assert_eq!(got, row, "{name}: stream {stream}");
         }
-        assert_eq!(p.rope_delta, case["rope_deltas"].as_i64().unwrap(), "{name}");
+        assert_eq!(
+            p.rope_delta,
+            case["rope_deltas"].as_i64().unwrap(),
+            "{name}"
+        );
     }
 }
 
@@ -180,7 +221,10 @@ fn prompt_logits(model: &GlmModel<CpuBackend>, backend: &CpuBackend, case: &Valu
     let prompt = ids(&case["prompt_token_ids"]);
     let imgs = images(case);
     let vision = model.vision().unwrap();
-    let grids: Vec<[usize; 2]> = imgs.iter().map(|i| [i.grid_thw[1], i.grid_thw[2]]).collect();
+    let grids: Vec<[usize; 2]> = imgs
+        .iter()
+        .map(|i| [i.grid_thw[1], i.grid_thw[2]])
+        .collect();
     let merged: Vec<[usize; 2]> = grids.iter().map(|g| [g[0] / 2, g[1] / 2]).collect();
     let pos = mrope_positions(&prompt, 598, &merged).unwrap();
     let blocks: Vec<u32> = (0..prompt.len().div_ceil(BLOCK) as u32).collect();
@@ -275,7 +319,10 @@ fn greedy_continuations_with_images_match_and_decode_logits_too() {
             .unwrap();
         let out = autoglm_core::engine::collect(out, 1).unwrap();
         assert_eq!(out.choices[0].token_ids, want, "{name}");
-        assert_eq!(out.usage.prompt_tokens, case["prompt_token_ids"].as_array().unwrap().len());
+        assert_eq!(
+            out.usage.prompt_tokens,
+            case["prompt_token_ids"].as_array().unwrap().len()
+        );
     }
 }
 
@@ -303,13 +350,27 @@ fn bad_image_requests_are_refused_by_name() {
     // More images than placeholders, and the reverse.
     let two = vec![imgs[0].clone(), imgs[0].clone()];
     let e = submit(prompt.clone(), two);
-    assert!(e.contains("1 image placeholder") && e.contains("2 image"), "{e}");
+    assert!(
+        e.contains("1 image placeholder") && e.contains("2 image"),
+        "{e}"
+    );
     let e = submit(prompt.clone(), vec![]);
-    assert!(e.contains("1 image placeholder") && e.contains("0 image"), "{e}");
+    assert!(
+        e.contains("1 image placeholder") && e.contains("0 image"),
+        "{e}"
+    );
     // A run of the wrong length.
-    let short: Vec<u32> = prompt.iter().copied().filter(|&t| t != 598).chain([598, 598]).collect();
+    let short: Vec<u32> = prompt
+        .iter()
+        .copied()
+        .filter(|&t| t != 598)
+        .chain([598, 598])
+        .collect();
     let e = submit(short, imgs.clone());
-    assert!(e.contains("takes 10 placeholder tokens") && e.contains("has 2"), "{e}");
+    assert!(
+        e.contains("takes 10 placeholder tokens") && e.contains("has 2"),
+        "{e}"
+    );
     // Images for a text-only model.
     let text = Engine::from_dir(&fixture("glm4-tiny"), EngineConfig::default()).unwrap();
     let e = text
@@ -324,6 +385,83 @@ fn bad_image_requests_are_refused_by_name() {
         .to_string();
     assert!(e.contains("does not take images"), "{e}");
     // The engine keeps serving.
-    let ok = engine.generate(ids(&cases()[3]["prompt_token_ids"]), greedy(3)).unwrap();
+    let ok = engine
+        .generate(ids(&cases()[3]["prompt_token_ids"]), greedy(3))
+        .unwrap();
     assert_eq!(ok.choices[0].token_ids.len(), 3);
+}
+
+/// The whole path as a user takes it: OpenAI messages with `data:` PNG URLs, the chat template in
+/// the case's content format, preprocessing from the PNG bytes, placeholder expansion, greedy
+/// decoding: the prompt equals transformers' `input_ids` and the tokens its greedy continuation.
+#[test]
+fn chat_messages_with_png_data_urls_give_the_reference_prompt_and_tokens() {
+    use autoglm_core::chat::{prepare_chat, ContentFormat, MediaPolicy};
+    use autoglm_core::engine::ImageInput;
+    use base64::Engine as _;
+    let engine = engine(EngineConfig {
+        device: autoglm_core::Device::Cpu,
+        ..Default::default()
+    });
+    let tok = engine.tokenizer().unwrap();
+    let mut checked = 0;
+    for case in cases() {
+        let name = case["name"].as_str().unwrap();
+        let files: Vec<String> = case["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        if files.iter().any(|f| f.ends_with(".jpg")) {
+            // JPEG decoders differ by a few LSB from libjpeg-turbo (media_fixtures.rs).
+            continue;
+        }
+        // Image URLs become data URLs of the files' bytes, as Open-AutoGLM sends them.
+        let mut messages = case["messages"].clone();
+        for m in messages.as_array_mut().unwrap() {
+            if let Some(parts) = m["content"].as_array_mut() {
+                for p in parts {
+                    if let Some(url) = p.pointer_mut("/image_url/url") {
+                        let bytes =
+                            std::fs::read(fixture(NAME).join(url.as_str().unwrap())).unwrap();
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+                        *url = format!("data:image/png;base64,{b64}").into();
+                    }
+                }
+            }
+        }
+        let format = match case["content_format"].as_str().unwrap() {
+            "string" => ContentFormat::String,
+            _ => ContentFormat::OpenAi,
+        };
+        let chat = prepare_chat(&messages, format).unwrap();
+        let text = tok.apply_chat_template(&chat.messages, None, true).unwrap();
+        assert_eq!(
+            text,
+            case["rendered"].as_str().unwrap(),
+            "{name}: rendered prompt"
+        );
+        let prompt = tok.encode(&text, false).unwrap();
+        let images: Vec<ImageInput> = chat
+            .images
+            .iter()
+            .map(|src| ImageInput::Encoded(MediaPolicy::default().read(src).unwrap()))
+            .collect();
+        let (expanded, processed) = engine.expand_images(&prompt, &images).unwrap();
+        assert_eq!(expanded, ids(&case["input_ids"]), "{name}: expanded prompt");
+        let want = ids(&case["greedy_token_ids"]);
+        let out = engine
+            .submit_request(Request {
+                prompt: expanded,
+                params: greedy(want.len()),
+                priority: 0,
+                images: processed,
+            })
+            .unwrap();
+        let out = autoglm_core::engine::collect(out, 1).unwrap();
+        assert_eq!(out.choices[0].token_ids, want, "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "screen_openai, agent_step_string and text_only");
 }

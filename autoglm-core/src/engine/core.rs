@@ -476,25 +476,31 @@ impl<B: Backend> Core<B> {
                 })
             })
             .collect();
-        let logits = backend
-            .run_step(&batch, &mut self.cache, &mut |b, cache| {
-                model.forward_logits_with_images(backend, b, cache, &image_rows)
-            })
-            .and_then(|l| {
-                if !on_device {
-                    return self.backend.to_host(&l).map(Sampled::Logits);
-                }
-                let mut ids = std::mem::take(&mut self.sampled_ids);
-                self.backend.sample_rows(&l, &self.row_sampling, &mut ids)?;
-                if ids.len() != self.row_sampling.len() {
-                    return Err(Error::Backend(format!(
-                        "sample_rows returned {} tokens for {} rows",
-                        ids.len(),
-                        self.row_sampling.len()
-                    )));
-                }
-                Ok(Sampled::Tokens(ids))
-            });
+        let mut forward = |b: &ForwardBatch, cache: &mut B::KvCache| {
+            model.forward_logits_with_images(backend, b, cache, &image_rows)
+        };
+        // A step that writes image features runs eagerly: a backend's recorded replay (CUDA
+        // graphs of decode-shaped steps) would skip the feature copy.
+        let logits = if image_rows.is_empty() {
+            backend.run_step(&batch, &mut self.cache, &mut forward)
+        } else {
+            forward(&batch, &mut self.cache)
+        }
+        .and_then(|l| {
+            if !on_device {
+                return self.backend.to_host(&l).map(Sampled::Logits);
+            }
+            let mut ids = std::mem::take(&mut self.sampled_ids);
+            self.backend.sample_rows(&l, &self.row_sampling, &mut ids)?;
+            if ids.len() != self.row_sampling.len() {
+                return Err(Error::Backend(format!(
+                    "sample_rows returned {} tokens for {} rows",
+                    ids.len(),
+                    self.row_sampling.len()
+                )));
+            }
+            Ok(Sampled::Tokens(ids))
+        });
         drop(image_rows);
         self.encoder.evict_to_limit();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -552,10 +558,7 @@ impl<B: Backend> Core<B> {
         let mut row0 = 0;
         for s in &plan.scheduled {
             let (start, end) = (s.start, s.start + s.len);
-            let images = self
-                .scheduler
-                .get(s.seq_id)
-                .and_then(|q| q.images.clone());
+            let images = self.scheduler.get(s.seq_id).and_then(|q| q.images.clone());
             for im in images.iter().flat_map(|im| im.images.iter()) {
                 let (lo, hi) = (im.offset.max(start), (im.offset + im.num_tokens).min(end));
                 if lo >= hi {
@@ -563,7 +566,9 @@ impl<B: Backend> Core<B> {
                 }
                 let hash = im.image.content_hash;
                 if self.encoder.touch(hash) {
-                    self.stats.encoder_cache_hits.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .encoder_cache_hits
+                        .fetch_add(1, Ordering::Relaxed);
                 } else {
                     let t0 = std::time::Instant::now();
                     let embeds = self.encode_image(&im.image).map_err(|e| (s.seq_id, e))?;

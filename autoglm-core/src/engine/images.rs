@@ -179,7 +179,9 @@ pub(super) fn prompt_images(cfg: &ModelConfig, req: &Request) -> Result<Option<A
                 im.grid_thw
             )));
         }
-        if im.patch_dim() != vision.patch_dim() || im.pixel_values.len() != gh * gw * vision.patch_dim() {
+        if im.patch_dim() != vision.patch_dim()
+            || im.pixel_values.len() != gh * gw * vision.patch_dim()
+        {
             return Err(Error::Image(format!(
                 "image {i}: {} pixel values for a {gh}x{gw} grid of {} per patch",
                 im.pixel_values.len(),

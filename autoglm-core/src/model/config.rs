@@ -143,7 +143,12 @@ impl VisionConfig {
         );
         let side = self.num_positions_side();
         let block = 2 * h + 3 * h * h + h * h + 3 * o * h;
-        self.patch_dim() * h + h + h + side * side * h + self.depth * block + h
+        self.patch_dim() * h
+            + h
+            + h
+            + side * side * h
+            + self.depth * block
+            + h
             + (m * h * o + o)
             + (o * o + 2 * o + 3 * i * o)
     }
@@ -158,7 +163,10 @@ impl VisionConfig {
             ("vision_config.patch_size", self.patch_size),
             ("vision_config.in_channels", self.in_channels),
             ("vision_config.spatial_merge_size", self.spatial_merge_size),
-            ("vision_config.temporal_patch_size", self.temporal_patch_size),
+            (
+                "vision_config.temporal_patch_size",
+                self.temporal_patch_size,
+            ),
         ];
         for (field, v) in positive {
             if v == 0 {
@@ -262,9 +270,7 @@ impl ModelConfig {
         let raw: RawConfig =
             serde_json::from_value(serde_json::Value::Object(merged)).map_err(json)?;
         let vision = match vision {
-            Some(v) if !v.is_null() => {
-                Some(serde_json::from_value::<RawVision>(v).map_err(json)?)
-            }
+            Some(v) if !v.is_null() => Some(serde_json::from_value::<RawVision>(v).map_err(json)?),
             _ => None,
         };
         raw.into_config(vision, &top)

@@ -49,7 +49,10 @@ pub fn mrope_positions(
             i += 1;
             continue;
         }
-        let run = tokens[i..].iter().take_while(|&&t| t == image_token).count();
+        let run = tokens[i..]
+            .iter()
+            .take_while(|&&t| t == image_token)
+            .count();
         let mut left = run;
         while left > 0 {
             let Some(&[lh, lw]) = images.next() else {

@@ -179,7 +179,12 @@ impl<B: Backend> VisionModel<B> {
 
     /// Encodes the images of `batch` whose patches are `pixel_values` (`[patches, 1176]`,
     /// row-major): one output row per merged token, in order.
-    pub fn encode(&self, backend: &B, pixel_values: &[f32], batch: &VisionBatch) -> Result<B::Tensor> {
+    pub fn encode(
+        &self,
+        backend: &B,
+        pixel_values: &[f32],
+        batch: &VisionBatch,
+    ) -> Result<B::Tensor> {
         let stages = self.encode_stages(backend, pixel_values, batch, &mut |_, _| Ok(()))?;
         Ok(stages)
     }
@@ -208,8 +213,7 @@ impl<B: Backend> VisionModel<B> {
         inspect("vision.patch_embed", &x)?;
         let mut residual = backend.rms_norm(&x, &self.post_conv_norm, eps)?;
         inspect("vision.post_conv_layernorm", &residual)?;
-        let pos =
-            backend.interpolate_pos_embed(&self.pos_table, c.num_positions_side(), batch)?;
+        let pos = backend.interpolate_pos_embed(&self.pos_table, c.num_positions_side(), batch)?;
         inspect("vision.pos_embed_interpolated", &pos)?;
         let first = self.blocks.first().map_or(&self.post_norm, |b| &b.norm1);
         let mut h = backend.add_rms_norm(&mut residual, &pos, first, eps)?;

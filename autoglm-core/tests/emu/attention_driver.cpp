@@ -3,8 +3,10 @@
 // splits > 1) or, with kernel 1, paged_attention_prefill with `qt` query tokens a block.
 // Usage: attention_driver IN OUT. IN (little-endian): u32 tokens, heads, kv_heads, head_dim,
 // rotary_dim, block_size, slots, max_blocks_per_seq, seqs, tile, splits, f32 scale, u32 kernel,
-// qt; then f32 qkv, u32 positions, slot_mapping, seq_of_token, block_tables, query_start
-// (seqs + 1), f32 inv_freq, bf16 k_cache, v_cache.
+// qt, rope_stride (1: 1-D rope from the positions, 3: M-RoPE), sec0, sec01 (the M-RoPE section
+// bounds; rotary_dim / 2 for 1-D rope); then f32 qkv, u32 positions, slot_mapping, seq_of_token,
+// block_tables, query_start (seqs + 1), with M-RoPE u32 mrope_positions (tokens * 3), then f32
+// inv_freq, bf16 k_cache, v_cache.
 // OUT: f32 qkv (after rope), f32 out, bf16 out_bf16, bf16 k_cache, v_cache.
 #include "cuda_emu.h"
 #include "common.cuh"
@@ -26,14 +28,14 @@ int main(int argc, char** argv) {
     FILE* in = std::fopen(argv[1], "rb");
     if (!in) return 2;
     std::vector<u32> h;
-    get(in, h, 14);
+    get(in, h, 17);
     const u32 tokens = h[0], nh = h[1], nkv = h[2], hd = h[3], rot = h[4], bs = h[5], slots = h[6],
               mbps = h[7], seqs = h[8], tile = h[9], splits = h[10];
     const float scale = __uint_as_float(h[11]);
-    const u32 kernel = h[12], qt = h[13];
+    const u32 kernel = h[12], qt = h[13], rope_stride = h[14], sec0 = h[15], sec01 = h[16];
     const u32 width = (nh + 2 * nkv) * hd, kvw = nkv * hd, g = nh / nkv;
     std::vector<float> qkv, inv_freq;
-    std::vector<u32> positions, slot_mapping, seq_of_token, tables, query_start;
+    std::vector<u32> positions, slot_mapping, seq_of_token, tables, query_start, mrope;
     std::vector<bf16_t> k_cache, v_cache;
     get(in, qkv, (size_t)tokens * width);
     get(in, positions, tokens);
@@ -41,6 +43,8 @@ int main(int argc, char** argv) {
     get(in, seq_of_token, tokens);
     get(in, tables, (size_t)seqs * mbps);
     get(in, query_start, (size_t)seqs + 1);
+    if (rope_stride == 3) get(in, mrope, (size_t)tokens * 3);
+    const u32* rope_pos = rope_stride == 3 ? mrope.data() : positions.data();
     get(in, inv_freq, rot / 2);
     get(in, k_cache, (size_t)slots * kvw);
     get(in, v_cache, (size_t)slots * kvw);
@@ -58,7 +62,7 @@ int main(int argc, char** argv) {
     }
 
     emu_launch(dim3{tokens, 1, 1}, dim3{128, 1, 1}, [&] {
-        rope_and_cache_write(qkv.data(), positions.data(), slot_mapping.data(), inv_freq.data(),
+        rope_and_cache_write(qkv.data(), rope_pos, rope_stride, sec0, sec01, slot_mapping.data(), inv_freq.data(),
                              k_cache.data(), v_cache.data(), nh, nkv, hd, rot);
     });
     if (kernel == 1) {

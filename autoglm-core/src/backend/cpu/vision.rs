@@ -66,28 +66,26 @@ pub(super) fn interpolate_pos_embed(
     let width = table.cols();
     let image = batch.image_of_rows();
     let mut out = vec![0f32; rows * width];
-    out.par_chunks_mut(width)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; width],
-            |line, (r, o)| {
-                let [(yi, yw), (xi, xw)] =
-                    pos_embed_taps(side, batch.grids[image[r] as usize], batch.patch_hw[r]);
-                // As PyTorch does: along x within each of the 4 rows, then along y.
-                for (&y, &wy) in yi.iter().zip(&yw) {
-                    line.fill(0.0);
-                    for (&x, &wx) in xi.iter().zip(&xw) {
-                        let src = &table.data[(y * side + x) * width..(y * side + x + 1) * width];
-                        for (l, &v) in line.iter_mut().zip(src) {
-                            *l += wx * v;
-                        }
-                    }
-                    for (o, &l) in o.iter_mut().zip(line.iter()) {
-                        *o += wy * l;
+    out.par_chunks_mut(width).enumerate().for_each_init(
+        || vec![0f32; width],
+        |line, (r, o)| {
+            let [(yi, yw), (xi, xw)] =
+                pos_embed_taps(side, batch.grids[image[r] as usize], batch.patch_hw[r]);
+            // As PyTorch does: along x within each of the 4 rows, then along y.
+            for (&y, &wy) in yi.iter().zip(&yw) {
+                line.fill(0.0);
+                for (&x, &wx) in xi.iter().zip(&xw) {
+                    let src = &table.data[(y * side + x) * width..(y * side + x + 1) * width];
+                    for (l, &v) in line.iter_mut().zip(src) {
+                        *l += wx * v;
                     }
                 }
-            },
-        );
+                for (o, &l) in o.iter_mut().zip(line.iter()) {
+                    *o += wy * l;
+                }
+            }
+        },
+    );
     Ok(CpuTensor::new(rows, width, out))
 }
 

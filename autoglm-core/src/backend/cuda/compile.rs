@@ -71,6 +71,17 @@ pub const MODULES: &[KernelModule] = &[
             "fill_bf16",
         ],
     },
+    KernelModule {
+        name: "vision.cu",
+        source: include_str!("kernels/vision.cu"),
+        functions: &[
+            "layer_norm",
+            "gelu",
+            "interpolate_pos_embed",
+            "vision_rope",
+            "vision_attention",
+        ],
+    },
 ];
 
 /// NVRTC options besides the architecture. No fast math: expf/sincosf stay accurate so the

@@ -18,7 +18,20 @@
 //!   the graph's own memory (allocations made during capture become graph memory nodes, freed
 //!   inside the graph); the logits end in a buffer the graph writes last;
 //! - attention is captured with as many KV splits as the longest context the block-table width
-//!   allows (the kernel cuts each token's own context into that many ranges on the device).
+//!   allows (the kernel cuts each token's own context into that many ranges on the device);
+//! - M-RoPE (Glm4v) decode steps are captured too: their `[t, h, w]` positions are packed into the
+//!   graph's metadata with the rest (padding tokens get `[0, 0, 0]`, harmless as their slot is
+//!   [`PAD_SLOT`]), and the rope kernel reads them from there. Whether a step carries M-RoPE
+//!   positions is part of the graph's key, as the packed layout differs.
+//!
+//! Steps that write image features over embedding rows (`Backend::copy_rows`, the copy's source
+//! being that step's own encoder output) must not replay a graph, which would skip the copy. A
+//! decode-shaped step can hold an image placeholder: a prompt ending in one, whose final chunk is
+//! that single token (after a prefix-cache hit or chunking). Such a step is told by its M-RoPE
+//! positions ([`has_image_positions`]) and runs eagerly; one that slips through (the single
+//! placeholder of a 1 x 1-token image sits at `[p, p, p]` like text) is at least never captured,
+//! as its eager pass counts a `copy_rows`, but a graph captured earlier for its shape would replay
+//! without the copy. The engine knows which steps have image rows; the trait does not tell.
 //!
 //! The ops' host-side checks do not run on a replay, so the replay repeats the ones that guard
 //! memory (`check_batch`, token ids inside the vocabulary) before launching. Graphs are keyed by
@@ -83,11 +96,21 @@ pub(crate) fn is_decode(batch: &ForwardBatch) -> bool {
             .all(|(i, &r)| r as usize == i)
 }
 
+/// Whether a token of `batch` has M-RoPE positions that are not `[p, p, p]`: an image
+/// placeholder (text and generated tokens advance all three streams together).
+pub(crate) fn has_image_positions(batch: &ForwardBatch) -> bool {
+    batch
+        .mrope_positions
+        .chunks(3)
+        .any(|p| p.len() != 3 || p[0] != p[1] || p[0] != p[2])
+}
+
 /// `batch` (a decode step of at most `bucket` sequences, block tables at most `width` wide)
 /// padded to `bucket` sequences with `width` block-table entries each, into `out` (cleared
-/// first; its buffers are reused). A padding sequence has one token: id 0 at position 0 with
-/// slot [`PAD_SLOT`], context length 1 and a block table of zeros (it reads, never writes, the
-/// first cache slot); its logits row is computed and ignored.
+/// first; its buffers are reused). A padding sequence has one token: id 0 at position 0 (M-RoPE
+/// positions `[0, 0, 0]` when the batch has them) with slot [`PAD_SLOT`], context length 1 and a
+/// block table of zeros (it reads, never writes, the first cache slot); its logits row is
+/// computed and ignored.
 pub(crate) fn pad_decode(
     batch: &ForwardBatch,
     bucket: usize,
@@ -119,7 +142,16 @@ pub(crate) fn pad_decode(
     out.block_tables.resize(bucket * width, 0);
     out.logits_indices.clear();
     out.logits_indices.extend(0..bucket as u32);
+    out.mrope_positions.clear();
+    if !batch.mrope_positions.is_empty() {
+        out.mrope_positions
+            .extend_from_slice(&batch.mrope_positions);
+        out.mrope_positions.resize(3 * bucket, 0);
+    }
 }
+
+/// (bucket, block-table width, KV cache id, whether the steps carry M-RoPE positions).
+type GraphKey = (usize, usize, u64, bool);
 
 /// Most graphs kept per backend; the least recently replayed one goes first. Each holds the
 /// memory of its own activations (graph memory nodes), outside the KV-cache budget.
@@ -156,8 +188,8 @@ unsafe impl Send for DecodeGraph {}
 /// The captured graphs of a backend.
 #[derive(Default)]
 pub(super) struct Graphs {
-    /// By (bucket, block-table width, KV cache id).
-    by_key: HashMap<(usize, usize, u64), DecodeGraph>,
+    /// By (bucket, block-table width, KV cache id, M-RoPE positions or not).
+    by_key: HashMap<GraphKey, DecodeGraph>,
     /// Where graphs leave their logits, one `MAX_GRAPH_BATCH x cols` buffer per logits width,
     /// shared (replays and the copies out of it are ordered on the one stream).
     logits: HashMap<usize, CudaSlice<f32>>,
@@ -206,7 +238,7 @@ impl CudaBackend {
         forward: &mut Forward<'_>,
     ) -> Result<CudaTensor> {
         let bucket = match bucket(batch.num_seqs()) {
-            Some(b) if is_decode(batch) => b,
+            Some(b) if is_decode(batch) && !has_image_positions(batch) => b,
             _ => return forward(batch, cache),
         };
         let mut graphs = self
@@ -220,7 +252,7 @@ impl CudaBackend {
         // Padding and replays index the batch before any op would check it.
         check_batch(batch, &cache.shape)?;
         let width = table_width(batch.max_blocks_per_seq);
-        let key = (bucket, width, cache.id);
+        let key = (bucket, width, cache.id, !batch.mrope_positions.is_empty());
         graphs.clock += 1;
         let now = graphs.clock;
         let Graphs { by_key, logits, .. } = &mut *graphs;
@@ -236,10 +268,15 @@ impl CudaBackend {
         // then record the same pass.
         let mut padded = ForwardBatch::new(width);
         pad_decode(batch, bucket, width, &mut padded);
+        let row_copies = self.row_copies();
         let full = forward(&padded, cache)?;
-        let out = self.copy_rows(&full.data, batch.num_tokens(), full.cols)?;
+        let out = self.leading_rows(&full.data, batch.num_tokens(), full.cols)?;
         let cols = full.cols;
         drop(full);
+        if self.row_copies() != row_copies {
+            // Image features were copied in: a replay could not repeat that step's copy.
+            return Ok(out);
+        }
         graphs.make_room();
         match self.capture(&mut graphs, padded, cache, forward, cols, bucket) {
             Ok(mut g) => {
@@ -389,7 +426,7 @@ impl CudaBackend {
         }
         g.graph.launch().map_err(driver_err(what))?;
         g.launched.record(&self.stream).map_err(driver_err(what))?;
-        self.copy_rows(logits, batch.num_tokens(), g.cols)
+        self.leading_rows(logits, batch.num_tokens(), g.cols)
     }
 
     /// Turns decode graphs on or off from the next step (for A/B measurements; graphs already
@@ -401,7 +438,7 @@ impl CudaBackend {
     }
 
     /// A new `rows x cols` tensor holding the first rows of `src`.
-    fn copy_rows(&self, src: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<CudaTensor> {
+    fn leading_rows(&self, src: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<CudaTensor> {
         let mut out = self.tensor(rows, cols, "step logits")?;
         let n = rows * cols;
         if n > 0 {
@@ -516,5 +553,50 @@ mod tests {
         other.context_lens[1] = 4;
         pad_decode(&other, 4, 8, &mut out);
         assert_eq!(meta::pack(&out, &mut staging), first);
+        assert!(out.mrope_positions.is_empty(), "1-D rope: none added");
+    }
+
+    #[test]
+    fn mrope_positions_are_padded_with_the_rows_and_keep_the_layout() {
+        let mut b = decode();
+        b.mrope_positions = vec![2, 2, 2, 0, 0, 0, 7, 7, 7].into();
+        let mut out = ForwardBatch::new(1);
+        pad_decode(&b, 4, 8, &mut out);
+        assert_eq!(
+            &out.mrope_positions[..],
+            &[2, 2, 2, 0, 0, 0, 7, 7, 7, 0, 0, 0]
+        );
+        assert_eq!(&out.positions[..], &[5, 0, 9, 0], "positions untouched");
+        let cache = KvCacheShape {
+            num_layers: 1,
+            num_blocks: 8,
+            block_size: 4,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
+        check_batch(&out, &cache).unwrap();
+        let mut staging = crate::memory::HostVec::default();
+        let first = meta::pack(&out, &mut staging);
+        assert_eq!(
+            &staging[first.mrope_positions.clone()],
+            &out.mrope_positions[..]
+        );
+        // The next step (new positions, same shape) packs to the same layout: a replay.
+        let mut next = b.clone();
+        next.mrope_positions[0..3].copy_from_slice(&[3, 3, 3]);
+        pad_decode(&next, 4, 8, &mut out);
+        assert_eq!(meta::pack(&out, &mut staging), first);
+        assert!(!has_image_positions(&out), "text positions only");
+        let mut image = b.clone();
+        image.mrope_positions[3..6].copy_from_slice(&[4, 5, 6]);
+        assert!(
+            has_image_positions(&image),
+            "an image placeholder's [t, h, w]"
+        );
+        assert!(!has_image_positions(&decode()));
+        // A step without M-RoPE positions after one with them leaves none behind.
+        pad_decode(&decode(), 4, 8, &mut out);
+        assert!(out.mrope_positions.is_empty());
+        assert_ne!(meta::pack(&out, &mut staging), first);
     }
 }

@@ -1,5 +1,7 @@
 //! A batch's metadata as the kernels read it, packed into one `u32` buffer so it reaches the
-//! device with one asynchronous copy from pinned memory.
+//! device with one asynchronous copy from pinned memory. M-RoPE positions (three a token) travel
+//! in the same buffer, so a Glm4v decode step copies nothing more, and nothing through pageable
+//! memory.
 
 use std::ops::Range;
 
@@ -18,6 +20,8 @@ pub(crate) struct MetaLayout {
     pub(crate) query_start: Range<usize>,
     pub(crate) context_lens: Range<usize>,
     pub(crate) logits_indices: Range<usize>,
+    /// `[t, h, w]` of each token (empty for 1-D rope).
+    pub(crate) mrope_positions: Range<usize>,
     pub(crate) max_blocks_per_seq: usize,
 }
 
@@ -37,6 +41,7 @@ pub(crate) fn pack(batch: &ForwardBatch, out: &mut HostVec<u32>) -> MetaLayout {
     let query_start = put(&batch.query_start);
     let context_lens = put(&batch.context_lens);
     let logits_indices = put(&batch.logits_indices);
+    let mrope_positions = put(&batch.mrope_positions);
     let start = out.len();
     for (seq, w) in batch.query_start.windows(2).enumerate() {
         for _ in w[0]..w[1] {
@@ -52,6 +57,7 @@ pub(crate) fn pack(batch: &ForwardBatch, out: &mut HostVec<u32>) -> MetaLayout {
         query_start,
         context_lens,
         logits_indices,
+        mrope_positions,
         max_blocks_per_seq: batch.max_blocks_per_seq,
     }
 }
@@ -69,6 +75,7 @@ impl MetaLayout {
             && same(&self.query_start, &batch.query_start)
             && same(&self.context_lens, &batch.context_lens)
             && same(&self.block_tables, &batch.block_tables)
+            && same(&self.mrope_positions, &batch.mrope_positions)
     }
 }
 
@@ -105,6 +112,31 @@ mod tests {
             "cleared first, nothing else"
         );
         assert!(l.holds(&out, &b));
+        assert!(
+            l.mrope_positions.is_empty(),
+            "1-D rope: no M-RoPE positions"
+        );
+    }
+
+    #[test]
+    fn mrope_positions_travel_in_the_same_buffer() {
+        let mut b = batch();
+        b.mrope_positions = vec![0, 0, 0, 1, 3, 5, 2, 4, 6, 6, 6, 6].into();
+        let mut out = HostVec::default();
+        let l = pack(&b, &mut out);
+        assert_eq!(&out[l.mrope_positions.clone()], &b.mrope_positions[..]);
+        assert_eq!(
+            &out[l.positions.clone()],
+            &[0, 1, 2, 6],
+            "positions unchanged"
+        );
+        assert_eq!(&out[l.seq_of_token.clone()], &[0, 0, 0, 1]);
+        assert!(l.holds(&out, &b));
+        // A changed stream is a new batch; so is the same batch without M-RoPE positions.
+        let mut next = b.clone();
+        next.mrope_positions[4] = 4;
+        assert!(!l.holds(&out, &next));
+        assert!(!l.holds(&out, &batch()));
     }
 
     #[test]

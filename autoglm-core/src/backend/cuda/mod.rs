@@ -18,8 +18,11 @@
 //! Decode steps of up to 256 sequences are replayed from CUDA graphs captured per batch-size bucket
 //! (graph.rs; `CudaOptions::graphs`). Attention: decode steps use `paged_attention` (GQA groups,
 //! split-K over long contexts), batches with prefill chunks `paged_attention_prefill` (several
-//! query tokens a block, so each staged K/V tile serves them all). Not yet here: attention on
-//! tensor cores.
+//! query tokens a block, so each staged K/V tile serves them all). M-RoPE (Glm4v) rotates by the
+//! batch's `[t, h, w]` positions, packed with the rest of the metadata (graphs included). The
+//! vision tower's ops (vision.rs, kernels/vision.cu): LayerNorm, exact GELU, the bicubic
+//! position-table resampling, and 2-D-rope attention within each image (query-tiled like the
+//! prefill kernel, f32 throughout). Not yet here: attention on tensor cores.
 //!
 //! Nothing in this module has run on a GPU yet (see docs/BENCHMARKS.md and `tests/cuda_fixtures.rs`).
 //! Every kernel has run on the CPU, though, under a small emulation of CUDA C++
@@ -30,6 +33,7 @@ mod graph;
 mod host;
 mod meta;
 mod ops;
+mod vision;
 
 pub use host::CudaHostAllocator;
 
@@ -191,6 +195,10 @@ pub struct CudaBackend {
     batch: Mutex<Option<DeviceBatch>>,
     rope: Mutex<RopeTables>,
     sampling: Mutex<Option<SampleBuffers>>,
+    /// The last vision batch's metadata on the device (vision.rs).
+    vision: Mutex<Option<vision::VisionMeta>>,
+    /// `Backend::copy_rows` calls so far: a decode step that made one is not captured (graph.rs).
+    row_copies: std::sync::atomic::AtomicU64,
     /// Copies between the device and pageable host memory so far (weights, logits for logprobs,
     /// ops called outside a forward pass): a steady decode step makes none.
     pageable_copies: std::sync::atomic::AtomicU64,
@@ -403,6 +411,8 @@ impl CudaBackend {
             batch: Mutex::new(None),
             rope: Mutex::new(HashMap::new()),
             sampling: Mutex::new(None),
+            vision: Mutex::new(None),
+            row_copies: Default::default(),
         })
     }
 
@@ -473,6 +483,10 @@ impl CudaBackend {
     pub fn pageable_copies(&self) -> u64 {
         self.pageable_copies
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn row_copies(&self) -> u64 {
+        self.row_copies.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn count_pageable_copy(&self) {

@@ -11,11 +11,13 @@ use super::{
     driver_err, graph, meta, CudaBackend, CudaKvCache, CudaTensor, CudaWeight, DeviceBatch,
     RopeTables, SampleBuffers, WeightData,
 };
-use crate::backend::{rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling};
+use crate::backend::{
+    rope_inv_freq, AttentionShape, Backend, KvCacheShape, RowSampling, VisionAttentionShape,
+};
 use crate::error::{Error, Result};
 use crate::memory::{HostAllocator, HostVec};
 use crate::model::{Fill, FillPart, HostTensor};
-use crate::runner::ForwardBatch;
+use crate::runner::{ForwardBatch, VisionBatch};
 
 /// Ids of KV caches (decode graphs are keyed by the cache they were captured on).
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -31,12 +33,12 @@ const SAMPLE_THREADS: u32 = 1024;
 /// Elements per random-generator chunk (model/random.rs).
 const RANDOM_CHUNK: usize = 4096;
 
-fn bad(op: &str, msg: impl std::fmt::Display) -> Error {
+pub(super) fn bad(op: &str, msg: impl std::fmt::Display) -> Error {
     Error::Backend(format!("{op}: {msg}"))
 }
 
 /// A grid-stride launch over `n` elements.
-fn grid_for(n: usize) -> LaunchConfig {
+pub(super) fn grid_for(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65_535 * 8);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -45,7 +47,7 @@ fn grid_for(n: usize) -> LaunchConfig {
     }
 }
 
-fn rows_grid(rows: usize) -> Result<LaunchConfig> {
+pub(super) fn rows_grid(rows: usize) -> Result<LaunchConfig> {
     let rows = u32::try_from(rows).map_err(|_| bad("launch", format!("{rows} rows")))?;
     Ok(LaunchConfig {
         grid_dim: (rows, 1, 1),
@@ -54,7 +56,7 @@ fn rows_grid(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn u32_of(op: &str, what: &str, v: usize) -> Result<u32> {
+pub(super) fn u32_of(op: &str, what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| bad(op, format!("{what} = {v} does not fit in 32 bits")))
 }
 
@@ -93,7 +95,7 @@ pub(super) fn attention_smem_bytes(g: usize, d: usize, tile: usize) -> usize {
 }
 
 impl CudaWeight {
-    fn bf16(&self, op: &str) -> Result<&CudaSlice<bf16>> {
+    pub(super) fn bf16(&self, op: &str) -> Result<&CudaSlice<bf16>> {
         match &self.data {
             WeightData::Bf16(d) => Ok(d),
             WeightData::F32(_) => Err(bad(
@@ -102,7 +104,7 @@ impl CudaWeight {
             )),
         }
     }
-    fn f32(&self, op: &str) -> Result<&CudaSlice<f32>> {
+    pub(super) fn f32(&self, op: &str) -> Result<&CudaSlice<f32>> {
         match &self.data {
             WeightData::F32(d) => Ok(d),
             WeightData::Bf16(_) => Err(bad(
@@ -111,10 +113,10 @@ impl CudaWeight {
             )),
         }
     }
-    fn rows(&self) -> usize {
+    pub(super) fn rows(&self) -> usize {
         self.shape[0]
     }
-    fn cols(&self) -> usize {
+    pub(super) fn cols(&self) -> usize {
         self.shape.get(1).copied().unwrap_or(1)
     }
 }
@@ -133,7 +135,12 @@ impl CudaBackend {
     }
 
     /// [`CudaBackend::tensor`] with a bf16 twin, for ops whose output feeds a GEMM.
-    fn tensor_with_bf16(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+    pub(super) fn tensor_with_bf16(
+        &self,
+        rows: usize,
+        cols: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
         let mut t = self.tensor(rows, cols, what)?;
         t.bf16 = Some(self.alloc::<bf16>(rows * cols, what)?);
         Ok(t)
@@ -290,22 +297,21 @@ impl CudaBackend {
         Ok(d)
     }
 
-    /// The rope tables with the one for `s` among them (made with a pageable copy the first
-    /// time; kept for the backend's life, as captured graphs read them), and its key.
-    fn rope_table(
+    /// The rope tables with the one for `rope_inv_freq(rotary_dim, theta)` among them (made
+    /// with a pageable copy the first time; kept for the backend's life, as captured graphs read
+    /// them), and its key.
+    pub(super) fn rope_table(
         &self,
-        s: &AttentionShape,
+        rotary_dim: usize,
+        theta: f32,
     ) -> Result<(std::sync::MutexGuard<'_, RopeTables>, (usize, u32))> {
-        let key = (s.rotary_dim, s.rope_theta.to_bits());
+        let key = (rotary_dim, theta.to_bits());
         let mut guard = self
             .rope
             .lock()
-            .map_err(|_| bad("attention", "rope table lock poisoned"))?;
+            .map_err(|_| bad("rope", "rope table lock poisoned"))?;
         if let std::collections::hash_map::Entry::Vacant(e) = guard.entry(key) {
-            e.insert(self.upload_slice(
-                &rope_inv_freq(s.rotary_dim, s.rope_theta),
-                "rope frequencies",
-            )?);
+            e.insert(self.upload_slice(&rope_inv_freq(rotary_dim, theta), "rope frequencies")?);
         }
         Ok((guard, key))
     }
@@ -348,7 +354,7 @@ impl CudaBackend {
     ///
     /// # Safety
     /// `src` must stay alive and unwritten until the stream has done the copy.
-    unsafe fn copy_to_device_async<T: cudarc::driver::DeviceRepr>(
+    pub(super) unsafe fn copy_to_device_async<T: cudarc::driver::DeviceRepr>(
         &self,
         src: &[T],
         dst: &mut CudaSlice<T>,
@@ -467,6 +473,15 @@ pub(super) fn check_batch(batch: &ForwardBatch, cache: &KvCacheShape) -> Result<
     let t = batch.num_tokens();
     if batch.positions.len() != t || batch.slot_mapping.len() != t {
         return Err(bad(op, "positions/slot_mapping do not match the tokens"));
+    }
+    if !batch.mrope_positions.is_empty() && batch.mrope_positions.len() != 3 * t {
+        return Err(bad(
+            op,
+            format!(
+                "{} M-RoPE positions for {t} tokens (3 a token)",
+                batch.mrope_positions.len()
+            ),
+        ));
     }
     if batch.query_start.len() != batch.num_seqs() + 1
         || batch.query_start.first() != Some(&0)
@@ -881,6 +896,16 @@ impl Backend for CudaBackend {
         if nkv == 0 || nh % nkv != 0 || s.rotary_dim % 2 != 0 || s.rotary_dim > hd {
             return Err(bad(op, format!("unsupported shape {s:?}")));
         }
+        if s.mrope_section.is_some() && batch.mrope_positions.len() != 3 * qkv.rows {
+            return Err(bad(
+                op,
+                format!(
+                    "M-RoPE needs 3 positions per token: {} for {} tokens",
+                    batch.mrope_positions.len(),
+                    qkv.rows
+                ),
+            ));
+        }
         if layer >= cache.k.len() || cache.shape.num_kv_heads != nkv || cache.shape.head_dim != hd {
             return Err(bad(
                 op,
@@ -902,11 +927,29 @@ impl Backend for CudaBackend {
             db.checked = Some(cache.shape);
         }
         let db: &DeviceBatch = db;
-        let (rope, rope_key) = self.rope_table(s)?;
+        let (rope, rope_key) = self.rope_table(s.rotary_dim, s.rope_theta)?;
         let inv_freq = rope
             .get(&rope_key)
             .ok_or_else(|| bad(op, "rope table missing"))?;
         let positions = db.meta.slice(db.layout.positions.clone());
+        // The rotary positions: 1-D rope turns every frequency by the token's position; M-RoPE
+        // frequency i by stream mrope_stream(section, i) of its [t, h, w] (the kernel's sec0 /
+        // sec01 bounds). Slots and masks follow `positions` either way.
+        let pairs = s.rotary_dim / 2;
+        let (rope_pos, rope_stride, sec0, sec01) = match s.mrope_section {
+            None => (
+                db.meta.slice(db.layout.positions.clone()),
+                1usize,
+                pairs,
+                pairs,
+            ),
+            Some(sec) => (
+                db.meta.slice(db.layout.mrope_positions.clone()),
+                3,
+                sec[0],
+                sec[0].saturating_add(sec[1]),
+            ),
+        };
         let slot_mapping = db.meta.slice(db.layout.slot_mapping.clone());
         let seq_of_token = db.meta.slice(db.layout.seq_of_token.clone());
         let block_tables = db.meta.slice(db.layout.block_tables.clone());
@@ -918,15 +961,24 @@ impl Backend for CudaBackend {
             u("rotary_dim", s.rotary_dim)?,
         );
 
+        let (stride32, sec0, sec01) = (
+            u("rope stride", rope_stride)?,
+            u("mrope section", sec0)?,
+            u("mrope section", sec01)?,
+        );
         let f = self.function("rope_and_cache_write")?;
         let (kl, vl) = (&mut cache.k[layer], &mut cache.v[layer]);
-        // SAFETY: qkv is tokens x width; positions/slot_mapping have one entry per token and
-        // every slot is inside the cache (check_batch); inv_freq has rotary_dim / 2 entries.
+        // SAFETY: qkv is tokens x width; rope_pos has rope_stride entries per token (positions,
+        // or the 3 * tokens M-RoPE positions checked above); slot_mapping has one entry per token
+        // and every slot is inside the cache (check_batch); inv_freq has rotary_dim / 2 entries.
         unsafe {
             self.stream
                 .launch_builder(f)
                 .arg(&mut qkv.data)
-                .arg(&positions)
+                .arg(&rope_pos)
+                .arg(&stride32)
+                .arg(&sec0)
+                .arg(&sec01)
                 .arg(&slot_mapping)
                 .arg(inv_freq)
                 .arg(kl)
@@ -1099,6 +1151,57 @@ impl Backend for CudaBackend {
         }
         self.synchronize()?;
         Ok(host)
+    }
+
+    fn tensor_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
+        self.tensor_from_host_op(rows, cols, data)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        b: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        self.layer_norm_op(x, w, b, eps)
+    }
+
+    fn gelu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.gelu_op(x)
+    }
+
+    fn group_rows(&self, x: CudaTensor, k: usize) -> Result<CudaTensor> {
+        self.group_rows_op(x, k)
+    }
+
+    fn copy_rows(
+        &self,
+        dst: &mut CudaTensor,
+        dst_row: usize,
+        src: &CudaTensor,
+        src_row: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.copy_rows_op(dst, dst_row, src, src_row, n)
+    }
+
+    fn interpolate_pos_embed(
+        &self,
+        table: &CudaWeight,
+        side: usize,
+        batch: &VisionBatch,
+    ) -> Result<CudaTensor> {
+        self.interpolate_pos_embed_op(table, side, batch)
+    }
+
+    fn vision_attention(
+        &self,
+        qkv: &CudaTensor,
+        batch: &VisionBatch,
+        shape: &VisionAttentionShape,
+    ) -> Result<CudaTensor> {
+        self.vision_attention_op(qkv, batch, shape)
     }
 
     fn host_allocator(&self) -> std::sync::Arc<dyn HostAllocator> {

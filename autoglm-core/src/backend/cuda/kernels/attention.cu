@@ -8,9 +8,17 @@
 #define PAD_SLOT 0xFFFFFFFFu  // graph.rs PAD_SLOT
 
 // Interleaved rope on the first rotary_dim dims of every q and k head (pairs (2i, 2i+1), angle
-// inv_freq[i] * pos, inv_freq computed on the host exactly as the CPU does), then k and v of the
+// inv_freq[i] * pos(i), inv_freq computed on the host exactly as the CPU does), then k and v of the
 // token are written (bf16) to its slot, unless the slot is PAD_SLOT. grid = tokens, block = 128.
-extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u32* __restrict__ positions,
+//
+// pos(i) = rope_pos[t * rope_stride + stream(i)] with stream(i) = 0 for i < sec0, 1 for
+// sec0 <= i < sec01, 2 otherwise (AttentionShape::mrope_stream). 1-D rope: rope_pos = positions,
+// rope_stride = 1, sec0 = sec01 = rotary_dim / 2 (every frequency stream 0). M-RoPE: rope_pos =
+// the batch's [t, h, w] triples, rope_stride = 3, sec0 = section[0], sec01 = section[0] +
+// section[1]. The cache slot (slot_mapping) and, in the attention kernels, the causal mask follow
+// `positions` either way.
+extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u32* __restrict__ rope_pos,
+                                                u32 rope_stride, u32 sec0, u32 sec01,
                                                 const u32* __restrict__ slot_mapping,
                                                 const float* __restrict__ inv_freq, bf16_t* __restrict__ k_cache,
                                                 bf16_t* __restrict__ v_cache, u32 num_heads, u32 num_kv_heads,
@@ -18,13 +26,14 @@ extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u
     const u64 t = blockIdx.x;
     const u32 width = (num_heads + 2 * num_kv_heads) * head_dim;
     float* row = qkv + t * width;
-    const float pos = (float)positions[t];
+    const u32* pos = rope_pos + t * rope_stride;
     const u32 pairs = rotary_dim / 2;
     const u32 rot_heads = num_heads + num_kv_heads;
     for (u32 i = threadIdx.x; i < rot_heads * pairs; i += blockDim.x) {
         const u32 h = i / pairs, p = i % pairs;
+        const u32 stream = p < sec0 ? 0u : (p < sec01 ? 1u : 2u);
         float s, c;
-        sincosf(inv_freq[p] * pos, &s, &c);
+        sincosf(inv_freq[p] * (float)pos[stream], &s, &c);
         float* x = row + h * head_dim + 2 * p;
         const float x0 = x[0], x1 = x[1];
         x[0] = x0 * c - x1 * s;
@@ -45,7 +54,9 @@ extern "C" __global__ void rope_and_cache_write(float* __restrict__ qkv, const u
 
 // Shared steps of the two attention kernels below. A block holds `rows` query rows; a tile of n
 // context positions (starting at j0) is staged in shared memory as f32 rows D + 1 floats apart
-// (so the threads of a warp, reading one position each, hit different banks).
+// (so the threads of a warp, reading one position each, hit different banks). The online softmax
+// and the value accumulation over a staged tile (online_softmax, accumulate_pv) are in common.cuh,
+// shared with vision.cu.
 
 // Stages keys or values of positions j0..j0+n of KV head `kvh` from the paged cache.
 __device__ __forceinline__ void stage_tile(float* kv, const bf16_t* __restrict__ cache, const u32* table, u32 j0,
@@ -55,39 +66,6 @@ __device__ __forceinline__ void stage_tile(float* kv, const bf16_t* __restrict__
         const u32 j = j0 + i / D;
         const u64 slot = (u64)table[j / block_size] * block_size + j % block_size;
         kv[(i / D) * KS + i % D] = bf16_to_f32(cache[slot * kvw + (u64)kvh * D + i % D]);
-    }
-}
-
-// Online softmax over the tile's scores sc[r * tile + j]: one thread per row updates its running
-// max m and sum l, turns the scores into weights and leaves the rescale factor of the old
-// accumulator in alpha (0 on the first tile, where m was -inf).
-__device__ __forceinline__ void online_softmax(float* sc, float* m, float* l, float* alpha, u32 rows, u32 n,
-                                               u32 tile) {
-    for (u32 r = threadIdx.x; r < rows; r += blockDim.x) {
-        float mx = m[r];
-        for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[r * tile + j]);
-        const float a = expf(m[r] - mx);
-        float sum = 0.0f;
-        for (u32 j = 0; j < n; ++j) {
-            const float p = expf(sc[r * tile + j] - mx);
-            sc[r * tile + j] = p;
-            sum += p;
-        }
-        l[r] = l[r] * a + sum;
-        m[r] = mx;
-        alpha[r] = a;
-    }
-}
-
-// acc[r, d] = acc[r, d] * alpha[r] + sum_j weight[r, j] * v[j, d] over the staged values.
-__device__ __forceinline__ void accumulate_pv(float* acc, const float* sc, const float* kv, const float* alpha,
-                                              u32 rows, u32 n, u32 D, u32 tile) {
-    const u32 KS = D + 1;
-    for (u32 i = threadIdx.x; i < rows * D; i += blockDim.x) {
-        const u32 r = i / D, d = i % D;
-        float o = acc[i] * alpha[r];
-        for (u32 j = 0; j < n; ++j) o += sc[r * tile + j] * kv[j * KS + d];
-        acc[i] = o;
     }
 }
 

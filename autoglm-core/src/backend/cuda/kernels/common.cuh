@@ -58,3 +58,40 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
     return t;
 }
+
+// Tiled attention with an online softmax (attention.cu, vision.cu). A block holds `rows` query
+// rows; a tile of n key/value positions is staged in shared memory as f32 rows D + 1 floats apart;
+// sc[r * tile + j] holds the scores of the tile.
+
+// Online softmax over the tile's scores sc[r * tile + j]: one thread per row updates its running
+// max m and sum l, turns the scores into weights and leaves the rescale factor of the old
+// accumulator in alpha (0 on the first tile, where m was -inf).
+__device__ __forceinline__ void online_softmax(float* sc, float* m, float* l, float* alpha, u32 rows, u32 n,
+                                               u32 tile) {
+    for (u32 r = threadIdx.x; r < rows; r += blockDim.x) {
+        float mx = m[r];
+        for (u32 j = 0; j < n; ++j) mx = fmaxf(mx, sc[r * tile + j]);
+        const float a = expf(m[r] - mx);
+        float sum = 0.0f;
+        for (u32 j = 0; j < n; ++j) {
+            const float p = expf(sc[r * tile + j] - mx);
+            sc[r * tile + j] = p;
+            sum += p;
+        }
+        l[r] = l[r] * a + sum;
+        m[r] = mx;
+        alpha[r] = a;
+    }
+}
+
+// acc[r, d] = acc[r, d] * alpha[r] + sum_j weight[r, j] * v[j, d] over the staged values.
+__device__ __forceinline__ void accumulate_pv(float* acc, const float* sc, const float* kv, const float* alpha,
+                                              u32 rows, u32 n, u32 D, u32 tile) {
+    const u32 KS = D + 1;
+    for (u32 i = threadIdx.x; i < rows * D; i += blockDim.x) {
+        const u32 r = i / D, d = i % D;
+        float o = acc[i] * alpha[r];
+        for (u32 j = 0; j < n; ++j) o += sc[r * tile + j] * kv[j * KS + d];
+        acc[i] = o;
+    }
+}
