@@ -4,6 +4,8 @@
 //! cargo run --release --example generate -- --model DIR --chat "Hello" --max-tokens 64
 //! cargo run --release --example generate -- --prompt-ids 1,2,3 --json --logprobs 5
 //! cargo run --release --example generate -- --prompts-file requests.jsonl
+//! cargo run --release --example generate -- --model tests/fixtures/glm4v-tiny \
+//!     --image tests/fixtures/glm4v-tiny/screen.png --chat "What is on this screen?"
 //! ```
 //! With no `--model`, the bundled tiny model (random weights) is used.
 
@@ -12,7 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use autoglm_core::engine::{Completion, GenerateOutput, Usage};
+use autoglm_core::chat::{prepare_chat, ContentFormat, MediaPolicy};
+use autoglm_core::engine::{Completion, GenerateOutput, ImageInput, Usage};
+use autoglm_core::media::ProcessedImage;
 use autoglm_core::sampling::TokenLogprobs;
 use autoglm_core::{Engine, Error, SamplingParams};
 use autoglm_examples::{model_dir, EngineArgs, List, SamplingArgs};
@@ -41,6 +45,15 @@ struct Cli {
     /// all are submitted at once and one JSON line per request is printed, in input order.
     #[arg(long, group = "input")]
     prompts_file: Option<PathBuf>,
+    /// An image for --chat (placed before its text) or --prompt (one
+    /// `<|begin_of_image|><|image|><|end_of_image|>` in the text per image); repeatable.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// How list contents reach the chat template: `string` (vLLM's
+    /// `--chat-template-content-format string`: image placeholders first, each followed by a
+    /// newline, then the text) or `openai` (the template places the images).
+    #[arg(long, default_value = "string")]
+    chat_template_content_format: ContentFormat,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -75,24 +88,63 @@ fn run(cli: Cli) -> Result<(), Error> {
         t0.elapsed().as_secs_f64()
     );
     if let Some(file) = &cli.prompts_file {
-        return run_file(&engine, file, &cli.sampling.params());
+        return run_file(
+            &engine,
+            file,
+            &cli.sampling.params(),
+            cli.chat_template_content_format,
+        );
     }
-    let prompt = if let Some(ids) = &cli.prompt_ids {
-        ids.0.clone()
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map(ImageInput::Encoded)
+            .map_err(|e| Error::Io {
+                path: p.clone(),
+                source: e,
+            })
+    };
+    let (prompt, images) = if let Some(ids) = &cli.prompt_ids {
+        (ids.0.clone(), Vec::new())
     } else if let Some(text) = &cli.prompt {
-        engine.tokenizer()?.encode(text, false)?
+        let images = cli.images.iter().map(read).collect::<Result<_, _>>()?;
+        (engine.tokenizer()?.encode(text, false)?, images)
     } else if let Some(text) = &cli.chat {
-        chat_ids(&engine, &json!(text), cli.system.as_deref())?
+        let chat = if cli.images.is_empty() {
+            json!(text)
+        } else {
+            let mut parts: Vec<Value> = cli
+                .images
+                .iter()
+                .map(
+                    |p| json!({"type": "image_url", "image_url": {"url": p.display().to_string()}}),
+                )
+                .collect();
+            parts.push(json!({"type": "text", "text": text}));
+            json!([{"role": "user", "content": parts}])
+        };
+        chat_ids(
+            &engine,
+            &chat,
+            cli.system.as_deref(),
+            cli.chat_template_content_format,
+        )?
     } else {
         return Err(Error::InvalidRequest(
             "give one of --prompt, --chat, --prompt-ids or --prompts-file".into(),
         ));
     };
-    run_one(&engine, prompt, cli.sampling.params(), cli.json)
+    run_one(&engine, prompt, &images, cli.sampling.params(), cli.json)
 }
 
-/// Renders a chat (a user string or a list of messages) through the template and encodes it.
-fn chat_ids(engine: &Engine, chat: &Value, system: Option<&str>) -> Result<Vec<u32>, Error> {
+/// Renders a chat (a user string or a list of messages, whose content parts may be images:
+/// `image_url` data URLs or file paths) through the template and encodes it; returns the images
+/// in prompt order.
+fn chat_ids(
+    engine: &Engine,
+    chat: &Value,
+    system: Option<&str>,
+    format: ContentFormat,
+) -> Result<(Vec<u32>, Vec<ImageInput>), Error> {
     let mut messages = Vec::new();
     if let Some(s) = system {
         messages.push(json!({"role": "system", "content": s}));
@@ -106,27 +158,47 @@ fn chat_ids(engine: &Engine, chat: &Value, system: Option<&str>) -> Result<Vec<u
             )))
         }
     }
+    let chat = prepare_chat(&Value::Array(messages), format)?;
+    // A command-line tool reads whatever files its user names.
+    let policy = MediaPolicy::any_local_file();
+    let images = chat
+        .images
+        .iter()
+        .map(|src| policy.read(src).map(ImageInput::Encoded))
+        .collect::<Result<_, _>>()?;
     let tok = engine.tokenizer()?;
-    let text = tok.apply_chat_template(&Value::Array(messages), None, true)?;
-    tok.encode(&text, false)
+    let text = tok.apply_chat_template(&chat.messages, None, true)?;
+    Ok((tok.encode(&text, false)?, images))
 }
 
 fn run_one(
     engine: &Engine,
     prompt: Vec<u32>,
+    images: &[ImageInput],
     params: SamplingParams,
     as_json: bool,
 ) -> Result<(), Error> {
     let n = params.n;
-    let prompt_len = prompt.len();
     let start = Instant::now();
+    let (prompt, images) = if images.is_empty() {
+        (prompt, Vec::new())
+    } else {
+        engine.expand_images(&prompt, images)?
+    };
+    let prompt_len = prompt.len();
     let mut first_token = None;
     let mut out = GenerateOutput {
         choices: vec![Completion::default(); n],
         usage: Usage::default(),
     };
     let mut stdout = std::io::stdout().lock();
-    for ev in engine.submit(prompt, params)? {
+    let request = autoglm_core::engine::Request {
+        prompt,
+        params,
+        priority: 0,
+        images,
+    };
+    for ev in engine.submit_request(request)? {
         let ev = ev?;
         first_token.get_or_insert_with(|| start.elapsed());
         if !as_json && ev.index == 0 {
@@ -193,12 +265,20 @@ fn choice_json(c: &Completion) -> Value {
     v
 }
 
+/// A parsed line of --prompts-file: prompt ids (placeholders expanded), its images, parameters.
+type ParsedLine = (
+    Vec<u32>,
+    Vec<std::sync::Arc<ProcessedImage>>,
+    SamplingParams,
+);
+
 /// One line of --prompts-file, parsed into prompt ids and parameters.
 fn parse_line(
     engine: &Engine,
     line: &str,
     defaults: &SamplingParams,
-) -> Result<(Vec<u32>, SamplingParams), String> {
+    format: ContentFormat,
+) -> Result<ParsedLine, String> {
     let mut obj: serde_json::Map<String, Value> =
         serde_json::from_str(line).map_err(|e| e.to_string())?;
     let inputs = ["prompt", "chat", "prompt_token_ids"];
@@ -213,6 +293,16 @@ fn parse_line(
         ));
     }
     let input = obj.remove(given[0]).expect("checked");
+    // vLLM's offline form: `images` (file paths) for the placeholders of `prompt` text or ids.
+    let mut images = Vec::new();
+    if let Some(list) = obj.remove("images") {
+        let paths: Vec<PathBuf> =
+            serde_json::from_value(list).map_err(|e| format!("`images`: {e} (a list of paths)"))?;
+        for p in paths {
+            let bytes = std::fs::read(&p).map_err(|e| format!("`images`: {}: {e}", p.display()))?;
+            images.push(ImageInput::Encoded(bytes));
+        }
+    }
     let prompt = match given[0] {
         "prompt" => {
             let text = input.as_str().ok_or("`prompt` must be a string")?;
@@ -221,7 +311,16 @@ fn parse_line(
                 .and_then(|t| t.encode(text, false))
                 .map_err(|e| e.to_string())?
         }
-        "chat" => chat_ids(engine, &input, None).map_err(|e| e.to_string())?,
+        "chat" => {
+            if !images.is_empty() {
+                return Err(
+                    "`images` goes with `prompt`; put a chat's images in its messages".into(),
+                );
+            }
+            let (ids, imgs) = chat_ids(engine, &input, None, format).map_err(|e| e.to_string())?;
+            images = imgs;
+            ids
+        }
         _ => serde_json::from_value(input).map_err(|e| format!("`prompt_token_ids`: {e}"))?,
     };
     let mut params = serde_json::to_value(defaults).expect("SamplingParams serializes");
@@ -229,10 +328,22 @@ fn parse_line(
         params[k] = v;
     }
     let params: SamplingParams = serde_json::from_value(params).map_err(|e| e.to_string())?;
-    Ok((prompt, params))
+    let (prompt, images) = if images.is_empty() {
+        (prompt, Vec::new())
+    } else {
+        engine
+            .expand_images(&prompt, &images)
+            .map_err(|e| e.to_string())?
+    };
+    Ok((prompt, images, params))
 }
 
-fn run_file(engine: &Engine, file: &PathBuf, defaults: &SamplingParams) -> Result<(), Error> {
+fn run_file(
+    engine: &Engine,
+    file: &PathBuf,
+    defaults: &SamplingParams,
+    format: ContentFormat,
+) -> Result<(), Error> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::Io {
         path: file.clone(),
         source: e,
@@ -243,17 +354,23 @@ fn run_file(engine: &Engine, file: &PathBuf, defaults: &SamplingParams) -> Resul
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let req = parse_line(engine, line, defaults).map_err(|e| {
+        let req = parse_line(engine, line, defaults, format).map_err(|e| {
             Error::InvalidRequest(format!("{}: line {}: {e}", file.display(), i + 1))
         })?;
         requests.push((i + 1, req));
     }
     // Submit everything before reading anything, so the requests batch together.
     let mut streams = Vec::new();
-    for (line, (prompt, params)) in requests {
+    for (line, (prompt, images, params)) in requests {
         let n = params.n;
+        let request = autoglm_core::engine::Request {
+            prompt,
+            params,
+            priority: 0,
+            images,
+        };
         let stream = engine
-            .submit(prompt, params)
+            .submit_request(request)
             .map_err(|e| Error::InvalidRequest(format!("{}: line {line}: {e}", file.display())))?;
         streams.push((n, stream));
     }

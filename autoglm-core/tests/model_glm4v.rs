@@ -465,3 +465,125 @@ fn chat_messages_with_png_data_urls_give_the_reference_prompt_and_tokens() {
     }
     assert_eq!(checked, 3, "screen_openai, agent_step_string and text_only");
 }
+
+/// Batching does not change results: every case's greedy tokens, all submitted at once (images
+/// next to text-only requests and to other images), with chunked prefill cutting through the
+/// images (8 tokens a step), and with a KV pool so small that sequences are preempted and
+/// recomputed, match the reference; prefix caching never lets prompts that differ only in their
+/// image share blocks.
+#[test]
+fn batching_chunking_and_preemption_keep_the_tokens() {
+    let configs = [
+        ("together", EngineConfig::default()),
+        ("chunked", {
+            let mut c = EngineConfig::default();
+            c.scheduler.max_num_batched_tokens = 8;
+            c
+        }),
+        ("preempted", {
+            let mut c = EngineConfig::default();
+            c.cache.block_size = 4;
+            c.cache.num_blocks = Some(60);
+            c.scheduler.max_num_batched_tokens = 16;
+            c
+        }),
+    ];
+    for (what, mut config) in configs {
+        config.device = autoglm_core::Device::Cpu;
+        let engine = engine(config);
+        // Every request twice: the second copy may hit the prefix and encoder caches.
+        let mut streams = Vec::new();
+        for round in 0..2 {
+            for case in cases() {
+                let want = ids(&case["greedy_token_ids"]);
+                let s = engine
+                    .submit_request(Request {
+                        prompt: ids(&case["prompt_token_ids"]),
+                        params: greedy(want.len()),
+                        priority: 0,
+                        images: images(&case),
+                    })
+                    .unwrap();
+                streams.push((round, case["name"].as_str().unwrap().to_string(), want, s));
+            }
+        }
+        for (round, name, want, s) in streams {
+            let out = autoglm_core::engine::collect(s, 1).unwrap();
+            assert_eq!(
+                out.choices[0].token_ids, want,
+                "{what}: {name} (round {round})"
+            );
+        }
+        if what == "preempted" {
+            let p = engine
+                .stats()
+                .preemptions
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert!(p > 0, "the small pool preempted nothing");
+        }
+        let encoded = engine
+            .stats()
+            .images_encoded
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(encoded >= 4, "{what}: {encoded} images encoded");
+    }
+}
+
+/// Two prompts that differ only in their image share no KV block: the second gets its own
+/// image's tokens, not the first's (same placeholder ids, other pixels).
+#[test]
+fn prompts_differing_only_in_their_image_do_not_share_kv() {
+    let engine = engine(EngineConfig {
+        device: autoglm_core::Device::Cpu,
+        ..Default::default()
+    });
+    let all = cases();
+    let agent = &all[1];
+    // exact.png (the agent case's image) and icon.jpg (resized) both have 4x6 patches: same
+    // placeholder run, other pixels.
+    let two = &all[2];
+    let icon = images(two).remove(0);
+    assert_eq!(icon.grid_thw, images(agent)[0].grid_thw);
+    let prompt = ids(&agent["prompt_token_ids"]);
+    let run = |imgs: Vec<Arc<ProcessedImage>>| {
+        let s = engine
+            .submit_request(Request {
+                prompt: prompt.clone(),
+                params: greedy(8),
+                priority: 0,
+                images: imgs,
+            })
+            .unwrap();
+        autoglm_core::engine::collect(s, 1).unwrap()
+    };
+    let own = run(images(agent));
+    let other = run(vec![icon.clone()]);
+    let own_again = run(images(agent));
+    assert_eq!(
+        own.choices[0].token_ids,
+        ids(&agent["greedy_token_ids"])[..8]
+    );
+    assert_eq!(own_again.choices[0].token_ids, own.choices[0].token_ids);
+    // The repeat reused the cached prefix; the other image could reuse only what precedes it.
+    assert!(own_again.usage.cached_prompt_tokens > other.usage.cached_prompt_tokens);
+    let offset = prompt.iter().position(|&t| t == 598).unwrap();
+    assert!(
+        other.usage.cached_prompt_tokens <= offset,
+        "shared KV past the image"
+    );
+    // And the other image's continuation is what that image alone gives (a fresh engine).
+    let fresh = self::engine(EngineConfig {
+        device: autoglm_core::Device::Cpu,
+        ..Default::default()
+    });
+    let s = fresh
+        .submit_request(Request {
+            prompt: prompt.clone(),
+            params: greedy(8),
+            priority: 0,
+            images: vec![icon],
+        })
+        .unwrap();
+    let alone = autoglm_core::engine::collect(s, 1).unwrap();
+    assert_eq!(other.choices[0].token_ids, alone.choices[0].token_ids);
+}

@@ -245,22 +245,9 @@ impl<B: Backend> VisionModel<B> {
         Ok(out)
     }
 
-    /// Floating-point operations of one image of `patches` patches (multiply-adds count 2):
-    /// GEMMs and attention scores/mixing; element-wise work is left out.
+    /// Floating-point operations of one image of `patches` patches ([`VisionConfig::flops`]).
     pub fn flops(&self, patches: usize) -> f64 {
-        let c = &self.config;
-        let (n, h, o, i) = (
-            patches as f64,
-            c.hidden_size as f64,
-            c.out_hidden_size as f64,
-            c.intermediate_size as f64,
-        );
-        let m = (c.spatial_merge_size * c.spatial_merge_size) as f64;
-        let patch = n * c.patch_dim() as f64 * h;
-        let block = n * (3.0 * h * h + h * h + 3.0 * h * o) + 2.0 * n * n * h;
-        let tokens = n / m;
-        let merger = tokens * (m * h * o + o * o + 3.0 * o * i);
-        2.0 * (patch + c.depth as f64 * block + merger)
+        self.config.flops(patches)
     }
 }
 
