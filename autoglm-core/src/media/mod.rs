@@ -197,7 +197,10 @@ pub fn patchify(img: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
             } else {
                 1.0
             };
-            let (mean, std) = (mean * (1.0 / r), std * (1.0 / r));
+            // Python computes `1.0 / rescale_factor` in f64; torch rounds it to f32 (255.0
+            // exactly, where 1.0f32 / (1/255)f32 is 254.99998) before the f32 products.
+            let inv = (1.0 / r as f64) as f32;
+            let (mean, std) = (mean * inv, std * inv);
             let mut l = [0f32; 256];
             for (v, o) in l.iter_mut().enumerate() {
                 *o = if cfg.do_normalize {

@@ -36,12 +36,16 @@ fn taps(input: usize, output: usize) -> (Vec<Taps>, u32) {
     let scale = input as f64 / output as f64;
     let support = 2.0 * scale.max(1.0);
     let inv = 1.0 / scale.max(1.0);
+    // PyTorch clamps the tap count to this ("rare cases when due to precision xsize can be
+    // larger than max_interp_size by one").
+    let max_taps = support.ceil() as usize * 2 + 1;
     let mut float = Vec::with_capacity(output);
     let mut max_w = 0f64;
     for i in 0..output {
         let center = scale * (i as f64 + 0.5);
         let lo = ((center - support + 0.5) as i64).max(0) as usize;
         let hi = ((center + support + 0.5) as i64).min(input as i64) as usize;
+        let hi = hi.max(lo).min(lo + max_taps);
         let mut w: Vec<f64> = (lo..hi)
             .map(|j| cubic((j as f64 - center + 0.5) * inv))
             .collect();
@@ -82,26 +86,30 @@ fn taps(input: usize, output: usize) -> (Vec<Taps>, u32) {
     (taps, precision)
 }
 
-fn clamp_shift(acc: i64, precision: u32) -> u8 {
-    (acc >> precision).clamp(0, 255) as u8
-}
-
 /// `img` resized to `height x width`.
+///
+/// Sums are 32-bit: the int16 weights of a pixel add up to `1 << precision <= 1 << 15` in
+/// absolute value at most a few times over, times 255, far inside `i32`.
 pub fn resize(img: &RgbImage, height: usize, width: usize) -> RgbImage {
     let mut cur = img.clone();
     if width != cur.width {
         let (t, prec) = taps(cur.width, width);
+        let half = 1i32 << (prec.max(1) - 1);
         let mut out = vec![0u8; cur.height * width * 3];
         out.par_chunks_mut(width * 3)
             .zip(cur.data.par_chunks(cur.width * 3))
             .for_each(|(o, row)| {
-                for (x, tap) in t.iter().enumerate() {
-                    for c in 0..3 {
-                        let mut acc = 1i64 << (prec.max(1) - 1);
-                        for (k, &w) in tap.weights.iter().enumerate() {
-                            acc += row[(tap.start + k) * 3 + c] as i64 * w as i64;
-                        }
-                        o[x * 3 + c] = clamp_shift(acc, prec);
+                for (px, tap) in o.chunks_exact_mut(3).zip(&t) {
+                    let src = &row[tap.start * 3..(tap.start + tap.weights.len()) * 3];
+                    let mut acc = [half; 3];
+                    for (p, &w) in src.chunks_exact(3).zip(&tap.weights) {
+                        let w = w as i32;
+                        acc[0] += p[0] as i32 * w;
+                        acc[1] += p[1] as i32 * w;
+                        acc[2] += p[2] as i32 * w;
+                    }
+                    for (d, a) in px.iter_mut().zip(acc) {
+                        *d = (a >> prec).clamp(0, 255) as u8;
                     }
                 }
             });
@@ -113,22 +121,25 @@ pub fn resize(img: &RgbImage, height: usize, width: usize) -> RgbImage {
     }
     if height != cur.height {
         let (t, prec) = taps(cur.height, height);
+        let half = 1i32 << (prec.max(1) - 1);
         let stride = cur.width * 3;
         let mut out = vec![0u8; height * stride];
-        out.par_chunks_mut(stride)
-            .zip(t.par_iter())
-            .for_each(|(o, tap)| {
-                let mut acc = vec![1i64 << (prec.max(1) - 1); stride];
+        out.par_chunks_mut(stride).zip(t.par_iter()).for_each_init(
+            || vec![0i32; stride],
+            |acc, (o, tap)| {
+                acc.fill(half);
                 for (k, &w) in tap.weights.iter().enumerate() {
                     let row = &cur.data[(tap.start + k) * stride..][..stride];
+                    let w = w as i32;
                     for (a, &v) in acc.iter_mut().zip(row) {
-                        *a += v as i64 * w as i64;
+                        *a += v as i32 * w;
                     }
                 }
-                for (d, &a) in o.iter_mut().zip(&acc) {
-                    *d = clamp_shift(a, prec);
+                for (d, &a) in o.iter_mut().zip(acc.iter()) {
+                    *d = (a >> prec).clamp(0, 255) as u8;
                 }
-            });
+            },
+        );
         cur = RgbImage {
             width: cur.width,
             height,
