@@ -81,6 +81,38 @@ impl VisionBatch {
         self.cu_seqlens.push(self.patch_hw.len() as u32);
     }
 
+    /// Checks that the batch describes `rows` rows: prefix sums over exactly them, one
+    /// coordinate per row, each inside its image's grid. Backends call it before indexing; the
+    /// error names `op`.
+    pub fn check(&self, op: &str, rows: usize) -> crate::error::Result<()> {
+        let bad = |msg: String| crate::error::Error::Backend(format!("{op}: {msg}"));
+        let cu = &self.cu_seqlens;
+        if cu.len() != self.grids.len() + 1
+            || cu.first() != Some(&0)
+            || cu.last().map(|&n| n as usize) != Some(rows)
+            || cu.windows(2).any(|w| w[0] > w[1])
+            || self.patch_hw.len() != rows
+        {
+            return Err(bad(format!(
+                "batch of {} images and {} patches does not describe {rows} rows",
+                self.grids.len(),
+                self.patch_hw.len()
+            )));
+        }
+        for (i, (w, g)) in cu.windows(2).zip(&self.grids).enumerate() {
+            let outside = self.patch_hw[w[0] as usize..w[1] as usize]
+                .iter()
+                .any(|hw| hw[0] >= g[0] || hw[1] >= g[1]);
+            if outside {
+                return Err(bad(format!(
+                    "image {i}: a patch lies outside its {}x{} grid",
+                    g[0], g[1]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The image each row belongs to.
     pub fn image_of_rows(&self) -> Vec<u32> {
         let mut out = vec![0u32; self.num_patches()];

@@ -18,45 +18,13 @@ fn bad(op: &str, msg: String) -> Error {
     Error::Backend(format!("{op}: {msg}"))
 }
 
-/// Checks that `batch` is consistent: prefix sums over the rows, coordinates inside each grid.
-pub(super) fn check_vision_batch(op: &str, batch: &VisionBatch, rows: usize) -> Result<()> {
-    let cu = &batch.cu_seqlens;
-    if cu.len() != batch.grids.len() + 1
-        || cu.first() != Some(&0)
-        || cu.last().map(|&n| n as usize) != Some(rows)
-        || cu.windows(2).any(|w| w[0] > w[1])
-        || batch.patch_hw.len() != rows
-    {
-        return Err(bad(
-            op,
-            format!(
-                "batch of {} images and {} patches does not describe {rows} rows",
-                batch.grids.len(),
-                batch.patch_hw.len()
-            ),
-        ));
-    }
-    for (i, (w, g)) in cu.windows(2).zip(&batch.grids).enumerate() {
-        let out = batch.patch_hw[w[0] as usize..w[1] as usize]
-            .iter()
-            .any(|hw| hw[0] >= g[0] || hw[1] >= g[1]);
-        if out {
-            return Err(bad(
-                op,
-                format!("image {i}: a patch lies outside its {}x{} grid", g[0], g[1]),
-            ));
-        }
-    }
-    Ok(())
-}
-
 pub(super) fn interpolate_pos_embed(
     table: &CpuWeight,
     side: usize,
     batch: &VisionBatch,
 ) -> Result<CpuTensor> {
     let rows = batch.num_patches();
-    check_vision_batch("interpolate_pos_embed", batch, rows)?;
+    batch.check("interpolate_pos_embed", rows)?;
     if table.rows() != side * side {
         return Err(bad(
             "interpolate_pos_embed",
@@ -120,7 +88,7 @@ pub(super) fn vision_attention(
             format!("qkv of width {} for {nh} heads of {hd}", qkv.cols),
         ));
     }
-    check_vision_batch("vision_attention", batch, qkv.rows)?;
+    batch.check("vision_attention", qkv.rows)?;
     let inv_freq = rope_inv_freq(hd / 2, s.rope_theta);
     // Rotated q and k, as [rows, w] each; v read in place.
     let mut q = vec![0f32; qkv.rows * w];

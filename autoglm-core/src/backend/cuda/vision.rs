@@ -59,40 +59,6 @@ pub(super) fn vision_tiling(d: usize, cap: usize) -> Option<(usize, usize)> {
     })
 }
 
-/// The checks of the CPU backend's vision ops (backend/cpu/vision.rs), which on a GPU guard the
-/// kernels' indexing: prefix sums over exactly `rows` rows, one coordinate per row, each inside
-/// its image's grid (so no grid a row reads is empty).
-pub(super) fn check_vision_batch(op: &str, batch: &VisionBatch, rows: usize) -> Result<()> {
-    let cu = &batch.cu_seqlens;
-    if cu.len() != batch.grids.len() + 1
-        || cu.first() != Some(&0)
-        || cu.last().map(|&n| n as usize) != Some(rows)
-        || cu.windows(2).any(|w| w[0] > w[1])
-        || batch.patch_hw.len() != rows
-    {
-        return Err(bad(
-            op,
-            format!(
-                "batch of {} images and {} patches does not describe {rows} rows",
-                batch.grids.len(),
-                batch.patch_hw.len()
-            ),
-        ));
-    }
-    for (i, (w, g)) in cu.windows(2).zip(&batch.grids).enumerate() {
-        let outside = batch.patch_hw[w[0] as usize..w[1] as usize]
-            .iter()
-            .any(|hw| hw[0] >= g[0] || hw[1] >= g[1]);
-        if outside {
-            return Err(bad(
-                op,
-                format!("image {i}: a patch lies outside its {}x{} grid", g[0], g[1]),
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl CudaBackend {
     /// A device copy of `host`: through a page-locked staging buffer from the backend's pool
     /// (waited for before the buffer goes back), or, when the pool has none to give, a counted
@@ -128,7 +94,7 @@ impl CudaBackend {
         batch: &VisionBatch,
         rows: usize,
     ) -> Result<&'a VisionMeta> {
-        check_vision_batch(op, batch, rows)?;
+        batch.check(op, rows)?;
         if slot.as_ref().is_some_and(|m| m.batch == *batch) {
             return Ok(slot.as_ref().expect("checked"));
         }
@@ -346,7 +312,7 @@ impl CudaBackend {
             u32_of(op, "width", width)?,
         );
         // SAFETY: the metadata holds 2 coordinates and an image index per row and 2 grid sizes
-        // per image (packed above from a batch check_vision_batch accepted: every coordinate
+        // per image (packed above from a batch VisionBatch::check accepted: every coordinate
         // inside a non-empty grid); the kernel clamps every tap to 0..side, so it reads rows of
         // the side^2 x width table only; out is rows x width.
         unsafe {
@@ -432,7 +398,7 @@ impl CudaBackend {
         drop(rope);
         let smem = vision_smem_bytes(qt, hd, tile) as u32;
         // SAFETY: cu_seqlens holds images + 1 non-decreasing prefix sums ending at rows
-        // (check_vision_batch), so every row a block reads (its image's) is inside qkv, qk and
+        // (VisionBatch::check), so every row a block reads (its image's) is inside qkv, qk and
         // out; the dynamic shared memory is what the kernel's layout needs for (qt, hd, tile),
         // within the 48 KiB default limit.
         unsafe {
@@ -487,25 +453,16 @@ mod tests {
     #[test]
     fn vision_batch_checks_guard_the_kernels_indexing() {
         let b = two_images();
-        check_vision_batch("t", &b, 7).unwrap();
-        assert!(check_vision_batch("t", &b, 6).is_err(), "row count");
+        b.check("t", 7).unwrap();
+        assert!(b.check("t", 6).is_err(), "row count");
         let mut outside = b.clone();
         outside.patch_hw[5] = [1, 1];
-        assert!(
-            check_vision_batch("t", &outside, 7).is_err(),
-            "outside its grid"
-        );
+        assert!(outside.check("t", 7).is_err(), "outside its grid");
         let mut unsorted = b.clone();
         unsorted.cu_seqlens[1] = 8;
-        assert!(
-            check_vision_batch("t", &unsorted, 7).is_err(),
-            "prefix sums"
-        );
+        assert!(unsorted.check("t", 7).is_err(), "prefix sums");
         let mut short = b;
         short.grids.pop();
-        assert!(
-            check_vision_batch("t", &short, 7).is_err(),
-            "a grid per image"
-        );
+        assert!(short.check("t", 7).is_err(), "a grid per image");
     }
 }
