@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use autoglm_core::chat::{prepare_chat, ContentFormat, MediaPolicy};
 use autoglm_core::engine::{Completion, GenerateOutput, ImageInput, Usage};
 use autoglm_core::media::ProcessedImage;
 use autoglm_core::sampling::TokenLogprobs;
@@ -49,11 +48,6 @@ struct Cli {
     /// `<|begin_of_image|><|image|><|end_of_image|>` in the text per image); repeatable.
     #[arg(long = "image")]
     images: Vec<PathBuf>,
-    /// How list contents reach the chat template: `string` (vLLM's
-    /// `--chat-template-content-format string`: image placeholders first, each followed by a
-    /// newline, then the text) or `openai` (the template places the images).
-    #[arg(long, default_value = "string")]
-    chat_template_content_format: ContentFormat,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -77,7 +71,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Error> {
     let dir = model_dir(cli.model.clone());
     let t0 = Instant::now();
-    let engine = Engine::from_dir(&dir, cli.engine.config())?;
+    let mut config = cli.engine.config()?;
+    // A command-line tool reads whatever image files its user names.
+    let m = &mut config.multimodal;
+    m.allowed_local_media_path = m.allowed_local_media_path.take().or(Some("/".into()));
+    let engine = Engine::from_dir(&dir, config)?;
     eprintln!(
         "loaded {} ({} layers, hidden {}) from {} on {} in {:.2}s",
         engine.model_config().architecture.name(),
@@ -88,12 +86,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         t0.elapsed().as_secs_f64()
     );
     if let Some(file) = &cli.prompts_file {
-        return run_file(
-            &engine,
-            file,
-            &cli.sampling.params(),
-            cli.chat_template_content_format,
-        );
+        return run_file(&engine, file, &cli.sampling.params());
     }
     let read = |p: &PathBuf| {
         std::fs::read(p)
@@ -112,22 +105,13 @@ fn run(cli: Cli) -> Result<(), Error> {
         let chat = if cli.images.is_empty() {
             json!(text)
         } else {
-            let mut parts: Vec<Value> = cli
-                .images
-                .iter()
-                .map(
-                    |p| json!({"type": "image_url", "image_url": {"url": p.display().to_string()}}),
-                )
-                .collect();
+            // Each --image is given beside the messages, for a `{"type": "image"}` part.
+            let mut parts = vec![json!({"type": "image"}); cli.images.len()];
             parts.push(json!({"type": "text", "text": text}));
             json!([{"role": "user", "content": parts}])
         };
-        chat_ids(
-            &engine,
-            &chat,
-            cli.system.as_deref(),
-            cli.chat_template_content_format,
-        )?
+        let given = cli.images.iter().map(read).collect::<Result<_, _>>()?;
+        chat_ids(&engine, &chat, cli.system.as_deref(), given)?
     } else {
         return Err(Error::InvalidRequest(
             "give one of --prompt, --chat, --prompt-ids or --prompts-file".into(),
@@ -143,7 +127,7 @@ fn chat_ids(
     engine: &Engine,
     chat: &Value,
     system: Option<&str>,
-    format: ContentFormat,
+    given: Vec<ImageInput>,
 ) -> Result<(Vec<u32>, Vec<ImageInput>), Error> {
     let mut messages = Vec::new();
     if let Some(s) = system {
@@ -158,17 +142,8 @@ fn chat_ids(
             )))
         }
     }
-    let chat = prepare_chat(&Value::Array(messages), format)?;
-    // A command-line tool reads whatever files its user names.
-    let policy = MediaPolicy::any_local_file();
-    let images = chat
-        .images
-        .iter()
-        .map(|src| policy.read(src).map(ImageInput::Encoded))
-        .collect::<Result<_, _>>()?;
-    let tok = engine.tokenizer()?;
-    let text = tok.apply_chat_template(&chat.messages, None, true)?;
-    Ok((tok.encode(&text, false)?, images))
+    let chat = engine.render_chat(&Value::Array(messages), None, true, given)?;
+    Ok((chat.prompt, chat.images))
 }
 
 fn run_one(
@@ -277,7 +252,6 @@ fn parse_line(
     engine: &Engine,
     line: &str,
     defaults: &SamplingParams,
-    format: ContentFormat,
 ) -> Result<ParsedLine, String> {
     let mut obj: serde_json::Map<String, Value> =
         serde_json::from_str(line).map_err(|e| e.to_string())?;
@@ -317,7 +291,8 @@ fn parse_line(
                     "`images` goes with `prompt`; put a chat's images in its messages".into(),
                 );
             }
-            let (ids, imgs) = chat_ids(engine, &input, None, format).map_err(|e| e.to_string())?;
+            let (ids, imgs) =
+                chat_ids(engine, &input, None, Vec::new()).map_err(|e| e.to_string())?;
             images = imgs;
             ids
         }
@@ -338,12 +313,7 @@ fn parse_line(
     Ok((prompt, images, params))
 }
 
-fn run_file(
-    engine: &Engine,
-    file: &PathBuf,
-    defaults: &SamplingParams,
-    format: ContentFormat,
-) -> Result<(), Error> {
+fn run_file(engine: &Engine, file: &PathBuf, defaults: &SamplingParams) -> Result<(), Error> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::Io {
         path: file.clone(),
         source: e,
@@ -354,7 +324,7 @@ fn run_file(
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let req = parse_line(engine, line, defaults, format).map_err(|e| {
+        let req = parse_line(engine, line, defaults).map_err(|e| {
             Error::InvalidRequest(format!("{}: line {}: {e}", file.display(), i + 1))
         })?;
         requests.push((i + 1, req));

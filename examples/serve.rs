@@ -210,6 +210,8 @@ fn config_args(path: &str) -> Result<Vec<String>, String> {
                 toml::Value::String(s) => Ok(s.clone()),
                 toml::Value::Integer(i) => Ok(i.to_string()),
                 toml::Value::Float(f) => Ok(f.to_string()),
+                // `limit-mm-per-prompt = { image = 10 }`: the JSON the flag takes.
+                toml::Value::Table(t) => serde_json::to_string(t).map_err(|e| e.to_string()),
                 _ => Err(format!(
                     "{path}: `{key}` must be a string, a number or a list of them"
                 )),
@@ -379,7 +381,7 @@ fn model_specs(cli: &Cli) -> Result<Vec<(String, PathBuf)>, Error> {
 
 fn run(cli: Cli) -> Result<(), Error> {
     let specs = model_specs(&cli)?;
-    let mut engine_config = cli.engine.config();
+    let mut engine_config = cli.engine.config()?;
     let mut http_cores = cli.http_cores.clone().map(|l| l.0).unwrap_or_default();
     autoglm_core::threading::check_cores(&http_cores)
         .map_err(|e| invalid("http_cores", e.to_string()))?;

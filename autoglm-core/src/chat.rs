@@ -57,6 +57,9 @@ pub enum ImageSource {
     File(PathBuf),
     /// An `http://` or `https://` URL.
     Remote(String),
+    /// The next of the images given beside the messages: a `{"type": "image"}` part with no
+    /// source, as transformers' processors take `images=[...]` apart from the chat.
+    Given,
 }
 
 /// Which image sources may be read.
@@ -76,12 +79,16 @@ impl MediaPolicy {
     }
 
     /// The bytes of `src`, if this policy allows reading it.
-    pub fn read(&self, src: &ImageSource) -> Result<Vec<u8>> {
+    pub fn read(&self, src: ImageSource) -> Result<Vec<u8>> {
         match src {
-            ImageSource::Data(bytes) => Ok(bytes.clone()),
+            ImageSource::Data(bytes) => Ok(bytes),
+            ImageSource::Given => Err(Error::InvalidRequest(
+                "an image part has no image (no URL, and no images were given beside the messages)"
+                    .into(),
+            )),
             ImageSource::Remote(url) => Err(Error::InvalidRequest(format!(
                 "image URL {}: remote images are not fetched; send the image inline as a data: URL",
-                preview(url)
+                preview(&url)
             ))),
             ImageSource::File(path) => {
                 let Some(root) = &self.allowed_local_path else {
@@ -91,6 +98,7 @@ impl MediaPolicy {
                     )));
                 };
                 let root = root.canonicalize().map_err(|e| Error::io(root, e))?;
+                let path = &path;
                 let real = path
                     .canonicalize()
                     .map_err(|e| Error::InvalidRequest(format!("image {}: {e}", path.display())))?;
@@ -164,12 +172,12 @@ pub struct ChatPrompt {
     pub images: Vec<ImageSource>,
 }
 
-/// The image URL of a content part, if it is an image part.
-fn image_part_url(i: usize, part: &Value) -> Result<Option<&str>> {
+/// The image of a content part, if it is an image part.
+fn image_part(i: usize, part: &Value) -> Result<Option<ImagePart<'_>>> {
     let bad = |m: &str| Error::InvalidRequest(format!("messages[{i}].content: {m}"));
     let kind = part.get("type").and_then(Value::as_str);
     let field = match kind {
-        Some("image_url") => "image_url",
+        Some("image_url") | Some("input_image") => "image_url",
         Some("image") => "image",
         Some("text") => return Ok(None),
         Some(other) => {
@@ -180,22 +188,35 @@ fn image_part_url(i: usize, part: &Value) -> Result<Option<&str>> {
         None => return Err(bad("every content part needs a string `type`")),
     };
     match part.get(field) {
-        Some(Value::String(url)) => Ok(Some(url)),
+        Some(Value::String(url)) => Ok(Some(ImagePart::Url(url))),
         Some(Value::Object(o)) => match o.get("url") {
-            Some(Value::String(url)) => Ok(Some(url)),
+            Some(Value::String(url)) => Ok(Some(ImagePart::Url(url))),
             _ => Err(bad(&format!("`{field}.url` must be a string"))),
         },
+        None | Some(Value::Null) if kind == Some("image") => Ok(Some(ImagePart::Given)),
         _ => Err(bad(&format!(
-            "a part of type {field:?} needs `{field}` (a URL)"
+            "a part of type {:?} needs `{field}` (a URL)",
+            kind.unwrap_or_default()
         ))),
     }
+}
+
+/// An image content part: a URL, or the next image given beside the messages.
+enum ImagePart<'a> {
+    Url(&'a str),
+    Given,
 }
 
 /// Turns OpenAI chat messages (a JSON array) into template messages and their images.
 pub fn prepare_chat(messages: &Value, format: ContentFormat) -> Result<ChatPrompt> {
     let bad = |m: String| Error::InvalidRequest(m);
-    let Value::Array(items) = messages else {
-        return Err(bad("messages must be a list of message objects".into()));
+    let items = match messages {
+        Value::Array(items) if !items.is_empty() => items,
+        _ => {
+            return Err(bad(
+                "messages must be a non-empty list of message objects".into()
+            ))
+        }
     };
     let mut images = Vec::new();
     let mut out = Vec::with_capacity(items.len());
@@ -203,6 +224,9 @@ pub fn prepare_chat(messages: &Value, format: ContentFormat) -> Result<ChatPromp
         let Value::Object(obj) = m else {
             return Err(bad(format!("messages[{i}] must be an object")));
         };
+        if !obj.get("role").is_some_and(Value::is_string) {
+            return Err(bad(format!("messages[{i}].role must be a string")));
+        }
         let mut obj = obj.clone();
         let parts = match obj.get("content") {
             None | Some(Value::Null) | Some(Value::String(_)) => {
@@ -220,14 +244,17 @@ pub fn prepare_chat(messages: &Value, format: ContentFormat) -> Result<ChatPromp
         let mut placeholders = 0;
         let mut listed = Vec::with_capacity(parts.len());
         for part in &parts {
-            match image_part_url(i, part)? {
-                Some(url) => {
-                    images.push(parse_image_url(url).map_err(|e| match e {
-                        Error::InvalidRequest(msg) => {
-                            Error::InvalidRequest(format!("messages[{i}]: {msg}"))
-                        }
-                        other => other,
-                    })?);
+            match image_part(i, part)? {
+                Some(image) => {
+                    images.push(match image {
+                        ImagePart::Given => ImageSource::Given,
+                        ImagePart::Url(url) => parse_image_url(url).map_err(|e| match e {
+                            Error::InvalidRequest(msg) => {
+                                Error::InvalidRequest(format!("messages[{i}]: {msg}"))
+                            }
+                            other => other,
+                        })?,
+                    });
                     placeholders += 1;
                     listed.push(serde_json::json!({"type": "image"}));
                 }
@@ -296,13 +323,10 @@ mod tests {
         assert!(e("data:image/png,AAAA").contains("not base64"));
         assert!(e("ftp://x/y.png").contains("unsupported scheme"));
         let remote = parse_image_url("http://169.254.169.254/a.png").unwrap();
-        let err = MediaPolicy::default()
-            .read(&remote)
-            .unwrap_err()
-            .to_string();
+        let err = MediaPolicy::default().read(remote).unwrap_err().to_string();
         assert!(err.contains("not fetched"), "{err}");
         let local = parse_image_url("/etc/passwd").unwrap();
-        let err = MediaPolicy::default().read(&local).unwrap_err().to_string();
+        let err = MediaPolicy::default().read(local).unwrap_err().to_string();
         assert!(err.contains("not allowed"), "{err}");
         let m = json!([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]);
         let err = prepare_chat(&m, ContentFormat::String)
@@ -329,15 +353,12 @@ mod tests {
         };
         assert_eq!(
             policy
-                .read(&ImageSource::File(inside.join("a.png")))
+                .read(ImageSource::File(inside.join("a.png")))
                 .unwrap(),
             b"png"
         );
         for bad in [link, inside.join("../secret.png")] {
-            let e = policy
-                .read(&ImageSource::File(bad))
-                .unwrap_err()
-                .to_string();
+            let e = policy.read(ImageSource::File(bad)).unwrap_err().to_string();
             assert!(e.contains("outside the allowed"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,5 +1,8 @@
 //! Engine configuration: plain structs with `Default` and `validate()`.
 
+use std::path::PathBuf;
+
+use crate::chat::ContentFormat;
 use crate::error::{Error, Result};
 
 /// The paged KV cache.
@@ -161,6 +164,20 @@ pub struct MultiModalConfig {
     /// Bytes of encoded image features kept for reuse (keyed by image content); an image is
     /// encoded once while its features stay here.
     pub encoder_cache_bytes: usize,
+    /// Most images one prompt may carry (vLLM's `--limit-mm-per-prompt '{"image": N}'`); more is
+    /// an invalid request. `None`: only the context length limits them.
+    pub limit_images_per_prompt: Option<usize>,
+    /// How chat messages' content lists reach the chat template (vLLM's
+    /// `--chat-template-content-format`).
+    pub content_format: ContentFormat,
+    /// Local image files (paths or `file://` URLs in chat messages) are read only from under this
+    /// directory, links resolved (vLLM's `--allowed-local-media-path`); `None`: none are read.
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Threads that decode and resize images, off the engine thread and the caller's; 0: one per
+    /// allowed core, at most 4. Ignored when `preprocess_cores` is given.
+    pub preprocess_threads: usize,
+    /// Pin one preprocessing thread to each of these cores.
+    pub preprocess_cores: Vec<usize>,
 }
 
 impl Default for MultiModalConfig {
@@ -170,7 +187,97 @@ impl Default for MultiModalConfig {
             min_pixels: None,
             max_image_pixels: None,
             encoder_cache_bytes: 256 << 20,
+            limit_images_per_prompt: None,
+            content_format: ContentFormat::default(),
+            allowed_local_media_path: None,
+            preprocess_threads: 0,
+            preprocess_cores: Vec::new(),
         }
+    }
+}
+
+impl MultiModalConfig {
+    /// Applies vLLM's `--limit-mm-per-prompt`: a JSON object of per-modality counts, here
+    /// `{"image": N}` (a `video` count of 0 is accepted: this model takes no video).
+    pub fn set_limit_mm_per_prompt(&mut self, v: &serde_json::Value) -> Result<()> {
+        let field = "limit_mm_per_prompt";
+        let obj = v.as_object().ok_or_else(|| {
+            Error::config(
+                field,
+                format!("{v} (expected a JSON object such as {{\"image\": 10}})"),
+            )
+        })?;
+        for (k, n) in obj {
+            let n = n.as_u64().ok_or_else(|| {
+                Error::config(field, format!("{k:?}: {n} is not a non-negative integer"))
+            })?;
+            match k.as_str() {
+                "image" => self.limit_images_per_prompt = Some(n as usize),
+                "video" | "audio" if n == 0 => {}
+                other => {
+                    return Err(Error::config(
+                        field,
+                        format!("{other:?}: this engine takes only images"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies vLLM's `--mm-processor-kwargs`: `max_pixels` and `min_pixels` (the pixel budget
+    /// of `preprocessor_config.json`), or transformers' `size: {"longest_edge", "shortest_edge"}`
+    /// for the same two numbers.
+    pub fn set_mm_processor_kwargs(&mut self, v: &serde_json::Value) -> Result<()> {
+        let field = "mm_processor_kwargs";
+        let obj = v.as_object().ok_or_else(|| {
+            Error::config(
+                field,
+                format!("{v} (expected a JSON object such as {{\"max_pixels\": 5000000}})"),
+            )
+        })?;
+        let count = |k: &str, n: &serde_json::Value| -> Result<usize> {
+            n.as_u64()
+                .filter(|&n| n > 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| Error::config(field, format!("{k}: {n} is not a positive integer")))
+        };
+        for (k, n) in obj {
+            match k.as_str() {
+                "max_pixels" => self.max_pixels = Some(count(k, n)?),
+                "min_pixels" => self.min_pixels = Some(count(k, n)?),
+                "size" => {
+                    let size = n.as_object().ok_or_else(|| {
+                        Error::config(field, format!("size: {n} (expected an object)"))
+                    })?;
+                    for (e, n) in size {
+                        match e.as_str() {
+                            "longest_edge" => {
+                                self.max_pixels = Some(count("size.longest_edge", n)?)
+                            }
+                            "shortest_edge" => {
+                                self.min_pixels = Some(count("size.shortest_edge", n)?)
+                            }
+                            other => {
+                                return Err(Error::config(
+                                    field,
+                                    format!(
+                                        "size.{other} is not known (longest_edge, shortest_edge)"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                }
+                other => {
+                    return Err(Error::config(
+                        field,
+                        format!("{other:?} is not known (max_pixels, min_pixels, size)"),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -192,6 +299,15 @@ impl EngineConfig {
                 ));
             }
         }
+        if let Some(dir) = &m.allowed_local_media_path {
+            if !dir.is_dir() {
+                return Err(Error::config(
+                    "multimodal.allowed_local_media_path",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
+        crate::threading::check_cores(&m.preprocess_cores)?;
         let c = &self.cache;
         if c.block_size == 0 || c.block_size > 1024 {
             return Err(Error::config(

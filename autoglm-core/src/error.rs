@@ -88,7 +88,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
+    /// An [`Error::InvalidConfig`] naming `field`.
+    pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::InvalidConfig {
             field: field.into(),
             msg: msg.into(),

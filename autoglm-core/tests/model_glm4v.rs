@@ -445,7 +445,7 @@ fn chat_messages_with_png_data_urls_give_the_reference_prompt_and_tokens() {
         let prompt = tok.encode(&text, false).unwrap();
         let images: Vec<ImageInput> = chat
             .images
-            .iter()
+            .into_iter()
             .map(|src| ImageInput::Encoded(MediaPolicy::default().read(src).unwrap()))
             .collect();
         let (expanded, processed) = engine.expand_images(&prompt, &images).unwrap();

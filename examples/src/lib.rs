@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use autoglm_core::{EngineConfig, SamplingParams};
+use autoglm_core::chat::ContentFormat;
+use autoglm_core::config::MultiModalConfig;
+use autoglm_core::{EngineConfig, Error, SamplingParams};
 use clap::Args;
 
 /// The tiny GLM-4 checkpoint shipped with the repository (random weights).
@@ -85,11 +87,61 @@ pub struct EngineArgs {
     /// CUDA: launch every kernel of every decode step instead of replaying CUDA graphs.
     #[arg(long)]
     pub enforce_eager: bool,
+    #[command(flatten)]
+    pub multimodal: MultiModalArgs,
+}
+
+/// Image flags (Glm4v models), named as vLLM names them.
+#[derive(Debug, Clone, Args)]
+pub struct MultiModalArgs {
+    /// Most items per prompt, as JSON, e.g. '{"image": 10}' (more: an invalid request).
+    #[arg(long)]
+    pub limit_mm_per_prompt: Option<String>,
+    /// Image processor overrides, as JSON: '{"max_pixels": 5000000, "min_pixels": 3136}' (or
+    /// transformers' '{"size": {"longest_edge": ..., "shortest_edge": ...}}').
+    #[arg(long)]
+    pub mm_processor_kwargs: Option<String>,
+    /// How list contents reach the chat template: `string` (image placeholders first, each
+    /// followed by a newline, then the text; what vLLM renders for Open-AutoGLM's recommended
+    /// command) or `openai` (the template places the images).
+    #[arg(long, default_value = "string")]
+    pub chat_template_content_format: ContentFormat,
+    /// Read local image files (paths and file:// URLs in messages) only from under this
+    /// directory, links resolved (default: none are read).
+    #[arg(long)]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Threads that decode and resize images (default: one per core, at most 4).
+    #[arg(long, default_value_t = 0)]
+    pub media_threads: usize,
+    /// Memory for the features of recently seen images, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub encoder_cache_mb: usize,
+}
+
+impl MultiModalArgs {
+    /// Applies these flags to `c`.
+    pub fn apply(&self, c: &mut MultiModalConfig) -> Result<(), Error> {
+        let json = |flag: &str, v: &str| {
+            serde_json::from_str::<serde_json::Value>(v)
+                .map_err(|e| Error::config(flag, format!("{v:?} is not JSON: {e}")))
+        };
+        if let Some(v) = &self.limit_mm_per_prompt {
+            c.set_limit_mm_per_prompt(&json("limit_mm_per_prompt", v)?)?;
+        }
+        if let Some(v) = &self.mm_processor_kwargs {
+            c.set_mm_processor_kwargs(&json("mm_processor_kwargs", v)?)?;
+        }
+        c.content_format = self.chat_template_content_format;
+        c.allowed_local_media_path = self.allowed_local_media_path.clone();
+        c.preprocess_threads = self.media_threads;
+        c.encoder_cache_bytes = self.encoder_cache_mb << 20;
+        Ok(())
+    }
 }
 
 impl EngineArgs {
-    /// The engine configuration these flags describe.
-    pub fn config(&self) -> EngineConfig {
+    /// The engine configuration these flags describe; an error names a malformed flag value.
+    pub fn config(&self) -> Result<EngineConfig, Error> {
         let mut c = EngineConfig {
             device: self.device,
             ..Default::default()
@@ -106,7 +158,8 @@ impl EngineArgs {
         c.threading.num_threads = self.threads;
         c.cuda.memory_utilization = self.gpu_memory_utilization;
         c.cuda.graphs = !self.enforce_eager;
-        c
+        self.multimodal.apply(&mut c.multimodal)?;
+        Ok(c)
     }
 }
 

@@ -34,7 +34,7 @@ use crate::tokenizer::Tokenizer;
 /// Identifies a request.
 pub type RequestId = u64;
 
-pub use images::ImageInput;
+pub use images::{ImageInput, RenderedChat};
 
 /// A request: prompt token ids, sampling parameters and a priority.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +160,8 @@ struct Shared {
     backend_name: String,
     /// The image preprocessor (Glm4v models).
     images: Option<ImageProcessorConfig>,
+    /// Threads that preprocess images, started on first use.
+    media_pool: Mutex<Option<Arc<rayon::ThreadPool>>>,
 }
 
 impl Drop for Shared {
@@ -352,6 +354,7 @@ impl Engine {
                 tokenizer,
                 max_model_len,
                 images: None,
+                media_pool: Mutex::new(None),
                 model_config,
                 config,
                 backend_name,
@@ -407,7 +410,11 @@ impl Engine {
     /// Validates and submits a request; its events arrive on the returned stream.
     pub fn submit_request(&self, req: Request) -> Result<RequestStream> {
         self.validate(&req)?;
-        let images = images::prompt_images(&self.shared.model_config, &req)?;
+        let images = images::prompt_images(
+            &self.shared.model_config,
+            self.shared.config.multimodal.limit_images_per_prompt,
+            &req,
+        )?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = events::channel();
         let n = req.params.n;

@@ -12,9 +12,7 @@ use super::generate::{
 };
 use super::logprobs::ChatLogprobs;
 use super::models::lease_or_404;
-use super::protocol::{
-    check_logprobs, normalize_messages, parse_json, resolve_max_tokens, ChatRequest,
-};
+use super::protocol::{check_logprobs, in_messages, parse_json, resolve_max_tokens, ChatRequest};
 use super::state::Record;
 use crate::engine::RequestOutput;
 use crate::tokenizer::Tokenizer;
@@ -29,7 +27,12 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
             "top_logprobs requires logprobs to be true.",
         ));
     }
-    let messages = normalize_messages(req.messages.as_ref())?;
+    let Some(messages) = req.messages.as_ref() else {
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages must be a non-empty list of message objects.",
+        ));
+    };
     if let Some(t) = req.tools.as_ref().filter(|t| !t.is_array() && !t.is_null()) {
         return Err(ApiError::bad_param(
             "tools",
@@ -50,13 +53,32 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
             )
         })?
         .clone();
-    if rec.wants_prompt_text() {
-        rec.prompt_text = Some(messages.to_string());
-    }
     let tools = req.tools.as_ref().filter(|t| t.is_array());
-    let text =
-        tok.apply_chat_template(&messages, tools, req.add_generation_prompt.unwrap_or(true))?;
-    let ids = tok.encode(&text, false)?;
+    let chat = lease
+        .engine
+        .render_chat(
+            messages,
+            tools,
+            req.add_generation_prompt.unwrap_or(true),
+            Vec::new(),
+        )
+        .map_err(|e| in_messages(e.into()))?;
+    if rec.wants_prompt_text() {
+        // The rendered prompt: image placeholders, never image bytes.
+        rec.prompt_text = Some(chat.text.clone());
+    }
+    let (ids, images) = if chat.images.is_empty() {
+        (chat.prompt, Vec::new())
+    } else {
+        // Counted as in flight while its images are preprocessed, so a burst of screenshots
+        // is bounded by the same cap as generations.
+        rec.in_flight = Some(state.admit_generation()?);
+        lease
+            .engine
+            .expand_images_async(chat.prompt, chat.images)
+            .await
+            .map_err(|e| in_messages(e.into()))?
+    };
     let (field, requested) = match req.max_completion_tokens {
         Some(m) => ("max_completion_tokens", Some(m)),
         None => ("max_tokens", req.common.max_tokens),
@@ -71,7 +93,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     admit(rec, &lease, ids.len())?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
-    let mut job = submit(lease, rec.detach(), vec![ids], vec![params])?;
+    let mut job = submit(lease, rec.detach(), vec![(ids, images)], vec![params])?;
     let id = format!("chatcmpl-{}", job.rec.id);
     let created = unix_now();
     let fmt = ChatFormat {

@@ -57,7 +57,12 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     admit(rec, &lease, ids.iter().map(Vec::len).sum())?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
-    let mut job = submit(lease, rec.detach(), ids, params)?;
+    let mut job = submit(
+        lease,
+        rec.detach(),
+        ids.into_iter().map(|p| (p, Vec::new())).collect(),
+        params,
+    )?;
     let id = format!("cmpl-{}", job.rec.id);
     let created = unix_now();
     let mut fmt = CompletionFormat {

@@ -181,7 +181,9 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
             Error::InvalidRequest(m) => ApiError::bad_request(m),
-            Error::Tokenizer(_) | Error::Template(_) => ApiError::bad_request(e.to_string()),
+            Error::Tokenizer(_) | Error::Template(_) | Error::Image(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             Error::EngineShutdown => ApiError::overloaded("The model is shutting down."),
             other => ApiError::internal(other.to_string()),
         }

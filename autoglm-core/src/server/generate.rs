@@ -6,6 +6,7 @@
 //! and each event is serialized once into an exact-size buffer handed to hyper as `Bytes`.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -18,6 +19,7 @@ use super::models::ModelLease;
 use super::state::Record;
 use crate::engine::{Request, RequestOutput, RequestStream};
 use crate::error::Result;
+use crate::media::ProcessedImage;
 use crate::sampling::SamplingParams;
 
 /// Token counts in OpenAI's shape.
@@ -88,19 +90,19 @@ pub(crate) struct Job {
 pub(crate) fn submit(
     lease: ModelLease,
     mut rec: Record,
-    prompts: Vec<Vec<u32>>,
+    prompts: Vec<(Vec<u32>, Vec<Arc<ProcessedImage>>)>,
     params: Vec<SamplingParams>,
 ) -> Result<Job, ApiError> {
     let priority = rec.principal.as_ref().map_or(0, |p| p.priority);
     let n = params.first().map_or(1, |p| p.n);
-    let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let prompt_lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
     let mut streams = Vec::with_capacity(prompts.len());
-    for (prompt, params) in prompts.into_iter().zip(params) {
+    for ((prompt, images), params) in prompts.into_iter().zip(params) {
         let req = Request {
             prompt,
             params,
             priority,
-            images: Vec::new(),
+            images,
         };
         match lease.engine.submit_request(req) {
             Ok(mut s) => {
@@ -367,7 +369,9 @@ pub(crate) fn admit(
             )));
         }
     }
-    rec.in_flight = Some(state.admit_generation()?);
+    if rec.in_flight.is_none() {
+        rec.in_flight = Some(state.admit_generation()?);
+    }
     if let Some(p) = &rec.principal {
         state.limiter.admit_tokens(p, prompt_tokens)?;
     }

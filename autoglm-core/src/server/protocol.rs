@@ -297,53 +297,13 @@ pub(crate) fn prompts(v: Option<&Value>) -> Result<Vec<PromptInput>, ApiError> {
     Ok(out)
 }
 
-/// Chat messages as the template expects them: content parts of type `text` are joined.
-pub(crate) fn normalize_messages(v: Option<&Value>) -> Result<Value, ApiError> {
-    let bad = |m: &str| ApiError::bad_param("messages", m.to_string());
-    let Some(Value::Array(items)) = v else {
-        return Err(bad("messages must be a non-empty list of message objects."));
-    };
-    if items.is_empty() {
-        return Err(bad("messages must be a non-empty list of message objects."));
+/// A 400 about the chat messages names `messages` as its parameter.
+pub(crate) fn in_messages(e: ApiError) -> ApiError {
+    if e.status == http::StatusCode::BAD_REQUEST && e.param.is_none() {
+        e.with_param("messages")
+    } else {
+        e
     }
-    let mut out = Vec::with_capacity(items.len());
-    for (i, m) in items.iter().enumerate() {
-        let Value::Object(obj) = m else {
-            return Err(bad(&format!("messages[{i}] must be an object.")));
-        };
-        if !obj.get("role").is_some_and(Value::is_string) {
-            return Err(bad(&format!("messages[{i}].role must be a string.")));
-        }
-        let mut obj = obj.clone();
-        match obj.get("content") {
-            None | Some(Value::Null) | Some(Value::String(_)) => {}
-            Some(Value::Array(parts)) => {
-                let mut text = Vec::with_capacity(parts.len());
-                for p in parts {
-                    match (
-                        p.get("type").and_then(Value::as_str),
-                        p.get("text").and_then(Value::as_str),
-                    ) {
-                        (Some("text"), Some(t)) => text.push(t),
-                        _ => {
-                            return Err(bad(&format!(
-                                "messages[{i}].content: only parts of type `text` are supported."
-                            )))
-                        }
-                    }
-                }
-                let joined = text.join("\n");
-                obj.insert("content".into(), Value::String(joined));
-            }
-            Some(_) => {
-                return Err(bad(&format!(
-                    "messages[{i}].content must be a string or a list of content parts."
-                )))
-            }
-        }
-        out.push(Value::Object(obj));
-    }
-    Ok(Value::Array(out))
 }
 
 /// Token ids of a completion prompt.

@@ -186,7 +186,7 @@ async fn dispatch(
             match route {
                 Route::Chat => chat::handle(rec, &body).await,
                 Route::Completions => completions::handle(rec, &body).await,
-                Route::Tokenize => tokenize::tokenize(&state.models, &body),
+                Route::Tokenize => tokenize::tokenize(&state.models, &body).await,
                 Route::Detokenize => tokenize::detokenize(&state.models, &body),
                 _ => models::admin_load(state.models.clone(), &body).await,
             }
@@ -251,6 +251,11 @@ fn metrics(state: &AppState) -> Response<Body> {
                 steps: s.steps.load(Ordering::Relaxed),
                 preemptions: s.preemptions.load(Ordering::Relaxed),
                 engine_generated: s.generated_tokens.load(Ordering::Relaxed),
+                images_preprocessed: s.images_preprocessed.load(Ordering::Relaxed),
+                image_preprocess_ns: s.image_preprocess_ns.load(Ordering::Relaxed),
+                images_encoded: s.images_encoded.load(Ordering::Relaxed),
+                image_encode_ns: s.image_encode_ns.load(Ordering::Relaxed),
+                encoder_cache_hits: s.encoder_cache_hits.load(Ordering::Relaxed),
             }
         })
         .collect();

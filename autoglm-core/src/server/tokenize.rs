@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::body::{json_response, Body};
 use super::error::ApiError;
 use super::models::{lease_or_404, ModelRegistry};
-use super::protocol::{normalize_messages, parse_json};
+use super::protocol::{in_messages, parse_json};
 
 #[derive(Deserialize)]
 struct TokenizeRequest {
@@ -27,7 +27,11 @@ struct DetokenizeRequest {
 }
 
 /// `{"prompt": ...}` or `{"messages": [...]}` to `{"count", "max_model_len", "tokens", "token_strs"}`.
-pub(crate) fn tokenize(models: &ModelRegistry, body: &[u8]) -> Result<Response<Body>, ApiError> {
+/// Chat messages may carry images: their placeholders are expanded to the tokens the model sees.
+pub(crate) async fn tokenize(
+    models: &ModelRegistry,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
     let req: TokenizeRequest = parse_json(body)?;
     let lease = lease_or_404(models, req.model.as_deref())?;
     let tok = lease
@@ -36,15 +40,32 @@ pub(crate) fn tokenize(models: &ModelRegistry, body: &[u8]) -> Result<Response<B
         .map_err(|_| ApiError::bad_request("This model has no tokenizer."))?;
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => tok.encode(p, req.add_special_tokens.unwrap_or(true))?,
-        (None, Some(_)) => {
-            let messages = normalize_messages(req.messages.as_ref())?;
+        (None, Some(messages)) => {
             let tools = req.tools.as_ref().filter(|t| t.is_array());
-            let text = tok.apply_chat_template(
-                &messages,
-                tools,
-                req.add_generation_prompt.unwrap_or(true),
-            )?;
-            tok.encode(&text, req.add_special_tokens.unwrap_or(false))?
+            let chat = lease
+                .engine
+                .render_chat(
+                    messages,
+                    tools,
+                    req.add_generation_prompt.unwrap_or(true),
+                    Vec::new(),
+                )
+                .map_err(|e| in_messages(e.into()))?;
+            let ids = if req.add_special_tokens.unwrap_or(false) {
+                tok.encode(&chat.text, true)?
+            } else {
+                chat.prompt
+            };
+            if chat.images.is_empty() {
+                ids
+            } else {
+                lease
+                    .engine
+                    .expand_images_async(ids, chat.images)
+                    .await
+                    .map_err(|e| in_messages(e.into()))?
+                    .0
+            }
         }
         _ => {
             return Err(ApiError::bad_request(

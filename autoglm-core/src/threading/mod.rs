@@ -96,19 +96,29 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
     if let Some(c) = cfg.engine_core {
         check_cores(&[c])?;
     }
-    let threads = if cfg.compute_cores.is_empty() {
-        cfg.num_threads
-            .unwrap_or_else(|| allowed_cores().len().max(1))
+    let threads = cfg
+        .num_threads
+        .unwrap_or_else(|| allowed_cores().len().max(1));
+    build_pool("autoglm-compute", &cfg.compute_cores, threads)
+}
+
+/// A rayon pool of threads named `{name}-{i}`: one per entry of `cores`, each pinned to it, or
+/// `threads` of them (at least one) free to run on any core this process may use.
+pub fn build_pool(name: &str, cores: &[usize], threads: usize) -> Result<rayon::ThreadPool> {
+    check_cores(cores)?;
+    let threads = if cores.is_empty() {
+        threads.max(1)
     } else {
-        cfg.compute_cores.len()
+        cores.len()
     };
-    let cores = cfg.compute_cores.clone();
+    let cores = cores.to_vec();
+    let name = name.to_string();
     // Without cores of their own the workers may run anywhere the process may, even when the
     // thread building the pool (the engine loop) is pinned: threads inherit their creator's mask.
     let anywhere = allowed_cores();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(|i| format!("autoglm-compute-{i}"))
+        .thread_name(move |i| format!("{name}-{i}"))
         .start_handler(move |i| {
             let r = match cores.get(i) {
                 Some(&core) => pin_current_thread(core),
@@ -121,7 +131,7 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
             }
         })
         .build()
-        .map_err(|e| Error::Affinity(format!("cannot start the compute pool: {e}")))
+        .map_err(|e| Error::Affinity(format!("cannot start the thread pool: {e}")))
 }
 
 #[cfg(test)]
