@@ -1,48 +1,60 @@
 #!/usr/bin/env bash
-# The server's OpenAI-client tests: builds the serve example, starts it on a free loopback port with
-# the bundled tiny model, waits for /ready, runs pytest tests/server with the official `openai`
-# package (from a venv at .venv), and stops the server whatever happens.
+# The server's OpenAI-client tests: builds the serve example, starts two servers on free loopback
+# ports (the bundled tiny text model and the glm4v-tiny model; glm4v-tiny again with the `openai`
+# content format), waits for /ready, runs pytest tests/server with the official `openai` package
+# (from a venv at .venv), and stops the servers whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== python venv (.venv) with openai and pytest"
+echo "== python venv (.venv) with openai, pytest and pillow"
 if [ ! -x .venv/bin/python ]; then
   if ! python3 -m venv .venv 2>/dev/null; then
     apt-get update -qq && apt-get install -y -qq python3-venv
     python3 -m venv .venv
   fi
 fi
-.venv/bin/python -m pip install -q openai pytest
+.venv/bin/python -m pip install -q openai pytest pillow
 
 echo "== build the serve example"
 cargo build --release --example serve
 
-# Port 0: the server picks a free port and prints it ("listening on http://127.0.0.1:PORT"), so no
-# other process can take the port between choosing and binding it.
-log=$(mktemp)
-"${CARGO_TARGET_DIR:-target}"/release/examples/serve --host 127.0.0.1 --port 0 \
-  --model glm4-tiny=tests/fixtures/glm4-tiny >"$log" 2>&1 &
-server=$!
-stop_server() {
+# Two servers: the text model and the Glm4v model as Open-AutoGLM's recommended vLLM command runs
+# them (content format `string`), and the Glm4v model with content format `openai` (the fixture has
+# cases of both). Port 0: each server picks a free port and prints it ("listening on
+# http://127.0.0.1:PORT"), so no other process can take the port between choosing and binding it.
+media=$(mktemp -d)
+cp tests/fixtures/glm4v-tiny/exact.png "$media/exact.png"
+pids=()
+logs=()
+stop_servers() {
   # SIGTERM is a graceful shutdown; give it 30 s, then kill.
-  if kill -0 "$server" 2>/dev/null; then
-    kill -TERM "$server"
+  for server in "${pids[@]}"; do
+    kill -0 "$server" 2>/dev/null && kill -TERM "$server"
+  done
+  for server in "${pids[@]}"; do
     for _ in $(seq 300); do
       kill -0 "$server" 2>/dev/null || break
       sleep 0.1
     done
     if kill -0 "$server" 2>/dev/null; then
-      echo "the server did not stop on SIGTERM within 30 s; killing it" >&2
+      echo "server $server did not stop on SIGTERM within 30 s; killing it" >&2
       kill -KILL "$server"
     fi
     wait "$server" 2>/dev/null || true
-  fi
-  rm -f "$log"
+  done
+  rm -f "${logs[@]}"
+  rm -rf "$media"
 }
-trap stop_server EXIT
+trap stop_servers EXIT
 
-echo "== waiting for the server's address and /ready"
-url=$(python3 - "$log" "$server" <<'PY'
+# start_server ARGS...: starts a server and prints its URL once /ready answers 200.
+start_server() {
+  local log
+  log=$(mktemp)
+  logs+=("$log")
+  "${CARGO_TARGET_DIR:-target}"/release/examples/serve --host 127.0.0.1 --port 0 "$@" >"$log" 2>&1 &
+  pids+=($!)
+  python3 - "$log" "$!" <<'PY' || { echo "--- server log" >&2; cat "$log" >&2; return 1; }
 import os, re, sys, time, urllib.request
 log, pid = sys.argv[1], int(sys.argv[2])
 deadline = time.monotonic() + 120
@@ -66,11 +78,22 @@ while time.monotonic() < deadline:
     time.sleep(0.2)
 sys.exit("the server was not ready within 120 s")
 PY
-) || { echo "--- server log"; cat "$log"; exit 1; }
-echo "server at $url"
+}
+
+echo "== starting the servers"
+# Command substitution runs in a subshell: start each server in this shell, its URL via a file.
+start_server --model glm4-tiny=tests/fixtures/glm4-tiny --model glm4v-tiny=tests/fixtures/glm4v-tiny \
+  --limit-mm-per-prompt '{"image": 3}' --allowed-local-media-path "$media" >"$media/url1"
+start_server --model glm4v-tiny=tests/fixtures/glm4v-tiny --chat-template-content-format openai \
+  >"$media/url2"
+url=$(cat "$media/url1")
+url_openai=$(cat "$media/url2")
+echo "servers at $url and $url_openai"
 
 echo "== pytest tests/server"
-AUTOGLM_SERVER_URL="$url" .venv/bin/python -m pytest -q tests/server || {
-  echo "--- server log"; cat "$log"; exit 1
+AUTOGLM_SERVER_URL="$url" AUTOGLM_SERVER_URL_OPENAI="$url_openai" AUTOGLM_MEDIA_DIR="$media" \
+  .venv/bin/python -m pytest -q tests/server || {
+  for log in "${logs[@]}"; do echo "--- server log $log"; cat "$log"; done
+  exit 1
 }
 echo "== server tests passed"
