@@ -107,7 +107,7 @@ struct Cli {
     #[arg(long)]
     max_waiting_requests: Option<usize>,
     /// Largest request body in bytes (more: 413).
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
     /// Largest request head in bytes (more: 431).
     #[arg(long, default_value_t = 64 << 10)]

@@ -356,3 +356,46 @@ impl EngineConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn vllm_multimodal_flags_parse_and_bad_values_are_named() {
+        let mut m = MultiModalConfig::default();
+        m.set_limit_mm_per_prompt(&json!({"image": 10, "video": 0}))
+            .unwrap();
+        assert_eq!(m.limit_images_per_prompt, Some(10));
+        m.set_mm_processor_kwargs(&json!({"max_pixels": 5_000_000, "min_pixels": 3136}))
+            .unwrap();
+        assert_eq!((m.max_pixels, m.min_pixels), (Some(5_000_000), Some(3136)));
+        m.set_mm_processor_kwargs(
+            &json!({"size": {"longest_edge": 47_040_000, "shortest_edge": 12544}}),
+        )
+        .unwrap();
+        assert_eq!(
+            (m.max_pixels, m.min_pixels),
+            (Some(47_040_000), Some(12544))
+        );
+        let err = |r: Result<()>| r.unwrap_err().to_string();
+        let e = err(m.set_limit_mm_per_prompt(&json!({"video": 2})));
+        assert!(
+            e.contains("limit_mm_per_prompt") && e.contains("video"),
+            "{e}"
+        );
+        let e = err(m.set_limit_mm_per_prompt(&json!({"image": -1})));
+        assert!(e.contains("non-negative"), "{e}");
+        let e = err(m.set_limit_mm_per_prompt(&json!(3)));
+        assert!(e.contains("JSON object"), "{e}");
+        let e = err(m.set_mm_processor_kwargs(&json!({"max_pixel": 5})));
+        assert!(e.contains("\"max_pixel\" is not known"), "{e}");
+        let e = err(m.set_mm_processor_kwargs(&json!({"max_pixels": 0})));
+        assert!(e.contains("positive"), "{e}");
+        let mut c = EngineConfig::default();
+        c.multimodal.allowed_local_media_path = Some("/nonexistent/media".into());
+        let e = err(c.validate());
+        assert!(e.contains("allowed_local_media_path"), "{e}");
+    }
+}

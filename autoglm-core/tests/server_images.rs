@@ -442,3 +442,93 @@ async fn the_audit_log_never_holds_image_bytes() {
         "{log}"
     );
 }
+
+/// Open-AutoGLM's decoding rules: `frequency_penalty` applies to generated tokens under greedy
+/// decoding (checked against transformers' logits of the fixture's greedy steps), and a stop token
+/// ends the reply without its text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_penalties_and_stop_tokens_as_open_autoglm_needs() {
+    let srv = start(
+        loopback_config(),
+        vec![(V, vision_engine(ContentFormat::OpenAi, None))],
+    );
+    let a = srv.addr;
+    let e = vexpected();
+    let case = e["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "two_images_interleaved")
+        .unwrap();
+    let greedy = common::ids(&case["greedy_token_ids"]);
+    let (shape, logits) = common::expected_tensor(V, "two_images_interleaved.greedy_logits");
+    let vocab = shape[1];
+    let messages = inline_images(&case["messages"]);
+    let mut diverged = 0;
+    for penalty in [0.2f32, 2.0] {
+        // Step k's logits minus penalty x count of each token among the first k generated.
+        let mut want = Vec::new();
+        for (k, &g) in greedy.iter().enumerate() {
+            let mut row = logits[k * vocab..(k + 1) * vocab].to_vec();
+            for &t in &greedy[..k] {
+                row[t as usize] -= penalty;
+            }
+            let pick = common::first_max(&row) as u32;
+            want.push(pick);
+            if pick != g {
+                diverged += 1;
+                break;
+            }
+        }
+        let r = post(
+            a,
+            "/v1/chat/completions",
+            &json!({"model": V, "messages": messages, "max_tokens": want.len(), "temperature": 0.0,
+                "top_p": 0.85, "frequency_penalty": penalty, "ignore_eos": true, "return_token_ids": true}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            common::ids(&r.json()["choices"][0]["token_ids"]),
+            want,
+            "frequency_penalty {penalty}"
+        );
+    }
+    assert!(diverged > 0, "a penalty changes the greedy continuation");
+
+    // A stop token (here the 4th greedy token, given as a stop id) ends the answer; its text is
+    // not in the reply, streamed or not.
+    let screen = &e["cases"][0];
+    let greedy = common::ids(&screen["greedy_token_ids"]);
+    let body = json!({"model": V, "messages": inline_images(&screen["messages"]), "max_tokens": 16,
+        "temperature": 0, "ignore_eos": true, "stop_token_ids": [greedy[3]], "return_token_ids": true});
+    let r = post(a, "/v1/chat/completions", &body).await;
+    let j = r.json();
+    assert_eq!(common::ids(&j["choices"][0]["token_ids"]), greedy[..4]);
+    assert_eq!(j["choices"][0]["finish_reason"], "stop");
+    let before = post(
+        a,
+        "/detokenize",
+        &json!({"model": V, "tokens": greedy[..3]}),
+    )
+    .await
+    .json()["prompt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(j["choices"][0]["message"]["content"], before);
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let streamed: String = post(a, "/v1/chat/completions", &body)
+        .await
+        .events()
+        .iter()
+        .filter_map(|ev| {
+            ev["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, before);
+    srv.stop().await;
+}

@@ -113,6 +113,9 @@ pub struct MultiModalArgs {
     /// Threads that decode and resize images (default: one per core, at most 4).
     #[arg(long, default_value_t = 0)]
     pub media_threads: usize,
+    /// Pin one image thread to each of these cores, e.g. 2,3 (instead of --media-threads).
+    #[arg(long)]
+    pub media_cores: Option<List<usize>>,
     /// Memory for the features of recently seen images, in MiB.
     #[arg(long, default_value_t = 256)]
     pub encoder_cache_mb: usize,
@@ -134,6 +137,7 @@ impl MultiModalArgs {
         c.content_format = self.chat_template_content_format;
         c.allowed_local_media_path = self.allowed_local_media_path.clone();
         c.preprocess_threads = self.media_threads;
+        c.preprocess_cores = self.media_cores.clone().map(|l| l.0).unwrap_or_default();
         c.encoder_cache_bytes = self.encoder_cache_mb << 20;
         Ok(())
     }

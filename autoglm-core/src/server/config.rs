@@ -17,7 +17,8 @@ pub const MAX_STREAM_INTERVAL: usize = 256;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest request body; larger ones get a 413.
+    /// Largest request body; larger ones get a 413. The default, 32 MiB, takes a chat with
+    /// several full-resolution phone screenshots (a 1080x2400 PNG is 1-4 MB as base64).
     pub max_body_bytes: usize,
     /// Time to receive a request body; slower clients get a 408.
     #[serde(with = "secs_opt")]
@@ -36,7 +37,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_body_bytes: 8 << 20,
+            max_body_bytes: 32 << 20,
             body_read_timeout: Some(Duration::from_secs(30)),
             request_timeout: None,
             max_concurrent_requests: 4096,
