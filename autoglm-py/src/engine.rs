@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use autoglm_core::engine::{Completion, GenerateOutput, Request, RequestId, Usage};
 use autoglm_core::sampling::SamplingParams as CoreParams;
@@ -23,13 +23,13 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use crate::errors::{guard, invalid, new_err, request_err, to_py, Kind, Phase};
 use crate::outputs::{request_output, EngineStats, RequestOutput};
 use crate::params::per_prompt;
-use crate::prompt::{self, parse_many, parse_one, Prompt, Tokenized};
+use crate::prompt::{self, parse_many, parse_one, Prompt, Ready, Tokenized};
 use crate::stream::{AsyncRequestStream, RequestStream, StreamCore};
 use crate::tokenizer::{render, Tokenizer};
 use crate::wait::{self, CancelOnDone, CancelSignal};
 
 /// The engine options `Engine(...)` accepts as keywords, besides `device`.
-pub(crate) const OPTIONS: [&str; 13] = [
+pub(crate) const OPTIONS: [&str; 18] = [
     "block_size",
     "num_blocks",
     "kv_cache_mb",
@@ -43,6 +43,11 @@ pub(crate) const OPTIONS: [&str; 13] = [
     "seed",
     "gpu_memory_utilization",
     "enforce_eager",
+    "limit_mm_per_prompt",
+    "mm_processor_kwargs",
+    "chat_template_content_format",
+    "allowed_local_media_path",
+    "encoder_cache_mb",
 ];
 
 fn option_err(name: &str, v: &Bound<'_, PyAny>, want: &str) -> PyErr {
@@ -66,6 +71,33 @@ fn uint(name: &str, v: &Bound<'_, PyAny>, default: usize) -> PyResult<usize> {
     Ok(opt_uint(name, v)?.unwrap_or(default))
 }
 
+/// A JSON object option given as a dict or as JSON text (vLLM's command-line spelling).
+fn json_option(name: &str, v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
+    if let Ok(s) = v.cast::<pyo3::types::PyString>() {
+        return serde_json::from_str(s.to_str()?)
+            .map_err(|e| option_err(name, v, &format!("not JSON: {e}")));
+    }
+    if v.cast::<pyo3::types::PyMapping>().is_err() {
+        return Err(option_err(name, v, "must be a dict or a JSON object (str)"));
+    }
+    prompt::to_json(v).map_err(|_| {
+        option_err(
+            name,
+            v,
+            "must be a dict of str keys to ints (or a JSON object as a str)",
+        )
+    })
+}
+
+/// The message of a core configuration error, without the field it names (the option's name
+/// replaces it).
+fn config_msg(e: autoglm_core::Error) -> String {
+    match e {
+        autoglm_core::Error::InvalidConfig { msg, .. } => msg,
+        e => e.to_string(),
+    }
+}
+
 /// `EngineConfig` from `device` and the keyword options; an unknown or bad option is an
 /// `InvalidRequestError` naming it.
 pub(crate) fn engine_config(
@@ -83,6 +115,7 @@ pub(crate) fn engine_config(
         let name: String = k.extract()?;
         let n = name.as_str();
         let (cache, sched, threads) = (&mut cfg.cache, &mut cfg.scheduler, &mut cfg.threading);
+        let mm = &mut cfg.multimodal;
         match n {
             "block_size" => cache.block_size = uint(n, &v, cache.block_size)?,
             "num_blocks" => cache.num_blocks = opt_uint(n, &v)?,
@@ -133,6 +166,40 @@ pub(crate) fn engine_config(
                         .map_err(|_| option_err(n, &v, "must be a bool"))?;
                 }
             }
+            "limit_mm_per_prompt" if !v.is_none() => mm
+                .set_limit_mm_per_prompt(&json_option(n, &v)?)
+                .map_err(|e| option_err(n, &v, &config_msg(e)))?,
+            "mm_processor_kwargs" if !v.is_none() => mm
+                .set_mm_processor_kwargs(&json_option(n, &v)?)
+                .map_err(|e| option_err(n, &v, &config_msg(e)))?,
+            "chat_template_content_format" if !v.is_none() => {
+                let s: String = v
+                    .extract()
+                    .map_err(|_| option_err(n, &v, "must be \"string\" or \"openai\""))?;
+                mm.content_format = s
+                    .parse()
+                    .map_err(|_| option_err(n, &v, "must be \"string\" or \"openai\""))?;
+            }
+            "allowed_local_media_path" => {
+                mm.allowed_local_media_path = if v.is_none() {
+                    None
+                } else {
+                    let dir: PathBuf = v
+                        .extract()
+                        .map_err(|_| option_err(n, &v, "must be a path (str or os.PathLike)"))?;
+                    if !dir.is_dir() {
+                        return Err(option_err(n, &v, "is not a directory"));
+                    }
+                    Some(dir)
+                };
+            }
+            "encoder_cache_mb" => {
+                let mb = uint(n, &v, mm.encoder_cache_bytes >> 20)?;
+                mm.encoder_cache_bytes = mb
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| option_err(n, &v, "is too large"))?;
+            }
+            "limit_mm_per_prompt" | "mm_processor_kwargs" | "chat_template_content_format" => {}
             "seed" => {
                 if !v.is_none() {
                     cfg.seed = v
@@ -146,6 +213,14 @@ pub(crate) fn engine_config(
                     OPTIONS.join(", ")
                 )))
             }
+        }
+    }
+    let mm = &cfg.multimodal;
+    if let (Some(lo), Some(hi)) = (mm.min_pixels, mm.max_pixels) {
+        if lo > hi {
+            return Err(invalid(format!(
+                "engine option mm_processor_kwargs: min_pixels {lo} is above max_pixels {hi}"
+            )));
         }
     }
     Ok(cfg)
@@ -203,6 +278,34 @@ async fn collect_all(subs: Vec<Submitted>) -> autoglm_core::Result<Vec<Finished>
     Ok(out)
 }
 
+/// Submits prompts ready for the engine.
+fn submit_ready(
+    engine: &CoreEngine,
+    ready: Vec<Ready>,
+    params: Vec<CoreParams>,
+    priority: i32,
+) -> autoglm_core::Result<Vec<Submitted>> {
+    ready
+        .into_iter()
+        .zip(params)
+        .map(|(Ready { prompt, images }, params)| {
+            let (n, logprobs) = (params.n, params.logprobs.is_some());
+            let stream = engine.submit_request(Request {
+                prompt: prompt.ids.clone(),
+                params,
+                priority,
+                images,
+            })?;
+            Ok(Submitted {
+                stream,
+                prompt,
+                n,
+                logprobs,
+            })
+        })
+        .collect()
+}
+
 /// Python results: one `RequestOutput`, or a list of them for a list of prompts.
 fn results(py: Python<'_>, finished: Vec<Finished>, single: bool) -> PyResult<Bound<'_, PyAny>> {
     let outs = finished
@@ -225,13 +328,20 @@ fn results(py: Python<'_>, finished: Vec<Finished>, single: bool) -> PyResult<Bo
 /// kv_cache_mb, enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
 /// engine_core, compute_cores, num_threads, seed, gpu_memory_utilization (the share of the GPU's
 /// free memory the CUDA backend may use for weights and KV cache; default 0.9), enforce_eager
-/// (CUDA: launch every kernel of every decode step instead of replaying CUDA graphs). Use it as a
-/// context manager, or call
-/// `close()`, to stop the engine thread deterministically.
+/// (CUDA: launch every kernel of every decode step instead of replaying CUDA graphs).
+/// Images (GLM-4.1V models): limit_mm_per_prompt (`{"image": N}`, a dict or JSON text, as vLLM's
+/// flag), mm_processor_kwargs (`{"max_pixels": P, "min_pixels": Q}`, or transformers' `{"size":
+/// {"longest_edge", "shortest_edge"}}`), chat_template_content_format (`"string"`, the default:
+/// each list content becomes one string with the image placeholders first, as Open-AutoGLM's vLLM
+/// command renders; `"openai"`: the template places each image part), allowed_local_media_path (a
+/// directory: `image_url` parts may name local files under it; none by default),
+/// encoder_cache_mb (memory for encoded image features kept for reuse; default 256).
+/// Use it as a context manager, or call `close()`, to stop the engine thread deterministically.
 #[pyclass(module = "autoglm", frozen)]
 pub(crate) struct Engine {
     /// The core handle; `None` after `close()`. Calls clone it and release the lock at once.
-    inner: Mutex<Option<CoreEngine>>,
+    /// Shared with `generate_async` work waiting for images, which takes a handle only to submit.
+    inner: Arc<Mutex<Option<CoreEngine>>>,
     /// The tokenizer (shared with the engine thread), usable after `close()`.
     tokenizer: Option<CoreTokenizer>,
     /// The model directory as given.
@@ -255,7 +365,8 @@ impl Engine {
             .ok_or_else(|| new_err(Kind::EngineShutdown, "the engine has been closed"))
     }
 
-    /// Tokenizes (detached) and submits every prompt; all or none are submitted.
+    /// Renders and tokenizes every prompt, reads and preprocesses its images (all detached) and
+    /// submits them; all or none are submitted.
     fn submit(
         &self,
         py: Python<'_>,
@@ -265,35 +376,57 @@ impl Engine {
     ) -> PyResult<Vec<Submitted>> {
         let engine = self.handle()?;
         let tok = self.tokenizer.as_ref();
-        let tokenized = py
+        let ready = py
             .detach(|| {
                 prompts
                     .into_iter()
-                    .map(|p| prompt::tokenize(tok, p))
+                    .map(|p| prompt::prepare(&engine, tok, p)?.expand(&engine))
                     .collect::<autoglm_core::Result<Vec<_>>>()
             })
             .map_err(request_err)?;
-        tokenized
-            .into_iter()
-            .zip(params)
-            .map(|(prompt, params)| {
-                let (n, logprobs) = (params.n, params.logprobs.is_some());
-                let stream = engine
-                    .submit_request(Request {
-                        prompt: prompt.ids.clone(),
-                        params,
-                        priority,
-                        images: Vec::new(),
-                    })
-                    .map_err(request_err)?;
-                Ok(Submitted {
-                    stream,
-                    prompt,
-                    n,
-                    logprobs,
-                })
+        submit_ready(&engine, ready, params, priority).map_err(request_err)
+    }
+
+    /// Renders and tokenizes every prompt and reads its images (detached), then starts their
+    /// preprocessing on the engine's image threads: the future submits them (all or none) once
+    /// every image is ready, so an event loop never waits for a decode or a resize.
+    fn submit_later(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Prompt>,
+        params: Vec<CoreParams>,
+        priority: i32,
+    ) -> PyResult<impl std::future::Future<Output = autoglm_core::Result<Vec<Submitted>>> + Send>
+    {
+        let engine = self.handle()?;
+        let tok = self.tokenizer.as_ref();
+        let prepared = py
+            .detach(|| {
+                prompts
+                    .into_iter()
+                    .map(|p| prompt::prepare(&engine, tok, p))
+                    .collect::<autoglm_core::Result<Vec<_>>>()
             })
-            .collect()
+            .map_err(request_err)?;
+        let expanding: Vec<_> = prepared
+            .into_iter()
+            .map(|p| p.expand_async(&engine))
+            .collect();
+        drop(engine);
+        // Not a handle: `close()` while images are preprocessed still stops the engine.
+        let inner = self.inner.clone();
+        Ok(async move {
+            let mut ready = Vec::with_capacity(expanding.len());
+            for e in expanding {
+                ready.push(e.await?);
+            }
+            let engine = inner
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .ok_or(autoglm_core::Error::EngineShutdown)?;
+            submit_ready(&engine, ready, params, priority)
+        })
     }
 
     fn submit_many(
@@ -314,7 +447,7 @@ impl Engine {
         prompt: &Bound<'_, PyAny>,
         params: Option<&Bound<'_, PyAny>>,
         priority: i32,
-    ) -> PyResult<std::sync::Arc<StreamCore>> {
+    ) -> PyResult<Arc<StreamCore>> {
         let prompt = parse_one(prompt)?;
         let params = per_prompt(params, 1)?;
         let s = self
@@ -328,7 +461,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         // Dropping the last handle joins the engine thread: a wait, so not while attached.
-        let engine = self.inner.get_mut().ok().and_then(|e| e.take());
+        let engine = self.inner.lock().ok().and_then(|mut e| e.take());
         if engine.is_some() {
             Python::attach(|py| py.detach(move || drop(engine)));
         }
@@ -356,7 +489,7 @@ impl Engine {
                 device: engine.config().device.to_string(),
                 max_model_len: engine.max_model_len(),
                 model_config: engine.model_config().clone(),
-                inner: Mutex::new(Some(engine)),
+                inner: Arc::new(Mutex::new(Some(engine))),
                 model,
             })
         })
@@ -366,7 +499,12 @@ impl Engine {
     /// are done. Prompts of a list are submitted together, so the engine batches them.
     ///
     /// `prompts`: a str (text), a list of ints (token ids), a list of `{"role", "content"}` dicts
-    /// (chat messages, rendered through the chat template), or a list of those.
+    /// (chat messages, rendered through the chat template), or a list of those. A message's
+    /// `content` may be a list of OpenAI content parts: `{"type": "text", "text": ...}`,
+    /// `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`, or
+    /// `{"type": "image", "image": X}` with X the encoded file (`bytes`), a path (`str` or
+    /// `os.PathLike`, read by the caller's process) or a `PIL.Image.Image`. Images are decoded and
+    /// resized on the engine's image threads with the GIL released.
     /// `params`: one `SamplingParams` for all, a list of one per prompt, or `None` (defaults).
     /// Returns a `RequestOutput`, or a list of them for a list of prompts.
     #[pyo3(signature = (prompts, params = None, *, priority = 0))]
@@ -401,7 +539,9 @@ impl Engine {
     }
 
     /// `generate` for asyncio: returns an awaitable (an `asyncio.Future`) of the same result.
-    /// Cancelling it cancels the requests. Must be called with an event loop running.
+    /// Cancelling it cancels the requests. Must be called with an event loop running. Images are
+    /// preprocessed off the event loop; image files are read, and the template rendered, before
+    /// it returns.
     #[pyo3(signature = (prompts, params = None, *, priority = 0))]
     fn generate_async<'py>(
         &self,
@@ -414,7 +554,11 @@ impl Engine {
             let event_loop = wait::running_loop(py)?;
             let fut = event_loop.call_method0("create_future")?;
             // Errors surface when awaited, as they would from an `async def`.
-            let (subs, single) = match self.submit_many(py, prompts, params, priority) {
+            let submitted = parse_many(prompts).and_then(|(prompts, single)| {
+                let params = per_prompt(params, prompts.len())?;
+                Ok((self.submit_later(py, prompts, params, priority)?, single))
+            });
+            let (submitted, single) = match submitted {
                 Ok(s) => s,
                 Err(e) => {
                     wait::set_exception(&fut, e)?;
@@ -430,9 +574,9 @@ impl Engine {
             )?;
             let work = async move {
                 let cancelled = pin!(signal.cancelled());
-                let done = pin!(collect_all(subs));
+                // Dropped when cancelled: image preprocessing stops, submitted requests cancel.
+                let done = pin!(async move { collect_all(submitted.await?).await });
                 match select(cancelled, done).await {
-                    // Dropping the streams cancels the requests.
                     Either::Left(_) => None,
                     Either::Right((r, _)) => Some(r),
                 }
@@ -453,6 +597,8 @@ impl Engine {
 
     /// `stream` for asyncio: returns an `AsyncRequestStream` (an async iterator of
     /// `CompletionChunk`). Breaking out of `async for` (and dropping it) cancels the request.
+    /// The request is submitted before it returns, so a prompt's images are preprocessed then
+    /// (the GIL released; use `generate_async` to keep the event loop free meanwhile).
     #[pyo3(signature = (prompt, params = None, *, priority = 0))]
     fn stream_async(
         &self,

@@ -63,8 +63,9 @@ const CLASSES: [(Kind, &str, Option<Kind>, Also, &str); 10] = [
         "InvalidRequestError",
         Some(Kind::Base),
         Also::ValueError,
-        "A request, its sampling parameters or an engine option was rejected; the message names \
-         the field and the value.",
+        "A request, its sampling parameters or an engine option was rejected (an image that is not \
+         a PNG, JPEG or WebP file, is truncated or too large included); the message names the \
+         field and the value.",
     ),
     (
         Kind::CudaUnavailable,
@@ -188,8 +189,15 @@ fn is_engine_option(field: &str) -> bool {
     ["cache.", "scheduler.", "threading."]
         .iter()
         .any(|p| field.starts_with(p))
-        || field == "device"
-        || field == "seed"
+        || field.starts_with("multimodal")
+        || [
+            "device",
+            "seed",
+            "limit_mm_per_prompt",
+            "mm_processor_kwargs",
+            "chat_template_content_format",
+        ]
+        .contains(&field)
 }
 
 /// Maps a core error to its exception.
@@ -208,7 +216,10 @@ pub(crate) fn to_py(e: Error, phase: Phase) -> PyErr {
         {
             (Kind::ModelLoad, None)
         }
-        Error::InvalidConfig { .. } | Error::InvalidRequest(_) => (Kind::InvalidRequest, None),
+        // A bad image (not an image, truncated, too large) is bad input.
+        Error::InvalidConfig { .. } | Error::InvalidRequest(_) | Error::Image(_) => {
+            (Kind::InvalidRequest, None)
+        }
         Error::Tokenizer(_) => (Kind::Tokenizer, None),
         Error::Template(_) => (Kind::Template, None),
         Error::CudaUnavailable(_) => (Kind::CudaUnavailable, None),

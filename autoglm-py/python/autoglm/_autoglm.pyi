@@ -4,7 +4,20 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal, NoReturn, TypeAlias, final, overload
+from typing import (
+    Any,
+    ClassVar,
+    Literal,
+    NoReturn,
+    Protocol,
+    TypeAlias,
+    TypedDict,
+    final,
+    overload,
+    type_check_only,
+)
+
+from typing_extensions import NotRequired
 
 __all__ = [
     "__version__",
@@ -34,14 +47,65 @@ __all__ = [
 
 __version__: str
 
-_Message: TypeAlias = Mapping[str, Any]
-"""A chat message: ``{"role": ..., "content": ...}`` plus any keys the template reads."""
+@type_check_only
+class _PILImage(Protocol):
+    """What the engine reads of a ``PIL.Image.Image`` (Pillow is optional)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def size(self) -> tuple[int, int]: ...
+    def tobytes(self) -> bytes: ...
+
+_ImageData: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str] | _PILImage
+"""The image of an ``{"type": "image", "image": ...}`` part: an encoded PNG, JPEG or WebP file,
+a path read by this process, a ``PIL.Image.Image``, or a ``data:`` URL (str)."""
+
+@type_check_only
+class _TextPart(TypedDict):
+    type: Literal["text"]
+    text: str
+
+@type_check_only
+class _ImageURL(TypedDict):
+    url: str
+    """``data:image/png;base64,...``; a local path only under ``allowed_local_media_path``."""
+    detail: NotRequired[str]
+
+@type_check_only
+class _ImageURLPart(TypedDict):
+    """An image as the OpenAI API sends it."""
+
+    type: Literal["image_url"]
+    image_url: _ImageURL | str
+
+@type_check_only
+class _ImagePart(TypedDict):
+    """An image given as Python data."""
+
+    type: Literal["image"]
+    image: _ImageData
+
+_ContentPart: TypeAlias = _TextPart | _ImageURLPart | _ImagePart
+"""A part of a message's ``content`` list."""
+
+@type_check_only
+class _ChatMessage(TypedDict):
+    role: str
+    content: NotRequired[str | Sequence[_ContentPart] | None]
+
+_Message: TypeAlias = _ChatMessage | Mapping[str, Any]
+"""A chat message: ``{"role": ..., "content": ...}`` plus any keys the template reads;
+``content`` is a str or a list of content parts (text, ``image_url``, ``image``)."""
 _PromptInput: TypeAlias = str | Sequence[int] | Sequence[_Message]
 """Text, token ids, or chat messages."""
 _FinishReason: TypeAlias = Literal["stop", "length", "abort"]
 _Params: TypeAlias = SamplingParams | Sequence[SamplingParams] | None
 _ManyPrompts: TypeAlias = list[_PromptInput] | tuple[_PromptInput, ...]
 """Many prompts: one result each."""
+_ManyChats: TypeAlias = Sequence[Sequence[_Message]]
+"""Many chats (``list[list[dict[str, Any]]]`` is not a ``list[_PromptInput]``: lists are
+invariant)."""
 
 # Exceptions
 
@@ -336,6 +400,11 @@ class Engine:
         seed: int | None = None,
         gpu_memory_utilization: float | None = None,
         enforce_eager: bool | None = None,
+        limit_mm_per_prompt: Mapping[str, int] | str | None = None,
+        mm_processor_kwargs: Mapping[str, Any] | str | None = None,
+        chat_template_content_format: Literal["string", "openai"] | None = None,
+        allowed_local_media_path: str | os.PathLike[str] | None = None,
+        encoder_cache_mb: int | None = None,
         **options: NoReturn,
     ) -> Engine: ...
     @overload
@@ -345,6 +414,10 @@ class Engine:
     @overload
     def generate(
         self, prompts: _ManyPrompts, params: _Params = None, *, priority: int = 0
+    ) -> list[RequestOutput]: ...
+    @overload
+    def generate(
+        self, prompts: _ManyChats, params: _Params = None, *, priority: int = 0
     ) -> list[RequestOutput]: ...
     def stream(
         self, prompt: _PromptInput, params: _Params = None, *, priority: int = 0
@@ -356,6 +429,10 @@ class Engine:
     @overload
     def generate_async(
         self, prompts: _ManyPrompts, params: _Params = None, *, priority: int = 0
+    ) -> asyncio.Future[list[RequestOutput]]: ...
+    @overload
+    def generate_async(
+        self, prompts: _ManyChats, params: _Params = None, *, priority: int = 0
     ) -> asyncio.Future[list[RequestOutput]]: ...
     def stream_async(
         self, prompt: _PromptInput, params: _Params = None, *, priority: int = 0
@@ -442,6 +519,11 @@ class Server:
         seed: int | None = None,
         gpu_memory_utilization: float | None = None,
         enforce_eager: bool | None = None,
+        limit_mm_per_prompt: Mapping[str, int] | str | None = None,
+        mm_processor_kwargs: Mapping[str, Any] | str | None = None,
+        chat_template_content_format: Literal["string", "openai"] | None = None,
+        allowed_local_media_path: str | os.PathLike[str] | None = None,
+        encoder_cache_mb: int | None = None,
         **options: NoReturn,
     ) -> Server: ...
     def start(self) -> Server:

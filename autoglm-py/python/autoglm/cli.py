@@ -113,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
         help="share of the GPU's free memory for weights and KV cache (CUDA; default 0.9)")
     add("--enforce-eager", action="store_true",
         help="CUDA: launch every kernel of every decode step instead of replaying CUDA graphs")
+    images = s.add_argument_group("image options (GLM-4.1V models)")
+    add = images.add_argument
+    add("--limit-mm-per-prompt", metavar="JSON",
+        help='most images one prompt may carry, as vLLM spells it: \'{"image": 10}\'')
+    add("--mm-processor-kwargs", metavar="JSON",
+        help='the pixel budget of the image processor: \'{"max_pixels": 5000000}\' '
+        '(or "min_pixels"; or transformers\' {"size": {"longest_edge": ..., "shortest_edge": ...}})')
+    add("--chat-template-content-format", choices=["string", "openai"],
+        help="how list contents reach the chat template: string (default: one string per "
+        "message, image placeholders first, as Open-AutoGLM's vLLM command renders) or openai "
+        "(the list, each image part as {\"type\": \"image\"})")
+    add("--allowed-local-media-path", metavar="DIR",
+        help="image_url parts may name local files under this directory (default: none)")
+    add("--encoder-cache-mb", type=int,
+        help="memory for encoded image features kept for reuse, in MiB (default 256)")
     return parser
 
 
@@ -189,6 +204,8 @@ def _serve(args: argparse.Namespace) -> None:
         "stream_interval", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
         "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
+        "limit_mm_per_prompt", "mm_processor_kwargs", "chat_template_content_format",
+        "allowed_local_media_path", "encoder_cache_mb",
     ):
         value = getattr(args, name)
         if value is not None:
