@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # C and C++ checks of the autoglm C API (autoglm-capi): builds libautoglm.so and libautoglm.a,
-# compiles examples/c/generate.c (C99), examples/cpp/generate.cpp (C++17) and
-# autoglm-capi/tests/c/errors.c against each with warnings as errors, checks the greedy token ids
-# they print against both fixtures, runs the error-path program, and runs the C programs under
-# valgrind (no definite leaks, no memory errors), the C++ example too.
+# compiles examples/c/generate.c and examples/c/chat_image.c (C99), examples/cpp/generate.cpp
+# (C++17) and autoglm-capi/tests/c/errors.c against each with warnings as errors, checks the
+# greedy token ids they print against the fixtures (chat_image: a PNG sent as a byte buffer to
+# glm4v-tiny, against transformers' tokens for the same message; and a truncated PNG must fail
+# naming the image), runs the error-path program, and runs the C programs under valgrind (no
+# definite leaks, no memory errors), the C++ example too.
 #
 # Run from anywhere on a fresh Debian/Ubuntu machine with a Rust toolchain; installs a C/C++
 # compiler, valgrind and pkg-config with apt-get when they are missing.
@@ -72,10 +74,11 @@ compile() { # compiler flags-array-name source output link-mode
 }
 for mode in shared static; do
   compile cc C_FLAGS examples/c/generate.c "generate-c-$mode" $mode
+  compile cc C_FLAGS examples/c/chat_image.c "chat_image-$mode" $mode
   compile c++ CXX_FLAGS examples/cpp/generate.cpp "generate-cpp-$mode" $mode
   compile cc C_FLAGS autoglm-capi/tests/c/errors.c "errors-$mode" $mode
 done
-for exe in generate-c-static generate-cpp-static errors-static; do
+for exe in generate-c-static chat_image-static generate-cpp-static errors-static; do
   if ldd "$build/$exe" | grep -q libautoglm; then die "$exe links libautoglm.so"; fi
 done
 ldd "$build/generate-c-shared" | grep libautoglm
@@ -103,6 +106,66 @@ done
 step "default prompt (chat template) of the C example"
 "$build/generate-c-shared"
 
+step "chat with a PNG (examples/c/chat_image.c on glm4v-tiny) against the fixture"
+vdir=tests/fixtures/glm4v-tiny
+# The case whose messages are one user turn: screen.png, then a text. Prints its name, content
+# format, question, greedy ids, prompt length, and its messages as the example sends them (the
+# image_url part as a sourceless {"type": "image"} part, the PNG beside the messages).
+mapfile -t vcase < <(python3 - "$vdir/expected.json" <<'PY'
+import json, sys
+cases = json.load(open(sys.argv[1]))["cases"]
+def fits(c):
+    m = c["messages"]
+    if len(m) != 1 or m[0]["role"] != "user" or not isinstance(m[0]["content"], list):
+        return False
+    parts = m[0]["content"]
+    return [p["type"] for p in parts] == ["image_url", "text"] and \
+        parts[0]["image_url"]["url"] == "screen.png"
+found = [c for c in cases if fits(c)]
+assert len(found) == 1, f"{len(found)} cases are one user turn with screen.png and a text"
+c = found[0]
+text = c["messages"][0]["content"][1]["text"]
+sent = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+print(c["name"]); print(c["content_format"]); print(text)
+print(", ".join(map(str, c["greedy_token_ids"]))); print(len(c["input_ids"]))
+print(json.dumps(sent, ensure_ascii=False))
+PY
+)
+((${#vcase[@]} == 6)) || die "could not read the image case from $vdir/expected.json"
+vname=${vcase[0]} vformat=${vcase[1]} vquestion=${vcase[2]} vwant="[${vcase[3]}]"
+vprompt=${vcase[4]} vmessages=${vcase[5]}
+vcount=$(tr -cd , <<<"${vcase[3]}" | wc -c)
+vcount=$((vcount + 1))
+echo "case $vname: content format $vformat, $vcount tokens, prompt $vprompt tokens"
+for exe in chat_image-shared chat_image-static; do
+  out=$("$build/$exe" --format "$vformat" --max-tokens "$vcount" --ignore-eos \
+    "$vdir" "$vdir/screen.png" "$vquestion")
+  got=$(sed -n 's/^greedy_token_ids: //p' <<<"$out")
+  [ "$got" = "$vwant" ] || die "$exe $vname: got $got, want $vwant"$'\n'"$out"
+  sent=$(sed -n 's/^messages: //p' <<<"$out")
+  python3 -c 'import json,sys; sys.exit(json.loads(sys.argv[1]) != json.loads(sys.argv[2]))' \
+    "$sent" "$vmessages" || die "$exe sent $sent, the case is $vmessages"
+  grep -q "prompt_tokens $vprompt " <<<"$out" || die "$exe: prompt is not $vprompt tokens"$'\n'"$out"
+  grep -q '^streamed_token_ids: ' <<<"$out" || die "$exe: no streamed tokens"$'\n'"$out"
+  printf '%-20s %-14s ok %s\n' "$exe" "$vname" "$got"
+done
+
+step "chat_image defaults (no arguments)"
+"$build/chat_image-shared"
+
+step "chat_image with a truncated PNG fails, naming the image"
+truncated=$build/truncated.png
+size=$(wc -c <"$vdir/screen.png")
+head -c $((size / 2)) "$vdir/screen.png" >"$truncated"
+set +e
+err=$("$build/chat_image-shared" "$vdir" "$truncated" 2>&1 >/dev/null)
+rc=$?
+set -e
+echo "exit $rc: $err"
+[ "$rc" -ne 0 ] || die "a truncated PNG was accepted"
+grep -q 'INVALID_REQUEST' <<<"$err" || die "a truncated PNG: not INVALID_REQUEST: $err"
+grep -q 'image 0' <<<"$err" || die "a truncated PNG: the message does not name the image: $err"
+
 step "error paths"
 "$build/errors-shared" | tail -3
 "$build/errors-static" | tail -1
@@ -111,7 +174,8 @@ step "valgrind"
 vg=(valgrind --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite
   --error-exitcode=1)
 for run in "generate-c-shared tests/fixtures/glm4-tiny 277" "errors-shared" \
-  "generate-cpp-shared tests/fixtures/glm-tiny-bf16 490 153 64 174 242"; do
+  "generate-cpp-shared tests/fixtures/glm-tiny-bf16 490 153 64 174 242" \
+  "chat_image-shared --max-tokens 4 --ignore-eos tests/fixtures/glm4v-tiny"; do
   name=${run%% *}
   log=$build/valgrind-$name.log
   # shellcheck disable=SC2086

@@ -67,7 +67,9 @@ typedef enum autoglm_status {
     AUTOGLM_STATUS_INVALID_CONFIG = 3,
     /**
      * A request was rejected: an empty prompt, a token id outside the vocabulary, a prompt longer
-     * than the context, a sampling parameter out of range. The message names the field and value.
+     * than the context, a sampling parameter out of range, malformed chat messages, an image
+     * that cannot be decoded (or one given to a model that takes none, or more or fewer images
+     * than the messages' image parts). The message names the field, value or image.
      */
     AUTOGLM_STATUS_INVALID_REQUEST = 4,
     /**
@@ -221,6 +223,33 @@ typedef struct autoglm_engine_options {
      * Seed for requests that set no seed of their own. Default 0.
      */
     uint64_t seed;
+    /**
+     * Most images one prompt may carry, as vLLM's `--limit-mm-per-prompt`: a JSON object such
+     * as `{"image": 4}` (NUL-terminated UTF-8; a `"video"` count of 0 is accepted). More is
+     * `AUTOGLM_STATUS_INVALID_REQUEST`. NULL: only the context length limits them. Default NULL.
+     */
+    const char *limit_mm_per_prompt;
+    /**
+     * Image preprocessing overrides, as vLLM's `--mm-processor-kwargs`: a JSON object with
+     * `max_pixels` / `min_pixels`, or transformers' `{"size": {"longest_edge": ..,
+     * "shortest_edge": ..}}` (the pixel budget of `preprocessor_config.json`). NULL: the
+     * model's `preprocessor_config.json`. Default NULL.
+     */
+    const char *mm_processor_kwargs;
+    /**
+     * How the content lists of chat messages reach the chat template, as vLLM's
+     * `--chat-template-content-format`: `"string"` (each list becomes one string: an image
+     * placeholder and a newline per image, then the text parts joined by newlines; what
+     * Open-AutoGLM's server runs with) or `"openai"` (the list itself, image parts as
+     * `{"type": "image"}`). NULL means `"string"`. Default NULL.
+     */
+    const char *chat_template_content_format;
+    /**
+     * Directory under which chat messages may name local image files (paths or `file://`
+     * URLs in `image_url` parts), links resolved; as vLLM's `--allowed-local-media-path`. NULL:
+     * no local files are read. Default NULL.
+     */
+    const char *allowed_local_media_path;
 } autoglm_engine_options;
 
 /**
@@ -432,6 +461,27 @@ typedef struct autoglm_event {
 typedef bool (*autoglm_event_callback)(const struct autoglm_event *ev, void *user_data);
 
 /**
+ * One encoded image for the chat calls: the bytes of a PNG, JPEG or WebP file, as read from
+ * disk or received (not decoded pixels).
+ *
+ * Ownership: owned by the caller. `data` is borrowed for the duration of the call it is passed
+ * to and only then: the library copies the `len` bytes before that call returns and keeps no
+ * pointer into them, so the buffer may be freed or reused as soon as the call returns (for
+ * `autoglm_request_new_chat` too, before its events are read). Thread safety: plain data.
+ */
+typedef struct autoglm_image {
+    /**
+     * The file's bytes (`len` of them); NULL only when `len` is 0 (which is then an image that
+     * fails to decode).
+     */
+    const uint8_t *data;
+    /**
+     * Length of `data` in bytes.
+     */
+    size_t len;
+} autoglm_image;
+
+/**
  * One chat message for `autoglm_tokenizer_apply_chat_template`.
  *
  * Ownership: owned by the caller, borrowed for the call.
@@ -505,14 +555,15 @@ struct autoglm_sampling_params autoglm_sampling_params_default(void);
  *   `autoglm_engine_free`; set to NULL on failure.
  *
  * Returns `AUTOGLM_STATUS_MODEL_LOAD` for a missing or bad model directory,
- * `AUTOGLM_STATUS_INVALID_CONFIG` for bad options, `AUTOGLM_STATUS_CUDA_UNAVAILABLE` when a
- * CUDA device is asked for but cannot be used.
+ * `AUTOGLM_STATUS_INVALID_CONFIG` for bad options (`AUTOGLM_STATUS_INVALID_ARGUMENT` for an
+ * option that is not valid JSON), `AUTOGLM_STATUS_CUDA_UNAVAILABLE` when a CUDA device is asked
+ * for but cannot be used.
  *
  * # Safety
  *
- * `model_dir` and `options->device` are NULL or NUL-terminated strings; `options` is NULL or
- * points to an `autoglm_engine_options` whose `compute_cores` holds `num_compute_cores`
- * entries; `out_engine` is NULL or writable.
+ * `model_dir` and the strings of `options` (`device`, `limit_mm_per_prompt`, ...) are NULL or
+ * NUL-terminated; `options` is NULL or points to an `autoglm_engine_options` whose
+ * `compute_cores` holds `num_compute_cores` entries; `out_engine` is NULL or writable.
  */
 enum autoglm_status autoglm_engine_new(const char *model_dir,
                                        const struct autoglm_engine_options *options,
@@ -675,6 +726,103 @@ enum autoglm_status autoglm_request_cancel(struct autoglm_request *request);
  * other call is using it.
  */
 void autoglm_request_free(struct autoglm_request *request);
+
+/**
+ * Chats: renders `messages_json` through the model's chat template (with the tokens that start
+ * the assistant's turn), preprocesses its images, generates one completion and waits for it.
+ *
+ * * `engine`: borrowed for the call.
+ * * `messages_json`: the conversation, a JSON array of OpenAI-style messages, NUL-terminated
+ *   UTF-8; borrowed for the call. A message's `content` is a string or a list of parts:
+ *   `{"type": "text", "text": "..."}`, `{"type": "image"}` (takes the next of `images`, in
+ *   order), or `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`
+ *   (a local path or `file://` URL only under `options->allowed_local_media_path`; no remote
+ *   URLs). How lists reach the template is `options->chat_template_content_format`.
+ * * `tools_json`: NULL, or a JSON array of tool definitions, visible to the template as `tools`.
+ * * `images`, `images_len`: the images of the `{"type": "image"}` parts, one each, in order;
+ *   NULL only with `images_len` 0. The array and every buffer it points to are borrowed for the
+ *   call only: the bytes are copied before the call returns (see `autoglm_image`).
+ * * `params`, `out_text`, `out_token_ids`, `out_token_ids_len`, `out_finish_reason`,
+ *   `out_usage`: as for `autoglm_engine_generate` (`n` must be 1; the outputs are owned by the
+ *   caller and released with `autoglm_string_free` / `autoglm_token_ids_free`; all set to
+ *   NULL / 0 on failure). `out_usage->prompt_tokens` counts each image's tokens.
+ *
+ * Malformed JSON, or a NULL buffer with a non-zero length, is `AUTOGLM_STATUS_INVALID_ARGUMENT`;
+ * bytes that are not a decodable image, images for a model that takes none (a text-only GLM),
+ * more or fewer images than the messages' sourceless image parts, more than
+ * `options->limit_mm_per_prompt`, or malformed messages are `AUTOGLM_STATUS_INVALID_REQUEST`,
+ * the message naming the image by its index; a template failure is `AUTOGLM_STATUS_TEMPLATE`.
+ * Text-only conversations work with any model.
+ *
+ * Blocks the calling thread (image preprocessing runs on the engine's image threads meanwhile);
+ * other threads may use the engine at the same time.
+ *
+ * # Safety
+ *
+ * `engine` is NULL or a live engine handle; the strings are NULL or NUL-terminated; `images`
+ * is NULL or points to `images_len` entries whose `data` is NULL or points to `len` bytes;
+ * `params` is NULL or valid as its fields document; each output is NULL or writable.
+ */
+enum autoglm_status autoglm_engine_chat(const struct autoglm_engine *engine,
+                                        const char *messages_json,
+                                        const char *tools_json,
+                                        const struct autoglm_image *images,
+                                        size_t images_len,
+                                        const struct autoglm_sampling_params *params,
+                                        char **out_text,
+                                        uint32_t **out_token_ids,
+                                        size_t *out_token_ids_len,
+                                        enum autoglm_finish_reason *out_finish_reason,
+                                        struct autoglm_usage *out_usage);
+
+/**
+ * Chats and calls `callback` with each event as it arrives, on the calling thread; returns when
+ * the request has finished or `callback` returned false.
+ *
+ * * `engine`, `messages_json`, `tools_json`, `images`, `images_len`, `params`: as for
+ *   `autoglm_engine_chat`, except that any `n` is allowed. The image buffers are copied before
+ *   the first event, so they may be released from inside the callback.
+ * * `callback`, `user_data`: as for `autoglm_engine_generate_stream` (false cancels the request
+ *   and this function returns `AUTOGLM_STATUS_CANCELLED`).
+ *
+ * Ownership: every argument is borrowed for the call; the events are borrowed from the library
+ * for the duration of each callback.
+ *
+ * # Safety
+ *
+ * As `autoglm_engine_chat` for the shared arguments; `callback` is NULL or a function that is
+ * safe to call with these arguments and does not unwind.
+ */
+enum autoglm_status autoglm_engine_chat_stream(const struct autoglm_engine *engine,
+                                               const char *messages_json,
+                                               const char *tools_json,
+                                               const struct autoglm_image *images,
+                                               size_t images_len,
+                                               const struct autoglm_sampling_params *params,
+                                               autoglm_event_callback callback,
+                                               void *user_data);
+
+/**
+ * Renders the chat, preprocesses its images, submits the request and returns; read its events
+ * with `autoglm_request_next`. Blocks only until the images are preprocessed.
+ *
+ * * `engine`, `messages_json`, `tools_json`, `images`, `images_len`, `params`: as for
+ *   `autoglm_engine_chat_stream`; all borrowed for the call (the image bytes are copied before
+ *   it returns).
+ * * `out_request`: receives the request, owned by the caller and released with
+ *   `autoglm_request_free`; NULL on failure.
+ *
+ * # Safety
+ *
+ * As `autoglm_engine_chat`; `out_request` is NULL or writable.
+ */
+enum autoglm_status autoglm_request_new_chat(const struct autoglm_engine *engine,
+                                             const char *messages_json,
+                                             const char *tools_json,
+                                             const struct autoglm_image *images,
+                                             size_t images_len,
+                                             const struct autoglm_sampling_params *params,
+                                             struct autoglm_request **out_request);
 
 /**
  * Loads the tokenizer of the model in `model_dir` (`tokenizer.json`, and

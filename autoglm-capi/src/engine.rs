@@ -31,14 +31,15 @@ pub struct autoglm_engine {
 ///   `autoglm_engine_free`; set to NULL on failure.
 ///
 /// Returns `AUTOGLM_STATUS_MODEL_LOAD` for a missing or bad model directory,
-/// `AUTOGLM_STATUS_INVALID_CONFIG` for bad options, `AUTOGLM_STATUS_CUDA_UNAVAILABLE` when a
-/// CUDA device is asked for but cannot be used.
+/// `AUTOGLM_STATUS_INVALID_CONFIG` for bad options (`AUTOGLM_STATUS_INVALID_ARGUMENT` for an
+/// option that is not valid JSON), `AUTOGLM_STATUS_CUDA_UNAVAILABLE` when a CUDA device is asked
+/// for but cannot be used.
 ///
 /// # Safety
 ///
-/// `model_dir` and `options->device` are NULL or NUL-terminated strings; `options` is NULL or
-/// points to an `autoglm_engine_options` whose `compute_cores` holds `num_compute_cores`
-/// entries; `out_engine` is NULL or writable.
+/// `model_dir` and the strings of `options` (`device`, `limit_mm_per_prompt`, ...) are NULL or
+/// NUL-terminated; `options` is NULL or points to an `autoglm_engine_options` whose
+/// `compute_cores` holds `num_compute_cores` entries; `out_engine` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn autoglm_engine_new(
     model_dir: *const c_char,

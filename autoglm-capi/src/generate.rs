@@ -7,7 +7,7 @@
 
 use std::ffi::{c_char, c_int, c_void};
 
-use autoglm_core::engine::collect;
+use autoglm_core::engine::{collect, GenerateOutput};
 use autoglm_core::{FinishReason, RequestOutput, RequestStream};
 
 use crate::engine::autoglm_engine;
@@ -276,10 +276,56 @@ pub unsafe extern "C" fn autoglm_engine_generate(
 ) -> autoglm_status {
     boundary("autoglm_engine_generate", || {
         // SAFETY: NULL or writable pointers (see # Safety).
-        let (mut text_out, mut ids_out, mut reason_out, mut usage_out) = unsafe {
-            (
-                ffi::opt_out_arg(out_text, "out_text")?,
-                match (
+        let outs = unsafe {
+            BlockingOutputs::new(
+                out_text,
+                out_token_ids,
+                out_token_ids_len,
+                out_finish_reason,
+                out_usage,
+            )
+        }?;
+        // SAFETY: the inputs are NULL or valid (see # Safety).
+        unsafe {
+            check_single(
+                params,
+                "autoglm_engine_generate_stream or autoglm_request_new",
+            )
+        }?;
+        // SAFETY: as above.
+        let (stream, n) = unsafe { submit(engine, prompt_token_ids, prompt_len, params) }?;
+        outs.write(collect(stream, n)?)
+    })
+}
+
+/// The output parameters of a blocking call (`autoglm_engine_generate`, `autoglm_engine_chat`),
+/// checked and already set to NULL / 0.
+pub(crate) struct BlockingOutputs<'a> {
+    text: Option<ffi::Out<'a, *mut c_char>>,
+    ids: Option<(ffi::Out<'a, *mut u32>, ffi::Out<'a, usize>)>,
+    reason: Option<ffi::Out<'a, autoglm_finish_reason>>,
+    usage: Option<ffi::Out<'a, autoglm_usage>>,
+}
+
+impl BlockingOutputs<'_> {
+    /// Checks the pointers (each NULL or writable; the two id pointers both NULL or both not) and
+    /// clears what they point to.
+    ///
+    /// # Safety
+    ///
+    /// Each pointer is NULL or writable for the call.
+    pub(crate) unsafe fn new(
+        out_text: *mut *mut c_char,
+        out_token_ids: *mut *mut u32,
+        out_token_ids_len: *mut usize,
+        out_finish_reason: *mut autoglm_finish_reason,
+        out_usage: *mut autoglm_usage,
+    ) -> Result<Self, CapiError> {
+        // SAFETY: forwarded contract.
+        let mut outs = unsafe {
+            BlockingOutputs {
+                text: ffi::opt_out_arg(out_text, "out_text")?,
+                ids: match (
                     ffi::opt_out_arg(out_token_ids, "out_token_ids")?,
                     ffi::opt_out_arg(out_token_ids_len, "out_token_ids_len")?,
                 ) {
@@ -291,41 +337,37 @@ pub unsafe extern "C" fn autoglm_engine_generate(
                         ))
                     }
                 },
-                ffi::opt_out_arg(out_finish_reason, "out_finish_reason")?,
-                ffi::opt_out_arg(out_usage, "out_usage")?,
-            )
+                reason: ffi::opt_out_arg(out_finish_reason, "out_finish_reason")?,
+                usage: ffi::opt_out_arg(out_usage, "out_usage")?,
+            }
         };
-        if let Some(t) = &mut text_out {
+        if let Some(t) = &mut outs.text {
             t.write(std::ptr::null_mut());
         }
-        if let Some((ids, len)) = &mut ids_out {
+        if let Some((ids, len)) = &mut outs.ids {
             ids.write(std::ptr::null_mut());
             len.write(0);
         }
-        if let Some(r) = &mut reason_out {
+        if let Some(r) = &mut outs.reason {
             r.write(autoglm_finish_reason::None);
         }
-        if let Some(u) = &mut usage_out {
+        if let Some(u) = &mut outs.usage {
             u.write(autoglm_usage::default());
         }
-        // SAFETY: the inputs are NULL or valid (see # Safety).
-        let n = unsafe { ffi::opt_ref_arg(params, "params") }?.map_or(1, |p| p.n);
-        if n != 1 {
-            return Err(CapiError::new(
-                autoglm_status::InvalidRequest,
-                format!("params->n = {n}: this call returns one completion; use autoglm_engine_generate_stream or autoglm_request_new for n > 1"),
-            ));
-        }
-        // SAFETY: as above.
-        let (stream, n) = unsafe { submit(engine, prompt_token_ids, prompt_len, params) }?;
-        let out = collect(stream, n)?;
+        Ok(outs)
+    }
+
+    /// Hands the first completion of `out` to the caller: all or nothing.
+    pub(crate) fn write(mut self, out: GenerateOutput) -> Result<(), CapiError> {
         let choice = &out.choices[0];
         // Allocate everything before handing anything out, so a failure leaks nothing.
-        let text = text_out
+        let text = self
+            .text
             .is_some()
             .then(|| ffi::malloc_str(&choice.text))
             .transpose()?;
-        let ids = match ids_out
+        let ids = match self
+            .ids
             .is_some()
             .then(|| ffi::malloc_slice(&choice.token_ids))
             .transpose()
@@ -339,17 +381,17 @@ pub unsafe extern "C" fn autoglm_engine_generate(
                 return Err(e);
             }
         };
-        if let (Some(t), Some(p)) = (&mut text_out, text) {
+        if let (Some(t), Some(p)) = (&mut self.text, text) {
             t.write(p);
         }
-        if let (Some((ids_o, len_o)), Some(p)) = (&mut ids_out, ids) {
+        if let (Some((ids_o, len_o)), Some(p)) = (&mut self.ids, ids) {
             ids_o.write(p);
             len_o.write(choice.token_ids.len());
         }
-        if let Some(r) = &mut reason_out {
+        if let Some(r) = &mut self.reason {
             r.write(choice.finish_reason.into());
         }
-        if let Some(u) = &mut usage_out {
+        if let Some(u) = &mut self.usage {
             u.write(autoglm_usage {
                 prompt_tokens: out.usage.prompt_tokens,
                 completion_tokens: out.usage.completion_tokens,
@@ -357,7 +399,63 @@ pub unsafe extern "C" fn autoglm_engine_generate(
             });
         }
         Ok(())
-    })
+    }
+}
+
+/// A blocking call returns one completion: `params->n` must be 1 (NULL params are). `instead`
+/// names the calls to use for more.
+///
+/// # Safety
+///
+/// `params` is NULL or points to valid parameters.
+pub(crate) unsafe fn check_single(
+    params: *const autoglm_sampling_params,
+    instead: &str,
+) -> Result<(), CapiError> {
+    // SAFETY: forwarded contract.
+    let n = unsafe { ffi::opt_ref_arg(params, "params") }?.map_or(1, |p| p.n);
+    if n != 1 {
+        return Err(CapiError::new(
+            autoglm_status::InvalidRequest,
+            format!("params->n = {n}: this call returns one completion; use {instead} for n > 1"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `stream` to its end on the calling thread, handing each event to `callback`; a false
+/// from the callback (before the last event) cancels the request.
+///
+/// # Safety
+///
+/// `callback` is safe to call with an event and `user_data`, and does not unwind.
+pub(crate) unsafe fn run_stream(
+    mut stream: RequestStream,
+    callback: unsafe extern "C" fn(*const autoglm_event, *mut c_void) -> bool,
+    user_data: *mut c_void,
+) -> Result<(), CapiError> {
+    let mut buf = EventBuf::new();
+    while let Some(out) = stream.recv() {
+        let ev = buf.fill(out?);
+        let last = !ev.usage.is_null();
+        // SAFETY: `callback` is a valid C function (forwarded contract); `ev` lives in `buf` for
+        // the duration of the call.
+        if !unsafe { callback(ev, user_data) } && !last {
+            stream.cancel();
+            return Err(CapiError::new(
+                autoglm_status::Cancelled,
+                "the callback returned false; the request was cancelled",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The required callback of a streaming call.
+pub(crate) fn required_callback(
+    callback: autoglm_event_callback,
+) -> Result<unsafe extern "C" fn(*const autoglm_event, *mut c_void) -> bool, CapiError> {
+    callback.ok_or_else(|| CapiError::invalid_argument("`callback` is NULL"))
 }
 
 /// Generates and calls `callback` with each event as it arrives, on the calling thread; returns
@@ -388,24 +486,11 @@ pub unsafe extern "C" fn autoglm_engine_generate_stream(
     user_data: *mut c_void,
 ) -> autoglm_status {
     boundary("autoglm_engine_generate_stream", || {
-        let callback = callback.ok_or_else(|| CapiError::invalid_argument("`callback` is NULL"))?;
+        let callback = required_callback(callback)?;
         // SAFETY: the inputs are NULL or valid (see # Safety).
-        let (mut stream, _) = unsafe { submit(engine, prompt_token_ids, prompt_len, params) }?;
-        let mut buf = EventBuf::new();
-        while let Some(out) = stream.recv() {
-            let ev = buf.fill(out?);
-            let last = !ev.usage.is_null();
-            // SAFETY: `callback` is a valid C function (see # Safety); `ev` lives in `buf` for
-            // the duration of the call.
-            if !unsafe { callback(ev, user_data) } && !last {
-                stream.cancel();
-                return Err(CapiError::new(
-                    autoglm_status::Cancelled,
-                    "the callback returned false; the request was cancelled",
-                ));
-            }
-        }
-        Ok(())
+        let (stream, _) = unsafe { submit(engine, prompt_token_ids, prompt_len, params) }?;
+        // SAFETY: `callback` is valid and does not unwind (see # Safety).
+        unsafe { run_stream(stream, callback, user_data) }
     })
 }
 
@@ -422,6 +507,17 @@ pub struct autoglm_request {
     stream: RequestStream,
     buf: EventBuf,
     done: bool,
+}
+
+impl autoglm_request {
+    /// A new request handle reading `stream`, for C to own.
+    pub(crate) fn new_handle(stream: RequestStream) -> *mut autoglm_request {
+        ffi::into_handle(autoglm_request {
+            stream,
+            buf: EventBuf::new(),
+            done: false,
+        })
+    }
 }
 
 // SAFETY: the only non-Send parts are the raw pointers of `buf.event`, which point into `buf`'s
@@ -453,11 +549,7 @@ pub unsafe extern "C" fn autoglm_request_new(
             out.write(std::ptr::null_mut());
             (out, submit(engine, prompt_token_ids, prompt_len, params)?)
         };
-        out.write(ffi::into_handle(autoglm_request {
-            stream,
-            buf: EventBuf::new(),
-            done: false,
-        }));
+        out.write(autoglm_request::new_handle(stream));
         Ok(())
     })
 }

@@ -42,12 +42,15 @@ mod engine;
 
 mod generate;
 
+mod chat;
+
 mod tokenizer;
 
 mod memory;
 
 mod ffi;
 
+pub use chat::*;
 pub use engine::*;
 pub use generate::*;
 pub use memory::*;

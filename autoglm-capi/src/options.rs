@@ -5,8 +5,12 @@
 //! yourself gives invalid values (a `top_p` of 0, for one).
 
 use std::ffi::c_char;
+use std::path::PathBuf;
 
-use autoglm_core::{CacheConfig, EngineConfig, SamplingParams, SchedulerConfig, ThreadingConfig};
+use autoglm_core::{
+    CacheConfig, EngineConfig, MultiModalConfig, SamplingParams, SchedulerConfig, ThreadingConfig,
+};
+use serde_json::Value;
 
 use crate::ffi;
 use crate::panic::boundary_value;
@@ -49,6 +53,25 @@ pub struct autoglm_engine_options {
     pub num_compute_cores: usize,
     /// Seed for requests that set no seed of their own. Default 0.
     pub seed: u64,
+    /// Most images one prompt may carry, as vLLM's `--limit-mm-per-prompt`: a JSON object such
+    /// as `{"image": 4}` (NUL-terminated UTF-8; a `"video"` count of 0 is accepted). More is
+    /// `AUTOGLM_STATUS_INVALID_REQUEST`. NULL: only the context length limits them. Default NULL.
+    pub limit_mm_per_prompt: *const c_char,
+    /// Image preprocessing overrides, as vLLM's `--mm-processor-kwargs`: a JSON object with
+    /// `max_pixels` / `min_pixels`, or transformers' `{"size": {"longest_edge": ..,
+    /// "shortest_edge": ..}}` (the pixel budget of `preprocessor_config.json`). NULL: the
+    /// model's `preprocessor_config.json`. Default NULL.
+    pub mm_processor_kwargs: *const c_char,
+    /// How the content lists of chat messages reach the chat template, as vLLM's
+    /// `--chat-template-content-format`: `"string"` (each list becomes one string: an image
+    /// placeholder and a newline per image, then the text parts joined by newlines; what
+    /// Open-AutoGLM's server runs with) or `"openai"` (the list itself, image parts as
+    /// `{"type": "image"}`). NULL means `"string"`. Default NULL.
+    pub chat_template_content_format: *const c_char,
+    /// Directory under which chat messages may name local image files (paths or `file://`
+    /// URLs in `image_url` parts), links resolved; as vLLM's `--allowed-local-media-path`. NULL:
+    /// no local files are read. Default NULL.
+    pub allowed_local_media_path: *const c_char,
 }
 
 /// The default engine options (see each field).
@@ -71,6 +94,10 @@ pub extern "C" fn autoglm_engine_options_default() -> autoglm_engine_options {
         compute_cores: std::ptr::null(),
         num_compute_cores: 0,
         seed: 0,
+        limit_mm_per_prompt: std::ptr::null(),
+        mm_processor_kwargs: std::ptr::null(),
+        chat_template_content_format: std::ptr::null(),
+        allowed_local_media_path: std::ptr::null(),
     };
     boundary_value("autoglm_engine_options_default", fallback, || {
         autoglm_engine_options {
@@ -101,7 +128,8 @@ impl autoglm_engine_options {
     ///
     /// # Safety
     ///
-    /// `device` and `compute_cores` are NULL or valid as documented on the fields.
+    /// `device`, `compute_cores` and the multimodal strings are NULL or valid as documented on
+    /// the fields.
     pub(crate) unsafe fn to_config(self) -> Result<EngineConfig, CapiError> {
         // SAFETY: forwarded contract on `device`.
         let device = match unsafe { ffi::opt_str_arg(self.device, "options->device") }? {
@@ -133,6 +161,8 @@ impl autoglm_engine_options {
                     self.kv_cache_mb
                 ))
             })?;
+        // SAFETY: forwarded contract on the multimodal strings.
+        let multimodal = unsafe { self.multimodal() }?;
         Ok(EngineConfig {
             device,
             cache: CacheConfig {
@@ -152,8 +182,54 @@ impl autoglm_engine_options {
                 num_threads: nonzero(self.num_threads),
             },
             seed: self.seed,
+            multimodal,
             ..EngineConfig::default()
         })
+    }
+
+    /// The multimodal part of the config: malformed JSON is `AUTOGLM_STATUS_INVALID_ARGUMENT`,
+    /// a value the core rejects `AUTOGLM_STATUS_INVALID_CONFIG`.
+    ///
+    /// # Safety
+    ///
+    /// The four multimodal strings are NULL or NUL-terminated.
+    unsafe fn multimodal(self) -> Result<MultiModalConfig, CapiError> {
+        let mut m = MultiModalConfig::default();
+        let json = |p: *const c_char, name: &str| -> Result<Option<Value>, CapiError> {
+            // SAFETY: forwarded contract.
+            let Some(s) = (unsafe { ffi::opt_str_arg(p, name) })? else {
+                return Ok(None);
+            };
+            serde_json::from_str(s).map(Some).map_err(|e| {
+                CapiError::invalid_argument(format!("`{name}` is not valid JSON: {e}"))
+            })
+        };
+        if let Some(v) = json(self.limit_mm_per_prompt, "options->limit_mm_per_prompt")? {
+            m.set_limit_mm_per_prompt(&v)
+                .map_err(CapiError::from_load)?;
+        }
+        if let Some(v) = json(self.mm_processor_kwargs, "options->mm_processor_kwargs")? {
+            m.set_mm_processor_kwargs(&v)
+                .map_err(CapiError::from_load)?;
+        }
+        // SAFETY: forwarded contract.
+        let (format, media) = unsafe {
+            (
+                ffi::opt_str_arg(
+                    self.chat_template_content_format,
+                    "options->chat_template_content_format",
+                )?,
+                ffi::opt_str_arg(
+                    self.allowed_local_media_path,
+                    "options->allowed_local_media_path",
+                )?,
+            )
+        };
+        if let Some(f) = format {
+            m.content_format = f.parse().map_err(CapiError::from_load)?;
+        }
+        m.allowed_local_media_path = media.map(PathBuf::from);
+        Ok(m)
     }
 }
 

@@ -21,7 +21,9 @@ pub enum autoglm_status {
     /// KV cache larger than free memory, a core outside the process's CPU set).
     InvalidConfig = 3,
     /// A request was rejected: an empty prompt, a token id outside the vocabulary, a prompt longer
-    /// than the context, a sampling parameter out of range. The message names the field and value.
+    /// than the context, a sampling parameter out of range, malformed chat messages, an image
+    /// that cannot be decoded (or one given to a model that takes none, or more or fewer images
+    /// than the messages' image parts). The message names the field, value or image.
     InvalidRequest = 4,
     /// The tokenizer failed to encode or decode.
     Tokenizer = 5,
@@ -120,9 +122,18 @@ impl CapiError {
     pub(crate) fn from_load(e: Error) -> Self {
         let status = match &e {
             Error::InvalidConfig { field, .. }
-                if ["cache", "scheduler", "threading", "device"]
-                    .iter()
-                    .any(|p| field.starts_with(p)) =>
+                if [
+                    "cache",
+                    "scheduler",
+                    "threading",
+                    "device",
+                    "multimodal",
+                    "limit_mm_per_prompt",
+                    "mm_processor_kwargs",
+                    "chat_template_content_format",
+                ]
+                .iter()
+                .any(|p| field.starts_with(p)) =>
             {
                 autoglm_status::InvalidConfig
             }
@@ -148,7 +159,7 @@ fn status_of(e: &Error) -> autoglm_status {
         | Error::Checkpoint { .. }
         | Error::UnsupportedArchitecture(_) => autoglm_status::ModelLoad,
         Error::InvalidConfig { .. } | Error::Affinity(_) => autoglm_status::InvalidConfig,
-        Error::InvalidRequest(_) => autoglm_status::InvalidRequest,
+        Error::InvalidRequest(_) | Error::Image(_) => autoglm_status::InvalidRequest,
         Error::Tokenizer(_) => autoglm_status::Tokenizer,
         Error::Template(_) => autoglm_status::Template,
         Error::CudaUnavailable(_) => autoglm_status::CudaUnavailable,

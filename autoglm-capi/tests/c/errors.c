@@ -93,6 +93,16 @@ int main(int argc, char **argv) {
     opts.num_compute_cores = 2;
     s = autoglm_engine_new(model_dir, &opts, &engine);
     expect("engine_new: compute_cores NULL", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "compute_cores");
+    opts = autoglm_engine_options_default();
+    opts.limit_mm_per_prompt = "{image: 1}";
+    s = autoglm_engine_new(model_dir, &opts, &engine);
+    expect("engine_new: limit_mm_per_prompt bad JSON", s, AUTOGLM_STATUS_INVALID_ARGUMENT,
+           "options->limit_mm_per_prompt");
+    opts = autoglm_engine_options_default();
+    opts.chat_template_content_format = "xml";
+    s = autoglm_engine_new(model_dir, &opts, &engine);
+    expect("engine_new: content format xml", s, AUTOGLM_STATUS_INVALID_CONFIG,
+           "chat_template_content_format");
 
     opts = autoglm_engine_options_default();
     opts.device = "cpu";
@@ -151,6 +161,43 @@ int main(int argc, char **argv) {
     expect("generate_stream: NULL params are defaults", s, AUTOGLM_STATUS_OK, NULL);
     s = autoglm_request_next(NULL, NULL);
     expect("request_next: out_event NULL", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "out_event");
+
+    /* Chat (this is a text-only model). */
+    {
+        static const uint8_t not_png[] = {0x89, 'P', 'N', 'G'};
+        const char *hello = "[{\"role\": \"user\", \"content\": \"Hello\"}]";
+        const char *with_image =
+            "[{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, "
+            "{\"type\": \"text\", \"text\": \"What is this?\"}]}]";
+        autoglm_image img = {not_png, sizeof not_png};
+        autoglm_image null_data = {NULL, 8};
+        autoglm_request *req = (autoglm_request *)1;
+        text = (char *)1;
+        s = autoglm_engine_chat(engine, "[{", NULL, NULL, 0, &p, &text, NULL, NULL, NULL, NULL);
+        expect("chat: bad JSON", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "messages_json");
+        expect_true("chat clears out_text on failure", text == NULL);
+        s = autoglm_engine_chat(engine, NULL, NULL, NULL, 0, &p, &text, NULL, NULL, NULL, NULL);
+        expect("chat: messages NULL", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "`messages_json` is NULL");
+        s = autoglm_engine_chat(engine, hello, NULL, NULL, 2, &p, &text, NULL, NULL, NULL, NULL);
+        expect("chat: images NULL, length 2", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "`images`");
+        s = autoglm_engine_chat(engine, with_image, NULL, &null_data, 1, &p, &text, NULL, NULL,
+                                NULL, NULL);
+        expect("chat: images[0].data NULL", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "images[0].data");
+        s = autoglm_engine_chat(engine, with_image, NULL, &img, 1, &p, &text, NULL, NULL, NULL,
+                                NULL);
+        expect("chat: image for a text-only model", s, AUTOGLM_STATUS_INVALID_REQUEST,
+               "does not take images");
+        s = autoglm_engine_chat_stream(engine, hello, NULL, NULL, 0, &p, NULL, NULL);
+        expect("chat_stream: callback NULL", s, AUTOGLM_STATUS_INVALID_ARGUMENT, "callback");
+        s = autoglm_request_new_chat(engine, hello, "[", NULL, 0, &p, &req);
+        expect("request_new_chat: bad tools JSON", s, AUTOGLM_STATUS_INVALID_ARGUMENT,
+               "tools_json");
+        expect_true("request_new_chat clears out_request on failure", req == NULL);
+        s = autoglm_engine_chat(engine, hello, NULL, NULL, 0, &p, &text, NULL, NULL, NULL, NULL);
+        expect("chat: text only (valid)", s, AUTOGLM_STATUS_OK, NULL);
+        autoglm_string_free(s == AUTOGLM_STATUS_OK ? text : NULL);
+        text = NULL;
+    }
 
     /* Tokenizer. */
     s = autoglm_tokenizer_new("/nonexistent", &tok);

@@ -55,11 +55,17 @@ pub(crate) struct Engine(pub(crate) *mut autoglm_engine);
 
 impl Engine {
     pub(crate) fn new(name: &str) -> Engine {
+        Engine::with(name, |_| {})
+    }
+
+    /// An engine on the CPU with the test defaults, then `f` applied to its options.
+    pub(crate) fn with(name: &str, f: impl FnOnce(&mut autoglm_engine_options)) -> Engine {
         let dir = cstr(fixture(name).to_str().unwrap());
         let mut opts = autoglm_engine_options_default();
         opts.device = c"cpu".as_ptr();
         opts.kv_cache_mb = 16;
         opts.num_threads = 2;
+        f(&mut opts);
         let mut e = null_mut();
         // SAFETY: valid strings, options and out pointer.
         let status = unsafe { autoglm_engine_new(dir.as_ptr(), &opts, &mut e) };
