@@ -6,6 +6,7 @@
 //! cargo run --release -p autoglm-benches --bin e2e -- --params 300M --compare-gemv --profile --engine --json
 //! cargo run --release -p autoglm-benches --bin e2e -- --hidden 768 --layers 12 --heads 12 --kv-heads 2 --ffn 2688 --vocab 32768
 //! e2e --device cuda --params 9B --json      # on a GPU machine (see autoglm_benches::cuda_e2e)
+//! cargo run --release -p autoglm-benches --bin e2e -- --vision --vision-grid 16x8   # 9B vision tower
 //! ```
 //!
 //! Measures (a) memory read bandwidth (all threads and one thread), (b) prefill tok/s of one
@@ -134,6 +135,120 @@ struct Args {
     /// Prompt length of the prefill measurement on CUDA.
     #[arg(long, default_value_t = 2048)]
     gpu_prefill_len: usize,
+    /// Instead of the text model: time AutoGLM-Phone-9B's vision tower (random weights) on one
+    /// image of `--vision-grid` patches (`--prefill-runs` times, median) and report its cost per full
+    /// 1080x2400 screenshot.
+    #[arg(long)]
+    vision: bool,
+    /// The image's patch grid for --vision, HxW (whole 2x2 blocks). On the CPU a reduced image:
+    /// the full screenshot is 172x78 patches.
+    #[arg(long, default_value = "16x8")]
+    vision_grid: String,
+}
+
+/// `e2e --vision`: AutoGLM-Phone-9B's vision tower (24 blocks of width 1536, MLP 4096, merger
+/// 13696 to 4096) on random weights, timed on one image of `--vision-grid` patches; then exit.
+fn run_vision(args: &Args) -> ! {
+    use autoglm_core::model::vision::VisionModel;
+    use autoglm_core::model::VisionConfig;
+    let fail = |e: String| -> ! {
+        eprintln!("error: {e}");
+        std::process::exit(2)
+    };
+    let (gh, gw) = args
+        .vision_grid
+        .split_once('x')
+        .and_then(|(h, w)| Some((h.parse::<usize>().ok()?, w.parse::<usize>().ok()?)))
+        .filter(|&(h, w)| h > 0 && w > 0 && h % 2 == 0 && w % 2 == 0)
+        .unwrap_or_else(|| {
+            fail(format!(
+                "--vision-grid {:?}: expected HxW of even numbers",
+                args.vision_grid
+            ))
+        });
+    let config = VisionConfig {
+        depth: 24,
+        hidden_size: 1536,
+        num_heads: 12,
+        intermediate_size: 13696,
+        out_hidden_size: 4096,
+        image_size: 336,
+        patch_size: 14,
+        in_channels: 3,
+        spatial_merge_size: 2,
+        temporal_patch_size: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        image_token_id: 151343,
+        image_start_token_id: 151339,
+        image_end_token_id: 151340,
+    };
+    let machine = Machine::detect();
+    let full = 172 * 78;
+    let weights = RandomWeights {
+        seed: args.seed,
+        ..Default::default()
+    };
+    let backend = CpuBackend::new();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads.unwrap_or(machine.cores).max(1))
+        .build()
+        .expect("rayon pool");
+    let t0 = Instant::now();
+    let tower = pool
+        .install(|| VisionModel::from_source(&config, &weights, &backend))
+        .unwrap_or_else(|e| fail(e.to_string()));
+    let load_s = t0.elapsed().as_secs_f64();
+    let batch = tower
+        .batch(&[[gh, gw]])
+        .unwrap_or_else(|e| fail(e.to_string()));
+    let pixels: Vec<f32> = (0..gh * gw * config.patch_dim())
+        .map(|i| ((i % 97) as f32 - 48.0) / 48.0)
+        .collect();
+    let encode = || {
+        let t = Instant::now();
+        let out = pool
+            .install(|| tower.encode(&backend, &pixels, &batch))
+            .unwrap_or_else(|e| fail(e.to_string()));
+        drop(out);
+        t.elapsed().as_secs_f64()
+    };
+    encode();
+    let mut times: Vec<f64> = (0..args.prefill_runs.max(1)).map(|_| encode()).collect();
+    let s = median(&mut times);
+    let flops = config.flops(gh * gw);
+    let rate = flops / s;
+    let report = json!({
+        "bench": "vision_tower",
+        "shape": "AutoGLM-Phone-9B vision tower (random weights)",
+        "machine": {"cpu": machine.cpu, "cores": machine.cores},
+        "load_average": load_average(),
+        "grid": [gh, gw],
+        "patches": gh * gw,
+        "weights_s": load_s,
+        "encode_ms_median": s * 1e3,
+        "encode_ms_all": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+        "gflop": flops / 1e9,
+        "gflop_per_s": rate / 1e9,
+        "full_screenshot_patches": full,
+        "full_screenshot_tflop": config.flops(full) / 1e12,
+        "full_screenshot_s_at_this_rate": config.flops(full) / rate,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "AutoGLM-Phone-9B vision tower, random weights, on {}:\n  {gh}x{gw} patches: {:.1} ms median of {} ({:.1} GFLOP, {:.1} GFLOP/s)\n  a full 1080x2400 screenshot ({full} patches, {:.1} TFLOP) would take ~{:.0} s at that rate (attention grows faster than linearly; an estimate, not a measurement)",
+            format!("{} ({} cores)", machine.cpu, machine.cores),
+            s * 1e3,
+            times.len(),
+            flops / 1e9,
+            rate / 1e9,
+            config.flops(full) / 1e12,
+            config.flops(full) / rate
+        );
+    }
+    std::process::exit(0)
 }
 
 /// `e2e --device cuda[:N]`: the CUDA measurements, then exit.
@@ -602,6 +717,13 @@ fn decode_json(runs: &[DecodeRun], roofline_s: f64) -> Value {
 
 fn main() {
     let args = Args::parse();
+    if args.vision {
+        if args.device != autoglm_core::Device::Cpu {
+            eprintln!("error: --vision runs on the CPU (the CUDA tower is checked by tests/cuda_fixtures.rs)");
+            std::process::exit(2);
+        }
+        run_vision(&args);
+    }
     let out = Out { json: args.json };
     let shape = match shape_from_args(&args) {
         Ok(s) => s,
