@@ -238,8 +238,9 @@ fn run_vision(args: &Args) -> ! {
         println!("{report}");
     } else {
         println!(
-            "AutoGLM-Phone-9B vision tower, random weights, on {}:\n  {gh}x{gw} patches: {:.1} ms median of {} ({:.1} GFLOP, {:.1} GFLOP/s)\n  a full 1080x2400 screenshot ({full} patches, {:.1} TFLOP) would take ~{:.0} s at that rate (attention grows faster than linearly; an estimate, not a measurement)",
-            format!("{} ({} cores)", machine.cpu, machine.cores),
+            "AutoGLM-Phone-9B vision tower, random weights, on {} ({} cores):\n  {gh}x{gw} patches: {:.1} ms median of {} ({:.1} GFLOP, {:.1} GFLOP/s)\n  a full 1080x2400 screenshot ({full} patches, {:.1} TFLOP) would take ~{:.0} s at that rate (attention grows faster than linearly; an estimate, not a measurement)",
+            machine.cpu,
+            machine.cores,
             s * 1e3,
             times.len(),
             flops / 1e9,
