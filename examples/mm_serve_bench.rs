@@ -37,7 +37,7 @@ use autoglm_core::engine::EngineStats;
 use autoglm_core::net::BindAddr;
 use autoglm_core::server::{ModelRegistry, Server, ServerConfig};
 use autoglm_core::Engine;
-use autoglm_examples::{EngineArgs, List};
+use autoglm_examples::{machine, EngineArgs, List};
 use base64::Engine as _;
 use bytes::Bytes;
 use clap::Parser;
@@ -469,20 +469,6 @@ fn mean(v: &[f64]) -> f64 {
 
 // ---------------------------------------------------------------------------------------------
 // Machine and engine counters
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = autoglm_core::threading::allowed_cores().len();
-    format!("{cores} cores, {cpu}")
-}
 
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -31,7 +31,7 @@ use autoglm_core::net::BindAddr;
 use autoglm_core::server::{ModelRegistry, Server, ServerConfig};
 use autoglm_core::tokenizer::Tokenizer;
 use autoglm_core::{Engine, EngineConfig, SamplingParams};
-use autoglm_examples::{bundled_model, List};
+use autoglm_examples::{bundled_model, machine, List};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
@@ -603,20 +603,6 @@ fn run_server(
     handle.shutdown();
     server_rt.block_on(async { task.await.expect("server task") });
     run
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}")
 }
 
 fn main() {
