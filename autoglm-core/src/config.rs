@@ -178,6 +178,24 @@ pub struct MultiModalConfig {
     pub preprocess_threads: usize,
     /// Pin one preprocessing thread to each of these cores.
     pub preprocess_cores: Vec<usize>,
+    /// On a backend that can ([`crate::backend::Backend::concurrent_handle`]: the CPU), run the
+    /// vision tower on threads of its own beside the engine's steps, so decoding streams do not
+    /// wait for an image's encode; a sequence's prefill waits only at its first image not yet
+    /// encoded. `false`, or a backend that cannot: images are encoded on the engine thread
+    /// between steps, within `max_encoder_tokens_per_step`.
+    pub concurrent_encoder: bool,
+    /// Threads of the concurrent encoder; 0: as many as the compute pool. Ignored when
+    /// `encoder_cores` is given.
+    pub encoder_threads: usize,
+    /// Pin one encoder thread to each of these cores.
+    pub encoder_cores: Vec<usize>,
+    /// Nice value (0..19) of the threads that preprocess and encode images: above 0, the compute
+    /// threads (decode steps) take a shared core first and image work fills the time they leave.
+    pub media_nice: i32,
+    /// Encoding on the engine thread: at most this many image tokens are encoded before one
+    /// step (at least one image; vLLM's `max_num_encoder_input_tokens`); `None`:
+    /// `scheduler.max_num_batched_tokens`.
+    pub max_encoder_tokens_per_step: Option<usize>,
 }
 
 impl Default for MultiModalConfig {
@@ -192,6 +210,11 @@ impl Default for MultiModalConfig {
             allowed_local_media_path: None,
             preprocess_threads: 0,
             preprocess_cores: Vec::new(),
+            concurrent_encoder: true,
+            encoder_threads: 0,
+            encoder_cores: Vec::new(),
+            media_nice: 10,
+            max_encoder_tokens_per_step: None,
         }
     }
 }
@@ -308,6 +331,19 @@ impl EngineConfig {
             }
         }
         crate::threading::check_cores(&m.preprocess_cores)?;
+        crate::threading::check_cores(&m.encoder_cores)?;
+        if !(0..=19).contains(&m.media_nice) {
+            return Err(Error::config(
+                "multimodal.media_nice",
+                format!("{} is outside 0..19", m.media_nice),
+            ));
+        }
+        if m.max_encoder_tokens_per_step == Some(0) {
+            return Err(Error::config(
+                "multimodal.max_encoder_tokens_per_step",
+                "must be at least 1",
+            ));
+        }
         let c = &self.cache;
         if c.block_size == 0 || c.block_size > 1024 {
             return Err(Error::config(

@@ -487,6 +487,29 @@ fn batching_chunking_and_preemption_keep_the_tokens() {
             c.scheduler.max_num_batched_tokens = 16;
             c
         }),
+        // Features evicted as soon as the budget allows: only the pins keep them for prefill.
+        ("no encoder cache", {
+            let mut c = EngineConfig::default();
+            c.multimodal.encoder_cache_bytes = 0;
+            c.scheduler.max_num_batched_tokens = 8;
+            c
+        }),
+        // Encoded on the engine thread, one image per step.
+        ("inline", {
+            let mut c = EngineConfig::default();
+            c.multimodal.concurrent_encoder = false;
+            c.multimodal.max_encoder_tokens_per_step = Some(1);
+            c
+        }),
+        ("inline, preempted", {
+            let mut c = EngineConfig::default();
+            c.multimodal.concurrent_encoder = false;
+            c.multimodal.encoder_cache_bytes = 0;
+            c.cache.block_size = 4;
+            c.cache.num_blocks = Some(60);
+            c.scheduler.max_num_batched_tokens = 16;
+            c
+        }),
     ];
     for (what, mut config) in configs {
         config.device = autoglm_core::Device::Cpu;
@@ -514,7 +537,7 @@ fn batching_chunking_and_preemption_keep_the_tokens() {
                 "{what}: {name} (round {round})"
             );
         }
-        if what == "preempted" {
+        if what.ends_with("preempted") {
             let p = engine
                 .stats()
                 .preemptions

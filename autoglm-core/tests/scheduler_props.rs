@@ -20,6 +20,10 @@ enum Op {
     Step,
     /// Cancel the k-th live sequence.
     Cancel(usize),
+    /// The k-th live sequence waits for an image's features at tokens `[start, start + len)`.
+    Wait(usize, usize, usize),
+    /// The k-th live sequence's images are all encoded.
+    Ready(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -36,6 +40,8 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Step),
         Just(Op::Step),
         (0usize..8).prop_map(Op::Cancel),
+        (0usize..8, 0usize..40, 1usize..12).prop_map(|(k, start, len)| Op::Wait(k, start, len)),
+        (0usize..8).prop_map(Op::Ready),
     ]
 }
 
@@ -54,6 +60,15 @@ impl Sim {
             plan.num_tokens() <= self.max_tokens_per_step,
             "budget exceeded"
         );
+        for s in &plan.scheduled {
+            let seq = self.sched.get(s.seq_id).unwrap();
+            // A sequence never computes into an image range it waits for.
+            let waits = &seq.encoder_waits;
+            let blocked = waits
+                .iter()
+                .any(|&(lo, hi)| s.start < hi && s.start + s.len > lo);
+            assert!(!blocked, "{:?} runs into a waited-for range {waits:?}", s);
+        }
         let mut seen = std::collections::HashSet::new();
         for s in &plan.scheduled {
             assert!(
@@ -110,6 +125,18 @@ proptest! {
                     sim.next += 1;
                 }
                 Op::Step => sim.step(),
+                Op::Wait(k, start, len) => {
+                    if !sim.live.is_empty() {
+                        let id = sim.live[k % sim.live.len()].0;
+                        sim.sched.set_encoder_waits(id, &[(start, start + len)]);
+                    }
+                }
+                Op::Ready(k) => {
+                    if !sim.live.is_empty() {
+                        let id = sim.live[k % sim.live.len()].0;
+                        sim.sched.set_encoder_waits(id, &[]);
+                    }
+                }
                 Op::Cancel(k) => {
                     if !sim.live.is_empty() {
                         let (id, _) = sim.live.remove(k % sim.live.len());
@@ -119,7 +146,10 @@ proptest! {
             }
             sim.sched.check_invariants();
         }
-        // Drain: everything finishes and the pool is whole again.
+        // Drain: once every image is encoded, everything finishes and the pool is whole again.
+        for &(id, _) in &sim.live {
+            sim.sched.set_encoder_waits(id, &[]);
+        }
         for _ in 0..10_000 {
             if sim.live.is_empty() { break; }
             sim.step();
@@ -204,5 +234,63 @@ fn cached_prefix_blocks_are_shared_and_refcounted() {
     assert_eq!(s.block_manager().ref_count(t1[0]), 1);
     s.remove(2);
     assert_eq!(s.block_manager().num_used(), 0);
+    s.check_invariants();
+}
+
+#[test]
+fn a_sequence_waits_at_an_image_not_yet_encoded_and_others_go_first() {
+    let mut s = Scheduler::new(BlockManager::new(64, 4, false), 4, 100);
+    // Sequence 1's image placeholders are tokens 4..8 of 12; its features are not ready.
+    s.add(Sequence::new(1, (0..12).collect(), 0, 1));
+    s.set_encoder_waits(1, &[(4, 8)]);
+    s.add(Sequence::new(2, (0..5).collect(), 0, 2));
+    let plan = s.schedule();
+    let got: Vec<_> = plan
+        .scheduled
+        .iter()
+        .map(|p| (p.seq_id, p.start, p.len, p.sample))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, 0, 4, false), (2, 0, 5, true)],
+        "the text before the image runs"
+    );
+    s.commit(&plan);
+    s.append_token(2, 9);
+    let plan = s.schedule();
+    let got: Vec<_> = plan
+        .scheduled
+        .iter()
+        .map(|p| (p.seq_id, p.start, p.len))
+        .collect();
+    assert_eq!(got, vec![(2, 5, 1)], "sequence 1 waits; sequence 2 decodes");
+    s.commit(&plan);
+    s.append_token(2, 9);
+    // The image is encoded: the rest of the prompt runs in one chunk.
+    s.set_encoder_waits(1, &[]);
+    let plan = s.schedule();
+    let got: Vec<_> = plan
+        .scheduled
+        .iter()
+        .map(|p| (p.seq_id, p.start, p.len, p.sample))
+        .collect();
+    assert_eq!(got, vec![(1, 4, 8, true), (2, 6, 1, true)]);
+    s.check_invariants();
+
+    // A waiting sequence whose first token is an image not yet encoded keeps its place without
+    // holding blocks, and the sequence behind it is admitted.
+    let mut s = Scheduler::new(BlockManager::new(64, 4, false), 4, 100);
+    s.add(Sequence::new(1, (0..12).collect(), 0, 1));
+    s.set_encoder_waits(1, &[(0, 8)]);
+    s.add(Sequence::new(2, (0..5).collect(), 0, 2));
+    let plan = s.schedule();
+    assert_eq!(
+        plan.scheduled.iter().map(|p| p.seq_id).collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert_eq!(
+        (s.num_waiting(), s.get(1).unwrap().block_table.len()),
+        (1, 0)
+    );
     s.check_invariants();
 }

@@ -119,6 +119,24 @@ pub struct MultiModalArgs {
     /// Memory for the features of recently seen images, in MiB.
     #[arg(long, default_value_t = 256)]
     pub encoder_cache_mb: usize,
+    /// Threads that run the vision tower beside the engine's steps (CPU; default: as many as
+    /// the compute threads).
+    #[arg(long, default_value_t = 0)]
+    pub encoder_threads: usize,
+    /// Pin one vision-tower thread to each of these cores (instead of --encoder-threads).
+    #[arg(long)]
+    pub encoder_cores: Option<List<usize>>,
+    /// Nice value (0..19) of the image threads, so decode steps take shared cores first.
+    #[arg(long, default_value_t = 10)]
+    pub media_nice: i32,
+    /// Run the vision tower on the engine thread between steps even where it could run beside
+    /// them (as a GPU backend does).
+    #[arg(long)]
+    pub inline_encoder: bool,
+    /// Encoding between steps: at most this many image tokens before one step (at least one
+    /// image; default --max-num-batched-tokens; vLLM's max_num_encoder_input_tokens).
+    #[arg(long)]
+    pub max_encoder_tokens_per_step: Option<usize>,
 }
 
 impl MultiModalArgs {
@@ -139,6 +157,11 @@ impl MultiModalArgs {
         c.preprocess_threads = self.media_threads;
         c.preprocess_cores = self.media_cores.clone().map(|l| l.0).unwrap_or_default();
         c.encoder_cache_bytes = self.encoder_cache_mb << 20;
+        c.encoder_threads = self.encoder_threads;
+        c.encoder_cores = self.encoder_cores.clone().map(|l| l.0).unwrap_or_default();
+        c.media_nice = self.media_nice;
+        c.concurrent_encoder = !self.inline_encoder;
+        c.max_encoder_tokens_per_step = self.max_encoder_tokens_per_step;
         Ok(())
     }
 }

@@ -341,4 +341,14 @@ pub trait Backend: Send + Sync + 'static {
     fn kv_cache_budget(&self) -> Result<Option<usize>> {
         Ok(None)
     }
+
+    /// A second handle that may run the vision tower on another thread while this one runs the
+    /// engine's steps, on the same weights; `None` (the default) where the two would share one
+    /// queue or scratch space (a device stream), and images are encoded between steps instead.
+    fn concurrent_handle(&self) -> Option<Self>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }

@@ -1,10 +1,11 @@
 //! The engine thread: schedule -> forward -> sample -> emit, until shut down.
 
 use foldhash::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::block_manager::BlockManager;
+use super::encoder::{self, EncodeJob, Encoded, Encoder};
 use super::encoder_cache::EncoderCache;
 use super::events::EventSender;
 use super::scheduler::{Scheduler, SchedulerOutput};
@@ -73,7 +74,36 @@ struct Core<B: Backend> {
     /// Page-locked buffers each step's batch is built in (reused across steps).
     pinned: PinnedPool,
     /// Encoded image features by image content hash.
-    encoder: EncoderCache<B::Tensor>,
+    encoder_cache: EncoderCache<B::Tensor>,
+    /// Where images are encoded (a thread of its own, or this one between steps).
+    encoder: Encoder<B>,
+    /// Images queued or being encoded, by content hash.
+    pending: HashMap<u64, PendingImage>,
+    /// The images each sequence in prefill still has ahead of it (pinned in the cache).
+    image_pins: HashMap<SeqId, Vec<PinnedImage>>,
+    /// Scratch for the scheduler's encoder waits.
+    waits_scratch: Vec<(usize, usize)>,
+}
+
+struct PendingImage {
+    /// Feature rows it will have.
+    tokens: usize,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// An image a sequence has yet to prefill: its content hash and placeholder range.
+struct PinnedImage {
+    hash: u64,
+    start: usize,
+    end: usize,
+}
+
+/// What one [`Core::step`] came to.
+#[derive(PartialEq)]
+enum Progress {
+    Ran,
+    /// Nothing could run until an image comes back from the encoder thread.
+    WaitingForEncoder,
 }
 
 /// Where one scheduled chunk takes rows of an image's features: the image's content hash and
@@ -209,6 +239,7 @@ pub(crate) fn run<B: Backend>(
             config.scheduler.max_num_batched_tokens,
         );
         let pinned = PinnedPool::new(backend.host_allocator(), PinnedPoolConfig::default())?;
+        let encoder = Encoder::new(&backend, model.vision_shared(), &config, stats.clone())?;
         stats.pinned_pool.get_or_init(|| pinned.clone());
         let core = Core {
             backend,
@@ -228,7 +259,11 @@ pub(crate) fn run<B: Backend>(
             row_sampling: Vec::new(),
             sampled_ids: Vec::new(),
             pinned,
-            encoder: EncoderCache::new(config.multimodal.encoder_cache_bytes),
+            encoder_cache: EncoderCache::new(config.multimodal.encoder_cache_bytes),
+            encoder,
+            pending: HashMap::default(),
+            image_pins: HashMap::default(),
+            waits_scratch: Vec::new(),
         };
         Ok((core, pool))
     })();
@@ -250,26 +285,191 @@ pub(crate) fn run<B: Backend>(
 
 impl<B: Backend> Core<B> {
     fn run_loop(&mut self, rx: &flume::Receiver<Command>) {
+        let mut blocked = false;
         loop {
-            if !self.scheduler.has_work() {
-                match rx.recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
+            if (!self.scheduler.has_work() || blocked) && !self.wait_for_event(rx) {
+                return;
             }
             while let Ok(cmd) = rx.try_recv() {
                 if !self.handle(cmd) {
                     return;
                 }
             }
-            if self.scheduler.has_work() {
-                self.step();
+            for e in self.encoder.try_results() {
+                self.on_encoded(e);
+            }
+            blocked = self.scheduler.has_work() && self.step() == Progress::WaitingForEncoder;
+        }
+    }
+
+    /// Blocks until a command or an encoded image arrives, and handles it. False on shutdown.
+    fn wait_for_event(&mut self, rx: &flume::Receiver<Command>) -> bool {
+        enum Event<T> {
+            Command(std::result::Result<Command, flume::RecvError>),
+            Encoded(std::result::Result<Encoded<T>, flume::RecvError>),
+        }
+        let event = match self.encoder.results() {
+            Some(results) if self.encoder.outstanding() => flume::Selector::new()
+                .recv(rx, Event::Command)
+                .recv(results, Event::Encoded)
+                .wait(),
+            _ => Event::Command(rx.recv()),
+        };
+        match event {
+            Event::Command(Ok(cmd)) => self.handle(cmd),
+            Event::Command(Err(_)) => false,
+            Event::Encoded(Ok(e)) => {
+                self.encoder.took_one();
+                self.on_encoded(e);
+                true
+            }
+            Event::Encoded(Err(_)) => {
+                // The encoder thread is gone; what it had is encoded in the steps that need it.
+                eprintln!(
+                    "autoglm: the image encoder thread stopped; encoding on the engine thread"
+                );
+                self.encoder = Encoder::Inline {
+                    queue: Default::default(),
+                    tokens_per_step: usize::MAX,
+                };
+                self.pending.clear();
+                true
             }
         }
+    }
+
+    /// Queues the images of a new sequence that the encoder cache lacks, and pins them all.
+    fn track_images(&mut self, seq: SeqId, images: &PromptImages) {
+        let mut pins = Vec::with_capacity(images.images.len());
+        for im in &images.images {
+            let hash = im.image.content_hash;
+            self.encoder_cache.pin(hash);
+            pins.push(PinnedImage {
+                hash,
+                start: im.offset,
+                end: im.offset + im.num_tokens,
+            });
+            if let Some(p) = self.pending.get(&hash) {
+                // Wanted again before the encoder skipped it.
+                p.cancelled.store(false, Ordering::Relaxed);
+            } else if !self.encoder_cache.contains(hash) {
+                let cancelled = Arc::new(AtomicBool::new(false));
+                self.pending.insert(
+                    hash,
+                    PendingImage {
+                        tokens: im.num_tokens,
+                        cancelled: cancelled.clone(),
+                    },
+                );
+                self.encoder.submit(EncodeJob {
+                    hash,
+                    image: im.image.clone(),
+                    tokens: im.num_tokens,
+                    cancelled,
+                });
+            }
+        }
+        if !pins.is_empty() {
+            self.image_pins.insert(seq, pins);
+        }
+    }
+
+    /// Unpins the images a sequence has passed (`computed` tokens in), or all of them (`None`:
+    /// it is gone). An image nobody needs any more is not encoded if it has not started.
+    fn release_images(&mut self, seq: SeqId, computed: Option<usize>) {
+        let Some(pins) = self.image_pins.get_mut(&seq) else {
+            return;
+        };
+        let (cache, pending) = (&mut self.encoder_cache, &self.pending);
+        pins.retain(|p| {
+            if computed.is_some_and(|c| c < p.end) {
+                return true;
+            }
+            if cache.unpin(p.hash) {
+                if let Some(p) = pending.get(&p.hash) {
+                    p.cancelled.store(true, Ordering::Relaxed);
+                }
+            }
+            false
+        });
+        if pins.is_empty() {
+            self.image_pins.remove(&seq);
+        }
+    }
+
+    /// Takes in an encoder result.
+    fn on_encoded(&mut self, e: Encoded<B::Tensor>) {
+        match e {
+            Encoded::Done(hash, Ok(embeds)) => {
+                if let Some(p) = self.pending.remove(&hash) {
+                    let bytes = p.tokens * self.model.config().hidden_size * 4;
+                    self.encoder_cache.insert(hash, embeds, bytes);
+                }
+            }
+            Encoded::Done(hash, Err(e)) => {
+                self.pending.remove(&hash);
+                let requests: Vec<RequestId> = self
+                    .image_pins
+                    .iter()
+                    .filter(|(_, pins)| pins.iter().any(|p| p.hash == hash))
+                    .filter_map(|(seq, _)| self.choices.get(seq).map(|c| c.request))
+                    .collect();
+                let mut e = Some(e);
+                for r in requests {
+                    let err = e
+                        .take()
+                        .unwrap_or_else(|| Error::Backend("image encoding failed".into()));
+                    self.abort_request(r, Some(err));
+                }
+            }
+            Encoded::Skipped(hash) => {
+                self.pending.remove(&hash);
+                if !self.encoder_cache.is_pinned(hash) {
+                    return;
+                }
+                // Wanted again after the encoder skipped it: queue it anew.
+                let image = self.image_pins.keys().find_map(|seq| {
+                    let seq = self.scheduler.get(*seq)?;
+                    seq.images
+                        .as_ref()?
+                        .images
+                        .iter()
+                        .find(|im| im.image.content_hash == hash)
+                        .cloned()
+                });
+                if let Some(im) = image {
+                    let cancelled = Arc::new(AtomicBool::new(false));
+                    self.pending.insert(
+                        hash,
+                        PendingImage {
+                            tokens: im.num_tokens,
+                            cancelled: cancelled.clone(),
+                        },
+                    );
+                    self.encoder.submit(EncodeJob {
+                        hash,
+                        image: im.image,
+                        tokens: im.num_tokens,
+                        cancelled,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tells the scheduler which image ranges each sequence in prefill waits for.
+    fn refresh_encoder_waits(&mut self) {
+        let mut waits = std::mem::take(&mut self.waits_scratch);
+        for (seq, pins) in &self.image_pins {
+            waits.clear();
+            waits.extend(
+                pins.iter()
+                    .filter(|p| self.pending.contains_key(&p.hash))
+                    .map(|p| (p.start, p.end)),
+            );
+            self.scheduler.set_encoder_waits(*seq, &waits);
+        }
+        self.waits_scratch = waits;
     }
 
     /// Returns false on shutdown.
@@ -309,6 +509,9 @@ impl<B: Backend> Core<B> {
             let mut seq = Sequence::new(seq_id, req.prompt.clone(), req.priority, self.arrivals);
             seq.images = images.clone();
             self.scheduler.add(seq);
+            if let Some(im) = &images {
+                self.track_images(seq_id, im);
+            }
             let detok = self
                 .tokenizer
                 .as_ref()
@@ -352,6 +555,7 @@ impl<B: Backend> Core<B> {
         for seq in &state.seqs {
             self.scheduler.remove(*seq);
             self.choices.remove(seq);
+            self.release_images(*seq, None);
         }
         if let Some(e) = err {
             let _ = state.tx.send(Err(e));
@@ -425,21 +629,33 @@ impl<B: Backend> Core<B> {
         batch
     }
 
-    fn step(&mut self) {
+    fn step(&mut self) -> Progress {
+        for e in self
+            .encoder
+            .encode_inline(self.model.vision(), &self.backend, &self.stats)
+        {
+            self.on_encoded(e);
+        }
+        self.refresh_encoder_waits();
         let plan = self.scheduler.schedule();
         self.stats
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         if plan.scheduled.is_empty() {
-            // A step that only preempted frees blocks for the next one. One that did nothing at
-            // all means a lone sequence outgrew the pool, which max_model_len prevents; fail the
-            // requests rather than spin.
-            if plan.preempted.is_empty() {
-                self.fail_all(|| {
-                    Error::Backend("the KV cache cannot hold any waiting sequence".into())
-                });
+            // A step that only preempted frees blocks for the next one, and one whose sequences
+            // all wait for images has the encoder to wait for. One that did nothing at all
+            // otherwise means a lone sequence outgrew the pool, which max_model_len prevents;
+            // fail the requests rather than spin.
+            if !plan.preempted.is_empty() || self.encoder.queued_inline() {
+                return Progress::Ran;
             }
-            return;
+            if self.encoder.outstanding() {
+                return Progress::WaitingForEncoder;
+            }
+            self.fail_all(|| {
+                Error::Backend("the KV cache cannot hold any waiting sequence".into())
+            });
+            return Progress::Ran;
         }
         for s in &plan.scheduled {
             if let Some(c) = self.choices.get_mut(&s.seq_id) {
@@ -459,12 +675,12 @@ impl<B: Backend> Core<B> {
                 if let Some(r) = self.choices.get(&seq).map(|c| c.request) {
                     self.abort_request(r, Some(e));
                 }
-                return;
+                return Progress::Ran;
             }
         };
         let batch = self.build_batch(&plan);
         let on_device = self.backend.samples_on_device() && self.device_sampling_rows(&plan);
-        let (model, backend, encoder) = (&self.model, &self.backend, &self.encoder);
+        let (model, backend, encoder) = (&self.model, &self.backend, &self.encoder_cache);
         let image_rows: Vec<ImageRows<'_, B::Tensor>> = spans
             .iter()
             .filter_map(|sp| {
@@ -502,7 +718,7 @@ impl<B: Backend> Core<B> {
             Ok(Sampled::Tokens(ids))
         });
         drop(image_rows);
-        self.encoder.evict_to_limit();
+        self.encoder_cache.evict_to_limit();
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match logits {
             Ok(l) => l,
@@ -516,10 +732,13 @@ impl<B: Backend> Core<B> {
                 for r in reqs {
                     self.abort_request(r, Some(Error::Backend(msg.clone())));
                 }
-                return;
+                return Progress::Ran;
             }
         };
         self.scheduler.commit(&plan);
+        for s in &plan.scheduled {
+            self.release_images(s.seq_id, Some(s.start + s.len));
+        }
         let prompt_computed: usize = plan
             .scheduled
             .iter()
@@ -545,11 +764,13 @@ impl<B: Backend> Core<B> {
             self.sampled_ids = ids;
         }
         self.publish_stats();
+        Progress::Ran
     }
 
-    /// Runs the vision tower on every image a chunk of `plan` needs and that the encoder cache
-    /// lacks, and returns where each chunk takes image features. On failure, the sequence whose
-    /// image failed and the error.
+    /// Returns where each chunk of `plan` takes image features. An image the encoder cache lacks
+    /// here (one whose sequence passed it and was then preempted, its features since evicted)
+    /// is encoded now, on this thread. On failure, the sequence whose image failed and the
+    /// error.
     fn encode_images(
         &mut self,
         plan: &SchedulerOutput,
@@ -565,15 +786,22 @@ impl<B: Backend> Core<B> {
                     continue;
                 }
                 let hash = im.image.content_hash;
-                if self.encoder.touch(hash) {
+                if self.encoder_cache.touch(hash) {
                     self.stats
                         .encoder_cache_hits
                         .fetch_add(1, Ordering::Relaxed);
                 } else {
                     let t0 = std::time::Instant::now();
-                    let embeds = self.encode_image(&im.image).map_err(|e| (s.seq_id, e))?;
+                    let vision = self.model.vision().ok_or_else(|| {
+                        (
+                            s.seq_id,
+                            Error::InvalidRequest("this model does not take images".into()),
+                        )
+                    })?;
+                    let embeds = encoder::encode_image(vision, &self.backend, &im.image)
+                        .map_err(|e| (s.seq_id, e))?;
                     let bytes = im.num_tokens * self.model.config().hidden_size * 4;
-                    self.encoder.insert(hash, embeds, bytes);
+                    self.encoder_cache.insert(hash, embeds, bytes);
                     self.stats.images_encoded.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .image_encode_ns
@@ -589,16 +817,6 @@ impl<B: Backend> Core<B> {
             row0 += s.len;
         }
         Ok(spans)
-    }
-
-    fn encode_image(&self, image: &crate::media::ProcessedImage) -> Result<B::Tensor> {
-        let vision = self
-            .model
-            .vision()
-            .ok_or_else(|| Error::InvalidRequest("this model does not take images".into()))?;
-        let [_, gh, gw] = image.grid_thw;
-        let batch = vision.batch(&[[gh, gw]])?;
-        vision.encode(&self.backend, &image.pixel_values, &batch)
     }
 
     /// For a backend that samples on the device: fills `row_sampling` for the plan's sampled
@@ -751,6 +969,7 @@ impl<B: Backend> Core<B> {
             // Free the blocks before the client can see the end of its stream.
             self.scheduler.remove(seq_id);
             self.choices.remove(&seq_id);
+            self.release_images(seq_id, None);
             self.publish_stats();
         } else {
             self.scheduler.append_token(seq_id, token);

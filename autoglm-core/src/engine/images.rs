@@ -169,10 +169,11 @@ impl Engine {
             0 => threading::allowed_cores().len().clamp(1, 4),
             n => n,
         };
-        let p = Arc::new(threading::build_pool(
+        let p = Arc::new(threading::build_pool_niced(
             "autoglm-media",
             &m.preprocess_cores,
             threads,
+            m.media_nice,
         )?);
         *pool = Some(p.clone());
         Ok(p)

@@ -7,6 +7,7 @@
 
 pub mod block_manager;
 mod core;
+mod encoder;
 mod encoder_cache;
 mod events;
 mod images;

@@ -124,6 +124,7 @@ impl Scheduler {
             let id = self.running[i];
             let seq = &self.seqs[&id];
             let take = seq.num_uncomputed().min(budget);
+            let take = take.min(seq.compute_limit() - seq.num_computed);
             if take == 0 {
                 i += 1;
                 continue;
@@ -162,8 +163,9 @@ impl Scheduler {
             self.waiting
                 .make_contiguous()
                 .sort_by_key(|id| seqs[id].order_key());
+            let mut w = 0;
             while budget > 0 && self.running.len() < self.max_num_seqs {
-                let Some(&id) = self.waiting.front() else {
+                let Some(&id) = self.waiting.get(w) else {
                     break;
                 };
                 let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
@@ -182,6 +184,16 @@ impl Scheduler {
                     seq.num_computed = seq.block_hashes.len() * self.blocks.block_size();
                 }
                 let take = seq.num_uncomputed().min(budget);
+                let take = take.min(seq.compute_limit() - seq.num_computed);
+                if take == 0 {
+                    // Its next tokens wait for an image's features: it keeps its place and
+                    // those behind it may go first.
+                    self.blocks.release(&mut seq.block_table);
+                    seq.block_hashes.clear();
+                    seq.num_computed = 0;
+                    w += 1;
+                    continue;
+                }
                 let target = seq.num_computed + take;
                 if !self.blocks.grow(&mut seq.block_table, target) {
                     self.blocks.release(&mut seq.block_table);
@@ -196,7 +208,7 @@ impl Scheduler {
                     len: take,
                     sample: target == seq.tokens.len(),
                 });
-                self.waiting.pop_front();
+                self.waiting.remove(w);
                 self.running.push(id);
                 budget -= take;
             }
@@ -220,6 +232,14 @@ impl Scheduler {
                 self.blocks.register_full(seq.block_table[b], h);
                 seq.block_hashes.push(h);
             }
+        }
+    }
+
+    /// Sets the image ranges a sequence waits for ([`Sequence::encoder_waits`]).
+    pub fn set_encoder_waits(&mut self, id: SeqId, waits: &[(usize, usize)]) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.encoder_waits.clear();
+            seq.encoder_waits.extend_from_slice(waits);
         }
     }
 

@@ -79,6 +79,9 @@ pub struct Sequence {
     pub num_preemptions: u32,
     /// The prompt's images (Glm4v), if any.
     pub images: Option<Arc<PromptImages>>,
+    /// Token ranges `[start, end)` of image placeholders whose features are still being
+    /// encoded: the sequence computes up to the first one it has not passed, then waits.
+    pub encoder_waits: Vec<(usize, usize)>,
 }
 
 impl Sequence {
@@ -96,6 +99,7 @@ impl Sequence {
             status: SeqStatus::Waiting,
             num_preemptions: 0,
             images: None,
+            encoder_waits: Vec::new(),
         }
     }
 
@@ -114,6 +118,17 @@ impl Sequence {
     /// Tokens still to run through the model before the next sample.
     pub fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed
+    }
+
+    /// How far the sequence may compute now: its end, or the start of the first image range
+    /// it still needs whose features are not ready (no further than where it stands).
+    pub fn compute_limit(&self) -> usize {
+        self.encoder_waits
+            .iter()
+            .filter(|&&(_, end)| end > self.num_computed)
+            .map(|&(start, _)| start.max(self.num_computed))
+            .min()
+            .unwrap_or(self.tokens.len())
     }
 
     /// The (priority, arrival) order key: smaller is served first.

@@ -5,6 +5,7 @@
 //! are fused into one projection at load so each layer runs one GEMM for them.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::vision::{ImageRows, VisionModel};
 use super::{load_stacked, Checkpoint, ModelConfig, TextWeights, WeightSource};
@@ -27,7 +28,7 @@ struct GlmLayer<B: Backend> {
 /// A loaded GLM model on backend `B`; for Glm4v, with its vision tower.
 pub struct GlmModel<B: Backend> {
     config: ModelConfig,
-    vision: Option<VisionModel<B>>,
+    vision: Option<Arc<VisionModel<B>>>,
     embed: B::Weight,
     layers: Vec<GlmLayer<B>>,
     norm: B::Weight,
@@ -50,7 +51,7 @@ impl<B: Backend> GlmModel<B> {
     pub fn from_source(config: ModelConfig, src: &dyn WeightSource, backend: &B) -> Result<Self> {
         config.validate()?;
         let vision = match &config.vision {
-            Some(v) => Some(VisionModel::from_source(v, src, backend)?),
+            Some(v) => Some(Arc::new(VisionModel::from_source(v, src, backend)?)),
             None => None,
         };
         let text = TextWeights::text(src);
@@ -131,7 +132,12 @@ impl<B: Backend> GlmModel<B> {
 
     /// The vision tower (Glm4v), if the model has one.
     pub fn vision(&self) -> Option<&VisionModel<B>> {
-        self.vision.as_ref()
+        self.vision.as_deref()
+    }
+
+    /// The vision tower, shared (for a thread that encodes images beside the steps).
+    pub fn vision_shared(&self) -> Option<Arc<VisionModel<B>>> {
+        self.vision.clone()
     }
 
     /// The KV-cache shape for `num_blocks` blocks of `block_size` tokens.

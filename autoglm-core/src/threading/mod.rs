@@ -53,6 +53,29 @@ pub fn pin_current_thread(core: usize) -> Result<()> {
     pin_current_thread_to(&[core])
 }
 
+/// Sets the calling thread's nice value (Linux: per thread; elsewhere nothing happens).
+/// Raising it needs no privilege; lowering it below the current value may.
+pub fn set_current_thread_nice(nice: i32) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS and a thread id
+        // changes only that thread's priority.
+        let rc = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+        };
+        if rc != 0 {
+            return Err(Error::Affinity(format!(
+                "setpriority(nice {nice}): {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+    Ok(())
+}
+
 /// Restricts the calling thread to `cores` (the scheduler picks among them).
 pub fn pin_current_thread_to(cores: &[usize]) -> Result<()> {
     check_cores(cores)?;
@@ -105,7 +128,24 @@ pub fn build_compute_pool(cfg: &ThreadingConfig) -> Result<rayon::ThreadPool> {
 /// A rayon pool of threads named `{name}-{i}`: one per entry of `cores`, each pinned to it, or
 /// `threads` of them (at least one) free to run on any core this process may use.
 pub fn build_pool(name: &str, cores: &[usize], threads: usize) -> Result<rayon::ThreadPool> {
+    build_pool_niced(name, cores, threads, 0)
+}
+
+/// [`build_pool`] whose threads run at scheduling priority `nice` (Linux's per-thread nice value,
+/// -20..19; 0 leaves it). A positive value lets threads of normal priority (the engine's decode
+/// steps) take a shared core first, so throughput work fills only the time they leave.
+pub fn build_pool_niced(
+    name: &str,
+    cores: &[usize],
+    threads: usize,
+    nice: i32,
+) -> Result<rayon::ThreadPool> {
     check_cores(cores)?;
+    if !(-20..=19).contains(&nice) {
+        return Err(Error::Affinity(format!(
+            "nice value {nice} is outside -20..19"
+        )));
+    }
     let threads = if cores.is_empty() {
         threads.max(1)
     } else {
@@ -129,6 +169,11 @@ pub fn build_pool(name: &str, cores: &[usize], threads: usize) -> Result<rayon::
             if let Err(e) = r {
                 eprintln!("autoglm: {e}");
             }
+            if nice != 0 {
+                if let Err(e) = set_current_thread_nice(nice) {
+                    eprintln!("autoglm: {e}");
+                }
+            }
         })
         .build()
         .map_err(|e| Error::Affinity(format!("cannot start the thread pool: {e}")))
@@ -137,6 +182,30 @@ pub fn build_pool(name: &str, cores: &[usize], threads: usize) -> Result<rayon::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn niced_pool_threads_run_at_that_priority_and_others_do_not() {
+        fn nice_of_this_thread() -> i32 {
+            // SAFETY: as in set_current_thread_nice; errno is cleared first because -1 is also
+            // a valid priority.
+            unsafe {
+                *libc::__errno_location() = 0;
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::getpriority(libc::PRIO_PROCESS, tid)
+            }
+        }
+        let base = nice_of_this_thread();
+        let pool = build_pool_niced("test-nice", &[], 2, 7.max(base)).unwrap();
+        let inside = pool.broadcast(|_| nice_of_this_thread());
+        assert_eq!(inside, vec![7.max(base); 2]);
+        assert_eq!(
+            nice_of_this_thread(),
+            base,
+            "the builder's own thread is unchanged"
+        );
+        assert!(build_pool_niced("test-nice", &[], 1, 20).is_err());
+    }
 
     #[test]
     fn unpinned_compute_workers_do_not_inherit_a_pinned_creators_core() {

@@ -188,6 +188,11 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
+    /// Stateless: every call computes in its own buffers on the calling thread's rayon pool.
+    fn concurrent_handle(&self) -> Option<Self> {
+        Some(CpuBackend)
+    }
+
     fn upload(&self, t: HostTensor) -> Result<CpuWeight> {
         Ok(CpuWeight {
             shape: t.shape,
