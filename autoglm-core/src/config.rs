@@ -213,7 +213,7 @@ impl Default for MultiModalConfig {
             concurrent_encoder: true,
             encoder_threads: 0,
             encoder_cores: Vec::new(),
-            media_nice: 10,
+            media_nice: 19,
             max_encoder_tokens_per_step: None,
         }
     }

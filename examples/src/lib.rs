@@ -127,7 +127,7 @@ pub struct MultiModalArgs {
     #[arg(long)]
     pub encoder_cores: Option<List<usize>>,
     /// Nice value (0..19) of the image threads, so decode steps take shared cores first.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 19)]
     pub media_nice: i32,
     /// Run the vision tower on the engine thread between steps even where it could run beside
     /// them (as a GPU backend does).
