@@ -29,7 +29,7 @@ use crate::tokenizer::{render, Tokenizer};
 use crate::wait::{self, CancelOnDone, CancelSignal};
 
 /// The engine options `Engine(...)` accepts as keywords, besides `device`.
-pub(crate) const OPTIONS: [&str; 18] = [
+pub(crate) const OPTIONS: [&str; 20] = [
     "block_size",
     "num_blocks",
     "kv_cache_mb",
@@ -48,6 +48,8 @@ pub(crate) const OPTIONS: [&str; 18] = [
     "chat_template_content_format",
     "allowed_local_media_path",
     "encoder_cache_mb",
+    "media_nice",
+    "inline_encoder",
 ];
 
 fn option_err(name: &str, v: &Bound<'_, PyAny>, want: &str) -> PyErr {
@@ -199,6 +201,20 @@ pub(crate) fn engine_config(
                     .checked_mul(1 << 20)
                     .ok_or_else(|| option_err(n, &v, "is too large"))?;
             }
+            "media_nice" => {
+                let nice = uint(n, &v, mm.media_nice as usize)?;
+                if nice > 19 {
+                    return Err(option_err(n, &v, "must be an int in 0..19"));
+                }
+                mm.media_nice = nice as i32;
+            }
+            "inline_encoder" => {
+                if !v.is_none() {
+                    mm.concurrent_encoder = !v
+                        .extract::<bool>()
+                        .map_err(|_| option_err(n, &v, "must be a bool"))?;
+                }
+            }
             "limit_mm_per_prompt" | "mm_processor_kwargs" | "chat_template_content_format" => {}
             "seed" => {
                 if !v.is_none() {
@@ -335,7 +351,10 @@ fn results(py: Python<'_>, finished: Vec<Finished>, single: bool) -> PyResult<Bo
 /// each list content becomes one string with the image placeholders first, as Open-AutoGLM's vLLM
 /// command renders; `"openai"`: the template places each image part), allowed_local_media_path (a
 /// directory: `image_url` parts may name local files under it; none by default),
-/// encoder_cache_mb (memory for encoded image features kept for reuse; default 256).
+/// encoder_cache_mb (memory for encoded image features kept for reuse; default 256), media_nice
+/// (0..19, default 19: the nice value of the threads that preprocess and, on the CPU, encode
+/// images beside the engine's steps, so decoding streams take shared cores first),
+/// inline_encoder (run the vision tower on the engine thread between steps instead).
 /// Use it as a context manager, or call `close()`, to stop the engine thread deterministically.
 #[pyclass(module = "autoglm", frozen)]
 pub(crate) struct Engine {

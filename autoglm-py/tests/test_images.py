@@ -314,6 +314,8 @@ def test_mm_processor_kwargs_set_the_pixel_budget() -> None:
         mm_processor_kwargs='{"max_pixels": 6272, "min_pixels": 3136}',
         chat_template_content_format="openai",
         encoder_cache_mb=1,
+        media_nice=0,
+        inline_encoder=True,
     ) as e:
         out = e.generate(messages, greedy(max_tokens=2))
         assert out.prompt == case["rendered"]
@@ -367,6 +369,9 @@ def test_allowed_local_media_path(tmp_path: Path) -> None:
         ({"allowed_local_media_path": 3}, "allowed_local_media_path = 3: must be a path"),
         ({"encoder_cache_mb": -1}, "encoder_cache_mb = -1"),
         ({"encoder_cache_mb": 2**62}, "encoder_cache_mb"),
+        ({"media_nice": 20}, "media_nice = 20: must be an int in 0..19"),
+        ({"media_nice": -1}, "media_nice = -1"),
+        ({"inline_encoder": "yes"}, "inline_encoder = 'yes': must be a bool"),
     ],
 )
 def test_bad_image_options(options: dict[str, Any], message: str) -> None:

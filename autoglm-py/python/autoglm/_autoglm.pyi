@@ -405,6 +405,8 @@ class Engine:
         chat_template_content_format: Literal["string", "openai"] | None = None,
         allowed_local_media_path: str | os.PathLike[str] | None = None,
         encoder_cache_mb: int | None = None,
+        media_nice: int | None = None,
+        inline_encoder: bool | None = None,
         **options: NoReturn,
     ) -> Engine: ...
     @overload
@@ -524,6 +526,8 @@ class Server:
         chat_template_content_format: Literal["string", "openai"] | None = None,
         allowed_local_media_path: str | os.PathLike[str] | None = None,
         encoder_cache_mb: int | None = None,
+        media_nice: int | None = None,
+        inline_encoder: bool | None = None,
         **options: NoReturn,
     ) -> Server: ...
     def start(self) -> Server:

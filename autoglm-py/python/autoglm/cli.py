@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
         help="image_url parts may name local files under this directory (default: none)")
     add("--encoder-cache-mb", type=int,
         help="memory for encoded image features kept for reuse, in MiB (default 256)")
+    add("--media-nice", type=int,
+        help="nice value 0..19 of the image threads (default 19: decode steps take shared "
+        "cores first; 0 favours image throughput)")
+    add("--inline-encoder", action="store_true", default=None,
+        help="run the vision tower on the engine thread between steps instead of beside them")
     return parser
 
 
@@ -205,7 +210,7 @@ def _serve(args: argparse.Namespace) -> None:
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
         "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
         "limit_mm_per_prompt", "mm_processor_kwargs", "chat_template_content_format",
-        "allowed_local_media_path", "encoder_cache_mb",
+        "allowed_local_media_path", "encoder_cache_mb", "media_nice", "inline_encoder",
     ):
         value = getattr(args, name)
         if value is not None:
