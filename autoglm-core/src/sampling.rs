@@ -13,6 +13,12 @@ use crate::error::{Error, Result};
 
 /// Largest `logprobs` (top-N) a request may ask for.
 pub const MAX_LOGPROBS: usize = 20;
+/// Most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in bytes (UTF-8).
+pub const MAX_STOP_BYTES: usize = 512;
+/// Most stop token ids a request may give.
+pub const MAX_STOP_TOKEN_IDS: usize = 256;
 
 /// How a request is sampled and when it stops.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,7 +139,67 @@ impl SamplingParams {
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop", "\"\"".into(), "stop strings must not be empty");
         }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return bad(
+                "stop",
+                format!("{} strings", self.stop.len()),
+                &format!("at most {MAX_STOP_STRINGS} stop strings"),
+            );
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return bad(
+                "stop",
+                format!("a string of {} bytes", s.len()),
+                &format!("each stop string is at most {MAX_STOP_BYTES} bytes"),
+            );
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return bad(
+                "stop_token_ids",
+                format!("{} ids", self.stop_token_ids.len()),
+                &format!("at most {MAX_STOP_TOKEN_IDS} ids"),
+            );
+        }
         Ok(())
+    }
+}
+
+/// A request's stop strings, matched in one pass over the text that can hold a new match
+/// (an Aho-Corasick automaton: the time per step is the new text plus the longest stop string,
+/// whatever their number).
+#[derive(Debug, Clone)]
+pub struct StopStrings {
+    automaton: Option<aho_corasick::AhoCorasick>,
+    longest: usize,
+}
+
+impl StopStrings {
+    /// The matcher of `stops` (none: never matches).
+    pub fn new(stops: &[String]) -> Result<Self> {
+        let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let automaton = if stops.is_empty() {
+            None
+        } else {
+            Some(
+                aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+                    .build(stops)
+                    .map_err(|e| Error::InvalidRequest(format!("stop: {e}")))?,
+            )
+        };
+        Ok(StopStrings { automaton, longest })
+    }
+
+    /// Bytes of text to hold back from the client while they could still begin a stop string.
+    pub fn hold(&self) -> usize {
+        self.longest.saturating_sub(1)
+    }
+
+    /// Byte offset of the leftmost stop string in `text` that starts at or after `from` (a
+    /// char boundary).
+    pub fn find(&self, text: &str, from: usize) -> Option<usize> {
+        let m = self.automaton.as_ref()?.find(&text.as_bytes()[from..])?;
+        Some(from + m.start())
     }
 }
 
@@ -360,6 +426,60 @@ pub(crate) fn sample_unpenalised(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_strings_find_the_leftmost_match_as_a_scan_of_each_would() {
+        // The earlier matcher: each string's first occurrence, the leftmost of them.
+        fn naive(text: &str, from: usize, stops: &[String]) -> Option<usize> {
+            stops
+                .iter()
+                .filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from))
+                .min()
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..2000 {
+            let word = |rng: &mut ChaCha8Rng, n: u64| -> String {
+                (0..1 + rng.next_u64() % n)
+                    .map(|_| ['a', 'b', 'c', 'é'][(rng.next_u64() % 4) as usize])
+                    .collect()
+            };
+            let text = word(&mut rng, 40);
+            let stops: Vec<String> = (0..1 + rng.next_u64() % 5)
+                .map(|_| word(&mut rng, 4))
+                .collect();
+            let m = StopStrings::new(&stops).unwrap();
+            let mut from = (rng.next_u64() as usize) % (text.len() + 1);
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            assert_eq!(
+                m.find(&text, from),
+                naive(&text, from, &stops),
+                "{text:?} {stops:?} {from}"
+            );
+            assert_eq!(m.hold(), stops.iter().map(|s| s.len()).max().unwrap() - 1);
+        }
+        let none = StopStrings::new(&[]).unwrap();
+        assert_eq!((none.find("abc", 0), none.hold()), (None, 0));
+    }
+
+    #[test]
+    fn stop_lists_are_capped_in_number_and_length() {
+        let too_many = params(|p| p.stop = (0..=MAX_STOP_STRINGS).map(|i| i.to_string()).collect());
+        let e = too_many.validate().unwrap_err().to_string();
+        assert!(e.contains("stop = 65 strings: at most 64"), "{e}");
+        let too_long = params(|p| p.stop = vec!["x".repeat(MAX_STOP_BYTES + 1)]);
+        let e = too_long.validate().unwrap_err().to_string();
+        assert!(e.contains("a string of 513 bytes"), "{e}");
+        let ids = params(|p| p.stop_token_ids = vec![1; MAX_STOP_TOKEN_IDS + 1]);
+        assert!(ids
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("stop_token_ids"));
+        let fine = params(|p| p.stop = vec!["x".repeat(MAX_STOP_BYTES); MAX_STOP_STRINGS]);
+        fine.validate().unwrap();
+    }
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams {

@@ -55,6 +55,22 @@ async fn bad_requests_are_400_with_openai_errors() {
         (json!({"prompt": []}), "must not be empty"),
         (json!({"max_tokens": 3}), "prompt is required"),
         (json!({"prompt": [1], "stop": 5}), "stop must be"),
+        (
+            json!({"prompt": [1], "stop": (0..65).map(|i| i.to_string()).collect::<Vec<_>>()}),
+            "at most 64 strings, got 65",
+        ),
+        (
+            json!({"prompt": [1], "stop": ["x".repeat(513)]}),
+            "at most 512 bytes, got one of 513",
+        ),
+        (
+            json!({"prompt": [1], "stop_token_ids": vec![7; 257]}),
+            "at most 256 ids",
+        ),
+        (
+            json!({"prompt": [1], "max_tokens": u64::MAX}),
+            "maximum context length",
+        ),
         (json!({"prompt": [1], "top_p": 0}), "top_p"),
         (json!({"prompt": [1], "n": 0}), "n = 0"),
         (json!({"prompt": [1], "logprobs": 21}), "at most 20"),

@@ -38,6 +38,8 @@ struct RequestState {
     usage: Usage,
     /// Generation stops at this many output tokens (max_tokens capped by the context length).
     max_output: usize,
+    /// The request's stop strings, ready to match.
+    stops: sampling::StopStrings,
 }
 
 /// Output processing of one choice.
@@ -492,6 +494,13 @@ impl<B: Backend> Core<B> {
             tx,
             images,
         } = new;
+        let stops = match sampling::StopStrings::new(&req.params.stop) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
         let n = req.params.n;
         let max_output = req
             .params
@@ -543,6 +552,7 @@ impl<B: Backend> Core<B> {
                 choices_left: n,
                 usage,
                 max_output,
+                stops,
             },
         );
     }
@@ -924,8 +934,8 @@ impl<B: Backend> Core<B> {
             }
         }
         let mut end = choice.text.len();
-        if finish.is_none() && !params.stop.is_empty() {
-            if let Some(pos) = find_stop(&choice.text, choice.emitted, &params.stop) {
+        if finish.is_none() {
+            if let Some(pos) = req.stops.find(&choice.text, choice.emitted) {
                 choice.text.truncate(pos);
                 end = pos;
                 finish = Some(FinishReason::Stop);
@@ -942,7 +952,7 @@ impl<B: Backend> Core<B> {
         }
         if finish.is_none() {
             // Hold back what could still become a stop string.
-            let hold = params.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
+            let hold = req.stops.hold();
             end = floor_char_boundary(&choice.text, choice.text.len().saturating_sub(hold))
                 .max(choice.emitted);
         }
@@ -996,12 +1006,4 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
         i -= 1;
     }
     i
-}
-
-/// Byte offset of the earliest stop string that occurs in `text` at or after `from`.
-fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from))
-        .min()
 }

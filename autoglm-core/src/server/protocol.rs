@@ -182,16 +182,36 @@ impl Common {
 }
 
 fn stop_list(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    use crate::sampling::{MAX_STOP_BYTES, MAX_STOP_STRINGS};
     let bad = || ApiError::bad_param("stop", "stop must be a string or a list of strings.");
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
+    let stops: Vec<String> = match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.len() > MAX_STOP_STRINGS => {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!(
+                    "stop may hold at most {MAX_STOP_STRINGS} strings, got {}.",
+                    items.len()
+                ),
+            ))
+        }
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| i.as_str().map(String::from).ok_or_else(bad))
-            .collect(),
-        Some(_) => Err(bad()),
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    if let Some(s) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_param(
+            "stop",
+            format!(
+                "each stop string may be at most {MAX_STOP_BYTES} bytes, got one of {}.",
+                s.len()
+            ),
+        ));
     }
+    Ok(stops)
 }
 
 /// Checks `logprobs` (0..=20).
@@ -221,11 +241,12 @@ pub(crate) fn resolve_max_tokens(
         ));
     }
     match requested {
-        Some(m) if prompt_len + m > max_model_len => Err(ApiError::bad_param(
+        // Saturating: a max_tokens near 2^64 is too long, not a wrap-around.
+        Some(m) if prompt_len.saturating_add(m) > max_model_len => Err(ApiError::bad_param(
             what,
             format!(
                 "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the messages, {m} in the completion). Please reduce the length of the messages or completion.",
-                prompt_len + m
+                prompt_len.saturating_add(m)
             ),
         )
         .with_code("context_length_exceeded")),
