@@ -100,9 +100,13 @@ struct Cli {
     /// Open connections at most (more get a 503).
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
-    /// Generation requests in flight at most (more get a 503).
+    /// Generated choices in flight at most, over all requests (a request counts its prompts
+    /// times n; more get a 503).
     #[arg(long, default_value_t = 4096)]
     max_concurrent_requests: usize,
+    /// Choices one request may create: prompts times n (more: 400).
+    #[arg(long, default_value_t = 128)]
+    max_choices_per_request: usize,
     /// Refuse generations (503) while an engine has this many sequences waiting.
     #[arg(long)]
     max_waiting_requests: Option<usize>,
@@ -284,6 +288,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.limits.request_timeout = cli.request_timeout.and_then(secs);
     c.limits.max_concurrent_requests = cli.max_concurrent_requests;
     c.limits.max_waiting_requests = cli.max_waiting_requests;
+    c.limits.max_choices_per_request = cli.max_choices_per_request;
     c.stream_interval = cli.stream_interval;
     c.shutdown_grace = Some(Duration::from_secs_f64(cli.shutdown_grace.max(0.0)));
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {

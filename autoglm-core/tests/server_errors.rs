@@ -242,9 +242,10 @@ fn long_generation(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<Reply>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_503_and_disconnect_cancels() {
     let mut cfg = loopback_config();
-    cfg.limits.max_concurrent_requests = 1;
+    // In-flight counts choices: the long generation's 64 take every slot.
+    cfg.limits.max_concurrent_requests = 64;
     let srv = start(cfg, vec![(MODEL, cpu_engine())]);
-    // A long generation holds the only slot.
+    // A long generation holds every slot.
     let long = long_generation(srv.addr);
     eventually("the long request to run", async || {
         let m = get(srv.addr, "/metrics").await.text();
@@ -290,6 +291,68 @@ async fn overload_is_503_and_disconnect_cancels() {
     )
     .await;
     assert_eq!(r.status, 503);
+    srv.stop().await;
+}
+
+/// Issue 15, item 1: one small body could create prompts x n sequences without bound and count
+/// as one request against every limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_creates_a_bounded_number_of_choices_and_each_counts() {
+    let mut cfg = loopback_config();
+    cfg.limits.max_choices_per_request = 8;
+    cfg.limits.max_concurrent_requests = 6;
+    cfg.limits.max_waiting_requests = Some(7);
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    // Over the per-request cap: a 400 naming the field, before any tokenizing.
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| vec![1, i]).collect();
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": prompts, "n": 2, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = r.error();
+    assert_eq!(e["param"], "prompt");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("5 prompts x n = 2 make 10 choices"),
+        "{e}"
+    );
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "n": 9, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error()["param"], "n");
+    // Within it but over the in-flight cap of 6 choices: 503, and nothing is left counted.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [1], "n": 7, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("this request has 7"));
+    // Within every cap: served, with all its choices.
+    let r = post(
+        a,
+        "/v1/completions",
+        &json!({"prompt": [[1, 2], [1, 3], [1, 4]], "n": 2, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"].as_array().unwrap().len(), 6);
+    let m = get(a, "/metrics").await.text();
+    assert_eq!(metric(&m, "autoglm_http_requests_in_flight"), 0.0);
     srv.stop().await;
 }
 
@@ -366,7 +429,7 @@ async fn queued_stream_disconnect_cancels_before_its_first_token() {
     eventually("the waiting request to be cancelled", async || {
         let m = metrics().await;
         metric(&m, "autoglm_num_requests_waiting{") == 0.0
-            && metric(&m, "autoglm_http_requests_in_flight") == 1.0
+            && metric(&m, "autoglm_http_requests_in_flight") == 64.0
     })
     .await;
     let m = metrics().await;

@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 25] = [
+const SERVER_OPTIONS: [&str; 26] = [
     "host",
     "port",
     "unix_socket",
@@ -50,6 +50,7 @@ const SERVER_OPTIONS: [&str; 25] = [
     "max_connections",
     "max_concurrent_requests",
     "max_waiting_requests",
+    "max_choices_per_request",
     "max_body_bytes",
     "request_timeout",
     "idle_timeout",
@@ -297,7 +298,8 @@ enum State {
 /// "limits"} mappings), `admin_api_keys`, `api_keys_file` (TOML `[[keys]]`), TLS 1.3 with
 /// `tls_cert` and `tls_key` (PEM), `requests_per_minute` and `tokens_per_minute` per caller,
 /// `audit_log` (a file, or "-" for stderr) and `audit_log_prompts`.
-/// Limits: `max_connections`, `max_concurrent_requests`, `max_waiting_requests`,
+/// Limits: `max_connections`, `max_concurrent_requests` (choices in flight: a request counts its
+/// prompts times n), `max_waiting_requests`, `max_choices_per_request` (default 128),
 /// `max_body_bytes`, `request_timeout` and `idle_timeout` (seconds; 0: none), `shutdown_grace`
 /// (seconds open requests get on a graceful stop; default 30), `stream_interval` (streamed token
 /// events written together; default 1).
@@ -498,6 +500,7 @@ impl Server {
         max_connections = None,
         max_concurrent_requests = None,
         max_waiting_requests = None,
+        max_choices_per_request = None,
         max_body_bytes = None,
         request_timeout = None,
         idle_timeout = None,
@@ -515,7 +518,7 @@ impl Server {
         host='127.0.0.1', port=8000, unix_socket=None, api_keys=None, admin_api_keys=None, \
         api_keys_file=None, tls_cert=None, tls_key=None, requests_per_minute=None, \
         tokens_per_minute=None, audit_log=None, audit_log_prompts=False, max_connections=None, \
-        max_concurrent_requests=None, max_waiting_requests=None, max_body_bytes=None, \
+        max_concurrent_requests=None, max_waiting_requests=None, max_choices_per_request=None, max_body_bytes=None, \
         request_timeout=None, idle_timeout=None, stream_interval=None, shutdown_grace=None, \
         workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
@@ -540,6 +543,7 @@ impl Server {
         max_connections: Option<&Bound<'_, PyAny>>,
         max_concurrent_requests: Option<&Bound<'_, PyAny>>,
         max_waiting_requests: Option<&Bound<'_, PyAny>>,
+        max_choices_per_request: Option<&Bound<'_, PyAny>>,
         max_body_bytes: Option<&Bound<'_, PyAny>>,
         request_timeout: Option<&Bound<'_, PyAny>>,
         idle_timeout: Option<&Bound<'_, PyAny>>,
@@ -744,6 +748,9 @@ impl Server {
             }
             if let Some(n) = opt_count("max_waiting_requests", max_waiting_requests)? {
                 c.limits.max_waiting_requests = Some(n);
+            }
+            if let Some(n) = opt_count("max_choices_per_request", max_choices_per_request)? {
+                c.limits.max_choices_per_request = n;
             }
             if let Some(n) = opt_count("max_body_bytes", max_body_bytes)? {
                 c.limits.max_body_bytes = n;

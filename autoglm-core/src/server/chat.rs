@@ -44,6 +44,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     rec.model = Some(lease.name.clone());
     let lp = want_logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let mut params = req.common.params(lp)?;
+    let choices = state.check_choices(1, params.n)?;
     let tok = lease
         .engine
         .tokenizer()
@@ -72,7 +73,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     } else {
         // Counted as in flight while its images are preprocessed, so a burst of screenshots
         // is bounded by the same cap as generations.
-        rec.in_flight = Some(state.admit_generation()?);
+        rec.in_flight = Some(state.admit_generation(choices)?);
         lease
             .engine
             .expand_images_async(chat.prompt, chat.images)
@@ -90,7 +91,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         lease.engine.max_model_len(),
         "messages",
     )?;
-    admit(rec, &lease, ids.len())?;
+    admit(rec, &lease, ids.len(), choices)?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
     let mut job = submit(lease, rec.detach(), vec![(ids, images)], vec![params])?;

@@ -47,14 +47,17 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let requested = Some(req.common.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
     let mut ids = Vec::new();
     let mut params = Vec::new();
-    for p in prompts(req.prompt.as_ref())? {
+    let inputs = prompts(req.prompt.as_ref())?;
+    // Before any tokenizing: a small body must not be able to queue unbounded work.
+    let choices = state.check_choices(inputs.len(), base.n)?;
+    for p in inputs {
         let p = tokenize_prompt(tok.as_ref(), p, add_special)?;
         let mut sp = base.clone();
         sp.max_tokens = resolve_max_tokens("max_tokens", requested, p.len(), max_len, "prompt")?;
         ids.push(p);
         params.push(sp);
     }
-    admit(rec, &lease, ids.iter().map(Vec::len).sum())?;
+    admit(rec, &lease, ids.iter().map(Vec::len).sum(), choices)?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
     let mut job = submit(

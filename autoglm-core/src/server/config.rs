@@ -28,10 +28,15 @@ pub struct Limits {
     /// request is cancelled.
     #[serde(with = "secs_opt")]
     pub request_timeout: Option<Duration>,
-    /// Generation requests in flight at most; more get a 503.
+    /// Generated choices (sequences) in flight at most, over all requests: a request counts
+    /// its prompts times `n`; one that would go over gets a 503.
     pub max_concurrent_requests: usize,
-    /// Refuse new generations (503) while a model's engine has this many sequences waiting.
+    /// Refuse new generations (503) when a model's engine has this many sequences waiting, or
+    /// would with the request's choices added.
     pub max_waiting_requests: Option<usize>,
+    /// Choices one request may create (prompts times `n`); more is a 400. Bounds the work one
+    /// small body can queue.
+    pub max_choices_per_request: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +47,7 @@ impl Default for Limits {
             request_timeout: None,
             max_concurrent_requests: 4096,
             max_waiting_requests: None,
+            max_choices_per_request: 128,
         }
     }
 }
@@ -112,6 +118,12 @@ impl ServerConfig {
         if self.limits.max_body_bytes == 0 {
             return Err(Error::config(
                 "limits.max_body_bytes",
+                "0 (must be positive)",
+            ));
+        }
+        if self.limits.max_choices_per_request == 0 {
+            return Err(Error::config(
+                "limits.max_choices_per_request",
                 "0 (must be positive)",
             ));
         }

@@ -348,12 +348,13 @@ pub(crate) async fn sse_stream<F: StreamFormat>(
     })
 }
 
-/// Admission control before submitting: the engine's queue, the in-flight cap, the principal's
-/// token budget. Marks the record as a generation.
+/// Admission control before submitting `choices` sequences: the engine's queue, the in-flight
+/// cap, the principal's token budget. Marks the record as a generation.
 pub(crate) fn admit(
     rec: &mut Record,
     lease: &ModelLease,
     prompt_tokens: usize,
+    choices: usize,
 ) -> Result<(), ApiError> {
     let state = rec.state.clone();
     if let Some(max) = state.config.limits.max_waiting_requests {
@@ -362,15 +363,15 @@ pub(crate) fn admit(
             .stats()
             .waiting
             .load(std::sync::atomic::Ordering::Relaxed);
-        if waiting >= max {
+        if waiting >= max || waiting + choices > max {
             return Err(ApiError::overloaded(format!(
-                "The model `{}` has {waiting} requests waiting; retry later.",
+                "The model `{}` has {waiting} sequences waiting (at most {max}) and this request adds {choices}; retry later.",
                 lease.name
             )));
         }
     }
     if rec.in_flight.is_none() {
-        rec.in_flight = Some(state.admit_generation()?);
+        rec.in_flight = Some(state.admit_generation(choices)?);
     }
     if let Some(p) = &rec.principal {
         state.limiter.admit_tokens(p, prompt_tokens)?;

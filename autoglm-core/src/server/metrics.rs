@@ -191,7 +191,7 @@ impl Metrics {
             ),
             (
                 "autoglm_http_requests_in_flight",
-                "Generation requests in flight.",
+                "Choices (sequences) of generation requests in flight: a request counts its prompts times n.",
                 in_flight,
             ),
         ];

@@ -23,7 +23,7 @@ pub(crate) struct AppState {
     pub(crate) audit: Option<AuditLog>,
     /// Set when shutdown begins: /ready turns 503, new generations are refused.
     pub(crate) draining: AtomicBool,
-    /// Generation requests admitted and not yet finished.
+    /// Choices of generation requests admitted and not yet finished.
     pub(crate) in_flight: AtomicUsize,
     pub(crate) net: OnceLock<Arc<NetStats>>,
     /// Prefix of generated request ids (random per process).
@@ -38,29 +38,51 @@ impl AppState {
         format!("{}{n:016x}", self.id_prefix)
     }
 
-    /// Counts a generation as in flight, or refuses it when the server is full or draining.
-    pub(crate) fn admit_generation(self: &Arc<Self>) -> Result<InFlight, ApiError> {
+    /// Counts a generation's `choices` as in flight, or refuses it when they would go over the
+    /// cap or the server is draining.
+    pub(crate) fn admit_generation(self: &Arc<Self>, choices: usize) -> Result<InFlight, ApiError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(ApiError::overloaded("The server is shutting down."));
         }
         let max = self.config.limits.max_concurrent_requests;
-        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-        let guard = InFlight(self.clone());
+        let now = self.in_flight.fetch_add(choices, Ordering::AcqRel) + choices;
+        let guard = InFlight(self.clone(), choices);
         if now > max {
             return Err(ApiError::overloaded(format!(
-                "The server is overloaded ({max} requests in flight); retry later."
+                "The server is overloaded ({max} choices in flight at most; this request has {choices}); retry later."
             )));
         }
         Ok(guard)
     }
+
+    /// Refuses (400) a request that would create more choices than one request may.
+    pub(crate) fn check_choices(&self, prompts: usize, n: usize) -> Result<usize, ApiError> {
+        let max = self.config.limits.max_choices_per_request;
+        let choices = prompts.saturating_mul(n);
+        if choices > max {
+            let (param, what) = if prompts > 1 {
+                (
+                    "prompt",
+                    format!("{prompts} prompts x n = {n} make {choices} choices"),
+                )
+            } else {
+                ("n", format!("n = {n}"))
+            };
+            return Err(ApiError::bad_param(
+                param,
+                format!("{what}; a request may create at most {max} (--max-choices-per-request)."),
+            ));
+        }
+        Ok(choices)
+    }
 }
 
-/// One admitted generation; released on drop.
-pub(crate) struct InFlight(Arc<AppState>);
+/// One admitted generation's choices; released on drop.
+pub(crate) struct InFlight(Arc<AppState>, usize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 

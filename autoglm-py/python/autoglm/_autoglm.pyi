@@ -498,6 +498,7 @@ class Server:
         max_connections: int | None = None,
         max_concurrent_requests: int | None = None,
         max_waiting_requests: int | None = None,
+        max_choices_per_request: int | None = None,
         max_body_bytes: int | None = None,
         request_timeout: float | None = None,
         idle_timeout: float | None = None,

@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-concurrent-requests", type=int, help="generations in flight at most")
     add("--max-waiting-requests", type=int,
         help="refuse generations while an engine has this many waiting")
+    add("--max-choices-per-request", type=int,
+        help="choices one request may create, prompts times n (default 128)")
     add("--max-body-bytes", type=int, help="largest request body")
     add("--request-timeout", type=float, help="seconds a generation may take")
     add("--idle-timeout", type=float, help="seconds a connection may sit idle")
@@ -205,7 +207,7 @@ def _serve(args: argparse.Namespace) -> None:
     for name in (
         "unix_socket", "api_keys_file", "tls_cert", "tls_key", "requests_per_minute",
         "tokens_per_minute", "audit_log", "max_connections", "max_concurrent_requests",
-        "max_waiting_requests", "max_body_bytes", "request_timeout", "idle_timeout",
+        "max_waiting_requests", "max_choices_per_request", "max_body_bytes", "request_timeout", "idle_timeout",
         "stream_interval", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
         "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
