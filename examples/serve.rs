@@ -239,8 +239,10 @@ fn config_args(path: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// Seconds as a duration (0 or less: none). One too long for a `Duration` saturates, and the
+/// server configuration's check names the flag's field.
 fn secs(x: f64) -> Option<Duration> {
-    (x > 0.0 && x.is_finite()).then(|| Duration::from_secs_f64(x))
+    (x > 0.0).then(|| Duration::try_from_secs_f64(x).unwrap_or(Duration::MAX))
 }
 
 fn read(path: &PathBuf) -> Result<String, Error> {
@@ -290,7 +292,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.limits.max_waiting_requests = cli.max_waiting_requests;
     c.limits.max_choices_per_request = cli.max_choices_per_request;
     c.stream_interval = cli.stream_interval;
-    c.shutdown_grace = Some(Duration::from_secs_f64(cli.shutdown_grace.max(0.0)));
+    c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {
             cert: cert.clone(),

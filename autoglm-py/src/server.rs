@@ -99,7 +99,8 @@ fn opt_number(name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<f64>>
 
 /// Seconds as a timeout: 0 disables it.
 fn timeout(secs: f64) -> Option<Duration> {
-    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+    // Too long saturates; the config check then names the option.
+    (secs > 0.0).then(|| Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 /// JSON text of JSON-like Python data (paths become strings), through the `json` module.
@@ -765,7 +766,7 @@ impl Server {
                 c.stream_interval = n;
             }
             if let Some(s) = opt_number("shutdown_grace", shutdown_grace)? {
-                c.shutdown_grace = Some(Duration::from_secs_f64(s));
+                c.shutdown_grace = Some(timeout(s).unwrap_or_default());
             }
             c.validate().map_err(server_err)?;
 

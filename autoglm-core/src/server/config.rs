@@ -52,6 +52,9 @@ impl Default for Limits {
     }
 }
 
+/// The longest timeout or grace period a configuration may give.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Everything [`Server::bind`](super::Server::bind) needs besides the models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -106,6 +109,34 @@ impl ServerConfig {
         if self.listen.is_empty() {
             return Err(Error::config("listen", "no address to listen on"));
         }
+        for (field, d) in [
+            ("limits.body_read_timeout", self.limits.body_read_timeout),
+            ("limits.request_timeout", self.limits.request_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+            (
+                "http.tls_handshake_timeout",
+                self.http.tls_handshake_timeout,
+            ),
+            (
+                "http.http2_keepalive_interval",
+                self.http.http2_keepalive_interval,
+            ),
+            ("socket.keepalive", self.socket.keepalive),
+        ] {
+            // Deadlines are instants: a duration past any clock's range would overflow them.
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(Error::config(
+                    field,
+                    format!(
+                        "{:.0} s (at most {} s, a year)",
+                        d.unwrap_or_default().as_secs_f64(),
+                        MAX_DURATION.as_secs()
+                    ),
+                ));
+            }
+        }
         if self.socket.acceptors == 0 {
             return Err(Error::config("socket.acceptors", "0 (must be positive)"));
         }
@@ -153,5 +184,24 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_past_a_year_are_refused_by_name() {
+        let mut c = ServerConfig::default();
+        c.limits.request_timeout = Some(Duration::from_secs_f64(1e19));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.request_timeout"), "{e}");
+        c.limits.request_timeout = Some(MAX_DURATION);
+        c.http.idle_timeout = Some(Duration::MAX);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("http.idle_timeout"), "{e}");
+        c.http.idle_timeout = None;
+        c.validate().unwrap();
     }
 }
