@@ -104,6 +104,10 @@ struct Cli {
     /// times n; more get a 503).
     #[arg(long, default_value_t = 4096)]
     max_concurrent_requests: usize,
+    /// Threads that tokenize and render large requests off the HTTP workers (default: one per
+    /// HTTP core when pinned, else one per core, at most 4).
+    #[arg(long, default_value_t = 0)]
+    prep_threads: usize,
     /// Choices one request may create: prompts times n (more: 400).
     #[arg(long, default_value_t = 128)]
     max_choices_per_request: usize,
@@ -291,6 +295,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.limits.max_concurrent_requests = cli.max_concurrent_requests;
     c.limits.max_waiting_requests = cli.max_waiting_requests;
     c.limits.max_choices_per_request = cli.max_choices_per_request;
+    c.prep_threads = cli.prep_threads;
     c.stream_interval = cli.stream_interval;
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
@@ -407,7 +412,11 @@ fn run(cli: Cli) -> Result<(), Error> {
         .or((!http_cores.is_empty()).then_some(http_cores.len()))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let config = server_config(&cli, workers)?;
+    let mut config = server_config(&cli, workers)?;
+    if cli.prep_threads == 0 && !http_cores.is_empty() {
+        // Large requests' tokenizing shares the HTTP cores, never the engine loop's.
+        config.prep_cores = http_cores.clone();
+    }
     let models = Arc::new(ModelRegistry::new(engine_config.clone()));
     for (name, dir) in specs {
         let t0 = std::time::Instant::now();

@@ -527,3 +527,32 @@ async fn connection_cap_answers_503_and_closes() {
     .await;
     srv.stop().await;
 }
+
+/// Issue 15, item 5: tokenizing ran on the async HTTP worker, so one large prompt froze every
+/// other route. On a runtime of one thread (the worst case), `/health` is answered while a
+/// multi-megabyte prompt is still being tokenized.
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_prompt_is_tokenized_off_the_http_worker() {
+    let srv = start(loopback_config(), vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let text = "autoglm tokenizes this sentence again and again. ".repeat(160_000);
+    let big = tokio::spawn(async move { post(a, "/tokenize", &json!({ "prompt": text })).await });
+    // Until the request's body is read and its tokenizing has begun.
+    eventually("the large request to be read", async || {
+        let m = get(a, "/metrics").await.text();
+        metric(&m, "autoglm_open_connections") >= 2.0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        assert_eq!(get(a, "/health").await.status, 200);
+    }
+    assert!(
+        !big.is_finished(),
+        "the large prompt was tokenized before /health could be answered"
+    );
+    let r = big.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["count"].as_u64().unwrap() > 800_000);
+    srv.stop().await;
+}

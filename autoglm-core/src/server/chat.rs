@@ -18,7 +18,7 @@ use crate::engine::RequestOutput;
 use crate::tokenizer::Tokenizer;
 
 pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let req: ChatRequest = parse_json(body)?;
+    let mut req: ChatRequest = parse_json(body)?;
     check_logprobs("top_logprobs", req.top_logprobs)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     if req.top_logprobs.is_some_and(|k| k > 0) && !want_logprobs {
@@ -27,7 +27,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
             "top_logprobs requires logprobs to be true.",
         ));
     }
-    let Some(messages) = req.messages.as_ref() else {
+    let Some(messages) = req.messages.take() else {
         return Err(ApiError::bad_param(
             "messages",
             "messages must be a non-empty list of message objects.",
@@ -54,15 +54,16 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
             )
         })?
         .clone();
-    let tools = req.tools.as_ref().filter(|t| t.is_array());
-    let chat = lease
-        .engine
-        .render_chat(
-            messages,
-            tools,
-            req.add_generation_prompt.unwrap_or(true),
-            Vec::new(),
-        )
+    let tools = req.tools.take().filter(|t| t.is_array());
+    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+    let engine = lease.engine.clone();
+    // Template, tokenizer and the images' base64: on the preparation threads for a large body.
+    let chat = state
+        .prep
+        .run_for(body.len(), move || {
+            engine.render_chat(&messages, tools.as_ref(), add_generation_prompt, Vec::new())
+        })
+        .await?
         .map_err(|e| in_messages(e.into()))?;
     if rec.wants_prompt_text() {
         // The rendered prompt: image placeholders, never image bytes.

@@ -45,18 +45,26 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let add_special = req.add_special_tokens.unwrap_or(true);
     let max_len = lease.engine.max_model_len();
     let requested = Some(req.common.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
-    let mut ids = Vec::new();
-    let mut params = Vec::new();
     let inputs = prompts(req.prompt.as_ref())?;
     // Before any tokenizing: a small body must not be able to queue unbounded work.
     let choices = state.check_choices(inputs.len(), base.n)?;
-    for p in inputs {
-        let p = tokenize_prompt(tok.as_ref(), p, add_special)?;
-        let mut sp = base.clone();
-        sp.max_tokens = resolve_max_tokens("max_tokens", requested, p.len(), max_len, "prompt")?;
-        ids.push(p);
-        params.push(sp);
-    }
+    let prep_tok = tok.clone();
+    let (ids, params) = state
+        .prep
+        .run_for(body.len(), move || {
+            let mut ids = Vec::with_capacity(inputs.len());
+            let mut params = Vec::with_capacity(inputs.len());
+            for p in inputs {
+                let p = tokenize_prompt(prep_tok.as_ref(), p, add_special)?;
+                let mut sp = base.clone();
+                sp.max_tokens =
+                    resolve_max_tokens("max_tokens", requested, p.len(), max_len, "prompt")?;
+                ids.push(p);
+                params.push(sp);
+            }
+            Ok::<_, ApiError>((ids, params))
+        })
+        .await??;
     admit(rec, &lease, ids.iter().map(Vec::len).sum(), choices)?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };

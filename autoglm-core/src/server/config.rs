@@ -78,6 +78,14 @@ pub struct ServerConfig {
     pub shutdown_grace: Option<Duration>,
     /// Raise the open-file limit to its hard maximum at start.
     pub raise_nofile_limit: bool,
+    /// Threads that tokenize prompts and render chat templates for large requests, off the
+    /// HTTP workers; 0: one per allowed core, at most 4. Ignored when `prep_cores` is given.
+    pub prep_threads: usize,
+    /// Pin one of those threads to each of these cores (the HTTP cores, in a pinned layout).
+    pub prep_cores: Vec<usize>,
+    /// Requests being prepared or waiting for one of those threads at most; more wait for a slot
+    /// without holding a thread.
+    pub prep_queue: usize,
     /// Streamed token events written to the socket together (1 to 256; like vLLM's and SGLang's
     /// `--stream-interval`). Every token stays its own SSE event; with `k > 1` a stream's events
     /// are held until `k` are ready (the first token, a choice's last one and the end are sent at
@@ -97,6 +105,9 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             audit: None,
             shutdown_grace: Some(Duration::from_secs(30)),
+            prep_threads: 0,
+            prep_cores: Vec::new(),
+            prep_queue: 64,
             raise_nofile_limit: true,
             stream_interval: 1,
         }
@@ -151,6 +162,10 @@ impl ServerConfig {
                 "limits.max_body_bytes",
                 "0 (must be positive)",
             ));
+        }
+        crate::threading::check_cores(&self.prep_cores)?;
+        if self.prep_queue == 0 {
+            return Err(Error::config("prep_queue", "0 (must be positive)"));
         }
         if self.limits.max_choices_per_request == 0 {
             return Err(Error::config(

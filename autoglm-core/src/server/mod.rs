@@ -44,6 +44,7 @@ mod generate;
 mod logprobs;
 mod metrics;
 mod models;
+mod prep;
 mod protocol;
 mod ratelimit;
 mod router;
@@ -125,6 +126,7 @@ impl Server {
             auth,
             limiter: ratelimit::RateLimiter::default(),
             audit,
+            prep: prep::PrepPool::new(config.prep_threads, &config.prep_cores, config.prep_queue)?,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             net: OnceLock::new(),

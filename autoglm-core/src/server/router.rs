@@ -186,7 +186,7 @@ async fn dispatch(
             match route {
                 Route::Chat => chat::handle(rec, &body).await,
                 Route::Completions => completions::handle(rec, &body).await,
-                Route::Tokenize => tokenize::tokenize(&state.models, &body).await,
+                Route::Tokenize => tokenize::tokenize(&state.models, &state.prep, &body).await,
                 Route::Detokenize => tokenize::detokenize(&state.models, &body),
                 _ => models::admin_load(state.models.clone(), &body).await,
             }

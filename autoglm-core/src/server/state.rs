@@ -10,6 +10,7 @@ use super::config::ServerConfig;
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::models::ModelRegistry;
+use super::prep::PrepPool;
 use super::ratelimit::RateLimiter;
 use crate::net::NetStats;
 
@@ -21,6 +22,8 @@ pub(crate) struct AppState {
     pub(crate) auth: Auth,
     pub(crate) limiter: RateLimiter,
     pub(crate) audit: Option<AuditLog>,
+    /// Tokenizing and template rendering of large requests.
+    pub(crate) prep: PrepPool,
     /// Set when shutdown begins: /ready turns 503, new generations are refused.
     pub(crate) draining: AtomicBool,
     /// Choices of generation requests admitted and not yet finished.

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use super::body::{json_response, Body};
 use super::error::ApiError;
 use super::models::{lease_or_404, ModelRegistry};
+use super::prep::PrepPool;
 use super::protocol::{in_messages, parse_json};
 
 #[derive(Deserialize)]
@@ -30,32 +31,41 @@ struct DetokenizeRequest {
 /// Chat messages may carry images: their placeholders are expanded to the tokens the model sees.
 pub(crate) async fn tokenize(
     models: &ModelRegistry,
+    prep: &PrepPool,
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
-    let req: TokenizeRequest = parse_json(body)?;
+    let mut req: TokenizeRequest = parse_json(body)?;
     let lease = lease_or_404(models, req.model.as_deref())?;
     let tok = lease
         .engine
         .tokenizer()
         .map_err(|_| ApiError::bad_request("This model has no tokenizer."))?;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => tok.encode(p, req.add_special_tokens.unwrap_or(true))?,
+    let add_special = req.add_special_tokens;
+    let tokens = match (req.prompt.take(), req.messages.take()) {
+        (Some(p), None) => {
+            let tok = tok.clone();
+            prep.run_for(body.len(), move || {
+                tok.encode(&p, add_special.unwrap_or(true))
+            })
+            .await??
+        }
         (None, Some(messages)) => {
-            let tools = req.tools.as_ref().filter(|t| t.is_array());
-            let chat = lease
-                .engine
-                .render_chat(
-                    messages,
-                    tools,
-                    req.add_generation_prompt.unwrap_or(true),
-                    Vec::new(),
-                )
-                .map_err(|e| in_messages(e.into()))?;
-            let ids = if req.add_special_tokens.unwrap_or(false) {
-                tok.encode(&chat.text, true)?
-            } else {
-                chat.prompt
-            };
+            let tools = req.tools.take().filter(|t| t.is_array());
+            let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
+            let (engine, tok) = (lease.engine.clone(), tok.clone());
+            let (chat, ids) = prep
+                .run_for(body.len(), move || {
+                    let chat = engine
+                        .render_chat(&messages, tools.as_ref(), add_generation_prompt, Vec::new())
+                        .map_err(|e| in_messages(e.into()))?;
+                    let ids = if add_special.unwrap_or(false) {
+                        tok.encode(&chat.text, true)?
+                    } else {
+                        chat.prompt.clone()
+                    };
+                    Ok::<_, ApiError>((chat, ids))
+                })
+                .await??;
             if chat.images.is_empty() {
                 ids
             } else {
