@@ -85,10 +85,12 @@ struct Cli {
     /// Required JWT issuer (repeatable: any of them).
     #[arg(long = "jwt-issuer")]
     jwt_issuer: Vec<String>,
-    /// Requests per minute per principal (default: unlimited).
+    /// Requests per minute per principal, at least 1 (default: unlimited).
     #[arg(long)]
     requests_per_minute: Option<f64>,
-    /// Prompt plus generated tokens per minute per principal (default: unlimited).
+    /// Prompt plus generated tokens per minute per principal, at least 1 (default: unlimited).
+    /// A generation reserves its prompt plus max_tokens for each choice when admitted and gets
+    /// back what it did not use; one that could cost more than a minute's worth is a 400.
     #[arg(long)]
     tokens_per_minute: Option<f64>,
     /// Append a JSON line per request to this file (`-` for stderr).

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::AuditConfig;
 use super::auth::AuthConfig;
+use super::ratelimit::RateLimits;
 use crate::error::{Error, Result};
 use crate::net::listener::secs_opt;
 use crate::net::{BindAddr, HttpOptions, SocketOptions, TlsFiles};
@@ -188,6 +189,12 @@ impl ServerConfig {
                 ),
             ));
         }
+        check_rate_limits("auth.default_limits", &self.auth.default_limits)?;
+        for (i, k) in self.auth.api_keys.iter().enumerate() {
+            if let Some(l) = &k.limits {
+                check_rate_limits(&format!("auth.api_keys[{i}].limits"), l)?;
+            }
+        }
         for (i, k) in self.auth.api_keys.iter().enumerate() {
             let known =
                 k.role == "admin" || k.role == "user" || self.auth.roles.contains_key(&k.role);
@@ -200,6 +207,24 @@ impl ServerConfig {
         }
         Ok(())
     }
+}
+
+/// Rates are per minute and at least 1: a bucket holds one minute's worth, so a smaller rate
+/// could never hold the one request (or the two tokens) the least request needs. Unlimited is
+/// `None` (no flag), not 0.
+fn check_rate_limits(at: &str, l: &RateLimits) -> Result<()> {
+    for (name, v) in [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+    ] {
+        if let Some(x) = v.filter(|x| !(x.is_finite() && *x >= 1.0)) {
+            return Err(Error::config(
+                format!("{at}.{name}"),
+                format!("{x} (must be a finite number of at least 1; leave it unset for no limit)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -217,6 +242,37 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("http.idle_timeout"), "{e}");
         c.http.idle_timeout = None;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rate_limits_below_one_a_minute_are_refused_by_name() {
+        use crate::server::ApiKey;
+        for bad in [0.0, -1.0, 0.5, f64::NAN, f64::INFINITY] {
+            let mut c = ServerConfig::default();
+            c.auth.default_limits.requests_per_minute = Some(bad);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("auth.default_limits.requests_per_minute"), "{e}");
+            let mut c = ServerConfig::default();
+            c.auth.api_keys.push(ApiKey {
+                key: "k".into(),
+                name: None,
+                role: "user".into(),
+                priority: 0,
+                limits: Some(RateLimits {
+                    requests_per_minute: Some(10.0),
+                    tokens_per_minute: Some(bad),
+                }),
+            });
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("auth.api_keys[0].limits.tokens_per_minute"),
+                "{e}"
+            );
+        }
+        let mut c = ServerConfig::default();
+        c.auth.default_limits.tokens_per_minute = Some(1.0);
+        c.auth.default_limits.requests_per_minute = Some(1e9);
         c.validate().unwrap();
     }
 }
