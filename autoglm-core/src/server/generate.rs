@@ -87,6 +87,10 @@ pub(crate) struct Job {
     pub(crate) completion_tokens: usize,
 }
 
+/// Events queued per choice of a stream (at least twice its stream interval) before the engine
+/// holds the request back until they are taken.
+const QUEUED_PER_CHOICE: usize = 64;
+
 /// Submits one engine request per prompt.
 pub(crate) fn submit(
     lease: ModelLease,
@@ -107,7 +111,11 @@ pub(crate) fn submit(
         };
         match lease.engine.submit_request(req) {
             Ok(mut s) => {
-                s.set_stream_interval(rec.state.config.stream_interval);
+                let interval = rec.state.config.stream_interval;
+                s.set_stream_interval(interval);
+                // A client that stops reading holds back its own request once this much output
+                // waits for it, instead of the server buffering without limit.
+                s.set_max_queued(n.saturating_mul(QUEUED_PER_CHOICE.max(2 * interval)));
                 streams.push(s)
             }
             Err(e) => {

@@ -101,6 +101,7 @@ pub(crate) struct ModelGauges {
     pub(crate) model: String,
     pub(crate) waiting: usize,
     pub(crate) running: usize,
+    pub(crate) paused: usize,
     pub(crate) kv_used: usize,
     pub(crate) kv_total: usize,
     pub(crate) steps: u64,
@@ -207,7 +208,7 @@ impl Metrics {
             );
         }
         type Get = fn(&ModelGauges) -> u64;
-        let per_model: [(&str, &str, &str, Get); 10] = [
+        let per_model: [(&str, &str, &str, Get); 11] = [
             (
                 "autoglm_num_requests_waiting",
                 "gauge",
@@ -219,6 +220,12 @@ impl Metrics {
                 "gauge",
                 "Sequences running in the engine.",
                 |g| g.running as u64,
+            ),
+            (
+                "autoglm_num_requests_paused",
+                "gauge",
+                "Running sequences held back because their client is not reading its stream.",
+                |g| g.paused as u64,
             ),
             (
                 "autoglm_kv_blocks_used",

@@ -246,6 +246,7 @@ fn metrics(state: &AppState) -> Response<Body> {
                 model: m.name.clone(),
                 waiting: s.waiting.load(Ordering::Relaxed),
                 running: s.running.load(Ordering::Relaxed),
+                paused: s.paused.load(Ordering::Relaxed),
                 kv_used: s.kv_blocks_used.load(Ordering::Relaxed),
                 kv_total: s.kv_blocks_total.load(Ordering::Relaxed),
                 steps: s.steps.load(Ordering::Relaxed),
