@@ -135,6 +135,10 @@ struct Cli {
     /// values cost fewer socket writes per token at many streams, delivering tokens in bursts).
     #[arg(long, default_value_t = 1)]
     stream_interval: usize,
+    /// Seconds a response's socket may take no byte (a client that stopped reading) before the
+    /// connection is closed and its request cancelled (0: wait forever).
+    #[arg(long, default_value_t = 30.0)]
+    stream_write_timeout: f64,
     /// Seconds open requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -299,6 +303,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.limits.max_choices_per_request = cli.max_choices_per_request;
     c.prep_threads = cli.prep_threads;
     c.stream_interval = cli.stream_interval;
+    c.stream_write_timeout = secs(cli.stream_write_timeout);
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {

@@ -5,16 +5,19 @@
 //! in flight (idle timeouts never cut a stream that is waiting for its next token), and every byte
 //! moved marks the connection active. Over the connection cap a connection is still accepted, gets
 //! an HTTP 503 from [`HttpHandler::overloaded`] and is closed, all within a few seconds at most.
+//!
+//! A connection whose socket takes no byte of a response for the write timeout
+//! ([`NetServer::with_write_timeout`]) is closed, which drops (cancels) what it was answering.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -112,6 +115,8 @@ pub struct NetStats {
     pub open_connections: AtomicUsize,
     /// Connections turned away with a 503 because of the cap.
     pub rejected_connections: AtomicUsize,
+    /// Connections closed because their socket took no byte for the write timeout.
+    pub write_timeouts: AtomicUsize,
 }
 
 struct Inner<H> {
@@ -124,6 +129,8 @@ struct Inner<H> {
     stats: Arc<NetStats>,
     phase: watch::Sender<Phase>,
     all_closed: Notify,
+    /// Close a connection whose socket takes no byte of a response for this long.
+    write_timeout: Option<Duration>,
 }
 
 /// Bound listeners plus the application, ready to [`run`](NetServer::run).
@@ -180,9 +187,23 @@ impl<H: HttpHandler> NetServer<H> {
                 stats: Arc::default(),
                 phase: watch::Sender::new(Phase::Running),
                 all_closed: Notify::new(),
+                write_timeout: None,
             }),
             listeners,
         })
+    }
+
+    /// Closes a connection once its socket has taken no byte of a response for `timeout` (a
+    /// client that stopped reading): whatever it was answering is dropped, so a stream's request
+    /// is cancelled and everything it held is freed. `None` (the default) waits forever.
+    pub fn with_write_timeout(mut self, timeout: Option<Duration>) -> Self {
+        // Only `run` shares the state, so before it this always holds.
+        let inner = Arc::get_mut(&mut self.inner);
+        debug_assert!(inner.is_some(), "the server state is not shared before run");
+        if let Some(inner) = inner {
+            inner.write_timeout = timeout;
+        }
+        self
     }
 
     /// The addresses bound (ports resolved), one per listening socket.
@@ -338,7 +359,7 @@ impl<H: HttpHandler> Inner<H> {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new(self.write_timeout.is_some()));
         let io = TokioIo::new(Tracked {
             inner: io,
             activity: activity.clone(),
@@ -366,9 +387,30 @@ impl<H: HttpHandler> Inner<H> {
         let idle = self.http.idle_timeout;
         let mut tick = tokio::time::interval(idle.unwrap_or(Duration::from_secs(3600)));
         tick.tick().await;
+        let write_timeout = self.write_timeout;
+        // Armed while a write waits for the socket: when it would run out.
+        let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             tokio::select! {
                 _ = conn.as_mut() => return,
+                _ = activity.write_blocked.notified(), if write_timeout.is_some() && stall.is_none() => {
+                    if let (Some(at), Some(t)) = (activity.blocked_since(), write_timeout) {
+                        stall = Some(Box::pin(tokio::time::sleep_until((at + t).into())));
+                    }
+                }
+                _ = async { stall.as_mut().expect("guarded").await }, if stall.is_some() => {
+                    let t = write_timeout.unwrap_or(Duration::MAX);
+                    match activity.blocked_since() {
+                        Some(at) if at.elapsed() >= t => {
+                            // The client stopped reading: drop the connection and with it the
+                            // responses it holds (their requests are cancelled).
+                            self.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Some(at) => stall = Some(Box::pin(tokio::time::sleep_until((at + t).into()))),
+                        None => stall = None,
+                    }
+                }
                 changed = phase.changed() => {
                     let now = *phase.borrow_and_update();
                     if changed.is_err() || now == Phase::Closed {
@@ -417,18 +459,61 @@ impl<H: HttpHandler> Inner<H> {
     }
 }
 
-/// Whether a connection has a request in flight or moved bytes lately.
+/// Whether a connection has a request in flight or moved bytes lately, and whether its socket
+/// is refusing writes.
 #[derive(Debug)]
 struct Activity {
     busy: AtomicUsize,
     touched: AtomicBool,
+    /// Whether to track `blocked_at`.
+    track_writes: bool,
+    /// Since when a write has waited for the socket: nanoseconds after `epoch`, plus one; 0
+    /// while writes go through.
+    blocked_at: AtomicU64,
+    epoch: Instant,
+    /// Notified when a write starts waiting.
+    write_blocked: Notify,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+impl Activity {
+    fn new(track_writes: bool) -> Self {
         Activity {
             busy: AtomicUsize::new(0),
             touched: AtomicBool::new(true),
+            track_writes,
+            blocked_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            write_blocked: Notify::new(),
+        }
+    }
+
+    /// A write found the socket full.
+    fn write_pending(&self) {
+        if !self.track_writes || self.blocked_at.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let at = (self.epoch.elapsed().as_nanos() as u64).saturating_add(1);
+        if self
+            .blocked_at
+            .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.write_blocked.notify_one();
+        }
+    }
+
+    /// A write went through.
+    fn wrote(&self) {
+        if self.blocked_at.load(Ordering::Relaxed) != 0 {
+            self.blocked_at.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// When the write waiting now started to wait.
+    fn blocked_since(&self) -> Option<Instant> {
+        match self.blocked_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.epoch + Duration::from_nanos(at - 1)),
         }
     }
 }
@@ -487,6 +572,18 @@ impl<I> Tracked<I> {
             self.activity.touched.store(true, Ordering::Relaxed);
         }
     }
+
+    /// Notes whether a write went through or waits for the socket.
+    fn track_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.touched.store(true, Ordering::Relaxed);
+                self.activity.wrote();
+            }
+            Poll::Ready(_) => {}
+            Poll::Pending => self.activity.write_pending(),
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
@@ -508,7 +605,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.touch(&r);
+        self.track_write(&r);
         r
     }
 
@@ -518,7 +615,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.touch(&r);
+        self.track_write(&r);
         r
     }
 
@@ -527,7 +624,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        match &r {
+            Poll::Ready(Ok(())) => self.activity.wrote(),
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => self.activity.write_pending(),
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

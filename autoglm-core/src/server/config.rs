@@ -93,6 +93,13 @@ pub struct ServerConfig {
     /// once), so a connection costs one socket write per `k` tokens instead of one per token, at
     /// the price of burstier delivery. 1 (the default) writes each event as it is produced.
     pub stream_interval: usize,
+    /// A response (streamed or not) whose socket takes no byte for this long is abandoned: the
+    /// connection is closed and its request cancelled, which frees its place under
+    /// `max_concurrent_requests`, its model lease and its KV blocks. Meanwhile a stream whose
+    /// client does not read holds back only its own request (a bounded queue of its output
+    /// waits; the engine goes on with the others). `None` waits forever.
+    #[serde(with = "secs_opt")]
+    pub stream_write_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +118,7 @@ impl Default for ServerConfig {
             prep_queue: 64,
             raise_nofile_limit: true,
             stream_interval: 1,
+            stream_write_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -125,6 +133,7 @@ impl ServerConfig {
             ("limits.body_read_timeout", self.limits.body_read_timeout),
             ("limits.request_timeout", self.limits.request_timeout),
             ("shutdown_grace", self.shutdown_grace),
+            ("stream_write_timeout", self.stream_write_timeout),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.idle_timeout", self.http.idle_timeout),
             (
@@ -273,6 +282,18 @@ mod tests {
         let mut c = ServerConfig::default();
         c.auth.default_limits.tokens_per_minute = Some(1.0);
         c.auth.default_limits.requests_per_minute = Some(1e9);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn write_timeout_past_a_year_is_refused_by_name() {
+        let mut c = ServerConfig {
+            stream_write_timeout: Some(Duration::MAX),
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stream_write_timeout"), "{e}");
+        c.stream_write_timeout = None;
         c.validate().unwrap();
     }
 }

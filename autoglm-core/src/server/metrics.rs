@@ -114,6 +114,14 @@ pub(crate) struct ModelGauges {
     pub(crate) encoder_cache_hits: u64,
 }
 
+/// The socket layer's counters, as read for one exposition.
+#[derive(Debug, Default)]
+pub(crate) struct NetCounts {
+    pub(crate) open: usize,
+    pub(crate) rejected: usize,
+    pub(crate) write_timeouts: usize,
+}
+
 /// Escapes a label value.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -132,8 +140,7 @@ impl Metrics {
     pub(crate) fn render(
         &self,
         models: &[ModelGauges],
-        open_connections: usize,
-        rejected_connections: usize,
+        net: &NetCounts,
         in_flight: usize,
     ) -> String {
         let mut out = String::with_capacity(8192);
@@ -183,12 +190,17 @@ impl Metrics {
             (
                 "autoglm_open_connections",
                 "Open client connections.",
-                open_connections,
+                net.open,
             ),
             (
                 "autoglm_rejected_connections_total",
                 "Connections turned away over the connection cap.",
-                rejected_connections,
+                net.rejected,
+            ),
+            (
+                "autoglm_stream_write_timeouts_total",
+                "Connections closed (and their requests cancelled) because their socket took no byte for the stream write timeout.",
+                net.write_timeouts,
             ),
             (
                 "autoglm_http_requests_in_flight",
@@ -320,7 +332,11 @@ mod tests {
         m.ttft.observe(Duration::from_millis(3));
         m.ttft.observe(Duration::from_secs(100));
         m.count_request("/v1/completions", 200);
-        let text = m.render(&[], 1, 0, 0);
+        let net = NetCounts {
+            open: 1,
+            ..Default::default()
+        };
+        let text = m.render(&[], &net, 0);
         assert!(text.contains("autoglm_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("autoglm_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text
