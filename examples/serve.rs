@@ -102,6 +102,10 @@ struct Cli {
     /// Open connections at most (more get a 503).
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64) at most; more are closed at
+    /// once (default: half of --max-connections; behind a proxy, give --max-connections).
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
     /// Generated choices in flight at most, over all requests (a request counts its prompts
     /// times n; more get a 503).
     #[arg(long, default_value_t = 4096)]
@@ -122,7 +126,8 @@ struct Cli {
     /// Largest request head in bytes (more: 431).
     #[arg(long, default_value_t = 64 << 10)]
     max_header_bytes: usize,
-    /// Seconds to send a request head.
+    /// Seconds to send a request head (the first one counted from accept, so a socket that
+    /// sends nothing is closed after it).
     #[arg(long, default_value_t = 30.0)]
     header_read_timeout: f64,
     /// Seconds a connection may sit idle.
@@ -293,6 +298,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.socket.send_buffer_size = cli.send_buffer_size;
     c.socket.recv_buffer_size = cli.recv_buffer_size;
     c.http.max_connections = cli.max_connections;
+    c.http.max_connections_per_ip = cli.max_connections_per_ip;
     c.http.max_header_bytes = cli.max_header_bytes;
     c.http.header_read_timeout = secs(cli.header_read_timeout);
     c.http.idle_timeout = secs(cli.idle_timeout);

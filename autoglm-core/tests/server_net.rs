@@ -288,6 +288,112 @@ async fn connect_from(
     s.connect(to).await.unwrap()
 }
 
+/// Sends `GET path` with `connection: close` and reads until the server closes (at most `wait`):
+/// the answer, or what came before the connection was closed or reset.
+async fn get_on(mut s: tokio::net::TcpStream, path: &str, wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    // A connection closed on accept may refuse the write too.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the server closes `s` (EOF or reset) within `wait`, reading and discarding.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1 << 16];
+    tokio::time::timeout(wait, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn metrics_from(from: [u8; 4], to: std::net::SocketAddr) -> String {
+    let r = get_on(
+        connect_from(from, to, None).await,
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_capped_per_address_and_closed_after_the_header_timeout() {
+    const CAP: usize = 8;
+    let mut cfg = loopback_config();
+    cfg.http.max_connections = 64;
+    cfg.http.max_connections_per_ip = Some(CAP);
+    cfg.http.header_read_timeout = Some(Duration::from_millis(1500));
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let (a, b) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..CAP {
+        idle.push(connect_from(a, srv.addr, None).await);
+    }
+    // All of them accepted (the metrics connection from another address is the one more).
+    eventually("the idle sockets to be accepted", async || {
+        metric(&metrics_from(b, srv.addr).await, "autoglm_open_connections") >= (CAP + 1) as f64
+    })
+    .await;
+    // One more from the same address is closed unanswered; another address is served.
+    let extra = get_on(
+        connect_from(a, srv.addr, None).await,
+        "/health",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        !extra.contains("200 OK"),
+        "a connection over the per-address cap was served: {extra}"
+    );
+    let other = get_on(
+        connect_from(b, srv.addr, None).await,
+        "/health",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    let m = metrics_from(b, srv.addr).await;
+    assert_eq!(
+        metric(&m, "autoglm_rejected_connections_per_address_total"),
+        1.0
+    );
+    // Sockets that never send a byte are closed once the header timeout has passed since accept.
+    for s in &mut idle {
+        assert!(
+            closed_within(s, Duration::from_secs(4)).await,
+            "an idle socket outlived the header timeout"
+        );
+    }
+    let t = opened.elapsed();
+    assert!(
+        t >= Duration::from_millis(1400),
+        "closed before the header timeout ({t:?})"
+    );
+    // Their address has its share back.
+    let again = get_on(
+        connect_from(a, srv.addr, None).await,
+        "/health",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    let m = metrics_from(b, srv.addr).await;
+    assert!(metric(&m, "autoglm_header_timeouts_total") >= CAP as f64);
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_client_stops_reading_is_cancelled_after_the_write_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

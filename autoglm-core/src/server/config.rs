@@ -167,6 +167,12 @@ impl ServerConfig {
                 "0 (must be positive)",
             ));
         }
+        if self.http.max_connections_per_ip == Some(0) {
+            return Err(Error::config(
+                "http.max_connections_per_ip",
+                "0 (must be positive; leave it unset for half of http.max_connections)",
+            ));
+        }
         if self.limits.max_body_bytes == 0 {
             return Err(Error::config(
                 "limits.max_body_bytes",
@@ -286,11 +292,14 @@ mod tests {
     }
 
     #[test]
-    fn write_timeout_past_a_year_is_refused_by_name() {
-        let mut c = ServerConfig {
-            stream_write_timeout: Some(Duration::MAX),
-            ..Default::default()
-        };
+    fn connection_and_write_limits_are_checked_by_name() {
+        let mut c = ServerConfig::default();
+        c.http.max_connections_per_ip = Some(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("http.max_connections_per_ip"), "{e}");
+        c.http.max_connections_per_ip = None;
+        assert_eq!(c.http.per_ip_cap(), 5000);
+        c.stream_write_timeout = Some(Duration::MAX);
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("stream_write_timeout"), "{e}");
         c.stream_write_timeout = None;

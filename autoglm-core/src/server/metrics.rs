@@ -119,6 +119,8 @@ pub(crate) struct ModelGauges {
 pub(crate) struct NetCounts {
     pub(crate) open: usize,
     pub(crate) rejected: usize,
+    pub(crate) rejected_per_address: usize,
+    pub(crate) header_timeouts: usize,
     pub(crate) write_timeouts: usize,
 }
 
@@ -196,6 +198,16 @@ impl Metrics {
                 "autoglm_rejected_connections_total",
                 "Connections turned away over the connection cap.",
                 net.rejected,
+            ),
+            (
+                "autoglm_rejected_connections_per_address_total",
+                "Connections closed on accept because their client address had its share open.",
+                net.rejected_per_address,
+            ),
+            (
+                "autoglm_header_timeouts_total",
+                "Connections closed because no request head came within the header timeout of accept.",
+                net.header_timeouts,
             ),
             (
                 "autoglm_stream_write_timeouts_total",

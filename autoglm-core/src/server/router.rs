@@ -266,6 +266,8 @@ fn metrics(state: &AppState) -> Response<Body> {
         .map_or_else(NetCounts::default, |n| NetCounts {
             open: n.open_connections.load(Ordering::Relaxed),
             rejected: n.rejected_connections.load(Ordering::Relaxed),
+            rejected_per_address: n.rejected_per_address.load(Ordering::Relaxed),
+            header_timeouts: n.header_timeouts.load(Ordering::Relaxed),
             write_timeouts: n.write_timeouts.load(Ordering::Relaxed),
         });
     let text = state
