@@ -797,6 +797,8 @@ fn main() {
         cfg.socket.acceptors = cli.server_workers.max(1);
         let most = 2 * (max_c + cli.text_streams) + 16;
         cfg.http.max_connections = most;
+        // Every client connects from 127.0.0.1.
+        cfg.http.max_connections_per_ip = Some(most);
         cfg.limits.max_concurrent_requests = most;
         let server = Server::bind(cfg, models).expect("bind");
         let addr = match server.local_addrs()[0] {

@@ -85,10 +85,12 @@ struct Cli {
     /// Required JWT issuer (repeatable: any of them).
     #[arg(long = "jwt-issuer")]
     jwt_issuer: Vec<String>,
-    /// Requests per minute per principal (default: unlimited).
+    /// Requests per minute per principal, at least 1 (default: unlimited).
     #[arg(long)]
     requests_per_minute: Option<f64>,
-    /// Prompt plus generated tokens per minute per principal (default: unlimited).
+    /// Prompt plus generated tokens per minute per principal, at least 1 (default: unlimited).
+    /// A generation reserves its prompt plus max_tokens for each choice when admitted and gets
+    /// back what it did not use; one that could cost more than a minute's worth is a 400.
     #[arg(long)]
     tokens_per_minute: Option<f64>,
     /// Append a JSON line per request to this file (`-` for stderr).
@@ -100,6 +102,10 @@ struct Cli {
     /// Open connections at most (more get a 503).
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64) at most; more are closed at
+    /// once (default: half of --max-connections; behind a proxy, give --max-connections).
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
     /// Generated choices in flight at most, over all requests (a request counts its prompts
     /// times n; more get a 503).
     #[arg(long, default_value_t = 4096)]
@@ -120,7 +126,8 @@ struct Cli {
     /// Largest request head in bytes (more: 431).
     #[arg(long, default_value_t = 64 << 10)]
     max_header_bytes: usize,
-    /// Seconds to send a request head.
+    /// Seconds to send a request head (the first one counted from accept, so a socket that
+    /// sends nothing is closed after it).
     #[arg(long, default_value_t = 30.0)]
     header_read_timeout: f64,
     /// Seconds a connection may sit idle.
@@ -133,6 +140,10 @@ struct Cli {
     /// values cost fewer socket writes per token at many streams, delivering tokens in bursts).
     #[arg(long, default_value_t = 1)]
     stream_interval: usize,
+    /// Seconds a response's socket may take no byte (a client that stopped reading) before the
+    /// connection is closed and its request cancelled (0: wait forever).
+    #[arg(long, default_value_t = 30.0)]
+    stream_write_timeout: f64,
     /// Seconds open requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -287,6 +298,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.socket.send_buffer_size = cli.send_buffer_size;
     c.socket.recv_buffer_size = cli.recv_buffer_size;
     c.http.max_connections = cli.max_connections;
+    c.http.max_connections_per_ip = cli.max_connections_per_ip;
     c.http.max_header_bytes = cli.max_header_bytes;
     c.http.header_read_timeout = secs(cli.header_read_timeout);
     c.http.idle_timeout = secs(cli.idle_timeout);
@@ -297,6 +309,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.limits.max_choices_per_request = cli.max_choices_per_request;
     c.prep_threads = cli.prep_threads;
     c.stream_interval = cli.stream_interval;
+    c.stream_write_timeout = secs(cli.stream_write_timeout);
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {

@@ -541,6 +541,8 @@ fn run_server(
         cfg.socket.acceptors = server_rt.metrics().num_workers();
         cfg.stream_interval = stream_interval;
         cfg.http.max_connections = 2 * c + 16;
+        // Every client connects from 127.0.0.1.
+        cfg.http.max_connections_per_ip = Some(cfg.http.max_connections);
         cfg.limits.max_concurrent_requests = 2 * c + 16;
         let server = Server::bind(cfg, models).expect("bind");
         let addr = match server.local_addrs()[0] {

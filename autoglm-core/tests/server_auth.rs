@@ -239,14 +239,71 @@ async fn rate_limits_answer_429_with_retry_after() {
         call(a, "/v1/completions", Some("sk-free")).await.status,
         200
     );
-    // Tokens: 2 prompt + 2 generated per call against 10 a minute (10 -> 6 -> 2 -> -2); the
-    // fourth call finds the bucket in debt.
-    for _ in 0..3 {
+    // Tokens: each call reserves its 2 prompt + 2 max_tokens against 10 a minute (10 -> 6 -> 2);
+    // the third finds too few left.
+    for _ in 0..2 {
         assert_eq!(call(a, "/v1/completions", Some("sk-t")).await.status, 200);
     }
     let r = call(a, "/v1/completions", Some("sk-t")).await;
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.headers.contains_key("retry-after"));
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budget_is_reserved_up_front_and_what_is_unused_given_back() {
+    let mut cfg = loopback_config();
+    // One token a second, 60 at most.
+    let tpm = RateLimits {
+        requests_per_minute: None,
+        tokens_per_minute: Some(60.0),
+    };
+    cfg.auth.api_keys = vec![
+        key("sk-t", "user", Some(tpm)),
+        key("sk-admin", "admin", None),
+    ];
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let h = [("authorization", "Bearer sk-t")];
+    // Greedy from [277] runs 4 x6 then 133: a stop at 133 ends it after 7 tokens.
+    let (prompt, greedy) = greedy_case(0);
+    assert_eq!(prompt.len(), 1);
+    assert_eq!(greedy.iter().position(|&t| t == 133), Some(6));
+    let ask = |max_tokens: usize, stop: bool| {
+        let mut b = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": true});
+        if stop {
+            b["stop_token_ids"] = json!([133]);
+        }
+        b
+    };
+    let generated = async || {
+        let m = call(a, "/metrics", Some("sk-admin")).await.text();
+        metric(&m, "autoglm_engine_generated_tokens_total{")
+    };
+
+    // More than the bucket ever holds (1 + 100 > 60): a 400 naming max_tokens, nothing run.
+    let r = post_with(a, "/v1/completions", &h, &ask(100, false)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error()["param"], "max_tokens");
+    assert_eq!(generated().await, 0.0);
+    // 1 + 40 reserved and used: 19 left.
+    let r = post_with(a, "/v1/completions", &h, &ask(40, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 40);
+    // The same again needs 41: 429, and Retry-After says when 41 will be there (22 s or so).
+    let r = post_with(a, "/v1/completions", &h, &ask(40, false)).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((15..=23).contains(&retry), "Retry-After {retry}");
+    assert_eq!(generated().await, 40.0);
+    // 1 + 18 reserved, 1 + 7 used: 11 come back...
+    let r = post_with(a, "/v1/completions", &h, &ask(18, true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 7);
+    // ...which is what lets 1 + 9 through now.
+    let r = post_with(a, "/v1/completions", &h, &ask(9, false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     srv.stop().await;
 }
 

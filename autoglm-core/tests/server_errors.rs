@@ -499,6 +499,8 @@ async fn timeouts() {
 async fn connection_cap_answers_503_and_closes() {
     let mut cfg = loopback_config();
     cfg.http.max_connections = 2;
+    // All three come from 127.0.0.1: no per-address cap before the global one.
+    cfg.http.max_connections_per_ip = Some(8);
     let srv = start(cfg, vec![(MODEL, cpu_engine())]);
     let a = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
     let b = tokio::net::TcpStream::connect(srv.addr).await.unwrap();

@@ -27,6 +27,8 @@ async fn five_hundred_concurrent_streams() {
 async fn run() {
     let mut cfg = loopback_config();
     cfg.http.max_connections = 2 * STREAMS;
+    // Every stream comes from 127.0.0.1.
+    cfg.http.max_connections_per_ip = Some(2 * STREAMS);
     let srv = start(cfg, vec![(MODEL, cpu_engine())]);
     let e = expected();
     let prompts: Vec<Value> = e["cases"]

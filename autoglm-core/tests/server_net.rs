@@ -272,3 +272,231 @@ async fn shutdown_deadline_cuts_long_streams() {
     })
     .await;
 }
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8), with a receive
+/// buffer of `rcvbuf` bytes when given.
+async fn connect_from(
+    from: [u8; 4],
+    to: std::net::SocketAddr,
+    rcvbuf: Option<u32>,
+) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind((from, 0).into()).unwrap();
+    if let Some(n) = rcvbuf {
+        s.set_recv_buffer_size(n).unwrap();
+    }
+    s.connect(to).await.unwrap()
+}
+
+/// Sends `GET path` with `connection: close` and reads until the server closes (at most `wait`):
+/// the answer, or what came before the connection was closed or reset.
+async fn get_on(mut s: tokio::net::TcpStream, path: &str, wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    // A connection closed on accept may refuse the write too.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the server closes `s` (EOF or reset) within `wait`, reading and discarding.
+async fn closed_within(s: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1 << 16];
+    tokio::time::timeout(wait, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn metrics_from(from: [u8; 4], to: std::net::SocketAddr) -> String {
+    let r = get_on(
+        connect_from(from, to, None).await,
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_capped_per_address_and_closed_after_the_header_timeout() {
+    const CAP: usize = 8;
+    let mut cfg = loopback_config();
+    cfg.http.max_connections = 64;
+    cfg.http.max_connections_per_ip = Some(CAP);
+    cfg.http.header_read_timeout = Some(Duration::from_millis(1500));
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let (a, b) = ([127, 0, 0, 1], [127, 0, 0, 2]);
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..CAP {
+        idle.push(connect_from(a, srv.addr, None).await);
+    }
+    // All of them accepted (the metrics connection from another address is the one more).
+    eventually("the idle sockets to be accepted", async || {
+        metric(&metrics_from(b, srv.addr).await, "autoglm_open_connections") >= (CAP + 1) as f64
+    })
+    .await;
+    // One more from the same address is closed unanswered; another address is served.
+    let extra = get_on(
+        connect_from(a, srv.addr, None).await,
+        "/health",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        !extra.contains("200 OK"),
+        "a connection over the per-address cap was served: {extra}"
+    );
+    let other = get_on(
+        connect_from(b, srv.addr, None).await,
+        "/health",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    let m = metrics_from(b, srv.addr).await;
+    assert_eq!(
+        metric(&m, "autoglm_rejected_connections_per_address_total"),
+        1.0
+    );
+    // Sockets that never send a byte are closed once the header timeout has passed since accept.
+    for s in &mut idle {
+        assert!(
+            closed_within(s, Duration::from_secs(4)).await,
+            "an idle socket outlived the header timeout"
+        );
+    }
+    let t = opened.elapsed();
+    assert!(
+        t >= Duration::from_millis(1400),
+        "closed before the header timeout ({t:?})"
+    );
+    // Their address has its share back.
+    let again = get_on(
+        connect_from(a, srv.addr, None).await,
+        "/health",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    let m = metrics_from(b, srv.addr).await;
+    assert!(metric(&m, "autoglm_header_timeouts_total") >= CAP as f64);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stops_reading_is_cancelled_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX_TOKENS: usize = 4000;
+    let mut cfg = loopback_config();
+    cfg.stream_write_timeout = Some(Duration::from_secs(1));
+    cfg.socket.send_buffer_size = Some(4096);
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let engine = srv.models.lease(None).unwrap().engine.clone();
+    let stats = || engine.stats();
+    let load = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
+
+    // A client with a small receive buffer reads the response head, then nothing more.
+    let mut s = connect_from([127, 0, 0, 1], srv.addr, Some(4096)).await;
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": MAX_TOKENS, "ignore_eos": true,
+                      "temperature": 0, "stream": true})
+    .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut byte))
+            .await
+            .expect("the response head in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+
+    // Its output fills a bounded queue and the engine holds the request back, unfinished, while
+    // it goes on with everyone else.
+    eventually("the stalled request to be held back", async || {
+        metric(
+            &get(srv.addr, "/metrics").await.text(),
+            "autoglm_num_requests_paused{",
+        ) == 1.0
+    })
+    .await;
+    let generated = stats()
+        .generated_tokens
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        generated < MAX_TOKENS as u64 / 2,
+        "{generated} tokens generated for a client that reads nothing"
+    );
+    assert!(load(&stats().kv_blocks_used) > 0);
+    let (prompt, greedy) = greedy_case(0);
+    let other = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": greedy.len(), "temperature": 0,
+                "ignore_eos": true, "return_token_ids": true}),
+    )
+    .await;
+    assert_eq!(other.json()["choices"][0]["token_ids"], json!(greedy));
+
+    // Past the write timeout (the client still reads nothing) the connection is closed and the
+    // request cancelled: its slot, its KV blocks and its model lease are free.
+    eventually(
+        "the stalled request to be cancelled and freed",
+        async || {
+            let m = get(srv.addr, "/metrics").await.text();
+            metric(&m, "autoglm_http_requests_in_flight") == 0.0
+                && load(&stats().kv_blocks_used) == 0
+                && load(&stats().running) == 0
+        },
+    )
+    .await;
+    let m = get(srv.addr, "/metrics").await.text();
+    assert_eq!(metric(&m, "autoglm_stream_write_timeouts_total"), 1.0);
+    assert_eq!(metric(&m, "autoglm_num_requests_paused{"), 0.0);
+    // What the client finds when it reads again: what was in flight, then the end, no [DONE].
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stalled connection stays open");
+    assert!(!String::from_utf8_lossy(&rest).contains("[DONE]"));
+    assert!(
+        stats()
+            .generated_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < MAX_TOKENS as u64,
+        "the request ran to its end"
+    );
+    drop(engine);
+    let models = srv.models.clone();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), models.unload(MODEL))
+            .await
+            .expect("no lease is left on the model")
+            .is_some()
+    );
+    srv.stop().await;
+}

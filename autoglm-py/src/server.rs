@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 26] = [
+const SERVER_OPTIONS: [&str; 28] = [
     "host",
     "port",
     "unix_socket",
@@ -48,6 +48,7 @@ const SERVER_OPTIONS: [&str; 26] = [
     "audit_log",
     "audit_log_prompts",
     "max_connections",
+    "max_connections_per_ip",
     "max_concurrent_requests",
     "max_waiting_requests",
     "max_choices_per_request",
@@ -55,6 +56,7 @@ const SERVER_OPTIONS: [&str; 26] = [
     "request_timeout",
     "idle_timeout",
     "stream_interval",
+    "stream_write_timeout",
     "shutdown_grace",
     "workers",
     "http_cores",
@@ -299,11 +301,16 @@ enum State {
 /// "limits"} mappings), `admin_api_keys`, `api_keys_file` (TOML `[[keys]]`), TLS 1.3 with
 /// `tls_cert` and `tls_key` (PEM), `requests_per_minute` and `tokens_per_minute` per caller,
 /// `audit_log` (a file, or "-" for stderr) and `audit_log_prompts`.
-/// Limits: `max_connections`, `max_concurrent_requests` (choices in flight: a request counts its
-/// prompts times n), `max_waiting_requests`, `max_choices_per_request` (default 128),
-/// `max_body_bytes`, `request_timeout` and `idle_timeout` (seconds; 0: none), `shutdown_grace`
-/// (seconds open requests get on a graceful stop; default 30), `stream_interval` (streamed token
-/// events written together; default 1).
+/// Limits: `max_connections`, `max_connections_per_ip` (from one client address, an IPv6 /64;
+/// default half of `max_connections`; more are closed at once), `max_concurrent_requests`
+/// (choices in flight: a request counts its prompts times n), `max_waiting_requests`,
+/// `max_choices_per_request` (default 128), `max_body_bytes`, `request_timeout` and
+/// `idle_timeout` (seconds; 0: none), `shutdown_grace` (seconds open requests get on a graceful
+/// stop; default 30), `stream_interval` (streamed token events written together; default 1),
+/// `stream_write_timeout` (seconds a response's socket may take no byte before the connection is
+/// closed and its request cancelled; default 30, 0: none). `tokens_per_minute` reserves a
+/// request's prompt plus `max_tokens` for each choice when it is admitted and gives back what it
+/// did not use.
 /// Threads: `workers` (HTTP threads; default one per core, or per `http_cores` entry),
 /// `http_cores` (cores the HTTP threads stay on; with the engine option `engine_core` on
 /// another, the engine loop never shares its core with socket work), `reuse_port` (one SO_REUSEPORT socket
@@ -499,6 +506,7 @@ impl Server {
         audit_log = None,
         audit_log_prompts = false,
         max_connections = None,
+        max_connections_per_ip = None,
         max_concurrent_requests = None,
         max_waiting_requests = None,
         max_choices_per_request = None,
@@ -506,6 +514,7 @@ impl Server {
         request_timeout = None,
         idle_timeout = None,
         stream_interval = None,
+        stream_write_timeout = None,
         shutdown_grace = None,
         workers = None,
         http_cores = None,
@@ -519,8 +528,9 @@ impl Server {
         host='127.0.0.1', port=8000, unix_socket=None, api_keys=None, admin_api_keys=None, \
         api_keys_file=None, tls_cert=None, tls_key=None, requests_per_minute=None, \
         tokens_per_minute=None, audit_log=None, audit_log_prompts=False, max_connections=None, \
-        max_concurrent_requests=None, max_waiting_requests=None, max_choices_per_request=None, max_body_bytes=None, \
-        request_timeout=None, idle_timeout=None, stream_interval=None, shutdown_grace=None, \
+        max_connections_per_ip=None, max_concurrent_requests=None, max_waiting_requests=None, \
+        max_choices_per_request=None, max_body_bytes=None, request_timeout=None, \
+        idle_timeout=None, stream_interval=None, stream_write_timeout=None, shutdown_grace=None, \
         workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
@@ -542,6 +552,7 @@ impl Server {
         audit_log: Option<PathBuf>,
         audit_log_prompts: bool,
         max_connections: Option<&Bound<'_, PyAny>>,
+        max_connections_per_ip: Option<&Bound<'_, PyAny>>,
         max_concurrent_requests: Option<&Bound<'_, PyAny>>,
         max_waiting_requests: Option<&Bound<'_, PyAny>>,
         max_choices_per_request: Option<&Bound<'_, PyAny>>,
@@ -549,6 +560,7 @@ impl Server {
         request_timeout: Option<&Bound<'_, PyAny>>,
         idle_timeout: Option<&Bound<'_, PyAny>>,
         stream_interval: Option<&Bound<'_, PyAny>>,
+        stream_write_timeout: Option<&Bound<'_, PyAny>>,
         shutdown_grace: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
         http_cores: Option<&Bound<'_, PyAny>>,
@@ -744,6 +756,9 @@ impl Server {
             if let Some(n) = opt_count("max_connections", max_connections)? {
                 c.http.max_connections = n;
             }
+            if let Some(n) = opt_count("max_connections_per_ip", max_connections_per_ip)? {
+                c.http.max_connections_per_ip = Some(n);
+            }
             if let Some(n) = opt_count("max_concurrent_requests", max_concurrent_requests)? {
                 c.limits.max_concurrent_requests = n;
             }
@@ -764,6 +779,9 @@ impl Server {
             }
             if let Some(n) = opt_count("stream_interval", stream_interval)? {
                 c.stream_interval = n;
+            }
+            if let Some(s) = opt_number("stream_write_timeout", stream_write_timeout)? {
+                c.stream_write_timeout = timeout(s);
             }
             if let Some(s) = opt_number("shutdown_grace", shutdown_grace)? {
                 c.shutdown_grace = Some(timeout(s).unwrap_or_default());

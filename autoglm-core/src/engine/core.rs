@@ -1,13 +1,13 @@
 //! The engine thread: schedule -> forward -> sample -> emit, until shut down.
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::block_manager::BlockManager;
 use super::encoder::{self, EncodeJob, Encoded, Encoder};
 use super::encoder_cache::EncoderCache;
-use super::events::EventSender;
+use super::events::{EventSender, Sent};
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{PromptImages, SeqId, Sequence};
 use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
@@ -85,6 +85,8 @@ struct Core<B: Backend> {
     image_pins: HashMap<SeqId, Vec<PinnedImage>>,
     /// Scratch for the scheduler's encoder waits.
     waits_scratch: Vec<(usize, usize)>,
+    /// Requests held back because their stream's queue is full, until it is taken.
+    paused: HashSet<RequestId>,
 }
 
 struct PendingImage {
@@ -106,6 +108,8 @@ enum Progress {
     Ran,
     /// Nothing could run until an image comes back from the encoder thread.
     WaitingForEncoder,
+    /// Nothing could run until a paused request's stream takes its events (or it is cancelled).
+    WaitingForStreams,
 }
 
 /// Where one scheduled chunk takes rows of an image's features: the image's content hash and
@@ -266,6 +270,7 @@ pub(crate) fn run<B: Backend>(
             pending: HashMap::default(),
             image_pins: HashMap::default(),
             waits_scratch: Vec::new(),
+            paused: HashSet::default(),
         };
         Ok((core, pool))
     })();
@@ -300,7 +305,11 @@ impl<B: Backend> Core<B> {
             for e in self.encoder.try_results() {
                 self.on_encoded(e);
             }
-            blocked = self.scheduler.has_work() && self.step() == Progress::WaitingForEncoder;
+            blocked = self.scheduler.has_work()
+                && matches!(
+                    self.step(),
+                    Progress::WaitingForEncoder | Progress::WaitingForStreams
+                );
         }
     }
 
@@ -479,6 +488,7 @@ impl<B: Backend> Core<B> {
         match cmd {
             Command::Submit(new) => self.add_request(*new),
             Command::Cancel(id) => self.abort_request(id, None),
+            Command::Resume(id) => self.set_paused(id, false),
             Command::Shutdown => {
                 self.fail_all(|| Error::EngineShutdown);
                 return false;
@@ -562,6 +572,7 @@ impl<B: Backend> Core<B> {
         let Some(state) = self.requests.remove(&id) else {
             return;
         };
+        self.paused.remove(&id);
         for seq in &state.seqs {
             self.scheduler.remove(*seq);
             self.choices.remove(seq);
@@ -571,6 +582,24 @@ impl<B: Backend> Core<B> {
             let _ = state.tx.send(Err(e));
         }
         self.publish_stats();
+    }
+
+    /// Holds a request's sequences back (its stream is full) or lets them run again.
+    fn set_paused(&mut self, id: RequestId, paused: bool) {
+        let Some(state) = self.requests.get(&id) else {
+            return;
+        };
+        let changed = if paused {
+            self.paused.insert(id)
+        } else {
+            self.paused.remove(&id)
+        };
+        if changed {
+            for seq in &state.seqs {
+                self.scheduler.set_paused(*seq, paused);
+            }
+            self.publish_stats();
+        }
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {
@@ -588,6 +617,13 @@ impl<B: Backend> Core<B> {
             .store(self.scheduler.num_running(), Ordering::Relaxed);
         s.kv_blocks_used
             .store(self.scheduler.block_manager().num_used(), Ordering::Relaxed);
+        let paused = self
+            .paused
+            .iter()
+            .filter_map(|id| self.requests.get(id))
+            .map(|r| r.choices_left)
+            .sum();
+        s.paused.store(paused, Ordering::Relaxed);
     }
 
     /// The step's batch, in pinned buffers sized for it (on the heap if the pool refuses).
@@ -661,6 +697,11 @@ impl<B: Backend> Core<B> {
             }
             if self.encoder.outstanding() {
                 return Progress::WaitingForEncoder;
+            }
+            if !self.paused.is_empty() {
+                // Everything runnable is held back by its own stream (or waits behind the blocks
+                // those hold): wait for a stream to take its events, a cancel or a new request.
+                return Progress::WaitingForStreams;
             }
             self.fail_all(|| {
                 Error::Backend("the KV cache cannot hold any waiting sequence".into())
@@ -985,8 +1026,11 @@ impl<B: Backend> Core<B> {
             self.scheduler.append_token(seq_id, token);
         }
         let state = finished.as_ref().or_else(|| self.requests.get(&request));
-        if state.is_some_and(|st| st.tx.send(Ok(out)).is_err()) {
-            self.abort_request(request, None);
+        match state.map(|st| st.tx.send(Ok(out))) {
+            Some(Err(_)) => self.abort_request(request, None),
+            // The stream's consumer is behind: hold the request back, never the engine.
+            Some(Ok(Sent::Full)) if finished.is_none() => self.set_paused(request, true),
+            _ => {}
         }
     }
 }

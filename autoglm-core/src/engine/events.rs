@@ -10,6 +10,13 @@
 //! under the lock and then hands events out without locking, so a consumer that drains a group
 //! locks once per group rather than once per event, and the engine's pushes reuse the swapped-in
 //! queue's memory.
+//!
+//! The queue may be bounded ([`EventReceiver::set_capacity`]). The engine never blocks on it: a
+//! send that brings the queue to its capacity still succeeds, says so ([`Sent::Full`]), marks
+//! the channel paused and wakes the receiver; the engine then stops generating for that request
+//! until the receiver takes the queue, which clears the mark and asks it to resume
+//! ([`EventReceiver::take_resume`]). So at most twice the capacity is held: one queue taken and
+//! being handed out, one filling.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -32,6 +39,10 @@ struct State {
     interval: usize,
     /// An event was sent already (the first one always wakes the receiver).
     started: bool,
+    /// Events queued at most before the sender is told to stop (`usize::MAX`: unbounded).
+    capacity: usize,
+    /// The queue reached its capacity and the sender stopped; cleared when the receiver takes it.
+    paused: bool,
 }
 
 struct Shared {
@@ -67,6 +78,17 @@ pub(crate) struct EventReceiver {
     shared: Arc<Shared>,
     /// Events already taken from the shared queue, in order, ahead of it.
     local: VecDeque<Event>,
+    /// A full queue was taken: the sender waits to be told to resume.
+    resume: bool,
+}
+
+/// What a successful send found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// Queued, with room for more.
+    Queued,
+    /// Queued, and the queue is at its capacity: send no more until told to resume.
+    Full,
 }
 
 /// The receiver is gone.
@@ -83,33 +105,46 @@ pub(crate) fn channel() -> (EventSender, EventReceiver) {
             receiver_gone: false,
             interval: 1,
             started: false,
+            capacity: usize::MAX,
+            paused: false,
         }),
         cond: Condvar::new(),
     });
     let rx = EventReceiver {
         shared: shared.clone(),
         local: VecDeque::new(),
+        resume: false,
     };
     (EventSender(shared), rx)
 }
 
 impl EventSender {
-    pub(crate) fn send(&self, ev: Event) -> std::result::Result<(), Disconnected> {
+    /// Queues an event; never blocks. [`Sent::Full`]: the queue is at its capacity, and the
+    /// receiver will ask for a resume once it has taken it.
+    pub(crate) fn send(&self, ev: Event) -> std::result::Result<Sent, Disconnected> {
         let mut s = self.0.lock();
         if s.receiver_gone {
             return Err(Disconnected);
         }
-        let urgent = match &ev {
+        let mut urgent = match &ev {
             Ok(out) => out.finish_reason.is_some(),
             Err(_) => true,
         };
         s.queue.push_back(ev);
+        let sent = if s.queue.len() >= s.capacity {
+            // The receiver must hear of it even while it waits for a fuller batch.
+            s.paused = true;
+            urgent = true;
+            Sent::Full
+        } else {
+            Sent::Queued
+        };
         let first = !std::mem::replace(&mut s.started, true);
         let waiting = s.waker.is_some() || s.blocked;
         if waiting && (urgent || first || s.queue.len() >= s.interval) {
             self.0.wake(s);
         }
-        Ok(())
+        Ok(sent)
     }
 }
 
@@ -123,10 +158,18 @@ impl Drop for EventSender {
 
 impl EventReceiver {
     /// `Some(next)`: the next event, or `Some(None)` when the sender is gone and nothing is
-    /// left; `None`: nothing yet. Called once `local` is empty: takes the whole shared queue.
-    fn take(local: &mut VecDeque<Event>, s: &mut State) -> Option<Option<Event>> {
+    /// left; `None`: nothing yet. Called once `local` is empty: takes the whole shared queue
+    /// (and notes in `resume` when that lifts a pause).
+    fn take(
+        local: &mut VecDeque<Event>,
+        resume: &mut bool,
+        s: &mut State,
+    ) -> Option<Option<Event>> {
         debug_assert!(local.is_empty());
         std::mem::swap(local, &mut s.queue);
+        if std::mem::take(&mut s.paused) {
+            *resume = true;
+        }
         match local.pop_front() {
             Some(ev) => Some(Some(ev)),
             None if s.sender_gone => Some(None),
@@ -139,7 +182,7 @@ impl EventReceiver {
             return Poll::Ready(Some(ev));
         }
         let mut s = self.shared.lock();
-        if let Some(ev) = Self::take(&mut self.local, &mut s) {
+        if let Some(ev) = Self::take(&mut self.local, &mut self.resume, &mut s) {
             return Poll::Ready(ev);
         }
         match &mut s.waker {
@@ -155,7 +198,7 @@ impl EventReceiver {
         if let Some(ev) = self.local.pop_front() {
             return Some(Some(ev));
         }
-        Self::take(&mut self.local, &mut self.shared.lock())
+        Self::take(&mut self.local, &mut self.resume, &mut self.shared.lock())
     }
 
     /// Events queued now.
@@ -169,7 +212,7 @@ impl EventReceiver {
         }
         let mut s = self.shared.lock();
         loop {
-            if let Some(ev) = Self::take(&mut self.local, &mut s) {
+            if let Some(ev) = Self::take(&mut self.local, &mut self.resume, &mut s) {
                 return ev;
             }
             s.blocked = true;
@@ -180,6 +223,17 @@ impl EventReceiver {
 
     pub(crate) fn set_interval(&self, k: usize) {
         self.shared.lock().interval = k.max(1);
+    }
+
+    /// Bounds the shared queue to `n` events (at least 1).
+    pub(crate) fn set_capacity(&self, n: usize) {
+        self.shared.lock().capacity = n.max(1);
+    }
+
+    /// Whether a full queue was taken since the last call: the sender stopped and should now be
+    /// told to resume.
+    pub(crate) fn take_resume(&mut self) -> bool {
+        std::mem::take(&mut self.resume)
     }
 }
 
@@ -326,5 +380,43 @@ mod tests {
         tx.send(out(0, false)).unwrap();
         drop(rx);
         assert!(tx.send(out(1, false)).is_err());
+    }
+
+    #[test]
+    fn a_full_queue_pauses_the_sender_until_taken() {
+        let (tx, mut rx) = channel();
+        rx.set_capacity(3);
+        rx.set_interval(8);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        assert_eq!(tx.send(out(0, false)).unwrap(), Sent::Queued);
+        assert_eq!(id(poll_ready(&mut rx, &mut cx)), 0);
+        assert!(!rx.take_resume(), "nothing was full");
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        let wakes = count.0.load(Ordering::SeqCst);
+        assert_eq!(tx.send(out(1, false)).unwrap(), Sent::Queued);
+        assert_eq!(tx.send(out(2, false)).unwrap(), Sent::Queued);
+        assert_eq!(tx.send(out(3, false)).unwrap(), Sent::Full);
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            wakes + 1,
+            "a full queue wakes the receiver before its interval"
+        );
+        // Sends still succeed (the engine never blocks); the queue is taken whole.
+        assert_eq!(tx.send(out(4, false)).unwrap(), Sent::Full);
+        assert_eq!(id(poll_ready(&mut rx, &mut cx)), 1);
+        assert!(
+            rx.take_resume(),
+            "taking the full queue lifts the pause once"
+        );
+        assert!(!rx.take_resume());
+        assert_eq!(tx.send(out(5, false)).unwrap(), Sent::Queued);
+        let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv().flatten())
+            .map(|e| id(Some(e)))
+            .collect();
+        assert_eq!(got, [2, 3, 4, 5]);
+        assert!(!rx.take_resume());
     }
 }

@@ -127,6 +127,9 @@ pub struct EngineStats {
     pub encoder_cache_hits: AtomicU64,
     /// Nanoseconds the engine thread spent in the vision tower.
     pub image_encode_ns: AtomicU64,
+    /// Sequences held back because their stream's queue is full (its consumer is behind; see
+    /// [`RequestStream::set_max_queued`]).
+    pub paused: AtomicUsize,
     /// Images preprocessed (decoded, resized, normalised) on submission.
     pub images_preprocessed: AtomicU64,
     /// Nanoseconds spent preprocessing them (on the submitting threads).
@@ -146,6 +149,8 @@ impl EngineStats {
 pub(crate) enum Command {
     Submit(Box<core::NewRequest>),
     Cancel(RequestId),
+    /// The request's stream took its full queue: generate for it again.
+    Resume(RequestId),
     Shutdown,
 }
 
@@ -531,6 +536,22 @@ impl RequestStream {
         self.rx.set_interval(k);
     }
 
+    /// Bounds the events waiting for this stream to `n` (at least 1; unbounded by default). Once
+    /// `n` are queued the engine stops generating for this request, which keeps its KV blocks and
+    /// its place, until the stream takes them: a consumer that falls behind (a client that does
+    /// not read its socket) holds back its own request, never the engine or anyone else's. At
+    /// most `2n` events are held at a time (a queue taken and being handed out, one filling).
+    pub fn set_max_queued(&mut self, n: usize) {
+        self.rx.set_capacity(n);
+    }
+
+    /// Tells the engine to resume the request when the last receive took a full queue.
+    fn resume_if_taken_full(&mut self) {
+        if self.rx.take_resume() && !self.closed {
+            let _ = self.commands.send(Command::Resume(self.id));
+        }
+    }
+
     fn on_event(&mut self, ev: Option<Result<RequestOutput>>) -> Option<Result<RequestOutput>> {
         if self.closed {
             return None;
@@ -557,12 +578,14 @@ impl RequestStream {
     /// The next event, blocking; `None` at the end.
     pub fn recv(&mut self) -> Option<Result<RequestOutput>> {
         let ev = self.rx.recv();
+        self.resume_if_taken_full();
         self.on_event(ev)
     }
 
     /// The next event, awaiting; `None` at the end.
     pub async fn recv_async(&mut self) -> Option<Result<RequestOutput>> {
         let ev = std::future::poll_fn(|cx| self.rx.poll_recv(cx)).await;
+        self.resume_if_taken_full();
         self.on_event(ev)
     }
 
@@ -574,6 +597,7 @@ impl RequestStream {
             return Some(None);
         }
         let ev = self.rx.try_recv()?;
+        self.resume_if_taken_full();
         Some(self.on_event(ev))
     }
 

@@ -243,6 +243,13 @@ impl Scheduler {
         }
     }
 
+    /// Holds a sequence back (it keeps its blocks and its place) or lets it run again.
+    pub fn set_paused(&mut self, id: SeqId, paused: bool) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.paused = paused;
+        }
+    }
+
     /// Appends a sampled token to a sequence.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
         if let Some(seq) = self.seqs.get_mut(&id) {

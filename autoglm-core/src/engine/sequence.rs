@@ -82,6 +82,9 @@ pub struct Sequence {
     /// Token ranges `[start, end)` of image placeholders whose features are still being
     /// encoded: the sequence computes up to the first one it has not passed, then waits.
     pub encoder_waits: Vec<(usize, usize)>,
+    /// Held back while its request's stream is full: it keeps its blocks and its place but runs
+    /// nothing.
+    pub paused: bool,
 }
 
 impl Sequence {
@@ -100,6 +103,7 @@ impl Sequence {
             num_preemptions: 0,
             images: None,
             encoder_waits: Vec::new(),
+            paused: false,
         }
     }
 
@@ -121,8 +125,12 @@ impl Sequence {
     }
 
     /// How far the sequence may compute now: its end, or the start of the first image range
-    /// it still needs whose features are not ready (no further than where it stands).
+    /// it still needs whose features are not ready (no further than where it stands); where it
+    /// stands while paused.
     pub fn compute_limit(&self) -> usize {
+        if self.paused {
+            return self.num_computed;
+        }
         self.encoder_waits
             .iter()
             .filter(|&&(_, end)| end > self.num_computed)

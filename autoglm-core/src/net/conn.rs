@@ -5,16 +5,29 @@
 //! in flight (idle timeouts never cut a stream that is waiting for its next token), and every byte
 //! moved marks the connection active. Over the connection cap a connection is still accepted, gets
 //! an HTTP 503 from [`HttpHandler::overloaded`] and is closed, all within a few seconds at most.
+//!
+//! What a client can hold without sending anything is bounded: one client address (an IPv6 /64)
+//! keeps at most [`HttpOptions::max_connections_per_ip`] connections (one more is closed as soon
+//! as it is accepted, before it costs a task), a connection must deliver its first request head
+//! within [`HttpOptions::header_read_timeout`] of being accepted (TLS handshake included), and a
+//! connection whose socket takes no byte of a response for the write timeout
+//! ([`NetServer::with_write_timeout`]) is closed, which drops (cancels) what it was answering.
+//!
+//! No connections are kept in reserve for administrators: the caps apply when a connection is
+//! accepted, before any byte says who it is, so idle sockets would fill a reserve exactly as they
+//! fill the pool. What keeps `/metrics` reachable under a flood of idle sockets is that one
+//! address cannot take more than its share and a silent socket is gone after the header timeout.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -36,12 +49,18 @@ use crate::error::{Error, Result};
 pub struct HttpOptions {
     /// Open connections at most; one more gets a 503 and is closed.
     pub max_connections: usize,
+    /// Open TCP connections from one client address at most (IPv6: from one /64); one more is
+    /// closed as soon as it is accepted, without an answer. `None`: half of `max_connections`.
+    /// Behind a proxy every client has the proxy's address: give `max_connections` there.
+    pub max_connections_per_ip: Option<usize>,
     /// Bytes of request head (HTTP/1 read buffer, at least 8192; HTTP/2 header list). Larger heads
     /// get a 431.
     pub max_header_bytes: usize,
     /// Header fields per HTTP/1 request.
     pub max_headers: usize,
-    /// Time a client has to send a complete HTTP/1 request head.
+    /// Time a client has to send a complete request head: the first one counted from the moment
+    /// the connection is accepted (TLS handshake included), so a socket that sends nothing is
+    /// closed after it; later HTTP/1 heads by hyper's timer.
     #[serde(with = "secs_opt")]
     pub header_read_timeout: Option<Duration>,
     /// A connection with no request in flight and no bytes moved for this long is closed.
@@ -57,10 +76,21 @@ pub struct HttpOptions {
     pub http2_keepalive_interval: Option<Duration>,
 }
 
+impl HttpOptions {
+    /// The per-address cap in effect: [`max_connections_per_ip`](Self::max_connections_per_ip),
+    /// or half of `max_connections` (at least 1).
+    pub fn per_ip_cap(&self) -> usize {
+        self.max_connections_per_ip
+            .unwrap_or(self.max_connections.div_ceil(2))
+            .max(1)
+    }
+}
+
 impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             max_connections: 10_000,
+            max_connections_per_ip: None,
             max_header_bytes: 64 << 10,
             max_headers: 100,
             header_read_timeout: Some(Duration::from_secs(30)),
@@ -112,6 +142,68 @@ pub struct NetStats {
     pub open_connections: AtomicUsize,
     /// Connections turned away with a 503 because of the cap.
     pub rejected_connections: AtomicUsize,
+    /// Connections closed on accept because their address had its share open.
+    pub rejected_per_address: AtomicUsize,
+    /// Connections closed because no request head came within the header timeout of accept.
+    pub header_timeouts: AtomicUsize,
+    /// Connections closed because their socket took no byte for the write timeout.
+    pub write_timeouts: AtomicUsize,
+}
+
+/// Where a client connects from, for the per-address cap: an IPv4 address (IPv4-mapped IPv6
+/// included) or an IPv6 /64, which one client usually has whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum AddressKey {
+    V4(u32),
+    V6(u64),
+}
+
+impl AddressKey {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(a) => AddressKey::V4(a.into()),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => AddressKey::V4(v4.into()),
+                None => AddressKey::V6((u128::from(a) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+struct PerAddress {
+    // The default (randomly keyed) hasher: the keys are the clients' choice.
+    open: Mutex<HashMap<AddressKey, usize>>,
+}
+
+impl PerAddress {
+    /// Counts one more connection from `ip`, unless it has `cap` open already.
+    fn claim(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<AddressSlot> {
+        let key = AddressKey::of(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), key))
+    }
+}
+
+/// One connection's place in its address's count; given back on drop.
+struct AddressSlot(Arc<PerAddress>, AddressKey);
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
 }
 
 struct Inner<H> {
@@ -124,6 +216,9 @@ struct Inner<H> {
     stats: Arc<NetStats>,
     phase: watch::Sender<Phase>,
     all_closed: Notify,
+    per_address: Arc<PerAddress>,
+    /// Close a connection whose socket takes no byte of a response for this long.
+    write_timeout: Option<Duration>,
 }
 
 /// Bound listeners plus the application, ready to [`run`](NetServer::run).
@@ -180,9 +275,24 @@ impl<H: HttpHandler> NetServer<H> {
                 stats: Arc::default(),
                 phase: watch::Sender::new(Phase::Running),
                 all_closed: Notify::new(),
+                per_address: Arc::default(),
+                write_timeout: None,
             }),
             listeners,
         })
+    }
+
+    /// Closes a connection once its socket has taken no byte of a response for `timeout` (a
+    /// client that stopped reading): whatever it was answering is dropped, so a stream's request
+    /// is cancelled and everything it held is freed. `None` (the default) waits forever.
+    pub fn with_write_timeout(mut self, timeout: Option<Duration>) -> Self {
+        // Only `run` shares the state, so before it this always holds.
+        let inner = Arc::get_mut(&mut self.inner);
+        debug_assert!(inner.is_some(), "the server state is not shared before run");
+        if let Some(inner) = inner {
+            inner.write_timeout = timeout;
+        }
+        self
     }
 
     /// The addresses bound (ports resolved), one per listening socket.
@@ -252,20 +362,31 @@ async fn accept_loop<H: HttpHandler>(inner: Arc<Inner<H>>, listener: Listener) {
         };
         match accepted {
             Ok(Accepted::Tcp(s, peer)) => {
+                let cap = inner.http.per_ip_cap();
+                let Some(slot) = inner.per_address.claim(peer.ip(), cap) else {
+                    // Its address has its share open: close now, before it costs a task, a
+                    // place under the global cap or a response.
+                    inner
+                        .stats
+                        .rejected_per_address
+                        .fetch_add(1, Ordering::Relaxed);
+                    drop(s);
+                    continue;
+                };
                 // A failed option is not worth dropping the client for.
                 let _ = tune_accepted(&s, &inner.socket);
                 let info = ConnInfo {
                     peer: Some(peer),
                     tls: false,
                 };
-                inner.clone().spawn_connection(s, info);
+                inner.clone().spawn_connection(s, info, Some(slot));
             }
             Ok(Accepted::Unix(s)) => {
                 let info = ConnInfo {
                     peer: None,
                     tls: false,
                 };
-                inner.clone().spawn_connection(s, info);
+                inner.clone().spawn_connection(s, info, None);
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning on the error; other
@@ -303,15 +424,17 @@ impl<H: HttpHandler> Inner<H> {
         }
     }
 
-    fn spawn_connection<I>(self: Arc<Self>, io: I, mut info: ConnInfo)
+    fn spawn_connection<I>(self: Arc<Self>, io: I, mut info: ConnInfo, slot: Option<AddressSlot>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let accepted = Instant::now();
         let open = self.stats.open_connections.fetch_add(1, Ordering::AcqRel) + 1;
         let over = open > self.http.max_connections;
         let guard = OpenGuard(self.clone());
         tokio::spawn(async move {
             let _guard = guard;
+            let _slot = slot;
             if over {
                 self.stats
                     .rejected_connections
@@ -319,26 +442,32 @@ impl<H: HttpHandler> Inner<H> {
             }
             match &self.tls {
                 Some(acceptor) => {
-                    let limit = self
-                        .http
-                        .tls_handshake_timeout
-                        .unwrap_or(Duration::from_secs(3600));
+                    // Within the handshake timeout, and within the header timeout too: that one
+                    // counts from accept.
+                    let limit = [
+                        self.http.tls_handshake_timeout,
+                        self.http.header_read_timeout,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(Duration::from_secs(3600));
                     let Ok(Ok(tls)) = tokio::time::timeout(limit, acceptor.accept(io)).await else {
                         return;
                     };
                     info.tls = true;
-                    self.serve(tls, info, over).await
+                    self.serve(tls, info, over, accepted).await
                 }
-                None => self.serve(io, info, over).await,
+                None => self.serve(io, info, over, accepted).await,
             }
         });
     }
 
-    async fn serve<I>(&self, io: I, info: ConnInfo, over: bool)
+    async fn serve<I>(&self, io: I, info: ConnInfo, over: bool, accepted: Instant)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new(self.write_timeout.is_some()));
         let io = TokioIo::new(Tracked {
             inner: io,
             activity: activity.clone(),
@@ -366,9 +495,43 @@ impl<H: HttpHandler> Inner<H> {
         let idle = self.http.idle_timeout;
         let mut tick = tokio::time::interval(idle.unwrap_or(Duration::from_secs(3600)));
         tick.tick().await;
+        // The first request head is due this long after accept (hyper's own timer starts only
+        // once bytes arrive, so a socket that sends nothing would never meet it).
+        let mut first_head = self
+            .http
+            .header_read_timeout
+            .map(|t| Box::pin(tokio::time::sleep_until((accepted + t).into())));
+        let write_timeout = self.write_timeout;
+        // Armed while a write waits for the socket: when it would run out.
+        let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             tokio::select! {
                 _ = conn.as_mut() => return,
+                _ = async { first_head.as_mut().expect("guarded").await }, if first_head.is_some() => {
+                    if !activity.requested.load(Ordering::Relaxed) {
+                        self.stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    first_head = None;
+                }
+                _ = activity.write_blocked.notified(), if write_timeout.is_some() && stall.is_none() => {
+                    if let (Some(at), Some(t)) = (activity.blocked_since(), write_timeout) {
+                        stall = Some(Box::pin(tokio::time::sleep_until((at + t).into())));
+                    }
+                }
+                _ = async { stall.as_mut().expect("guarded").await }, if stall.is_some() => {
+                    let t = write_timeout.unwrap_or(Duration::MAX);
+                    match activity.blocked_since() {
+                        Some(at) if at.elapsed() >= t => {
+                            // The client stopped reading: drop the connection and with it the
+                            // responses it holds (their requests are cancelled).
+                            self.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Some(at) => stall = Some(Box::pin(tokio::time::sleep_until((at + t).into()))),
+                        None => stall = None,
+                    }
+                }
                 changed = phase.changed() => {
                     let now = *phase.borrow_and_update();
                     if changed.is_err() || now == Phase::Closed {
@@ -417,18 +580,64 @@ impl<H: HttpHandler> Inner<H> {
     }
 }
 
-/// Whether a connection has a request in flight or moved bytes lately.
+/// Whether a connection has a request in flight or moved bytes lately, and whether its socket
+/// is refusing writes.
 #[derive(Debug)]
 struct Activity {
     busy: AtomicUsize,
     touched: AtomicBool,
+    /// A request has arrived.
+    requested: AtomicBool,
+    /// Whether to track `blocked_at`.
+    track_writes: bool,
+    /// Since when a write has waited for the socket: nanoseconds after `epoch`, plus one; 0
+    /// while writes go through.
+    blocked_at: AtomicU64,
+    epoch: Instant,
+    /// Notified when a write starts waiting.
+    write_blocked: Notify,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+impl Activity {
+    fn new(track_writes: bool) -> Self {
         Activity {
             busy: AtomicUsize::new(0),
             touched: AtomicBool::new(true),
+            requested: AtomicBool::new(false),
+            track_writes,
+            blocked_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            write_blocked: Notify::new(),
+        }
+    }
+
+    /// A write found the socket full.
+    fn write_pending(&self) {
+        if !self.track_writes || self.blocked_at.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let at = (self.epoch.elapsed().as_nanos() as u64).saturating_add(1);
+        if self
+            .blocked_at
+            .compare_exchange(0, at, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.write_blocked.notify_one();
+        }
+    }
+
+    /// A write went through.
+    fn wrote(&self) {
+        if self.blocked_at.load(Ordering::Relaxed) != 0 {
+            self.blocked_at.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// When the write waiting now started to wait.
+    fn blocked_since(&self) -> Option<Instant> {
+        match self.blocked_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.epoch + Duration::from_nanos(at - 1)),
         }
     }
 }
@@ -438,6 +647,7 @@ struct BusyGuard(Arc<Activity>);
 impl BusyGuard {
     fn new(a: Arc<Activity>) -> Self {
         a.busy.fetch_add(1, Ordering::Relaxed);
+        a.requested.store(true, Ordering::Relaxed);
         BusyGuard(a)
     }
 }
@@ -487,6 +697,18 @@ impl<I> Tracked<I> {
             self.activity.touched.store(true, Ordering::Relaxed);
         }
     }
+
+    /// Notes whether a write went through or waits for the socket.
+    fn track_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.touched.store(true, Ordering::Relaxed);
+                self.activity.wrote();
+            }
+            Poll::Ready(_) => {}
+            Poll::Pending => self.activity.write_pending(),
+        }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
@@ -508,7 +730,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.touch(&r);
+        self.track_write(&r);
         r
     }
 
@@ -518,7 +740,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.touch(&r);
+        self.track_write(&r);
         r
     }
 
@@ -527,7 +749,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        match &r {
+            Poll::Ready(Ok(())) => self.activity.wrote(),
+            Poll::Ready(Err(_)) => {}
+            Poll::Pending => self.activity.write_pending(),
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

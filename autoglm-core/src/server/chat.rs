@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
-    admit, sse_stream, submit, unix_now, Chunk, EventTemplate, StreamFormat, UsageOut,
+    admit, sse_stream, submit, unix_now, Chunk, Cost, EventTemplate, StreamFormat, UsageOut,
 };
 use super::logprobs::ChatLogprobs;
 use super::models::lease_or_404;
@@ -92,7 +92,13 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         lease.engine.max_model_len(),
         "messages",
     )?;
-    admit(rec, &lease, ids.len(), choices)?;
+    let cost = Cost::of(
+        [(ids.len(), params.max_tokens)],
+        params.n,
+        field,
+        "messages",
+    );
+    admit(rec, &lease, cost, choices)?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
     let mut job = submit(lease, rec.detach(), vec![(ids, images)], vec![params])?;

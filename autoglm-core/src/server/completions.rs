@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
-    admit, sse_stream, submit, unix_now, Chunk, EventTemplate, StreamFormat, UsageOut,
+    admit, sse_stream, submit, unix_now, Chunk, Cost, EventTemplate, StreamFormat, UsageOut,
 };
 use super::logprobs::CompletionLogprobs;
 use super::models::lease_or_404;
@@ -65,7 +65,15 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
             Ok::<_, ApiError>((ids, params))
         })
         .await??;
-    admit(rec, &lease, ids.iter().map(Vec::len).sum(), choices)?;
+    let cost = Cost::of(
+        ids.iter()
+            .zip(&params)
+            .map(|(p, sp)| (p.len(), sp.max_tokens)),
+        params.first().map_or(1, |sp| sp.n),
+        "max_tokens",
+        "prompt",
+    );
+    admit(rec, &lease, cost, choices)?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
     let mut job = submit(

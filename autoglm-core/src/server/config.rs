@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::AuditConfig;
 use super::auth::AuthConfig;
+use super::ratelimit::RateLimits;
 use crate::error::{Error, Result};
 use crate::net::listener::secs_opt;
 use crate::net::{BindAddr, HttpOptions, SocketOptions, TlsFiles};
@@ -92,6 +93,13 @@ pub struct ServerConfig {
     /// once), so a connection costs one socket write per `k` tokens instead of one per token, at
     /// the price of burstier delivery. 1 (the default) writes each event as it is produced.
     pub stream_interval: usize,
+    /// A response (streamed or not) whose socket takes no byte for this long is abandoned: the
+    /// connection is closed and its request cancelled, which frees its place under
+    /// `max_concurrent_requests`, its model lease and its KV blocks. Meanwhile a stream whose
+    /// client does not read holds back only its own request (a bounded queue of its output
+    /// waits; the engine goes on with the others). `None` waits forever.
+    #[serde(with = "secs_opt")]
+    pub stream_write_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +118,7 @@ impl Default for ServerConfig {
             prep_queue: 64,
             raise_nofile_limit: true,
             stream_interval: 1,
+            stream_write_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -124,6 +133,7 @@ impl ServerConfig {
             ("limits.body_read_timeout", self.limits.body_read_timeout),
             ("limits.request_timeout", self.limits.request_timeout),
             ("shutdown_grace", self.shutdown_grace),
+            ("stream_write_timeout", self.stream_write_timeout),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.idle_timeout", self.http.idle_timeout),
             (
@@ -157,6 +167,12 @@ impl ServerConfig {
                 "0 (must be positive)",
             ));
         }
+        if self.http.max_connections_per_ip == Some(0) {
+            return Err(Error::config(
+                "http.max_connections_per_ip",
+                "0 (must be positive; leave it unset for half of http.max_connections)",
+            ));
+        }
         if self.limits.max_body_bytes == 0 {
             return Err(Error::config(
                 "limits.max_body_bytes",
@@ -188,6 +204,12 @@ impl ServerConfig {
                 ),
             ));
         }
+        check_rate_limits("auth.default_limits", &self.auth.default_limits)?;
+        for (i, k) in self.auth.api_keys.iter().enumerate() {
+            if let Some(l) = &k.limits {
+                check_rate_limits(&format!("auth.api_keys[{i}].limits"), l)?;
+            }
+        }
         for (i, k) in self.auth.api_keys.iter().enumerate() {
             let known =
                 k.role == "admin" || k.role == "user" || self.auth.roles.contains_key(&k.role);
@@ -200,6 +222,24 @@ impl ServerConfig {
         }
         Ok(())
     }
+}
+
+/// Rates are per minute and at least 1: a bucket holds one minute's worth, so a smaller rate
+/// could never hold the one request (or the two tokens) the least request needs. Unlimited is
+/// `None` (no flag), not 0.
+fn check_rate_limits(at: &str, l: &RateLimits) -> Result<()> {
+    for (name, v) in [
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+    ] {
+        if let Some(x) = v.filter(|x| !(x.is_finite() && *x >= 1.0)) {
+            return Err(Error::config(
+                format!("{at}.{name}"),
+                format!("{x} (must be a finite number of at least 1; leave it unset for no limit)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -217,6 +257,52 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("http.idle_timeout"), "{e}");
         c.http.idle_timeout = None;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn rate_limits_below_one_a_minute_are_refused_by_name() {
+        use crate::server::ApiKey;
+        for bad in [0.0, -1.0, 0.5, f64::NAN, f64::INFINITY] {
+            let mut c = ServerConfig::default();
+            c.auth.default_limits.requests_per_minute = Some(bad);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("auth.default_limits.requests_per_minute"), "{e}");
+            let mut c = ServerConfig::default();
+            c.auth.api_keys.push(ApiKey {
+                key: "k".into(),
+                name: None,
+                role: "user".into(),
+                priority: 0,
+                limits: Some(RateLimits {
+                    requests_per_minute: Some(10.0),
+                    tokens_per_minute: Some(bad),
+                }),
+            });
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("auth.api_keys[0].limits.tokens_per_minute"),
+                "{e}"
+            );
+        }
+        let mut c = ServerConfig::default();
+        c.auth.default_limits.tokens_per_minute = Some(1.0);
+        c.auth.default_limits.requests_per_minute = Some(1e9);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn connection_and_write_limits_are_checked_by_name() {
+        let mut c = ServerConfig::default();
+        c.http.max_connections_per_ip = Some(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("http.max_connections_per_ip"), "{e}");
+        c.http.max_connections_per_ip = None;
+        assert_eq!(c.http.per_ip_cap(), 5000);
+        c.stream_write_timeout = Some(Duration::MAX);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("stream_write_timeout"), "{e}");
+        c.stream_write_timeout = None;
         c.validate().unwrap();
     }
 }

@@ -16,6 +16,7 @@ use tokio::time::Sleep;
 use super::body::{push_sse_event, SSE_DONE};
 use super::error::ApiError;
 use super::models::ModelLease;
+use super::ratelimit::Reserve;
 use super::state::Record;
 use crate::engine::{Request, RequestOutput, RequestStream};
 use crate::error::Result;
@@ -86,6 +87,10 @@ pub(crate) struct Job {
     pub(crate) completion_tokens: usize,
 }
 
+/// Events queued per choice of a stream (at least twice its stream interval) before the engine
+/// holds the request back until they are taken.
+const QUEUED_PER_CHOICE: usize = 64;
+
 /// Submits one engine request per prompt.
 pub(crate) fn submit(
     lease: ModelLease,
@@ -106,7 +111,11 @@ pub(crate) fn submit(
         };
         match lease.engine.submit_request(req) {
             Ok(mut s) => {
-                s.set_stream_interval(rec.state.config.stream_interval);
+                let interval = rec.state.config.stream_interval;
+                s.set_stream_interval(interval);
+                // A client that stops reading holds back its own request once this much output
+                // waits for it, instead of the server buffering without limit.
+                s.set_max_queued(n.saturating_mul(QUEUED_PER_CHOICE.max(2 * interval)));
                 streams.push(s)
             }
             Err(e) => {
@@ -348,12 +357,52 @@ pub(crate) async fn sse_stream<F: StreamFormat>(
     })
 }
 
+/// What a generation may cost against its principal's token budget, and the request fields
+/// that set it (named by the 400 when it can never fit).
+pub(crate) struct Cost {
+    /// Prompt tokens, over all prompts.
+    pub(crate) prompt_tokens: usize,
+    /// The most it can cost: each prompt's tokens plus its `max_tokens` for each of its `n`
+    /// choices ([`Cost::of`]); `None` when that does not even fit a `usize`.
+    pub(crate) tokens: Option<usize>,
+    /// The field that bounds the completion (`max_tokens`, `max_completion_tokens`).
+    pub(crate) max_param: &'static str,
+    /// The field of the prompt (`prompt`, `messages`).
+    pub(crate) prompt_param: &'static str,
+}
+
+impl Cost {
+    /// The cost of prompts of these (length, max_tokens), each with `n` choices.
+    pub(crate) fn of(
+        prompts: impl IntoIterator<Item = (usize, usize)>,
+        n: usize,
+        max_param: &'static str,
+        prompt_param: &'static str,
+    ) -> Cost {
+        let mut prompt_tokens = 0usize;
+        let mut tokens = Some(0usize);
+        for (len, max) in prompts {
+            prompt_tokens = prompt_tokens.saturating_add(len);
+            tokens = tokens
+                .and_then(|t| t.checked_add(len))
+                .and_then(|t| t.checked_add(max.checked_mul(n)?));
+        }
+        Cost {
+            prompt_tokens,
+            tokens,
+            max_param,
+            prompt_param,
+        }
+    }
+}
+
 /// Admission control before submitting `choices` sequences: the engine's queue, the in-flight
-/// cap, the principal's token budget. Marks the record as a generation.
+/// cap, the principal's token budget (the most the request can cost is reserved now and the
+/// unused part given back when its record drops). Marks the record as a generation.
 pub(crate) fn admit(
     rec: &mut Record,
     lease: &ModelLease,
-    prompt_tokens: usize,
+    cost: Cost,
     choices: usize,
 ) -> Result<(), ApiError> {
     let state = rec.state.clone();
@@ -374,7 +423,32 @@ pub(crate) fn admit(
         rec.in_flight = Some(state.admit_generation(choices)?);
     }
     if let Some(p) = &rec.principal {
-        state.limiter.admit_tokens(p, prompt_tokens)?;
+        let tokens = cost.tokens.unwrap_or(usize::MAX);
+        match state.limiter.reserve_tokens(p, tokens) {
+            Reserve::Unlimited => {}
+            Reserve::Reserved => rec.reserved_tokens = tokens,
+            Reserve::Wait(secs) => return Err(ApiError::rate_limited("tokens", secs)),
+            Reserve::OverCapacity { capacity } => {
+                let prompt = cost.prompt_tokens;
+                // Only a shorter prompt helps when the prompt alone is too much.
+                let param = if prompt as f64 >= capacity {
+                    cost.prompt_param
+                } else {
+                    cost.max_param
+                };
+                let shown = cost
+                    .tokens
+                    .map_or("more than 2^64".to_string(), |t| t.to_string());
+                return Err(ApiError::bad_param(
+                    param,
+                    format!(
+                        "This request may use up to {shown} tokens ({prompt} in the prompt, plus {} for each of its {choices} choices), but your limit is {capacity} tokens per minute, so it could never be served. Reduce {param}{}.",
+                        cost.max_param,
+                        if choices > 1 { " or n" } else { "" },
+                    ),
+                ));
+            }
+        }
     }
     rec.generation = true;
     Ok(())

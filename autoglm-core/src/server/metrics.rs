@@ -101,6 +101,7 @@ pub(crate) struct ModelGauges {
     pub(crate) model: String,
     pub(crate) waiting: usize,
     pub(crate) running: usize,
+    pub(crate) paused: usize,
     pub(crate) kv_used: usize,
     pub(crate) kv_total: usize,
     pub(crate) steps: u64,
@@ -111,6 +112,16 @@ pub(crate) struct ModelGauges {
     pub(crate) images_encoded: u64,
     pub(crate) image_encode_ns: u64,
     pub(crate) encoder_cache_hits: u64,
+}
+
+/// The socket layer's counters, as read for one exposition.
+#[derive(Debug, Default)]
+pub(crate) struct NetCounts {
+    pub(crate) open: usize,
+    pub(crate) rejected: usize,
+    pub(crate) rejected_per_address: usize,
+    pub(crate) header_timeouts: usize,
+    pub(crate) write_timeouts: usize,
 }
 
 /// Escapes a label value.
@@ -131,8 +142,7 @@ impl Metrics {
     pub(crate) fn render(
         &self,
         models: &[ModelGauges],
-        open_connections: usize,
-        rejected_connections: usize,
+        net: &NetCounts,
         in_flight: usize,
     ) -> String {
         let mut out = String::with_capacity(8192);
@@ -182,12 +192,27 @@ impl Metrics {
             (
                 "autoglm_open_connections",
                 "Open client connections.",
-                open_connections,
+                net.open,
             ),
             (
                 "autoglm_rejected_connections_total",
                 "Connections turned away over the connection cap.",
-                rejected_connections,
+                net.rejected,
+            ),
+            (
+                "autoglm_rejected_connections_per_address_total",
+                "Connections closed on accept because their client address had its share open.",
+                net.rejected_per_address,
+            ),
+            (
+                "autoglm_header_timeouts_total",
+                "Connections closed because no request head came within the header timeout of accept.",
+                net.header_timeouts,
+            ),
+            (
+                "autoglm_stream_write_timeouts_total",
+                "Connections closed (and their requests cancelled) because their socket took no byte for the stream write timeout.",
+                net.write_timeouts,
             ),
             (
                 "autoglm_http_requests_in_flight",
@@ -207,7 +232,7 @@ impl Metrics {
             );
         }
         type Get = fn(&ModelGauges) -> u64;
-        let per_model: [(&str, &str, &str, Get); 10] = [
+        let per_model: [(&str, &str, &str, Get); 11] = [
             (
                 "autoglm_num_requests_waiting",
                 "gauge",
@@ -219,6 +244,12 @@ impl Metrics {
                 "gauge",
                 "Sequences running in the engine.",
                 |g| g.running as u64,
+            ),
+            (
+                "autoglm_num_requests_paused",
+                "gauge",
+                "Running sequences held back because their client is not reading its stream.",
+                |g| g.paused as u64,
             ),
             (
                 "autoglm_kv_blocks_used",
@@ -313,7 +344,11 @@ mod tests {
         m.ttft.observe(Duration::from_millis(3));
         m.ttft.observe(Duration::from_secs(100));
         m.count_request("/v1/completions", 200);
-        let text = m.render(&[], 1, 0, 0);
+        let net = NetCounts {
+            open: 1,
+            ..Default::default()
+        };
+        let text = m.render(&[], &net, 0);
         assert!(text.contains("autoglm_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("autoglm_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text

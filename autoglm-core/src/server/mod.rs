@@ -11,7 +11,10 @@
 //! polled by hyper's connection task itself (no forwarding task, no channel), each event is
 //! serialized once into an exact-size buffer (see [`body`]) and written with a vectored write. A
 //! client that disconnects drops the body, which drops the engine stream, which cancels the request
-//! and frees its KV blocks at the engine's next step.
+//! and frees its KV blocks at the engine's next step. A client that stops reading exerts
+//! backpressure on its own request only: once a bounded queue of its output waits, the engine holds
+//! that request back (never blocking on it), and once its socket has taken nothing for
+//! [`ServerConfig::stream_write_timeout`] the connection is closed, which cancels it the same way.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -141,7 +144,8 @@ impl Server {
             c.http.clone(),
             tls,
             AppHandler(state.clone()),
-        )?;
+        )?
+        .with_write_timeout(c.stream_write_timeout);
         let _ = state.net.set(net.stats());
         Ok(Server {
             net,

@@ -1,10 +1,12 @@
 //! Per-principal token buckets: one for requests, one for tokens.
 //!
-//! Each bucket holds up to one minute's allowance and refills continuously. A request takes one
-//! from the request bucket. The token bucket is charged the prompt's tokens when a generation is
-//! admitted and the generated tokens when it ends (it may go negative: the cost of an answer is
-//! known only afterwards); a request is admitted only while the token bucket is positive. A refusal
-//! is a 429 whose `Retry-After` is the time until the bucket refills enough.
+//! Each bucket holds up to one minute's allowance (its capacity) and refills continuously. A
+//! request takes one from the request bucket. A generation reserves from the token bucket the
+//! most it can cost, its prompt tokens plus `max_tokens` times its choices, when it is admitted,
+//! and gets back what it did not use when it ends (finished, cancelled, failed or disconnected):
+//! no request can take more than the bucket holds. A refusal is a 429 whose `Retry-After` is the
+//! time until the bucket refills enough for it; a generation that could cost more than the
+//! capacity itself could never be admitted, and is told so (a 400) instead.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -45,10 +47,12 @@ impl Bucket {
         self.last = now;
     }
 
-    /// Whole seconds until the level reaches `want`.
+    /// Whole seconds until the level reaches `want` (at most `per_minute`: a minute at most).
     fn wait_for(&self, want: f64, per_minute: f64) -> u64 {
         let secs = (want - self.level) / (per_minute / 60.0);
-        secs.ceil().max(1.0) as u64
+        // Rates are checked to be at least 1 a minute and wants to be within the capacity, so
+        // this is at most a minute; the clamp only keeps a bad value from becoming 2^64 - 1.
+        secs.ceil().clamp(1.0, 3600.0) as u64
     }
 }
 
@@ -95,34 +99,53 @@ impl RateLimiter {
         })
     }
 
-    /// Admits a generation while the token bucket is positive, charging its prompt tokens.
-    pub(crate) fn admit_tokens(&self, p: &Principal, prompt_tokens: usize) -> Result<(), ApiError> {
+    /// Takes `tokens` (the most a generation can cost) from the principal's token bucket.
+    /// [`Reserve::Unlimited`] when it has no token limit (nothing to give back later).
+    pub(crate) fn reserve_tokens(&self, p: &Principal, tokens: usize) -> Reserve {
         let Some(rate) = p.limits.tokens_per_minute else {
-            return Ok(());
+            return Reserve::Unlimited;
         };
+        let want = tokens as f64;
+        if want > rate {
+            return Reserve::OverCapacity { capacity: rate };
+        }
         self.with(p, |b, now| {
             let bucket = b.tokens.get_or_insert_with(|| Bucket::full(rate, now));
             bucket.refill(rate, now);
-            if bucket.level > 0.0 {
-                bucket.level -= prompt_tokens as f64;
-                Ok(())
+            if bucket.level >= want {
+                bucket.level -= want;
+                Reserve::Reserved
             } else {
-                Err(ApiError::rate_limited("tokens", bucket.wait_for(1.0, rate)))
+                Reserve::Wait(bucket.wait_for(want, rate))
             }
         })
     }
 
-    /// Charges generated tokens after the fact.
-    pub(crate) fn charge_tokens(&self, p: &Principal, tokens: usize) {
+    /// Settles a reservation of `reserved` tokens of which `used` were used: gives back the rest
+    /// (never above the capacity), or takes what went over.
+    pub(crate) fn settle_tokens(&self, p: &Principal, reserved: usize, used: usize) {
         let Some(rate) = p.limits.tokens_per_minute else {
             return;
         };
         self.with(p, |b, now| {
             let bucket = b.tokens.get_or_insert_with(|| Bucket::full(rate, now));
             bucket.refill(rate, now);
-            bucket.level -= tokens as f64;
+            bucket.level = (bucket.level + reserved as f64 - used as f64).min(rate);
         })
     }
+}
+
+/// The outcome of [`RateLimiter::reserve_tokens`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Reserve {
+    /// No token limit.
+    Unlimited,
+    /// Taken; settle it when the generation ends.
+    Reserved,
+    /// Not now: this many seconds until the bucket holds enough.
+    Wait(u64),
+    /// More than the bucket ever holds.
+    OverCapacity { capacity: f64 },
 }
 
 #[cfg(test)]
@@ -153,12 +176,26 @@ mod tests {
     }
 
     #[test]
-    fn token_bucket_goes_into_debt() {
+    fn tokens_are_reserved_then_settled() {
         let l = RateLimiter::default();
-        let p = principal(None, Some(100.0));
-        assert!(l.admit_tokens(&p, 10).is_ok());
-        l.charge_tokens(&p, 200);
-        assert!(l.admit_tokens(&p, 1).is_err());
+        let p = principal(None, Some(120.0));
+        assert_eq!(
+            l.reserve_tokens(&p, 121),
+            Reserve::OverCapacity { capacity: 120.0 }
+        );
+        assert_eq!(l.reserve_tokens(&p, 100), Reserve::Reserved);
+        // 20 left: 60 more take 20 s at 2 a second.
+        assert_eq!(l.reserve_tokens(&p, 60), Reserve::Wait(20));
+        // 30 of the 100 were used: 70 come back.
+        l.settle_tokens(&p, 100, 30);
+        assert_eq!(l.reserve_tokens(&p, 90), Reserve::Reserved);
+        // Settling never fills past the capacity.
+        l.settle_tokens(&p, 90, 0);
+        l.settle_tokens(&p, 1000, 0);
+        assert_eq!(l.reserve_tokens(&p, 120), Reserve::Reserved);
+        assert!(matches!(l.reserve_tokens(&p, 1), Reserve::Wait(1)));
         assert!(l.admit_request(&p).is_ok());
+        let free = principal(None, None);
+        assert_eq!(l.reserve_tokens(&free, usize::MAX), Reserve::Unlimited);
     }
 }

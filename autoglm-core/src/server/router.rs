@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use super::body::{json_response, text_response, Body};
 use super::error::ApiError;
-use super::metrics::ModelGauges;
+use super::metrics::{ModelGauges, NetCounts};
 use super::state::{AppState, Record};
 use super::{chat, completions, models, tokenize};
 use crate::net::{ConnInfo, HttpHandler};
@@ -246,6 +246,7 @@ fn metrics(state: &AppState) -> Response<Body> {
                 model: m.name.clone(),
                 waiting: s.waiting.load(Ordering::Relaxed),
                 running: s.running.load(Ordering::Relaxed),
+                paused: s.paused.load(Ordering::Relaxed),
                 kv_used: s.kv_blocks_used.load(Ordering::Relaxed),
                 kv_total: s.kv_blocks_total.load(Ordering::Relaxed),
                 steps: s.steps.load(Ordering::Relaxed),
@@ -259,18 +260,19 @@ fn metrics(state: &AppState) -> Response<Body> {
             }
         })
         .collect();
-    let (open, rejected) = state.net.get().map_or((0, 0), |n| {
-        (
-            n.open_connections.load(Ordering::Relaxed),
-            n.rejected_connections.load(Ordering::Relaxed),
-        )
-    });
-    let text = state.metrics.render(
-        &gauges,
-        open,
-        rejected,
-        state.in_flight.load(Ordering::Relaxed),
-    );
+    let net = state
+        .net
+        .get()
+        .map_or_else(NetCounts::default, |n| NetCounts {
+            open: n.open_connections.load(Ordering::Relaxed),
+            rejected: n.rejected_connections.load(Ordering::Relaxed),
+            rejected_per_address: n.rejected_per_address.load(Ordering::Relaxed),
+            header_timeouts: n.header_timeouts.load(Ordering::Relaxed),
+            write_timeouts: n.write_timeouts.load(Ordering::Relaxed),
+        });
+    let text = state
+        .metrics
+        .render(&gauges, &net, state.in_flight.load(Ordering::Relaxed));
     text_response(
         StatusCode::OK,
         "text/plain; version=0.0.4; charset=utf-8",

@@ -107,6 +107,9 @@ pub(crate) struct Record {
     /// Counts as a generation for the latency/token metrics.
     pub(crate) generation: bool,
     pub(crate) in_flight: Option<InFlight>,
+    /// Tokens reserved from the principal's token budget; what the request did not use (its
+    /// prompt and completion tokens) is given back when the record drops, however it ended.
+    pub(crate) reserved_tokens: usize,
     /// Leave out of the audit log (health probes).
     pub(crate) quiet: bool,
     /// Moved into a stream: this copy records nothing.
@@ -135,6 +138,7 @@ impl Record {
             prompt_text: None,
             generation: false,
             in_flight: None,
+            reserved_tokens: 0,
             quiet: false,
             detached: false,
         }
@@ -157,6 +161,7 @@ impl Record {
             prompt_text: self.prompt_text.take(),
             generation: self.generation,
             in_flight: self.in_flight.take(),
+            reserved_tokens: std::mem::take(&mut self.reserved_tokens),
             quiet: self.quiet,
             detached: false,
         }
@@ -185,9 +190,10 @@ impl Drop for Record {
             s.metrics
                 .generation_tokens
                 .fetch_add(self.completion_tokens as u64, Ordering::Relaxed);
-            if let Some(p) = &self.principal {
-                s.limiter.charge_tokens(p, self.completion_tokens);
-            }
+        }
+        if let Some(p) = self.principal.as_ref().filter(|_| self.reserved_tokens > 0) {
+            let used = self.prompt_tokens.saturating_add(self.completion_tokens);
+            s.limiter.settle_tokens(p, self.reserved_tokens, used);
         }
         if let Some(audit) = s.audit.as_ref().filter(|_| !self.quiet) {
             audit.record(&AuditEntry {

@@ -70,11 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML file of [[keys]] tables (key, name, role, priority, limits)")
     add("--tls-cert", metavar="PEM", help="certificate chain for TLS 1.3 (with --tls-key)")
     add("--tls-key", metavar="PEM", help="private key for TLS 1.3 (with --tls-cert)")
-    add("--requests-per-minute", type=float, help="per caller (default: unlimited)")
-    add("--tokens-per-minute", type=float, help="prompt plus generated, per caller")
+    add("--requests-per-minute", type=float, help="per caller, at least 1 (default: unlimited)")
+    add("--tokens-per-minute", type=float,
+        help="prompt plus generated, per caller; a request reserves its prompt plus max_tokens "
+        "per choice and gets back what it did not use")
     add("--audit-log", metavar="FILE", help="append a JSON line per request ('-': stderr)")
     add("--audit-log-prompts", action="store_true", help="include prompts in the audit log")
     add("--max-connections", type=int, help="open connections at most (more get a 503)")
+    add("--max-connections-per-ip", type=int,
+        help="open connections from one client address at most, more are closed at once "
+        "(default: half of --max-connections; behind a proxy, give --max-connections)")
     add("--max-concurrent-requests", type=int, help="generations in flight at most")
     add("--max-waiting-requests", type=int,
         help="refuse generations while an engine has this many waiting")
@@ -85,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--idle-timeout", type=float, help="seconds a connection may sit idle")
     add("--stream-interval", type=int,
         help="streamed tokens written to a connection together (default 1)")
+    add("--stream-write-timeout", type=float,
+        help="seconds a response's socket may take no byte (a client that stopped reading) "
+        "before its connection is closed and its request cancelled (default 30; 0: none)")
     add("--shutdown-grace", type=float,
         help="seconds open requests get to finish on SIGINT/SIGTERM (default: 30)")
     add("--workers", type=int, help="HTTP threads (default: one per core)")
@@ -206,9 +214,10 @@ def _serve(args: argparse.Namespace) -> None:
     _default_cores(args, options)
     for name in (
         "unix_socket", "api_keys_file", "tls_cert", "tls_key", "requests_per_minute",
-        "tokens_per_minute", "audit_log", "max_connections", "max_concurrent_requests",
-        "max_waiting_requests", "max_choices_per_request", "max_body_bytes", "request_timeout", "idle_timeout",
-        "stream_interval", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
+        "tokens_per_minute", "audit_log", "max_connections", "max_connections_per_ip",
+        "max_concurrent_requests", "max_waiting_requests", "max_choices_per_request",
+        "max_body_bytes", "request_timeout", "idle_timeout", "stream_interval",
+        "stream_write_timeout", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
         "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
         "limit_mm_per_prompt", "mm_processor_kwargs", "chat_template_content_format",
