@@ -57,7 +57,12 @@ fn root() -> PathBuf {
 fn preprocess(c: &mut Criterion) {
     let png = screenshot();
     let path = root().join("target/screenshot-1080x2400.png");
-    let _ = std::fs::write(&path, &png);
+    // The file the transformers script reads (`benches/python/preprocess_transformers.py`).
+    let written =
+        std::fs::create_dir_all(root().join("target")).and_then(|()| std::fs::write(&path, &png));
+    if let Err(e) = written {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
     let cfg = ImageProcessorConfig::default();
     let rgb = decode_image(&png, cfg.max_image_pixels).expect("decode");
     let (h, w) = smart_resize(rgb.height, rgb.width, &cfg).expect("size");
