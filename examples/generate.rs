@@ -172,6 +172,7 @@ fn run_one(
         params,
         priority: 0,
         images,
+        cache_salt: None,
     };
     for ev in engine.submit_request(request)? {
         let ev = ev?;
@@ -338,6 +339,7 @@ fn run_file(engine: &Engine, file: &PathBuf, defaults: &SamplingParams) -> Resul
             params,
             priority: 0,
             images,
+            cache_salt: None,
         };
         let stream = engine
             .submit_request(request)

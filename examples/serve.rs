@@ -147,6 +147,11 @@ struct Cli {
     /// Seconds open requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
+    /// Which requests may reuse each other's cached prompt blocks: `principal` (one API key or
+    /// JWT subject never reuses another's, so no tenant can time another's prompts) or `global`
+    /// (all share, as vLLM does). A request's `cache_salt` narrows either.
+    #[arg(long, default_value = "principal")]
+    prefix_cache_scope: String,
     /// Listen backlog.
     #[arg(long, default_value_t = 1024)]
     backlog: u32,
@@ -310,6 +315,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.prep_threads = cli.prep_threads;
     c.stream_interval = cli.stream_interval;
     c.stream_write_timeout = secs(cli.stream_write_timeout);
+    c.prefix_cache_scope = cli.prefix_cache_scope.parse()?;
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {

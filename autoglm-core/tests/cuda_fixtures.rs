@@ -916,6 +916,7 @@ fn glm4v_engine_on_cuda_gives_the_reference_tokens_with_and_without_graphs() {
                         },
                         priority: 0,
                         images,
+                        cache_salt: None,
                     })
                     .unwrap()
             })

@@ -341,6 +341,7 @@ fn higher_priority_waiting_requests_run_first() {
             },
             priority: 5,
             images: Vec::new(),
+            cache_salt: None,
         })
         .unwrap();
     let high = e
@@ -349,6 +350,7 @@ fn higher_priority_waiting_requests_run_first() {
             params: greedy(),
             priority: -1,
             images: Vec::new(),
+            cache_salt: None,
         })
         .unwrap();
     let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

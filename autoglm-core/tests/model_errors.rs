@@ -144,6 +144,7 @@ fn request_err(engine: &Engine, prompt: Vec<u32>, params: SamplingParams) -> Str
         params,
         priority: 0,
         images: Vec::new(),
+        cache_salt: None,
     }) {
         Ok(_) => panic!("request accepted but should not have been"),
         Err(e) => {

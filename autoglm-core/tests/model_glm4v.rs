@@ -315,6 +315,7 @@ fn greedy_continuations_with_images_match_and_decode_logits_too() {
                 params,
                 priority: 0,
                 images: images(&case),
+                cache_salt: None,
             })
             .unwrap();
         let out = autoglm_core::engine::collect(out, 1).unwrap();
@@ -342,6 +343,7 @@ fn bad_image_requests_are_refused_by_name() {
                 params: greedy(2),
                 priority: 0,
                 images,
+                cache_salt: None,
             })
             .map(|_| ())
             .unwrap_err()
@@ -379,6 +381,7 @@ fn bad_image_requests_are_refused_by_name() {
             params: greedy(2),
             priority: 0,
             images: imgs,
+            cache_salt: None,
         })
         .map(|_| ())
         .unwrap_err()
@@ -457,6 +460,7 @@ fn chat_messages_with_png_data_urls_give_the_reference_prompt_and_tokens() {
                 params: greedy(want.len()),
                 priority: 0,
                 images: processed,
+                cache_salt: None,
             })
             .unwrap();
         let out = autoglm_core::engine::collect(out, 1).unwrap();
@@ -525,6 +529,7 @@ fn batching_chunking_and_preemption_keep_the_tokens() {
                         params: greedy(want.len()),
                         priority: 0,
                         images: images(&case),
+                        cache_salt: None,
                     })
                     .unwrap();
                 streams.push((round, case["name"].as_str().unwrap().to_string(), want, s));
@@ -575,6 +580,7 @@ fn prompts_differing_only_in_their_image_do_not_share_kv() {
                 params: greedy(8),
                 priority: 0,
                 images: imgs,
+                cache_salt: None,
             })
             .unwrap();
         autoglm_core::engine::collect(s, 1).unwrap()
@@ -605,6 +611,7 @@ fn prompts_differing_only_in_their_image_do_not_share_kv() {
             params: greedy(8),
             priority: 0,
             images: vec![icon],
+            cache_salt: None,
         })
         .unwrap();
     let alone = autoglm_core::engine::collect(s, 1).unwrap();

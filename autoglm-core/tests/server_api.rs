@@ -42,7 +42,8 @@ async fn completions_match_the_fixture_streamed_or_not() {
     assert_eq!(c["finish_reason"], "length");
     assert_eq!(
         v["usage"],
-        json!({"prompt_tokens": prompt.len(), "completion_tokens": 24, "total_tokens": prompt.len() + 24})
+        json!({"prompt_tokens": prompt.len(), "completion_tokens": 24, "total_tokens": prompt.len() + 24,
+               "prompt_tokens_details": {"cached_tokens": 0}})
     );
     let text = c["text"].as_str().unwrap().to_string();
     let detok = post(srv.addr, "/detokenize", &json!({"tokens": greedy}))

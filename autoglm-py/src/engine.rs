@@ -311,6 +311,7 @@ fn submit_ready(
                 params,
                 priority,
                 images,
+                cache_salt: None,
             })?;
             Ok(Submitted {
                 stream,

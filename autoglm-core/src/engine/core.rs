@@ -527,6 +527,10 @@ impl<B: Backend> Core<B> {
             self.arrivals += 1;
             let mut seq = Sequence::new(seq_id, req.prompt.clone(), req.priority, self.arrivals);
             seq.images = images.clone();
+            seq.cache_salt = req
+                .cache_salt
+                .as_deref()
+                .map_or(0, super::sequence::cache_salt_hash);
             self.scheduler.add(seq);
             if let Some(im) = &images {
                 self.track_images(seq_id, im);

@@ -304,6 +304,7 @@ impl Engine {
             params,
             priority: 0,
             images,
+            cache_salt: None,
         })
     }
 

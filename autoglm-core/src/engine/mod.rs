@@ -37,8 +37,11 @@ pub type RequestId = u64;
 
 pub use images::{ImageInput, RenderedChat};
 
+/// The longest [`Request::cache_salt`] accepted.
+pub const MAX_CACHE_SALT_BYTES: usize = 1024;
+
 /// A request: prompt token ids, sampling parameters and a priority.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Request {
     /// Prompt token ids (non-empty).
     pub prompt: Vec<u32>,
@@ -50,6 +53,12 @@ pub struct Request {
     /// `prompt` of exactly its token count ([`Engine::submit_with_images`] expands single
     /// placeholders to that count).
     pub images: Vec<Arc<ProcessedImage>>,
+    /// Isolates the request's prefix-cache entries (vLLM's `cache_salt`): requests reuse each
+    /// other's cached KV blocks only when their salts are equal (`None` equals `None`). The salt
+    /// is mixed, through a hash keyed once per process, into the first block's hash, so every
+    /// block of the prompt differs. The server puts the principal in it for
+    /// `--prefix-cache-scope principal`.
+    pub cache_salt: Option<String>,
 }
 
 /// Token counts of a finished request.
@@ -410,6 +419,7 @@ impl Engine {
             params,
             priority: 0,
             images: Vec::new(),
+            cache_salt: None,
         })
     }
 
@@ -459,6 +469,14 @@ impl Engine {
                 "the prompt has {} tokens but the context length is {max} (room for at least one generated token is needed)",
                 req.prompt.len()
             )));
+        }
+        if let Some(salt) = &req.cache_salt {
+            if salt.is_empty() || salt.len() > MAX_CACHE_SALT_BYTES {
+                return Err(Error::InvalidRequest(format!(
+                    "cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_BYTES} bytes (got {})",
+                    salt.len()
+                )));
+            }
         }
         if !req.params.stop.is_empty() && self.shared.tokenizer.is_none() {
             return Err(Error::InvalidRequest(

@@ -173,8 +173,9 @@ impl Scheduler {
                     // At least one token must run to produce logits.
                     let max_cached = seq.tokens.len() - 1;
                     let bs = self.blocks.block_size();
-                    let images = seq.images.clone();
-                    let salt = |b| images.as_ref().map_or(0, |im| im.block_salt(b, bs));
+                    let (images, cache_salt) = (seq.images.clone(), seq.cache_salt);
+                    let salt =
+                        |b| super::sequence::block_salt(images.as_deref(), cache_salt, b, bs);
                     seq.block_hashes = self.blocks.take_cached_prefix(
                         &seq.tokens,
                         max_cached,

@@ -42,6 +42,22 @@ impl PromptImages {
     }
 }
 
+/// [`Sequence::block_salt`] from its parts (the scheduler asks it while the sequence is
+/// borrowed elsewhere).
+pub fn block_salt(
+    images: Option<&PromptImages>,
+    cache_salt: u64,
+    b: usize,
+    block_size: usize,
+) -> u64 {
+    let s = images.map_or(0, |im| im.block_salt(b, block_size));
+    if b == 0 && cache_salt != 0 {
+        (s.rotate_left(17) ^ cache_salt).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+    } else {
+        s
+    }
+}
+
 /// Identifies a sequence inside the engine.
 pub type SeqId = u64;
 
@@ -85,6 +101,18 @@ pub struct Sequence {
     /// Held back while its request's stream is full: it keeps its blocks and its place but runs
     /// nothing.
     pub paused: bool,
+    /// Mixed into the hash of the first block ([`cache_salt_hash`] of the request's salt; 0
+    /// without one), so sequences of different salts share no cached block.
+    pub cache_salt: u64,
+}
+
+/// The prefix-cache salt of a request's `cache_salt` string: SipHash keyed once per process,
+/// so a salt chosen to collide with another tenant's cannot be prepared; never 0 (no salt).
+pub fn cache_salt_hash(salt: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEY.get_or_init(Default::default).hash_one(salt) | 1
 }
 
 impl Sequence {
@@ -104,14 +132,14 @@ impl Sequence {
             images: None,
             encoder_waits: Vec::new(),
             paused: false,
+            cache_salt: 0,
         }
     }
 
-    /// The prefix-cache salt of block `b` ([`PromptImages::block_salt`]; 0 without images).
+    /// The prefix-cache salt of block `b`: [`PromptImages::block_salt`] (0 without images),
+    /// with the request's [`Sequence::cache_salt`] mixed into block 0's.
     pub fn block_salt(&self, b: usize, block_size: usize) -> u64 {
-        self.images
-            .as_ref()
-            .map_or(0, |im| im.block_salt(b, block_size))
+        block_salt(self.images.as_deref(), self.cache_salt, b, block_size)
     }
 
     /// Generated tokens.

@@ -101,7 +101,13 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     admit(rec, &lease, cost, choices)?;
     let return_ids = req.common.return_token_ids.unwrap_or(false);
     let prompt_ids = if return_ids { ids.clone() } else { Vec::new() };
-    let mut job = submit(lease, rec.detach(), vec![(ids, images)], vec![params])?;
+    let mut job = submit(
+        lease,
+        rec.detach(),
+        vec![(ids, images)],
+        vec![params],
+        req.common.cache_salt.as_deref(),
+    )?;
     let id = format!("chatcmpl-{}", job.rec.id);
     let created = unix_now();
     let fmt = ChatFormat {

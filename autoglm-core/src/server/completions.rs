@@ -81,6 +81,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         rec.detach(),
         ids.into_iter().map(|p| (p, Vec::new())).collect(),
         params,
+        req.common.cache_salt.as_deref(),
     )?;
     let id = format!("cmpl-{}", job.rec.id);
     let created = unix_now();

@@ -100,6 +100,39 @@ pub struct ServerConfig {
     /// waits; the engine goes on with the others). `None` waits forever.
     #[serde(with = "secs_opt")]
     pub stream_write_timeout: Option<Duration>,
+    /// Which requests may reuse each other's cached prompt blocks (see [`PrefixCacheScope`]).
+    pub prefix_cache_scope: PrefixCacheScope,
+}
+
+/// How far the prefix cache is shared (`--prefix-cache-scope`). A reused prefix answers much
+/// sooner than a computed one, so whoever can send prompts can probe, by timing, whether a
+/// prompt prefix was sent recently. Requests with a `cache_salt` share only with requests of the
+/// same salt in either scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixCacheScope {
+    /// One principal (API key or JWT issuer + subject) never reuses another's blocks: no
+    /// cross-tenant timing probe (the default). Without authentication all requests are one
+    /// principal and share, as in `global`.
+    #[default]
+    Principal,
+    /// Every request may reuse every other's blocks (vLLM's behaviour): the most reuse, e.g. of a
+    /// system prompt common to all tenants, for deployments whose clients trust each other.
+    Global,
+}
+
+impl std::str::FromStr for PrefixCacheScope {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "principal" => Ok(PrefixCacheScope::Principal),
+            "global" => Ok(PrefixCacheScope::Global),
+            _ => Err(Error::config(
+                "prefix_cache_scope",
+                format!("{s:?} is neither \"principal\" nor \"global\""),
+            )),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -119,6 +152,7 @@ impl Default for ServerConfig {
             raise_nofile_limit: true,
             stream_interval: 1,
             stream_write_timeout: Some(Duration::from_secs(30)),
+            prefix_cache_scope: PrefixCacheScope::default(),
         }
     }
 }

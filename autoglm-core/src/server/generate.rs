@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use super::body::{push_sse_event, SSE_DONE};
+use super::config::PrefixCacheScope;
 use super::error::ApiError;
 use super::models::ModelLease;
 use super::ratelimit::Reserve;
@@ -29,6 +30,14 @@ pub(crate) struct UsageOut {
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
     pub(crate) total_tokens: usize,
+    pub(crate) prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct PromptTokensDetails {
+    /// Prompt tokens whose KV blocks came from the prefix cache.
+    pub(crate) cached_tokens: usize,
 }
 
 /// The events of one request, possibly of several prompts.
@@ -85,11 +94,32 @@ pub(crate) struct Job {
     /// When the last awaited event arrived.
     now: Instant,
     pub(crate) completion_tokens: usize,
+    /// Prompt tokens each prompt's request found in the prefix cache (from its final usage).
+    cached_tokens: Vec<usize>,
 }
 
 /// Events queued per choice of a stream (at least twice its stream interval) before the engine
 /// holds the request back until they are taken.
 const QUEUED_PER_CHOICE: usize = 64;
+
+/// The engine's [`Request::cache_salt`] for a request: with `--prefix-cache-scope principal`
+/// the requesting credential and the client's `cache_salt` (each hashed, so the result has a
+/// fixed length and neither part can imitate the other); with `global` the client's salt alone.
+/// Without authentication every request has the same principal, so the scopes coincide.
+fn engine_cache_salt(rec: &Record, client_salt: Option<&str>) -> Option<String> {
+    use crate::engine::sequence::cache_salt_hash;
+    match rec.state.config.prefix_cache_scope {
+        PrefixCacheScope::Global => client_salt.map(str::to_owned),
+        PrefixCacheScope::Principal => {
+            let who = rec.principal.as_ref().map_or("", |p| p.name.as_str());
+            Some(format!(
+                "principal:{:016x}:{:016x}",
+                cache_salt_hash(who),
+                client_salt.map_or(0, cache_salt_hash)
+            ))
+        }
+    }
+}
 
 /// Submits one engine request per prompt.
 pub(crate) fn submit(
@@ -97,8 +127,10 @@ pub(crate) fn submit(
     mut rec: Record,
     prompts: Vec<(Vec<u32>, Vec<Arc<ProcessedImage>>)>,
     params: Vec<SamplingParams>,
+    cache_salt: Option<&str>,
 ) -> Result<Job, ApiError> {
     let priority = rec.principal.as_ref().map_or(0, |p| p.priority);
+    let cache_salt = engine_cache_salt(&rec, cache_salt);
     let n = params.first().map_or(1, |p| p.n);
     let prompt_lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
     let mut streams = Vec::with_capacity(prompts.len());
@@ -108,6 +140,7 @@ pub(crate) fn submit(
             params,
             priority,
             images,
+            cache_salt: cache_salt.clone(),
         };
         match lease.engine.submit_request(req) {
             Ok(mut s) => {
@@ -157,6 +190,7 @@ pub(crate) fn submit(
         events,
         n,
         last: vec![None; n * prompt_lens.len()],
+        cached_tokens: vec![0; prompt_lens.len()],
         prompt_lens,
         lease,
         rec,
@@ -217,6 +251,9 @@ impl Job {
         }
         self.completion_tokens += out.token_ids.len();
         self.rec.completion_tokens = self.completion_tokens;
+        if let (Some(u), Some(c)) = (&out.usage, self.cached_tokens.get_mut(prompt)) {
+            *c = u.cached_prompt_tokens;
+        }
         Some(Ok((index, out)))
     }
 
@@ -226,6 +263,9 @@ impl Job {
             prompt_tokens,
             completion_tokens: self.completion_tokens,
             total_tokens: prompt_tokens + self.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached_tokens.iter().sum(),
+            },
         }
     }
 

@@ -63,7 +63,7 @@ use tokio::sync::watch;
 pub use audit::AuditConfig;
 pub use auth::{ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
-pub use config::{Limits, ServerConfig, MAX_STREAM_INTERVAL};
+pub use config::{Limits, PrefixCacheScope, ServerConfig, MAX_STREAM_INTERVAL};
 pub use models::{ModelEntry, ModelLease, ModelRegistry};
 pub use ratelimit::RateLimits;
 

@@ -79,6 +79,9 @@ pub(crate) struct Common {
     pub(crate) return_token_ids: Option<bool>,
     pub(crate) best_of: Option<usize>,
     pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
+    /// vLLM's prefix-cache isolation: only requests with the same salt (within the server's
+    /// `prefix_cache_scope`) reuse each other's cached prompt blocks.
+    pub(crate) cache_salt: Option<String>,
 }
 
 /// `POST /v1/completions`.
@@ -121,6 +124,18 @@ impl Common {
     /// Sampling parameters, except `max_tokens` (resolved against the context by
     /// [`resolve_max_tokens`]).
     pub(crate) fn params(&self, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+        if let Some(salt) = &self.cache_salt {
+            let max = crate::engine::MAX_CACHE_SALT_BYTES;
+            if salt.is_empty() || salt.len() > max {
+                return Err(ApiError::bad_param(
+                    "cache_salt",
+                    format!(
+                        "cache_salt must be a non-empty string of at most {max} bytes (got {})",
+                        salt.len()
+                    ),
+                ));
+            }
+        }
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
             return Err(ApiError::bad_param(
                 "logit_bias",
