@@ -14,6 +14,7 @@ use super::logprobs::CompletionLogprobs;
 use super::models::lease_or_404;
 use super::protocol::{
     check_logprobs, parse_json, prompts, resolve_max_tokens, tokenize_prompt, CompletionRequest,
+    PromptField, PromptInput,
 };
 use super::state::Record;
 use crate::engine::RequestOutput;
@@ -23,7 +24,7 @@ use crate::tokenizer::Tokenizer;
 const DEFAULT_MAX_TOKENS: usize = 16;
 
 pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let req: CompletionRequest = parse_json(body)?;
+    let mut req: CompletionRequest = parse_json(body)?;
     if req.echo == Some(true) {
         return Err(ApiError::bad_param("echo", "echo is not supported."));
     }
@@ -36,16 +37,20 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     rec.model = Some(lease.name.clone());
     let base = req.common.params(req.logprobs)?;
     if rec.wants_prompt_text() {
-        rec.prompt_text = req.prompt.as_ref().map(|p| match p {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        });
+        rec.prompt_text = match &req.prompt {
+            Some(PromptField::Inputs(inputs)) => Some(match &inputs[..] {
+                [PromptInput::Text(s)] => s.clone(),
+                _ => Value::from(inputs.iter().map(PromptInput::to_json).collect::<Vec<_>>())
+                    .to_string(),
+            }),
+            _ => None,
+        };
     }
     let tok = lease.engine.tokenizer().ok().cloned();
     let add_special = req.add_special_tokens.unwrap_or(true);
     let max_len = lease.engine.max_model_len();
     let requested = Some(req.common.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
-    let inputs = prompts(req.prompt.as_ref())?;
+    let inputs = prompts(req.prompt.take())?;
     // Before any tokenizing: a small body must not be able to queue unbounded work.
     let choices = state.check_choices(inputs.len(), base.n)?;
     let prep_tok = tok.clone();
