@@ -9,7 +9,7 @@
 //! With no `--model`, the bundled tiny model (random weights) is served as `glm4-tiny`.
 //!
 //! `--config FILE` reads a TOML file whose keys are the flags' names (`port = 8000`,
-//! `api-key = ["a", "b"]`, `tls-cert = "cert.pem"`, `max-num-seqs = 128`, `no-reuse-port = true`);
+//! `api-key = ["a", "b"]`, `tls-cert = "cert.pem"`, `max-num-seqs = 128`, `reuse-port = true`);
 //! flags on the command line override it. API keys with roles, priorities and limits come from
 //! `--api-keys-file`, a TOML file of `[[keys]]` tables (`key`, `name`, `role`, `priority`,
 //! `limits.requests_per_minute`, `limits.tokens_per_minute`).
@@ -155,9 +155,11 @@ struct Cli {
     /// Listen backlog.
     #[arg(long, default_value_t = 1024)]
     backlog: u32,
-    /// One shared listening socket instead of one SO_REUSEPORT socket per worker.
+    /// One SO_REUSEPORT socket per worker instead of one shared listening socket. Off by default:
+    /// with it, another process of the same user can bind the same port and silently take a share
+    /// of the connections.
     #[arg(long)]
-    no_reuse_port: bool,
+    reuse_port: bool,
     /// TCP keepalive idle seconds (0: off).
     #[arg(long, default_value_t = 60.0)]
     keepalive: f64,
@@ -297,7 +299,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
         c.listen.push(l.parse()?);
     }
     c.socket.backlog = cli.backlog;
-    c.socket.reuse_port = !cli.no_reuse_port;
+    c.socket.reuse_port = cli.reuse_port;
     c.socket.acceptors = workers;
     c.socket.keepalive = secs(cli.keepalive);
     c.socket.send_buffer_size = cli.send_buffer_size;

@@ -318,7 +318,10 @@ impl<H: HttpHandler> NetServer<H> {
             .listeners
             .iter()
             .filter_map(|l| match l.local_addr() {
-                Ok(BindAddr::Unix(p)) => Some(p),
+                Ok(BindAddr::Unix(p)) => {
+                    let id = super::listener::socket_file_id(&p);
+                    Some((p, id))
+                }
                 _ => None,
             })
             .collect();
@@ -331,8 +334,8 @@ impl<H: HttpHandler> NetServer<H> {
         for a in acceptors {
             let _ = a.await;
         }
-        for p in unix_paths {
-            let _ = std::fs::remove_file(p);
+        for (p, id) in unix_paths {
+            super::listener::remove_own_socket(&p, id);
         }
         let _ = tokio::time::timeout(grace, self.inner.wait_closed()).await;
         self.inner.phase.send_replace(Phase::Closed);

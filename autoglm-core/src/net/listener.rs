@@ -64,7 +64,10 @@ pub struct SocketOptions {
     /// Length of the kernel's queue of connections not yet accepted (capped by `somaxconn`).
     pub backlog: u32,
     /// Bind one socket per acceptor with `SO_REUSEPORT`, letting the kernel spread connections;
-    /// otherwise one socket is shared.
+    /// otherwise (the default) one socket is shared. Opt-in because `SO_REUSEPORT` also lets any
+    /// other process of the same user bind the port and silently take a share of the
+    /// connections (a second server on the same port got 7 requests in 10); without it a port in
+    /// use fails to bind.
     pub reuse_port: bool,
     /// Acceptor tasks per address (usually the number of runtime workers).
     pub acceptors: usize,
@@ -84,7 +87,7 @@ impl Default for SocketOptions {
     fn default() -> Self {
         SocketOptions {
             backlog: 1024,
-            reuse_port: true,
+            reuse_port: false,
             acceptors: 1,
             nodelay: true,
             keepalive: Some(Duration::from_secs(60)),
@@ -222,17 +225,47 @@ fn bind_unix(path: &std::path::Path, opts: &SocketOptions) -> io::Result<tokio::
     tokio::net::UnixListener::from_std(std)
 }
 
-/// Removes a leftover socket file (never a regular file) so a restart can bind again.
+/// Removes a leftover socket file so a restart can bind again: only a socket (never a regular
+/// file) that no server accepts on any more. A live server's socket is an error (`AddrInUse`):
+/// unlinking it would take over its path, and the old server would delete the new one's when it
+/// stops.
 fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "a running server accepts on this socket",
+            )),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+            Err(e) => Err(e),
+        },
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "a file that is not a socket is in the way",
         )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// What identifies a socket file: device, inode and change time to the nanosecond (filesystems
+/// hand a freed inode number straight to the next file, so the inode alone does not).
+pub(crate) type SocketFileId = (u64, u64, i64, i64);
+
+/// Identifies the socket file a listener created, so that a server removes only its own file at
+/// exit, never one another server has since bound at the same path.
+pub(crate) fn socket_file_id(path: &std::path::Path) -> Option<SocketFileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Removes the socket file at `path` if it is still the one `id` names.
+pub(crate) fn remove_own_socket(path: &std::path::Path, id: Option<SocketFileId>) {
+    if id.is_some() && socket_file_id(path) == id {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -292,6 +325,7 @@ mod tests {
     async fn reuseport_copies_share_the_port_and_options_stick() {
         let opts = SocketOptions {
             acceptors: 3,
+            reuse_port: true,
             backlog: 64,
             recv_buffer_size: Some(1 << 16),
             send_buffer_size: Some(1 << 16),
@@ -376,5 +410,56 @@ mod tests {
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!(lim.rlim_cur, new);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_an_error_unless_reuse_port_is_asked_for() {
+        let opts = SocketOptions {
+            acceptors: 2,
+            ..Default::default()
+        };
+        assert!(!opts.reuse_port, "reuse_port must be opt-in");
+        let first = bind(&"127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        assert_eq!(first.len(), 1, "one listener shared by the acceptors");
+        let port = first[0].local_addr().unwrap();
+        let e = bind(&port, &opts).expect_err("the port is taken");
+        assert!(e.to_string().contains(&port.to_string()), "{e}");
+        // Even a second server that asks for SO_REUSEPORT cannot join a socket that did not.
+        let shared = SocketOptions {
+            reuse_port: true,
+            ..opts.clone()
+        };
+        assert!(bind(&port, &shared).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_live_unix_socket_is_never_taken_over_and_only_our_own_file_is_removed() {
+        let dir = std::env::temp_dir().join(format!("autoglm-uds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let addr = BindAddr::Unix(path.clone());
+        let opts = SocketOptions::default();
+        let live = bind(&addr, &opts).unwrap();
+        let e = bind(&addr, &opts).expect_err("a live server socket");
+        assert!(e.to_string().contains("s.sock"), "{e}");
+        assert!(e.to_string().contains("running server"), "{e}");
+        assert!(path.exists(), "the live socket was not unlinked");
+        // Once nothing accepts on it, the file is stale and a restart binds again.
+        let old_id = socket_file_id(&path);
+        drop(live);
+        let new = bind(&addr, &opts).unwrap();
+        assert_ne!(socket_file_id(&path), old_id, "a new socket file");
+        // The old server removing "its" socket at exit leaves the new server's alone.
+        remove_own_socket(&path, old_id);
+        assert!(path.exists());
+        remove_own_socket(&path, socket_file_id(&path));
+        assert!(!path.exists());
+        drop(new);
+        // A regular file is never removed.
+        std::fs::write(&path, b"data").unwrap();
+        assert!(bind(&addr, &opts).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
