@@ -350,6 +350,8 @@ def test_unreadable_tls_files_are_server_errors(tmp_path: Path) -> None:
         ({"stream_interval": 0}, "stream_interval"),
         ({"stream_interval": 257}, "stream_interval"),
         ({"shutdown_grace": -1}, "shutdown_grace = -1"),
+        ({"shutdown_drain_delay": -1}, "shutdown_drain_delay = -1"),
+        ({"shutdown_drain_delay": 1e10}, "shutdown_drain_delay"),
         ({"request_timeout": float("nan")}, "request_timeout"),
         ({"requests_per_minute": 0}, "requests_per_minute = 0: must be > 0"),
         ({"tls_cert": "cert.pem"}, "tls_cert and tls_key"),

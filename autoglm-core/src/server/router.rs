@@ -222,7 +222,7 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, Ap
 }
 
 fn ready(state: &AppState) -> Result<Response<Body>, ApiError> {
-    if state.draining.load(Ordering::Relaxed) {
+    if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::overloaded("The server is shutting down."));
     }
     let names = state.models.names();
