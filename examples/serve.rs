@@ -154,6 +154,10 @@ struct Cli {
     /// rotation first (a Kubernetes preStop window; 0: stop accepting at once).
     #[arg(long, default_value_t = 5.0)]
     shutdown_drain_delay: f64,
+    /// Seconds DELETE /admin/models/NAME waits for the model's running requests before it stops
+    /// its engine, ending them and freeing its memory (0: wait forever).
+    #[arg(long, default_value_t = 30.0)]
+    unload_timeout: f64,
     /// Listen backlog.
     #[arg(long, default_value_t = 1024)]
     backlog: u32,
@@ -331,6 +335,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.stream_write_timeout = secs(cli.stream_write_timeout);
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     c.shutdown_drain_delay = non_negative_secs("--shutdown-drain-delay", cli.shutdown_drain_delay)?;
+    c.unload_timeout = non_negative_secs("--unload-timeout", cli.unload_timeout)?;
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {
             cert: cert.clone(),

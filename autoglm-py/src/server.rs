@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 29] = [
+const SERVER_OPTIONS: [&str; 30] = [
     "host",
     "port",
     "unix_socket",
@@ -59,6 +59,7 @@ const SERVER_OPTIONS: [&str; 29] = [
     "stream_write_timeout",
     "shutdown_grace",
     "shutdown_drain_delay",
+    "unload_timeout",
     "workers",
     "http_cores",
     "reuse_port",
@@ -310,7 +311,9 @@ enum State {
 /// stop once the listeners stop accepting; default 30; streams still running then end with an
 /// error event of code `server_shutdown` and `[DONE]`), `shutdown_drain_delay` (seconds between
 /// a graceful stop's start, when `/ready` turns 503, and the listeners' stop, while new
-/// connections are still served; default 5, 0: none), `stream_interval` (streamed token events written together; default 1),
+/// connections are still served; default 5, 0: none), `unload_timeout` (seconds `DELETE
+/// /admin/models/NAME` waits for the model's running requests before it stops its engine,
+/// ending them; default 30, 0: forever), `stream_interval` (streamed token events written together; default 1),
 /// `stream_write_timeout` (seconds a response's socket may take no byte before the connection is
 /// closed and its request cancelled; default 30, 0: none). `tokens_per_minute` reserves a
 /// request's prompt plus `max_tokens` for each choice when it is admitted and gives back what it
@@ -521,6 +524,7 @@ impl Server {
         stream_write_timeout = None,
         shutdown_grace = None,
         shutdown_drain_delay = None,
+        unload_timeout = None,
         workers = None,
         http_cores = None,
         reuse_port = None,
@@ -536,7 +540,7 @@ impl Server {
         max_connections_per_ip=None, max_concurrent_requests=None, max_waiting_requests=None, \
         max_choices_per_request=None, max_body_bytes=None, request_timeout=None, \
         idle_timeout=None, stream_interval=None, stream_write_timeout=None, shutdown_grace=None, \
-        shutdown_drain_delay=None, workers=None, http_cores=None, \
+        shutdown_drain_delay=None, unload_timeout=None, workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -568,6 +572,7 @@ impl Server {
         stream_write_timeout: Option<&Bound<'_, PyAny>>,
         shutdown_grace: Option<&Bound<'_, PyAny>>,
         shutdown_drain_delay: Option<&Bound<'_, PyAny>>,
+        unload_timeout: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
         http_cores: Option<&Bound<'_, PyAny>>,
         reuse_port: Option<bool>,
@@ -794,6 +799,9 @@ impl Server {
             }
             if let Some(s) = opt_number("shutdown_drain_delay", shutdown_drain_delay)? {
                 c.shutdown_drain_delay = timeout(s);
+            }
+            if let Some(s) = opt_number("unload_timeout", unload_timeout)? {
+                c.unload_timeout = timeout(s);
             }
             c.validate().map_err(server_err)?;
 

@@ -352,6 +352,8 @@ def test_unreadable_tls_files_are_server_errors(tmp_path: Path) -> None:
         ({"shutdown_grace": -1}, "shutdown_grace = -1"),
         ({"shutdown_drain_delay": -1}, "shutdown_drain_delay = -1"),
         ({"shutdown_drain_delay": 1e10}, "shutdown_drain_delay"),
+        ({"unload_timeout": -1}, "unload_timeout = -1"),
+        ({"unload_timeout": 1e10}, "unload_timeout"),
         ({"request_timeout": float("nan")}, "request_timeout"),
         ({"requests_per_minute": 0}, "requests_per_minute = 0: must be > 0"),
         ({"tls_cert": "cert.pem"}, "tls_cert and tls_key"),

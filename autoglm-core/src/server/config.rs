@@ -86,6 +86,11 @@ pub struct ServerConfig {
     /// stop accepting at once.
     #[serde(with = "secs_opt")]
     pub shutdown_drain_delay: Option<Duration>,
+    /// `DELETE /admin/models/{name}` waits this long at most for the model's running requests
+    /// to finish; then its engine is stopped, which ends them (a stream gets an error event, or
+    /// nothing if its client does not read) and frees the model's memory. `None` waits forever.
+    #[serde(with = "secs_opt")]
+    pub unload_timeout: Option<Duration>,
     /// Raise the open-file limit to its hard maximum at start.
     pub raise_nofile_limit: bool,
     /// Threads that tokenize prompts and render chat templates for large requests, off the
@@ -123,6 +128,7 @@ impl Default for ServerConfig {
             audit: None,
             shutdown_grace: Some(Duration::from_secs(30)),
             shutdown_drain_delay: Some(Duration::from_secs(5)),
+            unload_timeout: Some(Duration::from_secs(30)),
             prep_threads: 0,
             prep_cores: Vec::new(),
             prep_queue: 64,
@@ -144,6 +150,7 @@ impl ServerConfig {
             ("limits.request_timeout", self.limits.request_timeout),
             ("shutdown_grace", self.shutdown_grace),
             ("shutdown_drain_delay", self.shutdown_drain_delay),
+            ("unload_timeout", self.unload_timeout),
             ("stream_write_timeout", self.stream_write_timeout),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.idle_timeout", self.http.idle_timeout),
@@ -325,6 +332,12 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("shutdown_drain_delay"), "{e}");
         c.shutdown_drain_delay = Some(Duration::ZERO);
+        c.validate().unwrap();
+        assert_eq!(c.unload_timeout, Some(Duration::from_secs(30)));
+        c.unload_timeout = Some(Duration::MAX);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("unload_timeout"), "{e}");
+        c.unload_timeout = None;
         c.validate().unwrap();
     }
 }

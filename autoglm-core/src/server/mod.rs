@@ -64,7 +64,7 @@ pub use audit::AuditConfig;
 pub use auth::{ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
 pub use config::{Limits, ServerConfig, MAX_STREAM_INTERVAL};
-pub use models::{ModelEntry, ModelLease, ModelRegistry};
+pub use models::{ModelEntry, ModelLease, ModelRegistry, Unload};
 pub use ratelimit::RateLimits;
 
 use crate::error::Result;

@@ -507,6 +507,7 @@ class Server:
         stream_write_timeout: float | None = None,
         shutdown_grace: float | None = None,
         shutdown_drain_delay: float | None = None,
+        unload_timeout: float | None = None,
         workers: int | None = None,
         http_cores: Sequence[int] | None = None,
         reuse_port: bool | None = None,
