@@ -326,6 +326,40 @@ async fn shutdown_drains_then_ends_long_streams_with_an_error_event() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_streamed_request_running_past_the_shutdown_grace_gets_a_503() {
+    let mut cfg = loopback_config();
+    cfg.shutdown_grace = Some(Duration::from_millis(300));
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let long = tokio::spawn(async move {
+        post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": [1, 2, 3], "n": 64, "max_tokens": 4000, "ignore_eos": true}),
+        )
+        .await
+    });
+    eventually("the request to run", async || {
+        metric(
+            &get(a, "/metrics").await.text(),
+            "autoglm_num_requests_running{",
+        ) > 0.0
+    })
+    .await;
+    srv.handle.shutdown();
+    let r = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("answered at the grace's end")
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error()["code"], "server_shutdown");
+    tokio::time::timeout(Duration::from_secs(10), srv.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 /// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8), with a receive
 /// buffer of `rcvbuf` bytes when given.
 async fn connect_from(
