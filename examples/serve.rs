@@ -144,7 +144,9 @@ struct Cli {
     /// connection is closed and its request cancelled (0: wait forever).
     #[arg(long, default_value_t = 30.0)]
     stream_write_timeout: f64,
-    /// Seconds open requests get to finish on SIGTERM/SIGINT.
+    /// Seconds open requests get to finish on SIGTERM/SIGINT once the listeners stop accepting
+    /// (after --shutdown-drain-delay); streams still running then end with an error event
+    /// (code server_shutdown) and [DONE], other requests get a 503.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
     /// Which requests may reuse each other's cached prompt blocks: `principal` (one API key or
@@ -152,6 +154,15 @@ struct Cli {
     /// (all share, as vLLM does). A request's `cache_salt` narrows either.
     #[arg(long, default_value = "principal")]
     prefix_cache_scope: String,
+    /// Seconds between SIGTERM/SIGINT and the listeners' stop: /ready answers 503 at once while
+    /// new connections are still accepted and served, so load balancers take the instance out of
+    /// rotation first (a Kubernetes preStop window; 0: stop accepting at once).
+    #[arg(long, default_value_t = 5.0)]
+    shutdown_drain_delay: f64,
+    /// Seconds DELETE /admin/models/NAME waits for the model's running requests before it stops
+    /// its engine, ending them and freeing its memory (0: wait forever).
+    #[arg(long, default_value_t = 30.0)]
+    unload_timeout: f64,
     /// Listen backlog.
     #[arg(long, default_value_t = 1024)]
     backlog: u32,
@@ -267,6 +278,18 @@ fn secs(x: f64) -> Option<Duration> {
     (x > 0.0).then(|| Duration::try_from_secs_f64(x).unwrap_or(Duration::MAX))
 }
 
+/// Seconds of a flag that must be a non-negative number (0: none); out-of-range large values are
+/// left to `ServerConfig::validate`, which names the field.
+fn non_negative_secs(flag: &str, x: f64) -> Result<Option<Duration>, Error> {
+    if x.is_nan() || x < 0.0 {
+        return Err(Error::config(
+            flag,
+            format!("{x} (must be a number of seconds, 0 or more)"),
+        ));
+    }
+    Ok(secs(x))
+}
+
 fn read(path: &PathBuf) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|e| Error::Io {
         path: path.clone(),
@@ -319,6 +342,8 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.stream_write_timeout = secs(cli.stream_write_timeout);
     c.prefix_cache_scope = cli.prefix_cache_scope.parse()?;
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
+    c.shutdown_drain_delay = non_negative_secs("--shutdown-drain-delay", cli.shutdown_drain_delay)?;
+    c.unload_timeout = non_negative_secs("--unload-timeout", cli.unload_timeout)?;
     if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
         c.tls = Some(TlsFiles {
             cert: cert.clone(),
@@ -486,10 +511,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             source: e,
         })?;
         let grace = config.shutdown_grace.unwrap_or_default();
+        let drain = config.shutdown_drain_delay.unwrap_or_default();
         tokio::spawn(async move {
             let name = signal.await;
             eprintln!(
-                "{name}: stopping; open requests get {:.0}s to finish",
+                "{name}: stopping; /ready fails now, new connections are accepted for {:.0}s, \
+                 then open requests get {:.0}s to finish",
+                drain.as_secs_f64(),
                 grace.as_secs_f64()
             );
             handle.shutdown();

@@ -119,3 +119,96 @@ async fn models_by_name_load_and_unload() {
     assert_eq!(post(a, "/v1/completions", &ask("null")).await.status, 200);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloading_a_model_a_stalled_client_holds_is_bounded_by_the_unload_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = loopback_config();
+    cfg.unload_timeout = Some(Duration::from_secs(2));
+    cfg.socket.send_buffer_size = Some(4096);
+    let srv = start(
+        cfg,
+        vec![
+            ("cpu", cpu_engine()),
+            ("null", null_engine(engine_config())),
+        ],
+    );
+    let a = srv.addr;
+    let engine = srv.models.lease(Some("cpu")).unwrap().engine.clone();
+
+    // A client with a small receive buffer reads the response head of a long stream, then nothing.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(a).await.unwrap();
+    let body = json!({"model": "cpu", "prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": true,
+                      "temperature": 0, "stream": true})
+    .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut byte))
+            .await
+            .expect("the response head in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    eventually("the stalled request to be held back", async || {
+        metric(
+            &get(a, "/metrics").await.text(),
+            "autoglm_num_requests_paused{model=\"cpu\"}",
+        ) == 1.0
+    })
+    .await;
+
+    let t = std::time::Instant::now();
+    let delete = tokio::spawn(async move { send(a, "DELETE", "/admin/models/cpu", &[], "").await });
+    // While it drains: not offered for new requests, still in the metrics, and a second DELETE
+    // says it is under way.
+    eventually("cpu to leave the list", async || {
+        !get(a, "/v1/models").await.text().contains("\"cpu\"")
+    })
+    .await;
+    let m = get(a, "/metrics").await.text();
+    assert_eq!(
+        metric(&m, "autoglm_model_draining{model=\"cpu\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "autoglm_model_draining{model=\"null\"}"), 0.0);
+    assert!(metric(&m, "autoglm_kv_blocks_used{model=\"cpu\"}") > 0.0);
+    let again = send(a, "DELETE", "/admin/models/cpu", &[], "").await;
+    assert_eq!(again.status, 202, "{}", again.text());
+    assert_eq!(again.json()["unloading"], true);
+    assert_eq!(get(a, "/v1/models/cpu").await.status, 404);
+    let ask = json!({"model": "cpu", "prompt": [277], "max_tokens": 1});
+    assert_eq!(post(a, "/v1/completions", &ask).await.status, 404);
+
+    // At the timeout what is left is ended and the engine stopped, though the client still
+    // holds its connection and reads nothing.
+    let r = tokio::time::timeout(Duration::from_secs(20), delete)
+        .await
+        .expect("the unload ends at its timeout")
+        .unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["deleted"], true);
+    assert_eq!(r.json()["cancelled_requests"], 1);
+    assert!(engine.is_stopped(), "the engine thread was joined");
+    assert!(engine.submit(vec![1], Default::default()).is_err());
+    let m = get(a, "/metrics").await.text();
+    assert!(!m.contains("model=\"cpu\""), "{m}");
+    assert_eq!(
+        send(a, "DELETE", "/admin/models/cpu", &[], "").await.status,
+        404
+    );
+    let ask = json!({"model": "null", "prompt": [277], "max_tokens": 1});
+    assert_eq!(post(a, "/v1/completions", &ask).await.status, 200);
+    drop(s);
+    srv.stop().await;
+}

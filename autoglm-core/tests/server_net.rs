@@ -231,8 +231,11 @@ async fn graceful_shutdown_finishes_streams_then_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_deadline_cuts_long_streams() {
+async fn shutdown_drains_then_ends_long_streams_with_an_error_event() {
+    const DRAIN: Duration = Duration::from_millis(1000);
     let mut cfg = loopback_config();
+    cfg.shutdown_drain_delay = Some(DRAIN);
+    // Short: the stream (64 choices of 4,000 tokens) must still run when the grace ends.
     cfg.shutdown_grace = Some(Duration::from_millis(300));
     let srv = start(cfg, vec![(MODEL, cpu_engine())]);
     let io = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
@@ -246,21 +249,72 @@ async fn shutdown_deadline_cuts_long_streams() {
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let mut body = tx.send_request(req).await.unwrap().into_body();
-    body.frame().await.unwrap().unwrap();
+    // The client reads its stream all along.
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(f) => seen.extend_from_slice(&f.into_data().unwrap_or_default()),
+                Err(e) => return Err((e.to_string(), seen)),
+            }
+        }
+        Ok(seen)
+    });
     let models = srv.models.clone();
     let t = std::time::Instant::now();
     srv.handle.shutdown();
+
+    // During the drain delay /ready fails at once, yet new connections are accepted and served
+    // (the load balancer may not have noticed yet).
+    let ready = get(srv.addr, "/ready").await;
+    assert_eq!(ready.status, 503);
+    let (prompt, greedy) = greedy_case(0);
+    let late = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": greedy.len(), "temperature": 0,
+                "ignore_eos": true, "return_token_ids": true}),
+    )
+    .await;
+    assert_eq!(late.status, 200, "{}", late.text());
+    assert_eq!(late.json()["choices"][0]["token_ids"], json!(greedy));
+    assert!(t.elapsed() < DRAIN, "the checks ran past the drain delay");
+    // Then the listeners stop.
+    eventually("the listeners to close", async || {
+        tokio::net::TcpStream::connect(srv.addr).await.is_err()
+    })
+    .await;
+    assert!(t.elapsed() >= DRAIN, "closed before the drain delay");
+
     tokio::time::timeout(Duration::from_secs(10), srv.task)
         .await
         .unwrap()
         .unwrap();
-    assert!(t.elapsed() < Duration::from_secs(5));
-    // The client sees its stream end without [DONE]; the engine frees the blocks.
-    let mut tail = Vec::new();
-    while let Some(Ok(f)) = body.frame().await {
-        tail.extend_from_slice(&f.into_data().unwrap_or_default());
-    }
-    assert!(!String::from_utf8_lossy(&tail).contains("[DONE]"));
+    assert!(t.elapsed() < DRAIN + Duration::from_secs(4));
+    // The stream still running at the grace's end got an error event, then [DONE], then a clean
+    // end of its chunked body.
+    let seen = reader
+        .await
+        .unwrap()
+        .unwrap_or_else(|(e, seen)| panic!("{e} after {}", String::from_utf8_lossy(&seen)));
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "{}",
+        &text[text.len().saturating_sub(500)..]
+    );
+    let events = sse_events(&seen);
+    let last = events.last().expect("events");
+    assert_eq!(last["error"]["code"], "server_shutdown", "{last}");
+    assert_eq!(last["error"]["type"], "server_error", "{last}");
+    let finished = events
+        .iter()
+        .filter(|e| e["choices"][0]["finish_reason"] == "length")
+        .count();
+    assert!(
+        finished < 64,
+        "the stream ran to its end before the grace did"
+    );
     let engine = models.lease(None).unwrap();
     eventually("KV blocks to be freed", async || {
         engine
@@ -271,6 +325,40 @@ async fn shutdown_deadline_cuts_long_streams() {
             == 0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_streamed_request_running_past_the_shutdown_grace_gets_a_503() {
+    let mut cfg = loopback_config();
+    cfg.shutdown_grace = Some(Duration::from_millis(300));
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let long = tokio::spawn(async move {
+        post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": [1, 2, 3], "n": 64, "max_tokens": 4000, "ignore_eos": true}),
+        )
+        .await
+    });
+    eventually("the request to run", async || {
+        metric(
+            &get(a, "/metrics").await.text(),
+            "autoglm_num_requests_running{",
+        ) > 0.0
+    })
+    .await;
+    srv.handle.shutdown();
+    let r = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("answered at the grace's end")
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error()["code"], "server_shutdown");
+    tokio::time::timeout(Duration::from_secs(10), srv.task)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 /// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8), with a receive

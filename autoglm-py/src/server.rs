@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 28] = [
+const SERVER_OPTIONS: [&str; 30] = [
     "host",
     "port",
     "unix_socket",
@@ -58,6 +58,8 @@ const SERVER_OPTIONS: [&str; 28] = [
     "stream_interval",
     "stream_write_timeout",
     "shutdown_grace",
+    "shutdown_drain_delay",
+    "unload_timeout",
     "workers",
     "http_cores",
     "reuse_port",
@@ -306,7 +308,12 @@ enum State {
 /// (choices in flight: a request counts its prompts times n), `max_waiting_requests`,
 /// `max_choices_per_request` (default 128), `max_body_bytes`, `request_timeout` and
 /// `idle_timeout` (seconds; 0: none), `shutdown_grace` (seconds open requests get on a graceful
-/// stop; default 30), `stream_interval` (streamed token events written together; default 1),
+/// stop once the listeners stop accepting; default 30; streams still running then end with an
+/// error event of code `server_shutdown` and `[DONE]`), `shutdown_drain_delay` (seconds between
+/// a graceful stop's start, when `/ready` turns 503, and the listeners' stop, while new
+/// connections are still served; default 0 here, 5 for `autoglm serve`), `unload_timeout` (seconds `DELETE
+/// /admin/models/NAME` waits for the model's running requests before it stops its engine,
+/// ending them; default 30, 0: forever), `stream_interval` (streamed token events written together; default 1),
 /// `stream_write_timeout` (seconds a response's socket may take no byte before the connection is
 /// closed and its request cancelled; default 30, 0: none). `tokens_per_minute` reserves a
 /// request's prompt plus `max_tokens` for each choice when it is admitted and gives back what it
@@ -516,6 +523,8 @@ impl Server {
         stream_interval = None,
         stream_write_timeout = None,
         shutdown_grace = None,
+        shutdown_drain_delay = None,
+        unload_timeout = None,
         workers = None,
         http_cores = None,
         reuse_port = None,
@@ -531,7 +540,7 @@ impl Server {
         max_connections_per_ip=None, max_concurrent_requests=None, max_waiting_requests=None, \
         max_choices_per_request=None, max_body_bytes=None, request_timeout=None, \
         idle_timeout=None, stream_interval=None, stream_write_timeout=None, shutdown_grace=None, \
-        workers=None, http_cores=None, \
+        shutdown_drain_delay=None, unload_timeout=None, workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -562,6 +571,8 @@ impl Server {
         stream_interval: Option<&Bound<'_, PyAny>>,
         stream_write_timeout: Option<&Bound<'_, PyAny>>,
         shutdown_grace: Option<&Bound<'_, PyAny>>,
+        shutdown_drain_delay: Option<&Bound<'_, PyAny>>,
+        unload_timeout: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
         http_cores: Option<&Bound<'_, PyAny>>,
         reuse_port: Option<bool>,
@@ -653,6 +664,11 @@ impl Server {
                 None => (ServerConfig::default(), serde_json::Value::Null),
             };
             let given = |pointer: &str| base.pointer(pointer).is_some();
+            // Embedded in a Python program, stop() / `with` end at once by default; the drain
+            // delay is for a process a load balancer sends traffic to (`autoglm serve` sets 5 s).
+            if !given("/shutdown_drain_delay") {
+                c.shutdown_drain_delay = None;
+            }
 
             let extra_listen = if given("/listen") {
                 std::mem::take(&mut c.listen)
@@ -786,6 +802,12 @@ impl Server {
             if let Some(s) = opt_number("shutdown_grace", shutdown_grace)? {
                 c.shutdown_grace = Some(timeout(s).unwrap_or_default());
             }
+            if let Some(s) = opt_number("shutdown_drain_delay", shutdown_drain_delay)? {
+                c.shutdown_drain_delay = timeout(s);
+            }
+            if let Some(s) = opt_number("unload_timeout", unload_timeout)? {
+                c.unload_timeout = timeout(s);
+            }
             c.validate().map_err(server_err)?;
 
             Ok(Server {
@@ -854,9 +876,9 @@ impl Server {
         })
     }
 
-    /// Asks the server to stop and returns at once (safe in a signal handler): it stops
-    /// accepting, refuses new generations, and lets open requests finish within
-    /// `shutdown_grace` seconds; with `force=True` it closes every connection now. During
+    /// Asks the server to stop and returns at once (safe in a signal handler): `/ready` answers
+    /// 503 at once, the listeners go on accepting for `shutdown_drain_delay` seconds, then stop
+    /// and new generations are refused, and open requests get `shutdown_grace` seconds to finish; with `force=True` it closes every connection now. During
     /// `start()` it makes `start()` give up. `wait()` tells when it is done; `stop()` waits and
     /// releases the threads.
     #[pyo3(signature = (force = false))]
@@ -1002,6 +1024,14 @@ impl Server {
     #[getter]
     fn shutdown_grace(&self) -> f64 {
         self.config.shutdown_grace.map_or(0.0, |d| d.as_secs_f64())
+    }
+
+    /// Seconds a graceful stop keeps accepting (with `/ready` failing) before the listeners stop.
+    #[getter]
+    fn shutdown_drain_delay(&self) -> f64 {
+        self.config
+            .shutdown_drain_delay
+            .map_or(0.0, |d| d.as_secs_f64())
     }
 
     /// Starts the server unless it is running.

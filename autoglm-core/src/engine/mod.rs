@@ -204,6 +204,23 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
+    /// Stops the engine now, whoever else holds a handle: the engine loop fails what is in flight
+    /// (their streams end with [`Error::EngineShutdown`]), frees its model and KV cache and
+    /// returns; this joins its thread. Later submissions fail with `EngineShutdown`. Blocking;
+    /// idempotent.
+    pub fn stop(&self) {
+        let _ = self.shared.commands.send(Command::Shutdown);
+        let thread = self.shared.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether the engine thread has been stopped ([`Engine::stop`]).
+    pub fn is_stopped(&self) -> bool {
+        self.shared.thread.lock().map_or(true, |t| t.is_none())
+    }
+
     /// Loads a checkpoint directory (config, weights, tokenizer) on the configured device and starts
     /// the engine thread.
     pub fn from_dir(dir: &Path, config: EngineConfig) -> Result<Engine> {

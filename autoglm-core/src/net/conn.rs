@@ -314,6 +314,18 @@ impl<H: HttpHandler> NetServer<H> {
     /// Serves until `shutdown` completes, then stops accepting, lets open requests finish for up
     /// to `grace`, closes what is left and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>, grace: Duration) {
+        self.run_with(shutdown, grace, || ()).await
+    }
+
+    /// [`run`](NetServer::run), calling `at_grace_end` when `grace` has passed with connections
+    /// still open: the application can end its responses then (a stream's final event), and gets
+    /// up to 2 s for them to be written before the connections are closed.
+    pub async fn run_with(
+        self,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+        at_grace_end: impl FnOnce(),
+    ) {
         let unix_paths: Vec<_> = self
             .listeners
             .iter()
@@ -337,7 +349,13 @@ impl<H: HttpHandler> NetServer<H> {
         for (p, id) in unix_paths {
             super::listener::remove_own_socket(&p, id);
         }
-        let _ = tokio::time::timeout(grace, self.inner.wait_closed()).await;
+        if tokio::time::timeout(grace, self.inner.wait_closed())
+            .await
+            .is_err()
+        {
+            at_grace_end();
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.wait_closed()).await;
+        }
         self.inner.phase.send_replace(Phase::Closed);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.wait_closed()).await;
     }

@@ -74,9 +74,23 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// Audit log.
     pub audit: Option<AuditConfig>,
-    /// On shutdown, how long open requests may take to finish.
+    /// On shutdown, how long open requests may take to finish once the listeners have stopped
+    /// accepting (after `shutdown_drain_delay`). A stream still running then ends with an error
+    /// event (code `server_shutdown`) and `[DONE]`, a non-streamed request gets a 503; the
+    /// process is done within `shutdown_drain_delay + shutdown_grace` and about 2 s.
     #[serde(with = "secs_opt")]
     pub shutdown_grace: Option<Duration>,
+    /// On shutdown, `/ready` answers 503 at once, but the listeners go on accepting (and serving)
+    /// for this long before they stop, so that load balancers see the failing probe and take the
+    /// instance out of rotation first (the preStop window of a Kubernetes rollout). `None` or 0:
+    /// stop accepting at once.
+    #[serde(with = "secs_opt")]
+    pub shutdown_drain_delay: Option<Duration>,
+    /// `DELETE /admin/models/{name}` waits this long at most for the model's running requests
+    /// to finish; then its engine is stopped, which ends them (a stream gets an error event, or
+    /// nothing if its client does not read) and frees the model's memory. `None` waits forever.
+    #[serde(with = "secs_opt")]
+    pub unload_timeout: Option<Duration>,
     /// Raise the open-file limit to its hard maximum at start.
     pub raise_nofile_limit: bool,
     /// Threads that tokenize prompts and render chat templates for large requests, off the
@@ -146,6 +160,8 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             audit: None,
             shutdown_grace: Some(Duration::from_secs(30)),
+            shutdown_drain_delay: Some(Duration::from_secs(5)),
+            unload_timeout: Some(Duration::from_secs(30)),
             prep_threads: 0,
             prep_cores: Vec::new(),
             prep_queue: 64,
@@ -167,6 +183,8 @@ impl ServerConfig {
             ("limits.body_read_timeout", self.limits.body_read_timeout),
             ("limits.request_timeout", self.limits.request_timeout),
             ("shutdown_grace", self.shutdown_grace),
+            ("shutdown_drain_delay", self.shutdown_drain_delay),
+            ("unload_timeout", self.unload_timeout),
             ("stream_write_timeout", self.stream_write_timeout),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.idle_timeout", self.http.idle_timeout),
@@ -337,6 +355,23 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("stream_write_timeout"), "{e}");
         c.stream_write_timeout = None;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn shutdown_and_unload_durations_are_checked_by_name() {
+        let mut c = ServerConfig::default();
+        assert_eq!(c.shutdown_drain_delay, Some(Duration::from_secs(5)));
+        c.shutdown_drain_delay = Some(Duration::from_secs_f64(1e10));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("shutdown_drain_delay"), "{e}");
+        c.shutdown_drain_delay = Some(Duration::ZERO);
+        c.validate().unwrap();
+        assert_eq!(c.unload_timeout, Some(Duration::from_secs(30)));
+        c.unload_timeout = Some(Duration::MAX);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("unload_timeout"), "{e}");
+        c.unload_timeout = None;
         c.validate().unwrap();
     }
 }

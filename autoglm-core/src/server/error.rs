@@ -135,6 +135,18 @@ impl ApiError {
         e
     }
 
+    /// A request still running when the shutdown grace ran out.
+    pub(crate) fn shutting_down() -> Self {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "The server shut down before the request finished; retry it on another instance.",
+        )
+        .with_code("server_shutdown");
+        e.retry_after = Some(1);
+        e
+    }
+
     pub(crate) fn timeout(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout_error", message).with_code("timeout")
     }

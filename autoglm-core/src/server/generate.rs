@@ -88,6 +88,8 @@ pub(crate) struct Job {
     pub(crate) lease: ModelLease,
     pub(crate) rec: Record,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Turns true when the shutdown grace runs out.
+    ending: tokio::sync::watch::Receiver<bool>,
     first_token: bool,
     /// When each choice last produced output (for inter-token latency).
     last: Vec<Option<Instant>>,
@@ -186,8 +188,10 @@ pub(crate) fn submit(
         .limits
         .request_timeout
         .map(|t| Box::pin(tokio::time::sleep_until((rec.start + t).into())));
+    let ending = rec.state.ending.subscribe();
     Ok(Job {
         events,
+        ending,
         n,
         last: vec![None; n * prompt_lens.len()],
         cached_tokens: vec![0; prompt_lens.len()],
@@ -204,15 +208,20 @@ pub(crate) fn submit(
 impl Job {
     /// The next event as (choice index, output); `None` at the end.
     pub(crate) async fn next(&mut self) -> NextEvent {
-        let ev = match &mut self.deadline {
-            Some(d) => tokio::select! {
-                biased;
-                ev = self.events.next() => ev,
-                _ = d.as_mut() => {
-                    return Some(Err(ApiError::gateway_timeout("The request did not finish within the server's request timeout.")));
-                }
-            },
-            None => self.events.next().await,
+        let Job {
+            events,
+            deadline,
+            ending,
+            ..
+        } = self;
+        let ev = tokio::select! {
+            biased;
+            // First, so that a stream whose output keeps coming still ends at the grace's end.
+            _ = ending.wait_for(|e| *e) => return Some(Err(ApiError::shutting_down())),
+            ev = events.next() => ev,
+            _ = async { deadline.as_mut().expect("guarded").await }, if deadline.is_some() => {
+                return Some(Err(ApiError::gateway_timeout("The request did not finish within the server's request timeout.")));
+            }
         };
         self.now = Instant::now();
         self.account(ev)

@@ -99,6 +99,8 @@ impl Default for Metrics {
 /// A gauge value with its labels, gathered at render time.
 pub(crate) struct ModelGauges {
     pub(crate) model: String,
+    /// Being unloaded.
+    pub(crate) draining: bool,
     pub(crate) waiting: usize,
     pub(crate) running: usize,
     pub(crate) paused: usize,
@@ -232,7 +234,13 @@ impl Metrics {
             );
         }
         type Get = fn(&ModelGauges) -> u64;
-        let per_model: [(&str, &str, &str, Get); 11] = [
+        let per_model: [(&str, &str, &str, Get); 12] = [
+            (
+                "autoglm_model_draining",
+                "gauge",
+                "1 while the model is being unloaded (no new requests; those running may finish until the unload timeout).",
+                |g| g.draining as u64,
+            ),
             (
                 "autoglm_num_requests_waiting",
                 "gauge",

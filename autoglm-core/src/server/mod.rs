@@ -54,7 +54,7 @@ mod router;
 mod state;
 mod tokenize;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ pub use audit::AuditConfig;
 pub use auth::{ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
 pub use config::{Limits, PrefixCacheScope, ServerConfig, MAX_STREAM_INTERVAL};
-pub use models::{ModelEntry, ModelLease, ModelRegistry};
+pub use models::{ModelEntry, ModelLease, ModelRegistry, Unload};
 pub use ratelimit::RateLimits;
 
 use crate::error::Result;
@@ -77,8 +77,11 @@ use state::AppState;
 pub struct ServerHandle(Arc<watch::Sender<bool>>);
 
 impl ServerHandle {
-    /// Begins graceful shutdown: stop accepting, refuse new generations, let open requests finish
-    /// within the configured grace period, then close.
+    /// Begins graceful shutdown: `/ready` answers 503 at once; the listeners go on accepting for
+    /// [`ServerConfig::shutdown_drain_delay`], then stop and new generations are refused; open
+    /// requests get [`ServerConfig::shutdown_grace`] to finish, after which a stream still running
+    /// ends with an error event (code `server_shutdown`) and `[DONE]`, and a non-streamed request
+    /// gets a 503; then the connections close.
     pub fn shutdown(&self) {
         self.0.send_replace(true);
     }
@@ -130,7 +133,9 @@ impl Server {
             limiter: ratelimit::RateLimiter::default(),
             audit,
             prep: prep::PrepPool::new(config.prep_threads, &config.prep_cores, config.prep_queue)?,
+            shutting_down: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            ending: watch::Sender::new(false),
             in_flight: AtomicUsize::new(0),
             net: OnceLock::new(),
             id_prefix: format!("{:016x}", splitmix(seed)),
@@ -175,16 +180,25 @@ impl Server {
         let state = self.state.clone();
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
-            state
-                .draining
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            state.shutting_down.store(true, Ordering::Relaxed);
+            // Load balancers see /ready fail and stop sending; meanwhile whatever still arrives
+            // is served.
+            if let Some(delay) = state.config.shutdown_drain_delay {
+                tokio::time::sleep(delay).await;
+            }
+            state.draining.store(true, Ordering::Relaxed);
         };
         let grace = self
             .state
             .config
             .shutdown_grace
             .unwrap_or(Duration::from_secs(0));
-        self.net.run(shutdown, grace).await;
+        let state = self.state.clone();
+        self.net
+            .run_with(shutdown, grace, move || {
+                state.ending.send_replace(true);
+            })
+            .await;
     }
 }
 

@@ -1,12 +1,15 @@
 //! The models a server serves, chosen by a request's `model` field, loaded and unloaded at run time.
 //!
-//! Every request holds a [`ModelLease`] until its last byte; unloading removes the name at once (new
-//! requests get a 404), waits until the leases are gone, then stops the engine.
+//! Every request holds a [`ModelLease`] until its last byte. Unloading marks the model draining at
+//! once (new requests get a 404, `/v1/models` no longer lists it, `/metrics` shows it with
+//! `autoglm_model_draining` 1), waits until the leases are gone, at most the unload timeout, then
+//! stops the engine, which ends whatever still runs on it (a client that does not read cannot
+//! keep the engine and its memory), and removes the name.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -32,6 +35,8 @@ pub struct ModelEntry {
     pub created: u64,
     active: AtomicUsize,
     idle: Notify,
+    /// Being unloaded: no new lease, not listed, still in the metrics.
+    draining: AtomicBool,
 }
 
 /// Keeps a model loaded while a request uses it.
@@ -61,6 +66,16 @@ impl Drop for ModelLease {
 }
 
 impl ModelEntry {
+    /// Whether it is being unloaded.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Requests holding a lease on it.
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
     async fn wait_idle(&self) {
         loop {
             let notified = self.idle.notified();
@@ -116,6 +131,7 @@ impl ModelRegistry {
             created: unix_now(),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            draining: AtomicBool::new(false),
         }));
         Ok(())
     }
@@ -132,16 +148,21 @@ impl ModelRegistry {
         self.add(name, engine, Some(dir.to_owned()))
     }
 
-    /// Whether `name` is served.
+    /// Whether `name` is loaded (served, or being unloaded).
     pub fn contains(&self, name: &str) -> bool {
         self.snapshot().iter().any(|m| m.name == name)
     }
 
-    /// Names of the served models.
+    /// Names of the served models (not those being unloaded).
     pub fn names(&self) -> Vec<String> {
-        self.snapshot().iter().map(|m| m.name.clone()).collect()
+        self.snapshot()
+            .iter()
+            .filter(|m| !m.is_draining())
+            .map(|m| m.name.clone())
+            .collect()
     }
 
+    /// Every loaded model, those being unloaded included.
     pub(crate) fn snapshot(&self) -> Vec<Arc<ModelEntry>> {
         self.models
             .read()
@@ -152,24 +173,78 @@ impl ModelRegistry {
     /// Leases `name`, or the default (first) model when `None`.
     pub fn lease(&self, name: Option<&str>) -> Option<ModelLease> {
         let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        let mut serving = models.iter().filter(|m| !m.is_draining());
         let entry = match name {
-            Some(n) => models.iter().find(|m| m.name == n),
-            None => models.first(),
+            Some(n) => serving.find(|m| m.name == n),
+            None => serving.next(),
         };
         entry.cloned().map(ModelLease::new)
     }
 
     /// Removes `name` from service and waits until no request uses it; returns the entry so the
-    /// caller decides where its engine is dropped (dropping joins the engine thread).
+    /// caller decides where its engine is dropped (dropping joins the engine thread). `None` when
+    /// it is not loaded or already being unloaded. [`unload_within`](Self::unload_within) bounds
+    /// the wait.
     pub async fn unload(&self, name: &str) -> Option<Arc<ModelEntry>> {
-        let entry = {
-            let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
-            let i = models.iter().position(|m| m.name == name)?;
-            models.remove(i)
-        };
-        entry.wait_idle().await;
-        Some(entry)
+        match self.unload_within(name, None).await {
+            Unload::Done { entry, .. } => Some(entry),
+            Unload::NotFound | Unload::AlreadyUnloading => None,
+        }
     }
+
+    /// Marks `name` draining (no new lease; still in the metrics) and waits until no request
+    /// uses it, at most `timeout` (`None`: without limit); past it the engine is stopped (joining
+    /// its thread, off the async workers), which ends the requests left and frees its model and
+    /// KV cache even while a client that does not read still holds its lease. Then the name is
+    /// removed.
+    pub async fn unload_within(&self, name: &str, timeout: Option<Duration>) -> Unload {
+        let entry = {
+            let models = self.models.write().unwrap_or_else(|e| e.into_inner());
+            let Some(m) = models.iter().find(|m| m.name == name) else {
+                return Unload::NotFound;
+            };
+            if m.draining.swap(true, Ordering::AcqRel) {
+                return Unload::AlreadyUnloading;
+            }
+            m.clone()
+        };
+        let idle = match timeout {
+            Some(t) => tokio::time::timeout(t, entry.wait_idle()).await.is_ok(),
+            None => {
+                entry.wait_idle().await;
+                true
+            }
+        };
+        let cancelled = if idle {
+            0
+        } else {
+            let left = entry.active_requests();
+            let e = entry.clone();
+            let _ = tokio::task::spawn_blocking(move || e.engine.stop()).await;
+            left
+        };
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        models.retain(|m| !Arc::ptr_eq(m, &entry));
+        drop(models);
+        Unload::Done { entry, cancelled }
+    }
+}
+
+/// What [`ModelRegistry::unload_within`] did.
+#[derive(Debug)]
+pub enum Unload {
+    /// No model of that name is loaded.
+    NotFound,
+    /// Another unload of it is under way.
+    AlreadyUnloading,
+    /// Unloaded; `cancelled` requests were still running at the timeout and were ended by
+    /// stopping the engine.
+    Done {
+        /// The entry, to drop where joining the engine thread is fine.
+        entry: Arc<ModelEntry>,
+        /// Requests ended by the timeout.
+        cancelled: usize,
+    },
 }
 
 /// Leases the model a request names, with the OpenAI 404 when there is none.
@@ -188,6 +263,7 @@ pub(crate) fn list(reg: &ModelRegistry) -> Response<Body> {
     let data: Vec<_> = reg
         .snapshot()
         .iter()
+        .filter(|m| !m.is_draining())
         .map(|m| {
             json!({
                 "id": m.name,
@@ -261,19 +337,29 @@ pub(crate) async fn admin_load(
     ))
 }
 
-/// `DELETE /admin/models/{name}`: stops serving `name` once its running requests finish.
+/// `DELETE /admin/models/{name}`: stops serving `name` once its running requests finish, or
+/// once `timeout` has passed (then the rest are ended). 202 while another unload of it is under
+/// way, 404 once it is gone.
 pub(crate) async fn admin_unload(
     reg: &ModelRegistry,
     name: &str,
+    timeout: Option<Duration>,
 ) -> Result<Response<Body>, ApiError> {
-    let entry = reg
-        .unload(name)
-        .await
-        .ok_or_else(|| ApiError::model_not_found(name))?;
+    let (entry, cancelled) = match reg.unload_within(name, timeout).await {
+        Unload::NotFound => return Err(ApiError::model_not_found(name)),
+        Unload::AlreadyUnloading => {
+            return Ok(json_response(
+                StatusCode::ACCEPTED,
+                &json!({"id": name, "object": "model", "deleted": false, "unloading": true,
+                        "message": format!("The model `{name}` is already being unloaded.")}),
+            ))
+        }
+        Unload::Done { entry, cancelled } => (entry, cancelled),
+    };
     // Dropping the last handle joins the engine thread: do it off the async workers.
     let _ = tokio::task::spawn_blocking(move || drop(entry)).await;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"id": name, "object": "model", "deleted": true}),
+        &json!({"id": name, "object": "model", "deleted": true, "cancelled_requests": cancelled}),
     ))
 }

@@ -179,7 +179,7 @@ async fn dispatch(
         Route::Model => models::get(&state.models, &path["/v1/models/".len()..]),
         Route::AdminModel => {
             let name = path["/admin/models/".len()..].to_string();
-            models::admin_unload(&state.models, &name).await
+            models::admin_unload(&state.models, &name, state.config.unload_timeout).await
         }
         _ => {
             let body = read_body(state, req).await?;
@@ -222,7 +222,7 @@ async fn read_body(state: &AppState, req: Request<Incoming>) -> Result<Bytes, Ap
 }
 
 fn ready(state: &AppState) -> Result<Response<Body>, ApiError> {
-    if state.draining.load(Ordering::Relaxed) {
+    if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::overloaded("The server is shutting down."));
     }
     let names = state.models.names();
@@ -244,6 +244,7 @@ fn metrics(state: &AppState) -> Response<Body> {
             let s = m.engine.stats();
             ModelGauges {
                 model: m.name.clone(),
+                draining: m.is_draining(),
                 waiting: s.waiting.load(Ordering::Relaxed),
                 running: s.running.load(Ordering::Relaxed),
                 paused: s.paused.load(Ordering::Relaxed),

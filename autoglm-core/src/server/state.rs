@@ -24,8 +24,14 @@ pub(crate) struct AppState {
     pub(crate) audit: Option<AuditLog>,
     /// Tokenizing and template rendering of large requests.
     pub(crate) prep: PrepPool,
-    /// Set when shutdown begins: /ready turns 503, new generations are refused.
+    /// Set when shutdown begins: /ready turns 503 (the listeners still accept during the drain
+    /// delay).
+    pub(crate) shutting_down: AtomicBool,
+    /// Set once the listeners stop accepting: new generations are refused.
     pub(crate) draining: AtomicBool,
+    /// Turns true when the shutdown grace has run out: running generations end now (a stream
+    /// with an error event and `[DONE]`, a non-streamed one with a 503).
+    pub(crate) ending: tokio::sync::watch::Sender<bool>,
     /// Choices of generation requests admitted and not yet finished.
     pub(crate) in_flight: AtomicUsize,
     pub(crate) net: OnceLock<Arc<NetStats>>,

@@ -60,6 +60,7 @@ pub fn loopback_config() -> ServerConfig {
     let mut c = ServerConfig {
         listen: vec![BindAddr::Tcp(([127, 0, 0, 1], 0).into())],
         shutdown_grace: Some(Duration::from_secs(5)),
+        shutdown_drain_delay: None,
         ..Default::default()
     };
     c.socket.acceptors = 2;

@@ -506,6 +506,8 @@ class Server:
         stream_interval: int | None = None,
         stream_write_timeout: float | None = None,
         shutdown_grace: float | None = None,
+        shutdown_drain_delay: float | None = None,
+        unload_timeout: float | None = None,
         workers: int | None = None,
         http_cores: Sequence[int] | None = None,
         reuse_port: bool | None = None,
@@ -557,6 +559,8 @@ class Server:
     def models(self) -> list[str]: ...
     @property
     def shutdown_grace(self) -> float: ...
+    @property
+    def shutdown_drain_delay(self) -> float: ...
     def __enter__(self) -> Server: ...
     def __exit__(
         self,

@@ -4,8 +4,9 @@ How stopping works: on the main thread, ``serve`` installs handlers for SIGINT a
 puts the previous ones back afterwards). The server runs on threads of its own; the main thread
 sits in ``Server.wait()``, which releases the GIL and wakes every 100 ms to let Python run its
 signal handlers. The first signal calls ``Server.shutdown()``, which only flags the server (it
-never blocks, so it is safe in a handler): it stops accepting, refuses new generations and lets
-open requests finish within ``shutdown_grace`` seconds; ``wait()`` then returns and ``stop()``
+never blocks, so it is safe in a handler): ``/ready`` answers 503 at once, new connections are
+still served for ``shutdown_drain_delay`` seconds, then it stops accepting, refuses new
+generations and lets open requests finish within ``shutdown_grace`` seconds; ``wait()`` then returns and ``stop()``
 releases the threads and engines. A second signal closes the remaining connections at once.
 Nothing raises out of the handlers, so there is no ``KeyboardInterrupt`` to land in the middle of
 clean-up code, and the process's own signal handling is untouched once ``serve`` returns.
@@ -60,7 +61,9 @@ def _stop_on_signals(server: Server) -> Iterator[None]:
         received.append(name)
         if len(received) == 1:
             _log(
-                f"{name}: stopping; open requests get up to {server.shutdown_grace:g}s to finish "
+                f"{name}: stopping; /ready fails now, new connections are served for "
+                f"{server.shutdown_drain_delay:g}s, then open requests get up to "
+                f"{server.shutdown_grace:g}s to finish "
                 "(signal again to stop at once)"
             )
             server.shutdown()

@@ -94,7 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a response's socket may take no byte (a client that stopped reading) "
         "before its connection is closed and its request cancelled (default 30; 0: none)")
     add("--shutdown-grace", type=float,
-        help="seconds open requests get to finish on SIGINT/SIGTERM (default: 30)")
+        help="seconds open requests get to finish on SIGINT/SIGTERM once the listeners stop "
+        "accepting; streams still running then end with an error event (default: 30)")
+    add("--shutdown-drain-delay", type=float, default=5.0,
+        help="seconds between SIGINT/SIGTERM and the listeners' stop: /ready answers 503 while "
+        "new connections are still served, so load balancers drain first (default 5; 0: none)")
+    add("--unload-timeout", type=float,
+        help="seconds DELETE /admin/models/NAME waits for the model's running requests before "
+        "it stops the engine, ending them (default 30; 0: forever)")
     add("--workers", type=int, help="HTTP threads (default: one per core)")
     add("--http-cores", type=_core_list, metavar="LIST",
         help="cores the HTTP threads stay on, e.g. 1,2,3")
@@ -217,7 +224,8 @@ def _serve(args: argparse.Namespace) -> None:
         "tokens_per_minute", "audit_log", "max_connections", "max_connections_per_ip",
         "max_concurrent_requests", "max_waiting_requests", "max_choices_per_request",
         "max_body_bytes", "request_timeout", "idle_timeout", "stream_interval",
-        "stream_write_timeout", "shutdown_grace", "workers", "block_size", "num_blocks", "kv_cache_mb",
+        "stream_write_timeout", "shutdown_grace", "shutdown_drain_delay",
+        "unload_timeout", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
         "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
         "limit_mm_per_prompt", "mm_processor_kwargs", "chat_template_content_format",
