@@ -154,6 +154,10 @@ struct Cli {
     /// (all share, as vLLM does). A request's `cache_salt` narrows either.
     #[arg(long, default_value = "principal")]
     prefix_cache_scope: String,
+    /// POST /admin/models loads only checkpoint directories under this one (paths relative to
+    /// it); without it, loading by path is refused.
+    #[arg(long)]
+    model_root: Option<PathBuf>,
     /// Seconds between SIGTERM/SIGINT and the listeners' stop: /ready answers 503 at once while
     /// new connections are still accepted and served, so load balancers take the instance out of
     /// rotation first (a Kubernetes preStop window; 0: stop accepting at once).
@@ -341,6 +345,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.stream_interval = cli.stream_interval;
     c.stream_write_timeout = secs(cli.stream_write_timeout);
     c.prefix_cache_scope = cli.prefix_cache_scope.parse()?;
+    c.model_root = cli.model_root.clone();
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     c.shutdown_drain_delay = non_negative_secs("--shutdown-drain-delay", cli.shutdown_drain_delay)?;
     c.unload_timeout = non_negative_secs("--unload-timeout", cli.unload_timeout)?;

@@ -12,8 +12,10 @@ use server_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_by_name_load_and_unload() {
+    let mut cfg = loopback_config();
+    cfg.model_root = Some(fixture_dir().parent().unwrap().to_path_buf());
     let srv = start(
-        loopback_config(),
+        cfg,
         vec![
             ("cpu", cpu_engine()),
             ("null", null_engine(engine_config())),
@@ -37,7 +39,7 @@ async fn models_by_name_load_and_unload() {
     assert_eq!(r["model"], "cpu");
 
     // Load a third model from disk.
-    let load = json!({"name": "disk", "path": fixture_dir()});
+    let load = json!({"name": "disk", "path": "glm4-tiny"});
     let r = post(a, "/admin/models", &load).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let names: Vec<String> = get(a, "/v1/models").await.json()["data"]
@@ -211,4 +213,128 @@ async fn unloading_a_model_a_stalled_client_holds_is_bounded_by_the_unload_timeo
     assert_eq!(post(a, "/v1/completions", &ask).await.status, 200);
     drop(s);
     srv.stop().await;
+}
+
+/// Issue 15 item 12: model names from a safe set (and percent-decoded in URLs), server paths
+/// shown to admins only, and loading confined to `--model-root` without echoing file contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_loading_is_confined_to_the_model_root_and_paths_stay_with_admins() {
+    use autoglm_core::server::ApiKey;
+    let root = std::env::temp_dir().join(format!("autoglm-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("models")).unwrap();
+    // A checkpoint directory (copied) and one whose config.json holds a secret-looking value.
+    let good = root.join("models/tiny");
+    std::fs::create_dir_all(&good).unwrap();
+    for f in std::fs::read_dir(fixture_dir()).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, good.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let bad = root.join("models/bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("config.json"),
+        r#"{"architectures": ["TOPSECRET-42"], "hidden_size": "TOPSECRET-43"}"#,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("models/etc")).unwrap();
+    let key = |k: &str, role: &str| ApiKey {
+        key: k.into(),
+        name: Some(role.into()),
+        role: role.into(),
+        priority: 0,
+        limits: None,
+    };
+    let mut cfg = loopback_config();
+    cfg.auth.api_keys = vec![key("sk-admin", "admin"), key("sk-user", "user")];
+    cfg.model_root = Some(root.join("models"));
+    let srv = start(cfg, vec![("cpu", cpu_engine())]);
+    let a = srv.addr;
+    let admin = [("authorization", "Bearer sk-admin")];
+    let user = [("authorization", "Bearer sk-user")];
+    let load = |name: &str, path: &str| json!({"name": name, "path": path});
+
+    let r = post_with(a, "/admin/models", &admin, &load("org/tiny-1", "tiny")).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    for (path, what) in [
+        ("/etc", "absolute path outside"),
+        ("../../../etc", "climbing out"),
+        ("etc", "a link out of the root"),
+        ("missing", "not there"),
+    ] {
+        let r = post_with(a, "/admin/models", &admin, &load("x", path)).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.text());
+        assert_eq!(r.error()["param"], "path", "{what}");
+        // The same answer whether or not it exists: nothing learned about the host.
+        assert!(
+            r.text().contains("is not a directory under the model root"),
+            "{what}: {}",
+            r.text()
+        );
+    }
+    let r = post_with(a, "/admin/models", &admin, &load("x", "bad")).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(!r.text().contains("TOPSECRET"), "{}", r.text());
+    assert!(!r.text().contains(&*root.to_string_lossy()), "{}", r.text());
+    // Names outside the safe set are refused by name.
+    for name in ["has space", "a%2Fb", "/lead", "trail/", "a//b", "", "é"] {
+        let r = post_with(a, "/admin/models", &admin, &load(name, "tiny")).await;
+        assert_eq!(r.status, 400, "{name:?}: {}", r.text());
+        assert_eq!(r.error()["param"], "name", "{name:?}");
+    }
+
+    // Paths: admins see the directory, users the name.
+    let root_of = |v: serde_json::Value, id: &str| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["root"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let as_user = send(a, "GET", "/v1/models", &user, bytes::Bytes::new()).await;
+    assert_eq!(root_of(as_user.json(), "org/tiny-1"), "org/tiny-1");
+    let as_admin = send(a, "GET", "/v1/models", &admin, bytes::Bytes::new()).await;
+    assert!(root_of(as_admin.json(), "org/tiny-1").ends_with("models/tiny"));
+
+    // A name with a slash is reachable percent-encoded or not.
+    let r = send(
+        a,
+        "GET",
+        "/v1/models/org%2Ftiny-1",
+        &user,
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        a,
+        "DELETE",
+        "/admin/models/org%2Ftiny-1",
+        &admin,
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        a,
+        "DELETE",
+        "/admin/models/org/tiny-1",
+        &admin,
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    srv.stop().await;
+
+    // Without --model-root, loading by path is off.
+    let srv = start(loopback_config(), vec![("cpu", cpu_engine())]);
+    let r = post(srv.addr, "/admin/models", &load("y", "tiny")).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("--model-root"), "{}", r.text());
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
 }

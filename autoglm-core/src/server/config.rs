@@ -116,6 +116,9 @@ pub struct ServerConfig {
     pub stream_write_timeout: Option<Duration>,
     /// Which requests may reuse each other's cached prompt blocks (see [`PrefixCacheScope`]).
     pub prefix_cache_scope: PrefixCacheScope,
+    /// `POST /admin/models` loads only directories under this one (`--model-root`); `None`
+    /// refuses loading by path.
+    pub model_root: Option<std::path::PathBuf>,
 }
 
 /// How far the prefix cache is shared (`--prefix-cache-scope`). A reused prefix answers much
@@ -169,6 +172,7 @@ impl Default for ServerConfig {
             stream_interval: 1,
             stream_write_timeout: Some(Duration::from_secs(30)),
             prefix_cache_scope: PrefixCacheScope::default(),
+            model_root: None,
         }
     }
 }

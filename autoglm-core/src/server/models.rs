@@ -111,12 +111,7 @@ impl ModelRegistry {
 
     /// Adds a running engine under `name`.
     pub fn add(&self, name: &str, engine: Engine, path: Option<PathBuf>) -> Result<()> {
-        if name.is_empty() || name.len() > 256 || name.chars().any(|c| c.is_control()) {
-            return Err(Error::config(
-                "model",
-                format!("invalid model name {name:?}"),
-            ));
-        }
+        check_model_name(name)?;
         let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
         if models.iter().any(|m| m.name == name) {
             return Err(Error::config(
@@ -247,6 +242,56 @@ pub enum Unload {
     },
 }
 
+/// Model names are 1-256 characters from `A-Z a-z 0-9 - _ . : @ +` and `/` (Hugging Face ids such
+/// as `zai-org/AutoGLM-Phone-9B`), not starting or ending with `/` and without `//`, so that
+/// every name reads the same in a URL path (`/admin/models/NAME`) as in a request body.
+pub(crate) fn check_model_name(name: &str) -> Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.:@+/".contains(c);
+    let bad = if name.is_empty() || name.len() > 256 {
+        Some("must be 1 to 256 characters")
+    } else if !name.chars().all(allowed) {
+        Some("may hold only A-Z a-z 0-9 - _ . : @ + /")
+    } else if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+        Some("must not start or end with / or hold //")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(Error::config(
+            "model",
+            format!("invalid model name {name:?}: a name {why}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A model name from a URL path, percent-decoded (`%2F` and `/` alike).
+pub(crate) fn name_from_path(raw: &str) -> Result<String, ApiError> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            let Some(b) = hex else {
+                return Err(ApiError::bad_request(format!(
+                    "Bad percent-encoding in the model name {raw:?}."
+                )));
+            };
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::bad_request(format!("The model name {raw:?} is not UTF-8.")))
+}
+
 /// Leases the model a request names, with the OpenAI 404 when there is none.
 pub(crate) fn lease_or_404(
     reg: &ModelRegistry,
@@ -259,7 +304,10 @@ pub(crate) fn lease_or_404(
 }
 
 /// `GET /v1/models`.
-pub(crate) fn list(reg: &ModelRegistry) -> Response<Body> {
+///
+/// `root` is the checkpoint directory for callers allowed the admin routes only; others see the
+/// model's name there (a server path tells them about the host, not about the model).
+pub(crate) fn list(reg: &ModelRegistry, show_paths: bool) -> Response<Body> {
     let data: Vec<_> = reg
         .snapshot()
         .iter()
@@ -270,7 +318,7 @@ pub(crate) fn list(reg: &ModelRegistry) -> Response<Body> {
                 "object": "model",
                 "created": m.created,
                 "owned_by": "autoglm",
-                "root": m.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| m.name.clone()),
+                "root": m.path.as_ref().filter(|_| show_paths).map(|p| p.display().to_string()).unwrap_or_else(|| m.name.clone()),
                 "parent": null,
                 "max_model_len": m.engine.max_model_len(),
             })
@@ -304,12 +352,17 @@ struct LoadRequest {
     path: PathBuf,
 }
 
-/// `POST /admin/models`: loads a checkpoint without a restart.
+/// `POST /admin/models`: loads a checkpoint without a restart, from a directory under `root`
+/// (`--model-root`; without one, loading by path is refused). `path` is taken relative to the
+/// root; with links resolved it must stay inside it. Errors say what kind of file is wrong and
+/// where under the root, never what a file holds.
 pub(crate) async fn admin_load(
     reg: Arc<ModelRegistry>,
+    root: Option<&Path>,
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
     let req: LoadRequest = super::protocol::parse_json(body)?;
+    check_model_name(&req.name).map_err(|e| ApiError::bad_param("name", e.to_string()))?;
     if reg.contains(&req.name) {
         return Err(ApiError::bad_param(
             "name",
@@ -317,23 +370,63 @@ pub(crate) async fn admin_load(
         )
         .with_code("model_exists"));
     }
-    let (name, path) = (req.name.clone(), req.path.clone());
-    let loaded = tokio::task::spawn_blocking(move || reg.load(&name, &path))
+    let Some(root) = root else {
+        return Err(ApiError::forbidden(
+            "Loading models by path is off: start the server with --model-root DIR to allow directories under DIR.",
+        ));
+    };
+    let outside = || {
+        ApiError::bad_param(
+            "path",
+            format!(
+                "`{}` is not a directory under the model root.",
+                req.path.display()
+            ),
+        )
+    };
+    let dir = root.join(&req.path).canonicalize().map_err(|_| outside())?;
+    let canonical_root = root.canonicalize().map_err(|_| outside())?;
+    if !dir.starts_with(&canonical_root) || !dir.is_dir() {
+        return Err(outside());
+    }
+    let shown = dir
+        .strip_prefix(&canonical_root)
+        .unwrap_or(&dir)
+        .to_path_buf();
+    let (name, load_dir) = (req.name.clone(), dir.clone());
+    let loaded = tokio::task::spawn_blocking(move || reg.load(&name, &load_dir))
         .await
         .map_err(|e| ApiError::internal(format!("model loading failed: {e}")))?;
-    loaded.map_err(|e| match e {
-        Error::Io { .. }
-        | Error::Json { .. }
-        | Error::Checkpoint { .. }
-        | Error::InvalidConfig { .. }
-        | Error::UnsupportedArchitecture(_)
-        | Error::Tokenizer(_)
-        | Error::Template(_) => ApiError::bad_param("path", e.to_string()),
-        other => ApiError::internal(other.to_string()),
+    let under = |p: &Path| {
+        p.strip_prefix(&canonical_root)
+            .unwrap_or(p)
+            .display()
+            .to_string()
+    };
+    loaded.map_err(|e| {
+        let msg = match &e {
+            Error::Io { path, source } => {
+                format!("cannot read `{}`: {}", under(path), source.kind())
+            }
+            Error::Json { path, .. } => {
+                format!("`{}` is not valid JSON for this file", under(path))
+            }
+            Error::Checkpoint { path, .. } => {
+                format!("`{}` is not a usable checkpoint file", under(path))
+            }
+            Error::InvalidConfig { field, .. } => {
+                format!("the model configuration has an invalid `{field}`")
+            }
+            Error::UnsupportedArchitecture(_) => "the architecture is not supported".into(),
+            Error::Tokenizer(_) => "the tokenizer files cannot be loaded".into(),
+            Error::Template(_) => "the chat template cannot be compiled".into(),
+            _ => return ApiError::internal("model loading failed"),
+        };
+        ApiError::bad_param("path", format!("Cannot load `{}`: {msg}.", shown.display()))
     })?;
     Ok(json_response(
         StatusCode::CREATED,
-        &json!({"id": req.name, "object": "model", "loaded": true, "root": req.path.display().to_string()}),
+        &json!({"id": req.name, "object": "model", "loaded": true, "root": dir.display().to_string()}),
     ))
 }
 

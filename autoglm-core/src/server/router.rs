@@ -174,11 +174,20 @@ async fn dispatch(
         Route::Ready => ready(state),
         Route::Metrics => Ok(metrics(state)),
         Route::Models | Route::AdminModels if req.method() == Method::GET => {
-            Ok(models::list(&state.models))
+            // Server paths only for callers allowed the admin routes (with auth off nobody is
+            // known to be one).
+            let admin = rec
+                .principal
+                .as_ref()
+                .is_some_and(|p| state.auth.authorize(p, "/admin/models").is_ok());
+            Ok(models::list(&state.models, admin))
         }
-        Route::Model => models::get(&state.models, &path["/v1/models/".len()..]),
+        Route::Model => models::get(
+            &state.models,
+            &models::name_from_path(&path["/v1/models/".len()..])?,
+        ),
         Route::AdminModel => {
-            let name = path["/admin/models/".len()..].to_string();
+            let name = models::name_from_path(&path["/admin/models/".len()..])?;
             models::admin_unload(&state.models, &name, state.config.unload_timeout).await
         }
         _ => {
@@ -188,7 +197,10 @@ async fn dispatch(
                 Route::Completions => completions::handle(rec, &body).await,
                 Route::Tokenize => tokenize::tokenize(&state.models, &state.prep, &body).await,
                 Route::Detokenize => tokenize::detokenize(&state.models, &body),
-                _ => models::admin_load(state.models.clone(), &body).await,
+                _ => {
+                    let root = state.config.model_root.as_deref();
+                    models::admin_load(state.models.clone(), root, &body).await
+                }
             }
         }
     }
