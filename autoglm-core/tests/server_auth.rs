@@ -434,3 +434,59 @@ async fn key_priority_reaches_the_scheduler() {
     assert!(vip < normal, "the vip request (priority -5) finishes first");
     srv.stop().await;
 }
+
+/// present). Without them configured, such tokens are still fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_audience_and_issuer_are_required_when_configured() {
+    let mut cfg = loopback_config();
+    cfg.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        audience: vec!["autoglm".into()],
+        issuer: vec!["https://idp.example".into()],
+        leeway_s: 0,
+        ..Default::default()
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let t = now();
+    let iss = "https://idp.example";
+    let good = json!({"sub": "a", "aud": "autoglm", "iss": iss, "exp": t + 600});
+    assert_eq!(
+        call(a, "/v1/completions", Some(&hs256(&good))).await.status,
+        200
+    );
+    for (claims, missing) in [
+        (json!({"sub": "a", "iss": iss, "exp": t + 600}), "`aud`"),
+        (
+            json!({"sub": "a", "aud": "autoglm", "exp": t + 600}),
+            "`iss`",
+        ),
+        (json!({"sub": "a", "exp": t + 600}), "`aud`"),
+        (
+            json!({"sub": "a", "aud": "autoglm", "iss": "https://evil.example", "exp": t + 600}),
+            "issuer",
+        ),
+    ] {
+        let r = call(a, "/v1/completions", Some(&hs256(&claims))).await;
+        assert_eq!(r.status, 401, "{claims}: {}", r.text());
+        assert_eq!(r.error()["type"], "authentication_error");
+        let msg = r.error()["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(missing), "{claims}: {msg}");
+    }
+    srv.stop().await;
+
+    let mut cfg = loopback_config();
+    cfg.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        ..Default::default()
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let bare = json!({"sub": "a", "exp": t + 600});
+    assert_eq!(
+        call(srv.addr, "/v1/completions", Some(&hs256(&bare)))
+            .await
+            .status,
+        200
+    );
+    srv.stop().await;
+}

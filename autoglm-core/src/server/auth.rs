@@ -1,7 +1,8 @@
 //! Who is calling, and what they may call.
 //!
 //! A request carries `Authorization: Bearer <token>`. A token with the shape of a JWT is verified
-//! when JWT is configured (HS256 or RS256 by its header, `exp` required, `nbf` and `aud` checked);
+//! when JWT is configured (HS256 or RS256 by its header, `exp` required, `nbf` checked, and `aud`
+//! and `iss` required and checked when an audience or an issuer is configured);
 //! anything else is looked up among the API keys. Keys are compared as SHA-256 digests with a
 //! constant-time equality over every configured key, so neither a key's length nor its position
 //! in the list shows in the timing. A principal has roles; roles map to route patterns
@@ -52,9 +53,10 @@ pub struct JwtConfig {
     pub hs256_secret: Option<String>,
     /// PEM of the RSA public key for RS256 tokens.
     pub rs256_public_key_pem: Option<String>,
-    /// Accepted `aud` values; empty skips the audience check.
+    /// Accepted `aud` values: a token must carry `aud` naming one of them. Empty skips the
+    /// audience check.
     pub audience: Vec<String>,
-    /// Accepted `iss` values; empty skips the issuer check.
+    /// Accepted `iss` values: a token must carry `iss`, one of them. Empty skips the issuer check.
     pub issuer: Vec<String>,
     /// Claim holding the role (a string or a list); absent means `user`.
     pub role_claim: Option<String>,
@@ -236,7 +238,16 @@ impl Auth {
         let mut v = Validation::new(alg);
         v.leeway = self.jwt.leeway_s;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        // A configured audience or issuer is required, not only checked when present: a token
+        // minted for another service (no `aud`) or by another issuer (no `iss`) must not pass.
+        let mut required = vec!["exp"];
+        if !self.jwt.audience.is_empty() {
+            required.push("aud");
+        }
+        if !self.jwt.issuer.is_empty() {
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
         v.validate_aud = !self.jwt.audience.is_empty();
         if v.validate_aud {
             v.set_audience(&self.jwt.audience);
@@ -252,7 +263,9 @@ impl Auth {
                     ErrorKind::InvalidAudience => invalid("wrong audience"),
                     ErrorKind::InvalidIssuer => invalid("wrong issuer"),
                     ErrorKind::InvalidSignature => invalid("bad signature"),
-                    ErrorKind::MissingRequiredClaim(c) => invalid(&format!("no `{c}` claim")),
+                    ErrorKind::MissingRequiredClaim(c) => invalid(&format!(
+                        "it has no `{c}` claim, which this server requires"
+                    )),
                     _ => invalid("cannot be verified"),
                 }
             })?;
