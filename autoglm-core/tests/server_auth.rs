@@ -495,3 +495,80 @@ async fn jwt_audience_and_issuer_are_required_when_configured() {
     );
     srv.stop().await;
 }
+
+/// A fresh, empty directory for one test's files.
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("autoglm-auth-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The audit log's lines, once there are at least `n`.
+async fn audit_lines(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    eventually("audit lines", async || read().lines().count() >= n).await;
+    read()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// credential (`key:<name>`, `jwt:<iss>:<sub>`) while still showing the display name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_named_like_an_api_key_has_its_own_buckets_and_identity() {
+    let dir = scratch("identity");
+    let path = dir.join("audit.jsonl");
+    let two = RateLimits {
+        requests_per_minute: Some(2.0),
+        tokens_per_minute: None,
+    };
+    let mut cfg = loopback_config();
+    cfg.auth.api_keys = vec![ApiKey {
+        key: "sk-alice".into(),
+        name: Some("alice".into()),
+        role: "user".into(),
+        priority: 0,
+        limits: Some(two.clone()),
+    }];
+    cfg.auth.default_limits = two;
+    cfg.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        issuer: vec!["idp".into()],
+        ..Default::default()
+    });
+    cfg.audit = Some(AuditConfig {
+        path: path.clone(),
+        log_prompts: false,
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let jwt = hs256(&json!({"sub": "alice", "iss": "idp", "exp": now() + 600}));
+    for _ in 0..2 {
+        assert_eq!(call(a, "/v1/completions", Some(&jwt)).await.status, 200);
+    }
+    assert_eq!(call(a, "/v1/completions", Some(&jwt)).await.status, 429);
+    // The key's own allowance is untouched by the token's.
+    for _ in 0..2 {
+        let r = call(a, "/v1/completions", Some("sk-alice")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        call(a, "/v1/completions", Some("sk-alice")).await.status,
+        429
+    );
+    let lines = audit_lines(&path, 6).await;
+    let by = |cred: &str, status: u64| {
+        lines
+            .iter()
+            .filter(|l| l["credential_id"] == cred && l["status"] == status)
+            .inspect(|l| assert_eq!(l["principal"], "alice", "{l}"))
+            .count()
+    };
+    assert_eq!(by("key:alice", 200), 2, "{lines:?}");
+    assert_eq!(by("key:alice", 429), 1, "{lines:?}");
+    assert_eq!(by("jwt:idp:alice", 200), 2, "{lines:?}");
+    assert_eq!(by("jwt:idp:alice", 429), 1, "{lines:?}");
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

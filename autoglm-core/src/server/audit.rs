@@ -1,7 +1,7 @@
 //! The audit log: one JSON line per answered request, written by a background thread.
 //!
-//! Lines carry time, request id, principal, route, status, token counts and latency; the prompt
-//! text only when [`AuditConfig::log_prompts`] says so. Writing never blocks a request: lines go
+//! Lines carry time, request id, principal (display name) and credential id, route, status, token
+//! counts and latency; the prompt text only when [`AuditConfig::log_prompts`] says so. Writing never blocks a request: lines go
 //! through an unbounded channel to a thread that appends them and flushes whenever it catches up.
 
 use std::io::Write;
@@ -29,6 +29,9 @@ pub(crate) struct AuditEntry<'a> {
     pub(crate) time: String,
     pub(crate) request_id: &'a str,
     pub(crate) principal: Option<&'a str>,
+    /// The credential ([`Principal::id`](super::auth::Principal::id)): tells apart principals of
+    /// one display name.
+    pub(crate) credential_id: Option<&'a str>,
     pub(crate) method: &'a str,
     pub(crate) route: &'a str,
     pub(crate) status: u16,

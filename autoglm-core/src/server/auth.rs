@@ -5,7 +5,10 @@
 //! and `iss` required and checked when an audience or an issuer is configured);
 //! anything else is looked up among the API keys. Keys are compared as SHA-256 digests with a
 //! constant-time equality over every configured key, so neither a key's length nor its position
-//! in the list shows in the timing. A principal has roles; roles map to route patterns
+//! in the list shows in the timing. A principal is identified by its credential (`key:<name>` for
+//! an API key, `jwt:<iss>:<sub>` for a JWT), which keys its rate-limit buckets and its audit
+//! lines, so a token whose `sub` is a key's name never shares that key's allowance. A principal
+//! has roles; roles map to route patterns
 //! (`*`, `/v1/*`, `/metrics`). `/health` and `/ready` are public. With no key and no JWT
 //! configured, authentication is off and every route is open.
 
@@ -39,6 +42,13 @@ pub struct ApiKey {
     /// Rate limits; `None` takes [`AuthConfig::default_limits`].
     #[serde(default)]
     pub limits: Option<RateLimits>,
+}
+
+impl ApiKey {
+    /// Its name, or `key-N` for the `index`-th key of the configuration.
+    pub(crate) fn display_name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("key-{index}"))
+    }
 }
 
 fn default_role() -> String {
@@ -89,7 +99,10 @@ impl AuthConfig {
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
-    /// Key name or JWT `sub`.
+    /// The credential: `key:<name>` for an API key, `jwt:<iss>:<sub>` for a JWT (`iss`, `sub`
+    /// empty when absent). Keys the rate-limit buckets and is the audit log's `credential_id`.
+    pub id: String,
+    /// Key name or JWT `sub`: the display name in messages and the audit log's `principal`.
     pub name: String,
     /// Roles granted.
     pub roles: Vec<String>,
@@ -129,10 +142,12 @@ impl Auth {
             if k.key.is_empty() {
                 return Err(Error::config("auth.api_keys", format!("key {i} is empty")));
             }
+            let name = k.display_name(i);
             keys.push(KeyEntry {
                 digest: sha256(k.key.as_bytes()),
                 principal: Arc::new(Principal {
-                    name: k.name.clone().unwrap_or_else(|| format!("key-{i}")),
+                    id: format!("key:{name}"),
+                    name,
                     roles: vec![k.role.clone()],
                     priority: k.priority,
                     limits: k
@@ -279,16 +294,16 @@ impl Auth {
                 .collect(),
             _ => vec![default_role()],
         };
-        let name = claims
-            .get("sub")
-            .and_then(|s| s.as_str())
-            .unwrap_or("jwt")
-            .to_string();
+        let claim = |c: &str| claims.get(c).and_then(|s| s.as_str());
+        let sub = claim("sub");
+        let id = format!("jwt:{}:{}", claim("iss").unwrap_or(""), sub.unwrap_or(""));
+        let name = sub.unwrap_or("jwt").to_string();
         let priority = claims
             .get("priority")
             .and_then(|p| p.as_i64())
             .map_or(0, |p| p.clamp(i32::MIN as i64, i32::MAX as i64) as i32);
         Ok(Arc::new(Principal {
+            id,
             name,
             roles,
             priority,
@@ -363,7 +378,9 @@ mod tests {
         };
         let auth = Auth::new(&cfg).unwrap();
         assert_eq!(auth.find_key("bb").unwrap().name, "b");
+        assert_eq!(auth.find_key("bb").unwrap().id, "key:b");
         assert_eq!(auth.find_key("a").unwrap().name, "key-0");
+        assert_eq!(auth.find_key("a").unwrap().id, "key:key-0");
         assert!(auth.find_key("c").is_none());
     }
 }

@@ -200,6 +200,7 @@ impl Drop for Record {
                 time: rfc3339_now(),
                 request_id: &self.id,
                 principal: self.principal.as_ref().map(|p| p.name.as_str()),
+                credential_id: self.principal.as_ref().map(|p| p.id.as_str()),
                 method: self.method,
                 route: self.route,
                 status: self.status,
