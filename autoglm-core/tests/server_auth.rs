@@ -6,7 +6,7 @@ mod server_support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use autoglm_core::server::{ApiKey, AuditConfig, JwtConfig, RateLimits};
+use autoglm_core::server::{read_api_keys_file, ApiKey, AuditConfig, JwtConfig, RateLimits};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use server_support::*;
@@ -570,5 +570,45 @@ async fn a_jwt_named_like_an_api_key_has_its_own_buckets_and_identity() {
     assert_eq!(by("jwt:idp:alice", 200), 2, "{lines:?}");
     assert_eq!(by("jwt:idp:alice", 429), 1, "{lines:?}");
     srv.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Key names identify keys in rate limits and the audit log (`key:<name>`), so a keys file naming
+/// two keys alike is refused at load, naming the file and the name (both used to load and then
+/// shared one set of buckets); so is a configuration whose keys, wherever they came from, do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_key_names_are_refused_at_load() {
+    let dir = scratch("keys-file");
+    let path = dir.join("keys.toml");
+    std::fs::write(
+        &path,
+        "[[keys]]\nkey = \"sk-1\"\nname = \"ops\"\n\n[[keys]]\nkey = \"sk-2\"\nname = \"dev\"\n\n\
+         [[keys]]\nkey = \"sk-3\"\nname = \"ops\"\nrole = \"admin\"\n",
+    )
+    .unwrap();
+    let e = read_api_keys_file(&path).unwrap_err().to_string();
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("\"ops\""), "{e}");
+    assert!(e.contains("duplicate"), "{e}");
+    std::fs::write(
+        &path,
+        "[[keys]]\nkey = \"sk-1\"\nname = \"ops\"\n\n[[keys]]\nkey = \"sk-2\"\n",
+    )
+    .unwrap();
+    let keys = read_api_keys_file(&path).unwrap();
+    assert_eq!(keys.len(), 2);
+    // Across sources (flags, files, Python): the configuration check names the field.
+    let mut cfg = loopback_config();
+    cfg.auth.api_keys = keys;
+    cfg.auth.api_keys.push(key("sk-9", "user", None));
+    cfg.auth.api_keys[2].name = Some("ops".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("auth.api_keys") && e.contains("\"ops\""), "{e}");
+    // An unnamed key is `key-N`; naming another key so collides too.
+    cfg.auth.api_keys[2].name = Some("key-1".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("\"key-1\""), "{e}");
+    cfg.auth.api_keys[2].name = Some("other".into());
+    cfg.validate().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,6 +13,7 @@
 //! configured, authentication is off and every route is open.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use http::HeaderMap;
@@ -49,6 +50,49 @@ impl ApiKey {
     pub(crate) fn display_name(&self, index: usize) -> String {
         self.name.clone().unwrap_or_else(|| format!("key-{index}"))
     }
+}
+
+/// The API keys of a keys file: TOML `[[keys]]` tables with the fields of [`ApiKey`] (`key`,
+/// `name`, `role`, `priority`, `limits.requests_per_minute`, `limits.tokens_per_minute`), as
+/// `serve --api-keys-file` and Python's `Server(api_keys_file=...)` read it. Errors name the file.
+pub fn read_api_keys_file(path: &Path) -> Result<Vec<ApiKey>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct KeysFile {
+        keys: Vec<ApiKey>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::config("api_keys_file", format!("{}: {msg}", path.display()));
+    let file: KeysFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if let Some(i) = file.keys.iter().position(|k| k.key.is_empty()) {
+        return Err(bad(format!("key {i} is empty")));
+    }
+    // A name is the key's identity (`key:<name>`: its buckets, its audit lines); two keys named
+    // alike would share them. Unnamed keys are numbered by their place in the whole
+    // configuration, which [`ServerConfig::validate`](super::ServerConfig::validate) checks.
+    let named = file.keys.iter().enumerate();
+    if let Some((first, i, name)) =
+        first_duplicate(named.filter_map(|(i, k)| Some((i, k.name.clone()?))))
+    {
+        return Err(bad(format!(
+            "duplicate key name {name:?} (keys {first} and {i}; names must be unique)"
+        )));
+    }
+    Ok(file.keys)
+}
+
+/// The first name given twice, as (its first index, the second index, the name).
+pub(crate) fn first_duplicate(
+    names: impl IntoIterator<Item = (usize, String)>,
+) -> Option<(usize, usize, String)> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, name) in names {
+        if let Some(&first) = seen.get(&name) {
+            return Some((first, i, name));
+        }
+        seen.insert(name, i);
+    }
+    None
 }
 
 fn default_role() -> String {

@@ -61,7 +61,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use audit::AuditConfig;
-pub use auth::{ApiKey, AuthConfig, JwtConfig, Principal};
+pub use auth::{read_api_keys_file, ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
 pub use config::{Limits, ServerConfig, MAX_STREAM_INTERVAL};
 pub use models::{ModelEntry, ModelLease, ModelRegistry};
