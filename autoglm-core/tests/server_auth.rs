@@ -355,7 +355,12 @@ async fn audit_log_lines_and_priorities() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let first = lines.iter().find(|l| l["request_id"] == "audit-1").unwrap();
+    let first = lines
+        .iter()
+        .find(|l| l["client_request_id"] == "audit-1")
+        .unwrap();
+    // The client's id is its own field: the request id stays the server's.
+    assert_eq!(first["request_id"].as_str().unwrap().len(), 32);
     assert_eq!(first["principal"], "user-sk-user");
     assert_eq!(first["route"], "/v1/completions");
     assert_eq!(first["status"], 200);
@@ -363,7 +368,11 @@ async fn audit_log_lines_and_priorities() {
     assert!(first["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(first["latency_ms"].as_f64().unwrap() > 0.0);
     assert!(first["time"].as_str().unwrap().ends_with('Z'));
-    let streamed = lines.iter().find(|l| l["request_id"] == "audit-2").unwrap();
+    let streamed = lines
+        .iter()
+        .find(|l| l["client_request_id"] == "audit-2")
+        .unwrap();
+    assert_ne!(streamed["request_id"], first["request_id"]);
     assert_eq!(streamed["completion_tokens"], 2);
     assert_eq!(streamed["prompt_tokens"], 2);
     assert!(lines

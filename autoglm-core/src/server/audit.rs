@@ -1,6 +1,7 @@
 //! The audit log: one JSON line per answered request, written by a background thread.
 //!
-//! Lines carry time, request id, principal (display name) and credential id, route, status, token
+//! Lines carry time, request id (the server's; the client's `x-request-id` as
+//! `client_request_id`), principal (display name) and credential id, route, status, token
 //! counts and latency; the prompt text only when [`AuditConfig::log_prompts`] says so. Writing never blocks a request: lines go
 //! through an unbounded channel to a thread that appends them and flushes whenever it catches up.
 
@@ -28,6 +29,9 @@ pub struct AuditConfig {
 pub(crate) struct AuditEntry<'a> {
     pub(crate) time: String,
     pub(crate) request_id: &'a str,
+    /// The client's `x-request-id`, when it sent a sane one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) client_request_id: Option<&'a str>,
     pub(crate) principal: Option<&'a str>,
     /// The credential ([`Principal::id`](super::auth::Principal::id)): tells apart principals of
     /// one display name.

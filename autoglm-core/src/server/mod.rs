@@ -4,7 +4,9 @@
 //! not), `GET /v1/models[/{id}]`, vLLM's `POST /tokenize` and `POST /detokenize`, `GET /health`,
 //! `GET /ready`, `GET /metrics` (Prometheus text), and for role `admin` `GET|POST /admin/models`
 //! and `DELETE /admin/models/{name}` to load and unload models without a restart. Every response
-//! carries `x-request-id` (the client's, or a new one). Errors have OpenAI's shape
+//! carries `x-request-id`: the client's when it sent one of 1 to 128 visible ASCII characters (any
+//! other is ignored), else the server's own id. The client's id is only echoed and audited as
+//! `client_request_id`; completion ids and the audit `request_id` are always the server's. Errors have OpenAI's shape
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
 //! A streamed request costs one task wake-up and one buffer per event: the handler's stream is
