@@ -5,6 +5,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::audit::{truncate_prompt, MAX_PROMPT_BYTES};
 use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
@@ -37,8 +38,8 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let base = req.common.params(req.logprobs)?;
     if rec.wants_prompt_text() {
         rec.prompt_text = req.prompt.as_ref().map(|p| match p {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
+            Value::String(s) => truncate_prompt(s, MAX_PROMPT_BYTES),
+            other => truncate_prompt(&other.to_string(), MAX_PROMPT_BYTES),
         });
     }
     let tok = lease.engine.tokenizer().ok().cloned();

@@ -116,10 +116,11 @@ impl Server {
             .map(crate::net::tls_server_config)
             .transpose()?;
         let auth = auth::Auth::new(&config.auth)?;
+        let metrics = metrics::Metrics::default();
         let audit = config
             .audit
             .as_ref()
-            .map(audit::AuditLog::open)
+            .map(|c| audit::AuditLog::open(c, metrics.audit_lines_dropped.clone()))
             .transpose()?;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -127,7 +128,7 @@ impl Server {
             ^ (std::process::id() as u64) << 32;
         let state = Arc::new(AppState {
             models,
-            metrics: metrics::Metrics::default(),
+            metrics,
             auth,
             limiter: ratelimit::RateLimiter::default(),
             audit,
