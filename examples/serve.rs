@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use autoglm_core::net::{BindAddr, TlsFiles};
 use autoglm_core::server::{
-    ApiKey, AuditConfig, JwtConfig, ModelRegistry, RateLimits, Server, ServerConfig,
+    read_api_keys_file, ApiKey, AuditConfig, JwtConfig, ModelRegistry, RateLimits, Server,
+    ServerConfig,
 };
 use autoglm_core::{Engine, Error};
 use autoglm_examples::{bundled_model, EngineArgs, List};
@@ -376,14 +377,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
             .map(|(i, k)| key(k, "admin", i)),
     );
     if let Some(path) = &cli.api_keys_file {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct KeysFile {
-            keys: Vec<ApiKey>,
-        }
-        let file: KeysFile = toml::from_str(&read(path)?)
-            .map_err(|e| invalid("api-keys-file", format!("{}: {e}", path.display())))?;
-        auth.api_keys.extend(file.keys);
+        auth.api_keys.extend(read_api_keys_file(path)?);
     }
     let hs256 = match (&cli.jwt_hs256_secret, &cli.jwt_hs256_secret_file) {
         (Some(s), _) => Some(s.clone()),

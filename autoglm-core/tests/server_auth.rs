@@ -6,7 +6,7 @@ mod server_support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use autoglm_core::server::{ApiKey, AuditConfig, JwtConfig, RateLimits};
+use autoglm_core::server::{read_api_keys_file, ApiKey, AuditConfig, JwtConfig, RateLimits};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use server_support::*;
@@ -355,7 +355,12 @@ async fn audit_log_lines_and_priorities() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let first = lines.iter().find(|l| l["request_id"] == "audit-1").unwrap();
+    let first = lines
+        .iter()
+        .find(|l| l["client_request_id"] == "audit-1")
+        .unwrap();
+    // The client's id is its own field: the request id stays the server's.
+    assert_eq!(first["request_id"].as_str().unwrap().len(), 32);
     assert_eq!(first["principal"], "user-sk-user");
     assert_eq!(first["route"], "/v1/completions");
     assert_eq!(first["status"], 200);
@@ -363,7 +368,11 @@ async fn audit_log_lines_and_priorities() {
     assert!(first["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(first["latency_ms"].as_f64().unwrap() > 0.0);
     assert!(first["time"].as_str().unwrap().ends_with('Z'));
-    let streamed = lines.iter().find(|l| l["request_id"] == "audit-2").unwrap();
+    let streamed = lines
+        .iter()
+        .find(|l| l["client_request_id"] == "audit-2")
+        .unwrap();
+    assert_ne!(streamed["request_id"], first["request_id"]);
     assert_eq!(streamed["completion_tokens"], 2);
     assert_eq!(streamed["prompt_tokens"], 2);
     assert!(lines
@@ -433,4 +442,182 @@ async fn key_priority_reaches_the_scheduler() {
     );
     assert!(vip < normal, "the vip request (priority -5) finishes first");
     srv.stop().await;
+}
+
+/// present). Without them configured, such tokens are still fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_audience_and_issuer_are_required_when_configured() {
+    let mut cfg = loopback_config();
+    cfg.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        audience: vec!["autoglm".into()],
+        issuer: vec!["https://idp.example".into()],
+        leeway_s: 0,
+        ..Default::default()
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let t = now();
+    let iss = "https://idp.example";
+    let good = json!({"sub": "a", "aud": "autoglm", "iss": iss, "exp": t + 600});
+    assert_eq!(
+        call(a, "/v1/completions", Some(&hs256(&good))).await.status,
+        200
+    );
+    // Lacking both, either may be named (jsonwebtoken checks its required claims in no set order).
+    let either: &[&str] = &["`aud`", "`iss`"];
+    for (claims, named) in [
+        (
+            json!({"sub": "a", "iss": iss, "exp": t + 600}),
+            &["`aud`"][..],
+        ),
+        (
+            json!({"sub": "a", "aud": "autoglm", "exp": t + 600}),
+            &["`iss`"][..],
+        ),
+        (json!({"sub": "a", "exp": t + 600}), either),
+        (
+            json!({"sub": "a", "aud": "autoglm", "iss": "https://evil.example", "exp": t + 600}),
+            &["issuer"][..],
+        ),
+    ] {
+        let r = call(a, "/v1/completions", Some(&hs256(&claims))).await;
+        assert_eq!(r.status, 401, "{claims}: {}", r.text());
+        assert_eq!(r.error()["type"], "authentication_error");
+        let msg = r.error()["message"].as_str().unwrap().to_string();
+        assert!(named.iter().any(|n| msg.contains(n)), "{claims}: {msg}");
+    }
+    srv.stop().await;
+
+    let mut cfg = loopback_config();
+    cfg.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        ..Default::default()
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let bare = json!({"sub": "a", "exp": t + 600});
+    assert_eq!(
+        call(srv.addr, "/v1/completions", Some(&hs256(&bare)))
+            .await
+            .status,
+        200
+    );
+    srv.stop().await;
+}
+
+/// A fresh, empty directory for one test's files.
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("autoglm-auth-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The audit log's lines, once there are at least `n`.
+async fn audit_lines(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    eventually("audit lines", async || read().lines().count() >= n).await;
+    read()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// credential (`key:<name>`, `jwt:<iss>:<sub>`) while still showing the display name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_named_like_an_api_key_has_its_own_buckets_and_identity() {
+    let dir = scratch("identity");
+    let path = dir.join("audit.jsonl");
+    let two = RateLimits {
+        requests_per_minute: Some(2.0),
+        tokens_per_minute: None,
+    };
+    let mut cfg = loopback_config();
+    cfg.auth.api_keys = vec![ApiKey {
+        key: "sk-alice".into(),
+        name: Some("alice".into()),
+        role: "user".into(),
+        priority: 0,
+        limits: Some(two.clone()),
+    }];
+    cfg.auth.default_limits = two;
+    cfg.auth.jwt = Some(JwtConfig {
+        hs256_secret: Some(SECRET.into()),
+        issuer: vec!["idp".into()],
+        ..Default::default()
+    });
+    cfg.audit = Some(AuditConfig {
+        path: path.clone(),
+        log_prompts: false,
+    });
+    let srv = start(cfg, vec![(MODEL, cpu_engine())]);
+    let a = srv.addr;
+    let jwt = hs256(&json!({"sub": "alice", "iss": "idp", "exp": now() + 600}));
+    for _ in 0..2 {
+        assert_eq!(call(a, "/v1/completions", Some(&jwt)).await.status, 200);
+    }
+    assert_eq!(call(a, "/v1/completions", Some(&jwt)).await.status, 429);
+    // The key's own allowance is untouched by the token's.
+    for _ in 0..2 {
+        let r = call(a, "/v1/completions", Some("sk-alice")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        call(a, "/v1/completions", Some("sk-alice")).await.status,
+        429
+    );
+    let lines = audit_lines(&path, 6).await;
+    let by = |cred: &str, status: u64| {
+        lines
+            .iter()
+            .filter(|l| l["credential_id"] == cred && l["status"] == status)
+            .inspect(|l| assert_eq!(l["principal"], "alice", "{l}"))
+            .count()
+    };
+    assert_eq!(by("key:alice", 200), 2, "{lines:?}");
+    assert_eq!(by("key:alice", 429), 1, "{lines:?}");
+    assert_eq!(by("jwt:idp:alice", 200), 2, "{lines:?}");
+    assert_eq!(by("jwt:idp:alice", 429), 1, "{lines:?}");
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Key names identify keys in rate limits and the audit log (`key:<name>`), so a keys file naming
+/// two keys alike is refused at load, naming the file and the name (both used to load and then
+/// shared one set of buckets); so is a configuration whose keys, wherever they came from, do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_key_names_are_refused_at_load() {
+    let dir = scratch("keys-file");
+    let path = dir.join("keys.toml");
+    std::fs::write(
+        &path,
+        "[[keys]]\nkey = \"sk-1\"\nname = \"ops\"\n\n[[keys]]\nkey = \"sk-2\"\nname = \"dev\"\n\n\
+         [[keys]]\nkey = \"sk-3\"\nname = \"ops\"\nrole = \"admin\"\n",
+    )
+    .unwrap();
+    let e = read_api_keys_file(&path).unwrap_err().to_string();
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("\"ops\""), "{e}");
+    assert!(e.contains("duplicate"), "{e}");
+    std::fs::write(
+        &path,
+        "[[keys]]\nkey = \"sk-1\"\nname = \"ops\"\n\n[[keys]]\nkey = \"sk-2\"\n",
+    )
+    .unwrap();
+    let keys = read_api_keys_file(&path).unwrap();
+    assert_eq!(keys.len(), 2);
+    // Across sources (flags, files, Python): the configuration check names the field.
+    let mut cfg = loopback_config();
+    cfg.auth.api_keys = keys;
+    cfg.auth.api_keys.push(key("sk-9", "user", None));
+    cfg.auth.api_keys[2].name = Some("ops".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("auth.api_keys") && e.contains("\"ops\""), "{e}");
+    // An unnamed key is `key-N`; naming another key so collides too.
+    cfg.auth.api_keys[2].name = Some("key-1".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("\"key-1\""), "{e}");
+    cfg.auth.api_keys[2].name = Some("other".into());
+    cfg.validate().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

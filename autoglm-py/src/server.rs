@@ -182,29 +182,10 @@ fn add_api_keys(
     Ok(())
 }
 
-/// Keys from a TOML file of `[[keys]]` tables, as `examples/serve.rs --api-keys-file` reads.
+/// Keys from a TOML file of `[[keys]]` tables, as `examples/serve.rs --api-keys-file` reads
+/// (a missing file is a `ServerError` with its errno, a bad one an `InvalidRequestError`).
 fn read_api_keys_file(path: &Path) -> PyResult<Vec<ApiKey>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        server_err(autoglm_core::Error::Io {
-            path: path.to_owned(),
-            source: e,
-        })
-    })?;
-    let bad = |msg: String| invalid(format!("api_keys_file {}: {msg}", path.display()));
-    let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let keys = table
-        .remove("keys")
-        .ok_or_else(|| bad("no [[keys]] tables".into()))?;
-    if let Some(other) = table.keys().next() {
-        return Err(bad(format!(
-            "unknown key `{other}` (expected only [[keys]])"
-        )));
-    }
-    let keys: Vec<ApiKey> = keys.try_into().map_err(|e| bad(e.to_string()))?;
-    if let Some(i) = keys.iter().position(|k| k.key.is_empty()) {
-        return Err(bad(format!("key {i} is empty")));
-    }
-    Ok(keys)
+    autoglm_core::server::read_api_keys_file(path).map_err(server_err)
 }
 
 /// The name a model directory is served under by default: its last component.

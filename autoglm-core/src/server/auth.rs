@@ -1,14 +1,19 @@
 //! Who is calling, and what they may call.
 //!
 //! A request carries `Authorization: Bearer <token>`. A token with the shape of a JWT is verified
-//! when JWT is configured (HS256 or RS256 by its header, `exp` required, `nbf` and `aud` checked);
+//! when JWT is configured (HS256 or RS256 by its header, `exp` required, `nbf` checked, and `aud`
+//! and `iss` required and checked when an audience or an issuer is configured);
 //! anything else is looked up among the API keys. Keys are compared as SHA-256 digests with a
 //! constant-time equality over every configured key, so neither a key's length nor its position
-//! in the list shows in the timing. A principal has roles; roles map to route patterns
+//! in the list shows in the timing. A principal is identified by its credential (`key:<name>` for
+//! an API key, `jwt:<iss>:<sub>` for a JWT), which keys its rate-limit buckets and its audit
+//! lines, so a token whose `sub` is a key's name never shares that key's allowance. A principal
+//! has roles; roles map to route patterns
 //! (`*`, `/v1/*`, `/metrics`). `/health` and `/ready` are public. With no key and no JWT
 //! configured, authentication is off and every route is open.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use http::HeaderMap;
@@ -40,6 +45,56 @@ pub struct ApiKey {
     pub limits: Option<RateLimits>,
 }
 
+impl ApiKey {
+    /// Its name, or `key-N` for the `index`-th key of the configuration.
+    pub(crate) fn display_name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("key-{index}"))
+    }
+}
+
+/// The API keys of a keys file: TOML `[[keys]]` tables with the fields of [`ApiKey`] (`key`,
+/// `name`, `role`, `priority`, `limits.requests_per_minute`, `limits.tokens_per_minute`), as
+/// `serve --api-keys-file` and Python's `Server(api_keys_file=...)` read it. Errors name the file.
+pub fn read_api_keys_file(path: &Path) -> Result<Vec<ApiKey>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct KeysFile {
+        keys: Vec<ApiKey>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |msg: String| Error::config("api_keys_file", format!("{}: {msg}", path.display()));
+    let file: KeysFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if let Some(i) = file.keys.iter().position(|k| k.key.is_empty()) {
+        return Err(bad(format!("key {i} is empty")));
+    }
+    // A name is the key's identity (`key:<name>`: its buckets, its audit lines); two keys named
+    // alike would share them. Unnamed keys are numbered by their place in the whole
+    // configuration, which [`ServerConfig::validate`](super::ServerConfig::validate) checks.
+    let named = file.keys.iter().enumerate();
+    if let Some((first, i, name)) =
+        first_duplicate(named.filter_map(|(i, k)| Some((i, k.name.clone()?))))
+    {
+        return Err(bad(format!(
+            "duplicate key name {name:?} (keys {first} and {i}; names must be unique)"
+        )));
+    }
+    Ok(file.keys)
+}
+
+/// The first name given twice, as (its first index, the second index, the name).
+pub(crate) fn first_duplicate(
+    names: impl IntoIterator<Item = (usize, String)>,
+) -> Option<(usize, usize, String)> {
+    let mut seen = std::collections::HashMap::new();
+    for (i, name) in names {
+        if let Some(&first) = seen.get(&name) {
+            return Some((first, i, name));
+        }
+        seen.insert(name, i);
+    }
+    None
+}
+
 fn default_role() -> String {
     "user".into()
 }
@@ -52,9 +107,10 @@ pub struct JwtConfig {
     pub hs256_secret: Option<String>,
     /// PEM of the RSA public key for RS256 tokens.
     pub rs256_public_key_pem: Option<String>,
-    /// Accepted `aud` values; empty skips the audience check.
+    /// Accepted `aud` values: a token must carry `aud` naming one of them. Empty skips the
+    /// audience check.
     pub audience: Vec<String>,
-    /// Accepted `iss` values; empty skips the issuer check.
+    /// Accepted `iss` values: a token must carry `iss`, one of them. Empty skips the issuer check.
     pub issuer: Vec<String>,
     /// Claim holding the role (a string or a list); absent means `user`.
     pub role_claim: Option<String>,
@@ -87,7 +143,10 @@ impl AuthConfig {
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
-    /// Key name or JWT `sub`.
+    /// The credential: `key:<name>` for an API key, `jwt:<iss>:<sub>` for a JWT (`iss`, `sub`
+    /// empty when absent). Keys the rate-limit buckets and is the audit log's `credential_id`.
+    pub id: String,
+    /// Key name or JWT `sub`: the display name in messages and the audit log's `principal`.
     pub name: String,
     /// Roles granted.
     pub roles: Vec<String>,
@@ -127,10 +186,12 @@ impl Auth {
             if k.key.is_empty() {
                 return Err(Error::config("auth.api_keys", format!("key {i} is empty")));
             }
+            let name = k.display_name(i);
             keys.push(KeyEntry {
                 digest: sha256(k.key.as_bytes()),
                 principal: Arc::new(Principal {
-                    name: k.name.clone().unwrap_or_else(|| format!("key-{i}")),
+                    id: format!("key:{name}"),
+                    name,
                     roles: vec![k.role.clone()],
                     priority: k.priority,
                     limits: k
@@ -236,7 +297,16 @@ impl Auth {
         let mut v = Validation::new(alg);
         v.leeway = self.jwt.leeway_s;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp"]);
+        // A configured audience or issuer is required, not only checked when present: a token
+        // minted for another service (no `aud`) or by another issuer (no `iss`) must not pass.
+        let mut required = vec!["exp"];
+        if !self.jwt.audience.is_empty() {
+            required.push("aud");
+        }
+        if !self.jwt.issuer.is_empty() {
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
         v.validate_aud = !self.jwt.audience.is_empty();
         if v.validate_aud {
             v.set_audience(&self.jwt.audience);
@@ -252,7 +322,9 @@ impl Auth {
                     ErrorKind::InvalidAudience => invalid("wrong audience"),
                     ErrorKind::InvalidIssuer => invalid("wrong issuer"),
                     ErrorKind::InvalidSignature => invalid("bad signature"),
-                    ErrorKind::MissingRequiredClaim(c) => invalid(&format!("no `{c}` claim")),
+                    ErrorKind::MissingRequiredClaim(c) => invalid(&format!(
+                        "it has no `{c}` claim, which this server requires"
+                    )),
                     _ => invalid("cannot be verified"),
                 }
             })?;
@@ -266,16 +338,16 @@ impl Auth {
                 .collect(),
             _ => vec![default_role()],
         };
-        let name = claims
-            .get("sub")
-            .and_then(|s| s.as_str())
-            .unwrap_or("jwt")
-            .to_string();
+        let claim = |c: &str| claims.get(c).and_then(|s| s.as_str());
+        let sub = claim("sub");
+        let id = format!("jwt:{}:{}", claim("iss").unwrap_or(""), sub.unwrap_or(""));
+        let name = sub.unwrap_or("jwt").to_string();
         let priority = claims
             .get("priority")
             .and_then(|p| p.as_i64())
             .map_or(0, |p| p.clamp(i32::MIN as i64, i32::MAX as i64) as i32);
         Ok(Arc::new(Principal {
+            id,
             name,
             roles,
             priority,
@@ -350,7 +422,9 @@ mod tests {
         };
         let auth = Auth::new(&cfg).unwrap();
         assert_eq!(auth.find_key("bb").unwrap().name, "b");
+        assert_eq!(auth.find_key("bb").unwrap().id, "key:b");
         assert_eq!(auth.find_key("a").unwrap().name, "key-0");
+        assert_eq!(auth.find_key("a").unwrap().id, "key:key-0");
         assert!(auth.find_key("c").is_none());
     }
 }

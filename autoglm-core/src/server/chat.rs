@@ -5,6 +5,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::audit::{truncate_prompt, MAX_PROMPT_BYTES};
 use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
@@ -67,7 +68,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         .map_err(|e| in_messages(e.into()))?;
     if rec.wants_prompt_text() {
         // The rendered prompt: image placeholders, never image bytes.
-        rec.prompt_text = Some(chat.text.clone());
+        rec.prompt_text = Some(truncate_prompt(&chat.text, MAX_PROMPT_BYTES));
     }
     let (ids, images) = if chat.images.is_empty() {
         (chat.prompt, Vec::new())

@@ -5,6 +5,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::audit::{truncate_prompt, MAX_PROMPT_BYTES};
 use super::body::{json_response, push_sse_event, sse_event, sse_response, Body};
 use super::error::ApiError;
 use super::generate::{
@@ -39,9 +40,12 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     if rec.wants_prompt_text() {
         rec.prompt_text = match &req.prompt {
             Some(PromptField::Inputs(inputs)) => Some(match &inputs[..] {
-                [PromptInput::Text(s)] => s.clone(),
-                _ => Value::from(inputs.iter().map(PromptInput::to_json).collect::<Vec<_>>())
-                    .to_string(),
+                [PromptInput::Text(s)] => truncate_prompt(s, MAX_PROMPT_BYTES),
+                _ => truncate_prompt(
+                    &Value::from(inputs.iter().map(PromptInput::to_json).collect::<Vec<_>>())
+                        .to_string(),
+                    MAX_PROMPT_BYTES,
+                ),
             }),
             _ => None,
         };

@@ -276,6 +276,19 @@ impl ServerConfig {
                 ));
             }
         }
+        // Names identify keys (`key:<name>` keys their rate-limit buckets and audit lines), so
+        // they must be unique across every source of keys; an unnamed key is `key-N`.
+        let names = self.auth.api_keys.iter().enumerate();
+        let names = names.map(|(i, k)| (i, k.display_name(i)));
+        if let Some((first, i, name)) = super::auth::first_duplicate(names) {
+            return Err(Error::config(
+                "auth.api_keys",
+                format!(
+                    "keys {first} and {i} are both named {name:?} (names must be unique; an \
+                     unnamed key is named key-N, N its index)"
+                ),
+            ));
+        }
         Ok(())
     }
 }

@@ -113,7 +113,7 @@ fn engine_cache_salt(rec: &Record, client_salt: Option<&str>) -> Option<String> 
     match rec.state.config.prefix_cache_scope {
         PrefixCacheScope::Global => client_salt.map(str::to_owned),
         PrefixCacheScope::Principal => {
-            let who = rec.principal.as_ref().map_or("", |p| p.name.as_str());
+            let who = rec.principal.as_ref().map_or("", |p| p.id.as_str());
             Some(format!(
                 "principal:{:016x}:{:016x}",
                 cache_salt_hash(who),

@@ -81,6 +81,8 @@ pub(crate) struct Metrics {
     pub(crate) e2e: Histogram,
     pub(crate) prompt_tokens: AtomicU64,
     pub(crate) generation_tokens: AtomicU64,
+    /// Audit lines dropped because the writer's queue was full.
+    pub(crate) audit_lines_dropped: std::sync::Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -92,6 +94,7 @@ impl Default for Metrics {
             e2e: Histogram::new(E2E_BOUNDS),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
+            audit_lines_dropped: Default::default(),
         }
     }
 }
@@ -182,6 +185,11 @@ impl Metrics {
                 "autoglm_generation_tokens_total",
                 "Tokens generated for finished or cancelled requests.",
                 self.generation_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "autoglm_audit_lines_dropped_total",
+                "Audit lines dropped because the audit writer fell behind (its queue is bounded).",
+                self.audit_lines_dropped.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in counters {

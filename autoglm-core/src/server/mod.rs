@@ -4,7 +4,9 @@
 //! not), `GET /v1/models[/{id}]`, vLLM's `POST /tokenize` and `POST /detokenize`, `GET /health`,
 //! `GET /ready`, `GET /metrics` (Prometheus text), and for role `admin` `GET|POST /admin/models`
 //! and `DELETE /admin/models/{name}` to load and unload models without a restart. Every response
-//! carries `x-request-id` (the client's, or a new one). Errors have OpenAI's shape
+//! carries `x-request-id`: the client's when it sent one of 1 to 128 visible ASCII characters (any
+//! other is ignored), else the server's own id. The client's id is only echoed and audited as
+//! `client_request_id`; completion ids and the audit `request_id` are always the server's. Errors have OpenAI's shape
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
 //! A streamed request costs one task wake-up and one buffer per event: the handler's stream is
@@ -61,7 +63,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use audit::AuditConfig;
-pub use auth::{ApiKey, AuthConfig, JwtConfig, Principal};
+pub use auth::{read_api_keys_file, ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
 pub use config::{Limits, PrefixCacheScope, ServerConfig, MAX_STREAM_INTERVAL};
 pub use models::{ModelEntry, ModelLease, ModelRegistry, Unload};
@@ -117,10 +119,11 @@ impl Server {
             .map(crate::net::tls_server_config)
             .transpose()?;
         let auth = auth::Auth::new(&config.auth)?;
+        let metrics = metrics::Metrics::default();
         let audit = config
             .audit
             .as_ref()
-            .map(audit::AuditLog::open)
+            .map(|c| audit::AuditLog::open(c, metrics.audit_lines_dropped.clone()))
             .transpose()?;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -128,7 +131,7 @@ impl Server {
             ^ (std::process::id() as u64) << 32;
         let state = Arc::new(AppState {
             models,
-            metrics: metrics::Metrics::default(),
+            metrics,
             auth,
             limiter: ratelimit::RateLimiter::default(),
             audit,

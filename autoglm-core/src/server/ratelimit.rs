@@ -1,4 +1,5 @@
-//! Per-principal token buckets: one for requests, one for tokens.
+//! Per-credential token buckets: one for requests, one for tokens. Buckets are keyed by the
+//! principal's credential ([`Principal::id`]), never its display name.
 //!
 //! Each bucket holds up to one minute's allowance (its capacity) and refills continuously. A
 //! request takes one from the request bucket. A generation reserves from the token bucket the
@@ -72,7 +73,7 @@ impl RateLimiter {
     fn with<T>(&self, p: &Principal, f: impl FnOnce(&mut Buckets, Instant) -> T) -> T {
         let now = Instant::now();
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let b = map.entry(p.name.clone()).or_insert_with(|| Buckets {
+        let b = map.entry(p.id.clone()).or_insert_with(|| Buckets {
             requests: p.limits.requests_per_minute.map(|r| Bucket::full(r, now)),
             tokens: p.limits.tokens_per_minute.map(|r| Bucket::full(r, now)),
         });
@@ -154,6 +155,7 @@ mod tests {
 
     fn principal(rpm: Option<f64>, tpm: Option<f64>) -> Principal {
         Principal {
+            id: "key:p".into(),
             name: "p".into(),
             roles: vec!["user".into()],
             priority: 0,
@@ -173,6 +175,28 @@ mod tests {
         let e = l.admit_request(&p).unwrap_err();
         assert_eq!(e.status, http::StatusCode::TOO_MANY_REQUESTS);
         assert!((29..=31).contains(&e.retry_after.unwrap()));
+    }
+
+    #[test]
+    fn buckets_belong_to_credentials_not_names() {
+        let l = RateLimiter::default();
+        let key = principal(Some(1.0), None);
+        let jwt = Principal {
+            id: "jwt::p".into(),
+            ..key.clone()
+        };
+        assert!(l.admit_request(&jwt).is_ok());
+        assert!(l.admit_request(&jwt).is_err());
+        assert!(l.admit_request(&key).is_ok());
+        // The token bucket too: a reservation by one credential leaves the other's whole.
+        let key = principal(None, Some(100.0));
+        let jwt = Principal {
+            id: "jwt::p".into(),
+            ..key.clone()
+        };
+        assert_eq!(l.reserve_tokens(&jwt, 100), Reserve::Reserved);
+        assert!(matches!(l.reserve_tokens(&jwt, 1), Reserve::Wait(_)));
+        assert_eq!(l.reserve_tokens(&key, 100), Reserve::Reserved);
     }
 
     #[test]

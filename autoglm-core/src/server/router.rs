@@ -121,7 +121,9 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// The client's `x-request-id` when it is sane (1..=128 visible ASCII characters).
+/// The client's `x-request-id` when it is sane (1..=128 visible ASCII characters); any other is
+/// ignored (not echoed, not logged). It is kept beside the request's own id, never as it: ids the
+/// server issues (`chatcmpl-…`, `cmpl-…`, the audit `request_id`) are always generated here.
 fn client_request_id(h: &HeaderMap) -> Option<String> {
     let v = h.get(REQUEST_ID)?.to_str().ok()?;
     let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
@@ -130,14 +132,14 @@ fn client_request_id(h: &HeaderMap) -> Option<String> {
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
-    let id: Arc<str> = client_request_id(req.headers())
-        .unwrap_or_else(|| state.new_request_id())
-        .into();
+    let id: Arc<str> = state.new_request_id().into();
+    let client_id: Option<Arc<str>> = client_request_id(req.headers()).map(Into::into);
     let method = method_label(req.method());
     let route = Route::find(req.method(), req.uri().path());
     let label = route.as_ref().map_or("other", |r| r.label());
     let quiet = matches!(route, Ok(Route::Health | Route::Ready));
     let mut rec = Record::new(state.clone(), id.clone(), method, label, start);
+    rec.client_request_id = client_id.clone();
     let mut resp = match route {
         Ok(route) => dispatch(&state, &mut rec, route, req)
             .await
@@ -149,7 +151,8 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
     rec.quiet = quiet;
     drop(rec);
     state.metrics.count_request(label, status);
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    // The client's id echoed back when it sent one, else ours.
+    if let Ok(v) = HeaderValue::from_str(client_id.as_deref().unwrap_or(&id)) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp

@@ -101,6 +101,8 @@ impl Drop for InFlight {
 pub(crate) struct Record {
     pub(crate) state: Arc<AppState>,
     pub(crate) id: Arc<str>,
+    /// The client's `x-request-id` (checked), kept apart from `id`.
+    pub(crate) client_request_id: Option<Arc<str>>,
     pub(crate) method: &'static str,
     pub(crate) route: &'static str,
     pub(crate) principal: Option<Arc<Principal>>,
@@ -133,6 +135,7 @@ impl Record {
         Record {
             state,
             id,
+            client_request_id: None,
             method,
             route,
             principal: None,
@@ -156,6 +159,7 @@ impl Record {
         Record {
             state: self.state.clone(),
             id: self.id.clone(),
+            client_request_id: self.client_request_id.clone(),
             method: self.method,
             route: self.route,
             principal: self.principal.clone(),
@@ -205,7 +209,9 @@ impl Drop for Record {
             audit.record(&AuditEntry {
                 time: rfc3339_now(),
                 request_id: &self.id,
+                client_request_id: self.client_request_id.as_deref(),
                 principal: self.principal.as_ref().map(|p| p.name.as_str()),
+                credential_id: self.principal.as_ref().map(|p| p.id.as_str()),
                 method: self.method,
                 route: self.route,
                 status: self.status,
