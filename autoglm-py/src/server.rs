@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 30] = [
+const SERVER_OPTIONS: [&str; 32] = [
     "host",
     "port",
     "unix_socket",
@@ -60,6 +60,8 @@ const SERVER_OPTIONS: [&str; 30] = [
     "shutdown_grace",
     "shutdown_drain_delay",
     "unload_timeout",
+    "prefix_cache_scope",
+    "model_root",
     "workers",
     "http_cores",
     "reuse_port",
@@ -294,7 +296,10 @@ enum State {
 /// a graceful stop's start, when `/ready` turns 503, and the listeners' stop, while new
 /// connections are still served; default 0 here, 5 for `autoglm serve`), `unload_timeout` (seconds `DELETE
 /// /admin/models/NAME` waits for the model's running requests before it stops its engine,
-/// ending them; default 30, 0: forever), `stream_interval` (streamed token events written together; default 1),
+/// ending them; default 30, 0: forever), `prefix_cache_scope` (`"principal"`, the default: one
+/// credential never reuses another's cached prompt blocks; `"global"`: all share), `model_root`
+/// (`POST /admin/models` loads only directories under it; without it, not at all),
+/// `stream_interval` (streamed token events written together; default 1),
 /// `stream_write_timeout` (seconds a response's socket may take no byte before the connection is
 /// closed and its request cancelled; default 30, 0: none). `tokens_per_minute` reserves a
 /// request's prompt plus `max_tokens` for each choice when it is admitted and gives back what it
@@ -506,6 +511,8 @@ impl Server {
         shutdown_grace = None,
         shutdown_drain_delay = None,
         unload_timeout = None,
+        prefix_cache_scope = None,
+        model_root = None,
         workers = None,
         http_cores = None,
         reuse_port = None,
@@ -521,7 +528,8 @@ impl Server {
         max_connections_per_ip=None, max_concurrent_requests=None, max_waiting_requests=None, \
         max_choices_per_request=None, max_body_bytes=None, request_timeout=None, \
         idle_timeout=None, stream_interval=None, stream_write_timeout=None, shutdown_grace=None, \
-        shutdown_drain_delay=None, unload_timeout=None, workers=None, http_cores=None, \
+        shutdown_drain_delay=None, unload_timeout=None, prefix_cache_scope=None, \
+        model_root=None, workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -554,6 +562,8 @@ impl Server {
         shutdown_grace: Option<&Bound<'_, PyAny>>,
         shutdown_drain_delay: Option<&Bound<'_, PyAny>>,
         unload_timeout: Option<&Bound<'_, PyAny>>,
+        prefix_cache_scope: Option<String>,
+        model_root: Option<PathBuf>,
         workers: Option<&Bound<'_, PyAny>>,
         http_cores: Option<&Bound<'_, PyAny>>,
         reuse_port: Option<bool>,
@@ -788,6 +798,12 @@ impl Server {
             }
             if let Some(s) = opt_number("unload_timeout", unload_timeout)? {
                 c.unload_timeout = timeout(s);
+            }
+            if let Some(scope) = prefix_cache_scope {
+                c.prefix_cache_scope = scope.parse().map_err(server_err)?;
+            }
+            if let Some(root) = model_root {
+                c.model_root = Some(root);
             }
             c.validate().map_err(server_err)?;
 

@@ -354,6 +354,7 @@ def test_unreadable_tls_files_are_server_errors(tmp_path: Path) -> None:
         ({"shutdown_drain_delay": 1e10}, "shutdown_drain_delay"),
         ({"unload_timeout": -1}, "unload_timeout = -1"),
         ({"unload_timeout": 1e10}, "unload_timeout"),
+        ({"prefix_cache_scope": "tenant"}, "prefix_cache_scope"),
         ({"request_timeout": float("nan")}, "request_timeout"),
         ({"requests_per_minute": 0}, "requests_per_minute = 0: must be > 0"),
         ({"tls_cert": "cert.pem"}, "tls_cert and tls_key"),

@@ -508,6 +508,8 @@ class Server:
         shutdown_grace: float | None = None,
         shutdown_drain_delay: float | None = None,
         unload_timeout: float | None = None,
+        prefix_cache_scope: str | None = None,
+        model_root: str | os.PathLike[str] | None = None,
         workers: int | None = None,
         http_cores: Sequence[int] | None = None,
         reuse_port: bool | None = None,

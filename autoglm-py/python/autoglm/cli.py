@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--unload-timeout", type=float,
         help="seconds DELETE /admin/models/NAME waits for the model's running requests before "
         "it stops the engine, ending them (default 30; 0: forever)")
+    add("--prefix-cache-scope", choices=["principal", "global"],
+        help="which requests reuse each other's cached prompt blocks: principal (default: one "
+        "API key or JWT subject never reuses another's) or global (all share, as vLLM)")
+    add("--model-root", metavar="DIR",
+        help="POST /admin/models loads only checkpoint directories under DIR (off without it)")
     add("--workers", type=int, help="HTTP threads (default: one per core)")
     add("--http-cores", type=_core_list, metavar="LIST",
         help="cores the HTTP threads stay on, e.g. 1,2,3")
@@ -225,7 +230,7 @@ def _serve(args: argparse.Namespace) -> None:
         "max_concurrent_requests", "max_waiting_requests", "max_choices_per_request",
         "max_body_bytes", "request_timeout", "idle_timeout", "stream_interval",
         "stream_write_timeout", "shutdown_grace", "shutdown_drain_delay",
-        "unload_timeout", "workers", "block_size", "num_blocks", "kv_cache_mb",
+        "unload_timeout", "prefix_cache_scope", "model_root", "workers", "block_size", "num_blocks", "kv_cache_mb",
         "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_threads", "seed",
         "gpu_memory_utilization", "http_cores", "engine_core", "compute_cores",
         "limit_mm_per_prompt", "mm_processor_kwargs", "chat_template_content_format",
