@@ -655,11 +655,6 @@ impl Server {
                 None => (ServerConfig::default(), serde_json::Value::Null),
             };
             let given = |pointer: &str| base.pointer(pointer).is_some();
-            // Embedded in a Python program, stop() / `with` end at once by default; the drain
-            // delay is for a process a load balancer sends traffic to (`autoglm serve` sets 5 s).
-            if !given("/shutdown_drain_delay") {
-                c.shutdown_drain_delay = None;
-            }
 
             let extra_listen = if given("/listen") {
                 std::mem::take(&mut c.listen)

@@ -82,8 +82,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Option<Duration>,
     /// On shutdown, `/ready` answers 503 at once, but the listeners go on accepting (and serving)
     /// for this long before they stop, so that load balancers see the failing probe and take the
-    /// instance out of rotation first (the preStop window of a Kubernetes rollout). `None` or 0:
-    /// stop accepting at once.
+    /// instance out of rotation first (the preStop window of a Kubernetes rollout). `None` (the
+    /// default for an embedded server, whose host decides when it stops) or 0: stop accepting at
+    /// once. `examples/serve` and `autoglm serve`, processes behind load balancers, use 5 s.
     #[serde(with = "secs_opt")]
     pub shutdown_drain_delay: Option<Duration>,
     /// `DELETE /admin/models/{name}` waits this long at most for the model's running requests
@@ -163,7 +164,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             audit: None,
             shutdown_grace: Some(Duration::from_secs(30)),
-            shutdown_drain_delay: Some(Duration::from_secs(5)),
+            shutdown_drain_delay: None,
             unload_timeout: Some(Duration::from_secs(30)),
             prep_threads: 0,
             prep_cores: Vec::new(),
@@ -378,7 +379,7 @@ mod tests {
     #[test]
     fn shutdown_and_unload_durations_are_checked_by_name() {
         let mut c = ServerConfig::default();
-        assert_eq!(c.shutdown_drain_delay, Some(Duration::from_secs(5)));
+        assert_eq!(c.shutdown_drain_delay, None);
         c.shutdown_drain_delay = Some(Duration::from_secs_f64(1e10));
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("shutdown_drain_delay"), "{e}");
