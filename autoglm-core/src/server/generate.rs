@@ -101,8 +101,11 @@ pub(crate) struct Job {
 }
 
 /// Events queued per choice of a stream (at least twice its stream interval) before the engine
-/// holds the request back until they are taken.
-const QUEUED_PER_CHOICE: usize = 64;
+/// holds the request back until they are taken: a few tens of KB per choice of a client that
+/// stopped reading. 64 cost 7-10% of the server's throughput at 1,000 streams on the null
+/// backend (each stream paused and resumed every 64 tokens); 256 measures as unbounded did
+/// (docs/SERVER_BENCHMARKS.md).
+const QUEUED_PER_CHOICE: usize = 256;
 
 /// The engine's [`Request::cache_salt`] for a request: with `--prefix-cache-scope principal`
 /// the requesting credential and the client's `cache_salt` (each hashed, so the result has a
