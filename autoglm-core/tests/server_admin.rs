@@ -124,7 +124,6 @@ async fn models_by_name_load_and_unload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unloading_a_model_a_stalled_client_holds_is_bounded_by_the_unload_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cfg = loopback_config();
     cfg.unload_timeout = Some(Duration::from_secs(2));
     cfg.socket.send_buffer_size = Some(4096);
@@ -143,23 +142,8 @@ async fn unloading_a_model_a_stalled_client_holds_is_bounded_by_the_unload_timeo
     sock.set_recv_buffer_size(4096).unwrap();
     let mut s = sock.connect(a).await.unwrap();
     let body = json!({"model": "cpu", "prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": true,
-                      "temperature": 0, "stream": true})
-    .to_string();
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut byte))
-            .await
-            .expect("the response head in time")
-            .unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"));
+                      "temperature": 0, "stream": true});
+    stall_after_head(&mut s, &body).await;
     eventually("the stalled request to be held back", async || {
         metric(
             &get(a, "/metrics").await.text(),

@@ -267,3 +267,24 @@ pub fn greedy_case(i: usize) -> (Vec<u32>, Vec<u32>) {
     };
     (ids(&c["prompt_token_ids"]), ids(&c["greedy_token_ids"]))
 }
+
+/// Sends a streamed `POST /v1/completions` of `body` on `s` and reads the response head (200)
+/// byte by byte, leaving the body unread: a client that stops reading after the head.
+pub async fn stall_after_head(s: &mut TcpStream, body: &Value) {
+    let body = body.to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut byte))
+            .await
+            .expect("the response head in time")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+}
