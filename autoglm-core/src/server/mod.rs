@@ -45,6 +45,8 @@ mod chat;
 mod completions;
 mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod generate;
 mod logprobs;
 mod metrics;

@@ -11,13 +11,13 @@ use super::prep::PrepPool;
 use super::protocol::{in_messages, parse_json};
 
 #[derive(Deserialize)]
-struct TokenizeRequest {
+pub(super) struct TokenizeRequest {
     model: Option<String>,
-    prompt: Option<String>,
-    messages: Option<Value>,
-    add_special_tokens: Option<bool>,
-    add_generation_prompt: Option<bool>,
-    tools: Option<Value>,
+    pub(super) prompt: Option<String>,
+    pub(super) messages: Option<Value>,
+    pub(super) add_special_tokens: Option<bool>,
+    pub(super) add_generation_prompt: Option<bool>,
+    pub(super) tools: Option<Value>,
     return_token_strs: Option<bool>,
 }
 
