@@ -41,4 +41,4 @@ pub use config::{
 };
 pub use engine::{Engine, RequestOutput, RequestStream};
 pub use error::{Error, Result};
-pub use sampling::{FinishReason, SamplingParams};
+pub use sampling::{FinishReason, SamplingParams, StructuredOutput};

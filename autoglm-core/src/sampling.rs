@@ -8,6 +8,7 @@
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
@@ -19,6 +20,48 @@ pub const MAX_STOP_STRINGS: usize = 64;
 pub const MAX_STOP_BYTES: usize = 512;
 /// Most stop token ids a request may give.
 pub const MAX_STOP_TOKEN_IDS: usize = 256;
+
+/// Longest grammar source (schema JSON, regex, choices or Lark text) a request may give.
+pub const MAX_GRAMMAR_BYTES: usize = 64 << 10;
+
+/// What a request's output must match (vLLM's `structured_outputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// A JSON value valid against this JSON schema.
+    Json(Value),
+    /// Any JSON object.
+    JsonObject,
+    /// Text matching this regular expression (Rust `regex` syntax), whole.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of this grammar in llguidance's Lark syntax (a `start` rule), or a GBNF-style
+    /// grammar written as Lark.
+    Grammar(String),
+}
+
+impl StructuredOutput {
+    /// The field a client names for this constraint (for errors).
+    pub fn field(&self) -> &'static str {
+        match self {
+            StructuredOutput::Json(_) => "json",
+            StructuredOutput::JsonObject => "json_object",
+            StructuredOutput::Regex(_) => "regex",
+            StructuredOutput::Choice(_) => "choice",
+            StructuredOutput::Grammar(_) => "grammar",
+        }
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        match self {
+            StructuredOutput::Json(v) => v.to_string().len(),
+            StructuredOutput::JsonObject => 0,
+            StructuredOutput::Regex(s) | StructuredOutput::Grammar(s) => s.len(),
+            StructuredOutput::Choice(c) => c.iter().map(|s| s.len() + 1).sum(),
+        }
+    }
+}
 
 /// How a request is sampled and when it stops.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +97,8 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Leave special tokens out of the text.
     pub skip_special_tokens: bool,
+    /// A grammar the output must match (structured output); `None` leaves it free.
+    pub structured: Option<StructuredOutput>,
 }
 
 impl Default for SamplingParams {
@@ -74,6 +119,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             skip_special_tokens: true,
+            structured: None,
         }
     }
 }

@@ -141,6 +141,28 @@ impl Tokenizer {
             .as_ref()
     }
 
+    /// Every token's bytes for a constrained-decoding token trie: special added tokens are
+    /// prefixed with 0xFF (so no grammar over text can produce them), ids with no token are
+    /// empty. `None` unless the decoder is byte-level BPE.
+    pub(crate) fn grammar_token_bytes(&self) -> Option<Vec<Vec<u8>>> {
+        let t = self.token_bytes()?;
+        Some(
+            (0..t.special.len() as u32)
+                .map(|id| {
+                    let b = t.get(id, false);
+                    if t.special[id as usize] {
+                        let mut v = Vec::with_capacity(b.len() + 1);
+                        v.push(0xFF);
+                        v.extend_from_slice(b);
+                        v
+                    } else {
+                        b.to_vec()
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// The vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.tok.get_vocab_size(true)

@@ -8,6 +8,7 @@ use super::block_manager::BlockManager;
 use super::encoder::{self, EncodeJob, Encoded, Encoder};
 use super::encoder_cache::EncoderCache;
 use super::events::{EventSender, Sent};
+use super::grammar::{apply_mask, GrammarSlot};
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{PromptImages, SeqId, Sequence};
 use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
@@ -28,6 +29,9 @@ pub(crate) struct NewRequest {
     pub(crate) tx: EventSender,
     /// The prompt's images laid out (checked on the submitting thread).
     pub(crate) images: Option<Arc<PromptImages>>,
+    /// One matcher per choice when the request has a structured-output grammar (compiled on
+    /// the submitting thread).
+    pub(crate) grammars: Vec<llguidance::Matcher>,
 }
 
 struct RequestState {
@@ -48,6 +52,8 @@ struct ChoiceState {
     index: usize,
     sampler: SamplerState,
     detok: Option<IncrementalDetokenizer>,
+    /// The structured-output grammar's state, when the request has one.
+    grammar: Option<GrammarSlot>,
     /// Text decoded so far and how much of it was emitted.
     text: String,
     emitted: usize,
@@ -67,6 +73,8 @@ struct Core<B: Backend> {
     seed_rng: SamplerState,
     max_model_len: usize,
     eos: Vec<u32>,
+    /// The end-of-sequence id of structured-output masks.
+    grammar_eos: u32,
     stats: Arc<EngineStats>,
     logits_scratch: Vec<f32>,
     /// The sampled rows' parameters for a backend that samples on the device, and the tokens it
@@ -247,6 +255,7 @@ pub(crate) fn run<B: Backend>(
         let pinned = PinnedPool::new(backend.host_allocator(), PinnedPoolConfig::default())?;
         let encoder = Encoder::new(&backend, model.vision_shared(), &config, stats.clone())?;
         stats.pinned_pool.get_or_init(|| pinned.clone());
+        let grammar_eos = super::grammar::trie_eos(tokenizer.as_deref());
         let core = Core {
             backend,
             model,
@@ -259,6 +268,7 @@ pub(crate) fn run<B: Backend>(
             arrivals: 0,
             seed_rng: SamplerState::new(config.seed),
             max_model_len,
+            grammar_eos,
             eos,
             stats,
             logits_scratch: Vec::new(),
@@ -503,7 +513,9 @@ impl<B: Backend> Core<B> {
             req,
             tx,
             images,
+            grammars,
         } = new;
+        let mut grammars = grammars.into_iter();
         let stops = match sampling::StopStrings::new(&req.params.stop) {
             Ok(s) => s,
             Err(e) => {
@@ -546,6 +558,7 @@ impl<B: Backend> Core<B> {
                     index,
                     sampler: SamplerState::new(base_seed.wrapping_add(index as u64)),
                     detok,
+                    grammar: grammars.next().map(GrammarSlot::new),
                     text: String::new(),
                     emitted: 0,
                     first_schedule: true,
@@ -888,7 +901,7 @@ impl<B: Backend> Core<B> {
             else {
                 return false;
             };
-            if p.logprobs.is_some() || sampling::has_penalties(p) {
+            if p.logprobs.is_some() || sampling::has_penalties(p) || p.structured.is_some() {
                 return false;
             }
             self.row_sampling.push(if p.is_greedy() {
@@ -928,6 +941,42 @@ impl<B: Backend> Core<B> {
         };
         let seq = self.scheduler.get(seq_id).expect("sampled sequence exists");
         let params = &req.req.params;
+        if let Some(g) = choice.grammar.as_mut() {
+            // Structured output: the grammar's mask, then the usual sampler on what it allows.
+            let masked = g.mask().and_then(|mask| {
+                let eos = self.eos.as_slice();
+                match apply_mask(
+                    mask,
+                    eos,
+                    self.grammar_eos,
+                    logits,
+                    &mut self.logits_scratch,
+                ) {
+                    0 => Err("the grammar allows no token here".to_string()),
+                    _ => Ok(()),
+                }
+            });
+            if let Err(e) = masked {
+                let id = choice.request;
+                self.abort_request(
+                    id,
+                    Some(Error::InvalidRequest(format!("structured output: {e}"))),
+                );
+                return;
+            }
+            let token = sampling::sample(
+                &mut self.logits_scratch,
+                params,
+                &seq.tokens[..seq.prompt_len],
+                seq.output(),
+                &mut choice.sampler,
+            );
+            let logprobs = params
+                .logprobs
+                .map(|n| sampling::logprobs_of(logits, token, n));
+            self.emit(seq_id, token, logprobs);
+            return;
+        }
         // Without penalties the logits are only read: no copy.
         let token = if sampling::has_penalties(params) {
             self.logits_scratch.clear();
@@ -963,7 +1012,10 @@ impl<B: Backend> Core<B> {
         req.usage.completion_tokens += 1;
 
         let mut finish = None;
-        let is_stop_token = (!params.ignore_eos && self.eos.contains(&token))
+        // A grammar lets end-of-sequence through only where its text is complete: it ends the
+        // choice even with `ignore_eos`.
+        let is_stop_token = ((!params.ignore_eos || choice.grammar.is_some())
+            && self.eos.contains(&token))
             || params.stop_token_ids.contains(&token);
         if is_stop_token {
             finish = Some(FinishReason::Stop);
@@ -1028,6 +1080,10 @@ impl<B: Backend> Core<B> {
             self.publish_stats();
         } else {
             self.scheduler.append_token(seq_id, token);
+            if let Some(g) = choice.grammar.as_mut() {
+                // The next mask, computed while the next step runs.
+                g.advance(Some(token));
+            }
         }
         let state = finished.as_ref().or_else(|| self.requests.get(&request));
         match state.map(|st| st.tx.send(Ok(out))) {

@@ -10,6 +10,7 @@ mod core;
 mod encoder;
 mod encoder_cache;
 mod events;
+mod grammar;
 mod images;
 pub mod scheduler;
 pub mod sequence;
@@ -177,6 +178,8 @@ struct Shared {
     images: Option<ImageProcessorConfig>,
     /// Threads that preprocess images, started on first use.
     media_pool: Mutex<Option<Arc<rayon::ThreadPool>>>,
+    /// Structured-output grammars for this tokenizer.
+    grammars: grammar::GrammarCompiler,
 }
 
 impl Drop for Shared {
@@ -377,12 +380,15 @@ impl Engine {
                 ));
             }
         };
+        let grammars =
+            grammar::GrammarCompiler::new(tokenizer.as_deref().cloned(), model_config.vocab_size);
         Engine {
             shared: Arc::new(Shared {
                 commands,
                 thread: Mutex::new(Some(thread)),
                 next_id: AtomicU64::new(1),
                 stats,
+                grammars,
                 tokenizer,
                 max_model_len,
                 images: None,
@@ -448,6 +454,19 @@ impl Engine {
             self.shared.config.multimodal.limit_images_per_prompt,
             &req,
         )?;
+        // Grammars compile here, on the submitting thread, never on the engine's.
+        let grammars = match &req.params.structured {
+            Some(c) => {
+                let first = self.shared.grammars.matcher(c)?;
+                let mut all = Vec::with_capacity(req.params.n);
+                for _ in 1..req.params.n {
+                    all.push(first.deep_clone());
+                }
+                all.push(first);
+                all
+            }
+            None => Vec::new(),
+        };
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = events::channel();
         let n = req.params.n;
@@ -458,6 +477,7 @@ impl Engine {
                 req,
                 tx,
                 images,
+                grammars,
             })))
             .map_err(|_| Error::EngineShutdown)?;
         Ok(RequestStream {

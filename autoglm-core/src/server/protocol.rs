@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::sampling::{SamplingParams, MAX_LOGPROBS};
+use crate::sampling::{SamplingParams, StructuredOutput, MAX_LOGPROBS};
 use crate::tokenizer::Tokenizer;
 
 /// Parses a JSON body, with distinct errors for bad UTF-8, bad JSON and wrong types.
@@ -82,6 +82,20 @@ pub(crate) struct Common {
     /// vLLM's prefix-cache isolation: only requests with the same salt (within the server's
     /// `prefix_cache_scope`) reuse each other's cached prompt blocks.
     pub(crate) cache_salt: Option<String>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
+    pub(crate) response_format: Option<Value>,
+    /// vLLM's structured-output fields: `structured_outputs` and the older `guided_*`.
+    pub(crate) structured_outputs: Option<Value>,
+    pub(crate) guided_json: Option<Value>,
+    pub(crate) guided_regex: Option<Value>,
+    pub(crate) guided_choice: Option<Value>,
+    pub(crate) guided_grammar: Option<Value>,
+    /// vLLM fields not built yet: a 400 naming them, never silently ignored.
+    pub(crate) min_tokens: Option<Value>,
+    pub(crate) include_stop_str_in_output: Option<Value>,
+    pub(crate) prompt_logprobs: Option<Value>,
+    pub(crate) chat_template_kwargs: Option<Value>,
+    pub(crate) continue_final_message: Option<Value>,
 }
 
 /// `POST /v1/completions`.
@@ -161,6 +175,8 @@ impl Common {
                 ))
             }
         };
+        self.refuse_unbuilt()?;
+        let structured = self.structured_output()?;
         let d = SamplingParams::default();
         let p = SamplingParams {
             n,
@@ -178,6 +194,7 @@ impl Common {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             logprobs,
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            structured,
         };
         p.validate().map_err(|e| {
             let msg = e.to_string();
@@ -194,6 +211,159 @@ impl Common {
         })?;
         Ok(p)
     }
+}
+
+impl Common {
+    /// Fields vLLM has and this server does not yet: refused by name when they would change
+    /// anything (their neutral values pass).
+    fn refuse_unbuilt(&self) -> Result<(), ApiError> {
+        let neutral = |v: &Option<Value>, ok: &[Value]| match v {
+            None | Some(Value::Null) => true,
+            Some(v) => ok.contains(v),
+        };
+        let zero = [Value::from(0)];
+        let falsy = [Value::Bool(false)];
+        let empty = [Value::Object(Default::default())];
+        for (field, ok) in [
+            ("min_tokens", neutral(&self.min_tokens, &zero)),
+            (
+                "include_stop_str_in_output",
+                neutral(&self.include_stop_str_in_output, &falsy),
+            ),
+            ("prompt_logprobs", neutral(&self.prompt_logprobs, &[])),
+            (
+                "chat_template_kwargs",
+                neutral(&self.chat_template_kwargs, &empty),
+            ),
+            (
+                "continue_final_message",
+                neutral(&self.continue_final_message, &falsy),
+            ),
+        ] {
+            if !ok {
+                return Err(ApiError::bad_param(
+                    field,
+                    format!("{field} is not supported yet."),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The structured-output constraint, from whichever one of `response_format`,
+    /// `structured_outputs` and `guided_*` the request set.
+    fn structured_output(&self) -> Result<Option<StructuredOutput>, ApiError> {
+        let mut found: Vec<(&'static str, StructuredOutput)> = Vec::new();
+        if let Some(rf) = self.response_format.as_ref().filter(|v| !v.is_null()) {
+            if let Some(c) = response_format(rf)? {
+                found.push(("response_format", c));
+            }
+        }
+        let guided = [
+            ("guided_json", "json", &self.guided_json),
+            ("guided_regex", "regex", &self.guided_regex),
+            ("guided_choice", "choice", &self.guided_choice),
+            ("guided_grammar", "grammar", &self.guided_grammar),
+        ];
+        for (field, kind, v) in guided {
+            if let Some(v) = v.as_ref().filter(|v| !v.is_null()) {
+                found.push((field, constraint(field, kind, v)?));
+            }
+        }
+        if let Some(so) = self.structured_outputs.as_ref().filter(|v| !v.is_null()) {
+            let Value::Object(o) = so else {
+                return Err(ApiError::bad_param(
+                    "structured_outputs",
+                    "structured_outputs must be an object such as {\"json\": {...}}.",
+                ));
+            };
+            for (k, v) in o.iter().filter(|(_, v)| !v.is_null()) {
+                let kind = match k.as_str() {
+                    "json" | "regex" | "choice" | "grammar" => k.as_str(),
+                    "json_object" if v == &Value::Bool(true) => "json_object",
+                    "json_object" => continue,
+                    other => {
+                        return Err(ApiError::bad_param(
+                            "structured_outputs",
+                            format!(
+                                "structured_outputs.{other} is not supported (json, regex, choice, grammar, json_object are)."
+                            ),
+                        ))
+                    }
+                };
+                found.push((
+                    "structured_outputs",
+                    constraint("structured_outputs", kind, v)?,
+                ));
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.pop().map(|f| f.1)),
+            _ => Err(ApiError::bad_param(
+                found[1].0,
+                format!(
+                    "only one structured-output constraint may be given; got {}.",
+                    found.iter().map(|f| f.0).collect::<Vec<_>>().join(" and ")
+                ),
+            )),
+        }
+    }
+}
+
+/// OpenAI's `response_format`.
+fn response_format(rf: &Value) -> Result<Option<StructuredOutput>, ApiError> {
+    let bad = |m: String| ApiError::bad_param("response_format", m);
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(StructuredOutput::JsonObject)),
+        Some("json_schema") => {
+            let schema = rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| {
+                    bad(
+                        "response_format.json_schema.schema is required for type json_schema."
+                            .into(),
+                    )
+                })?;
+            constraint("response_format", "json", schema).map(Some)
+        }
+        _ => Err(bad(format!(
+            "response_format.type must be text, json_object or json_schema, got {}.",
+            rf.get("type").unwrap_or(&Value::Null)
+        ))),
+    }
+}
+
+/// One constraint of kind `kind` (`json`, `regex`, `choice`, `grammar`, `json_object`).
+fn constraint(field: &str, kind: &str, v: &Value) -> Result<StructuredOutput, ApiError> {
+    let bad = |what: &str| ApiError::bad_param(field, format!("{field}: {what}."));
+    Ok(match (kind, v) {
+        ("json", Value::Object(_)) => StructuredOutput::Json(v.clone()),
+        // vLLM accepts the schema as a JSON string too.
+        ("json", Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(o @ Value::Object(_)) => StructuredOutput::Json(o),
+            _ => {
+                return Err(bad(
+                    "a JSON schema must be an object (or a string holding one)",
+                ))
+            }
+        },
+        ("json", _) => return Err(bad("a JSON schema must be an object")),
+        ("json_object", _) => StructuredOutput::JsonObject,
+        ("regex", Value::String(s)) => StructuredOutput::Regex(s.clone()),
+        ("grammar", Value::String(s)) => StructuredOutput::Grammar(s.clone()),
+        ("choice", Value::Array(items)) => StructuredOutput::Choice(
+            items
+                .iter()
+                .map(|i| i.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("choice must be a list of strings"))?,
+        ),
+        ("choice", _) => return Err(bad("choice must be a list of strings")),
+        _ => return Err(bad("must be a string")),
+    })
 }
 
 fn stop_list(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
