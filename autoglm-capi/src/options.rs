@@ -385,6 +385,8 @@ impl autoglm_sampling_params {
             ignore_eos: self.ignore_eos,
             logprobs: self.has_logprobs.then_some(self.logprobs as usize),
             skip_special_tokens: self.skip_special_tokens,
+            // Structured output from C: not in the options struct yet (docs/C_API.md).
+            structured: None,
         })
     }
 }

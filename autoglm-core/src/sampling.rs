@@ -53,6 +53,59 @@ impl StructuredOutput {
         }
     }
 
+    /// One constraint of kind `kind` (`json`, `regex`, `choice`, `grammar`, `json_object`) from
+    /// its JSON value, as vLLM's `structured_outputs` and `guided_*` fields give it (a JSON
+    /// schema may also be a string holding one).
+    pub fn from_field(kind: &str, v: &Value) -> std::result::Result<Self, String> {
+        Ok(match (kind, v) {
+            ("json", Value::Object(_)) => StructuredOutput::Json(v.clone()),
+            ("json", Value::String(s)) => match serde_json::from_str::<Value>(s) {
+                Ok(o @ Value::Object(_)) => StructuredOutput::Json(o),
+                _ => return Err("a JSON schema must be an object (or a string holding one)".into()),
+            },
+            ("json", _) => return Err("a JSON schema must be an object".into()),
+            ("json_object", _) => StructuredOutput::JsonObject,
+            ("regex", Value::String(s)) => StructuredOutput::Regex(s.clone()),
+            ("grammar", Value::String(s)) => StructuredOutput::Grammar(s.clone()),
+            ("choice", Value::Array(items)) => StructuredOutput::Choice(
+                items
+                    .iter()
+                    .map(|i| i.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or("choice must be a list of strings")?,
+            ),
+            ("choice", _) => return Err("choice must be a list of strings".into()),
+            ("regex" | "grammar", _) => return Err(format!("{kind} must be a string")),
+            (other, _) => {
+                return Err(format!(
+                    "{other} is not a structured-output kind (json, regex, choice, grammar, json_object are)"
+                ))
+            }
+        })
+    }
+
+    /// vLLM's `structured_outputs` object (`{"json": schema}`, `{"regex": ...}`, `{"choice":
+    /// [...]}`, `{"grammar": ...}`, `{"json_object": true}`): exactly one kind set.
+    pub fn from_vllm(v: &Value) -> std::result::Result<Option<Self>, String> {
+        let Value::Object(o) = v else {
+            return Err("structured_outputs must be an object such as {\"json\": {...}}".into());
+        };
+        let set: Vec<(&String, &Value)> = o
+            .iter()
+            .filter(|(k, v)| {
+                !v.is_null() && !(k.as_str() == "json_object" && v == &&Value::Bool(false))
+            })
+            .collect();
+        match set[..] {
+            [] => Ok(None),
+            [(k, v)] => Self::from_field(k, v).map(Some),
+            _ => Err(format!(
+                "structured_outputs may set one of json, regex, choice, grammar, json_object; got {}",
+                set.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
     pub(crate) fn size(&self) -> usize {
         match self {
             StructuredOutput::Json(v) => v.to_string().len(),

@@ -140,6 +140,8 @@ fields! {
                 ignore_eos,
                 logprobs: logprobs.map(|k| count("logprobs", k)).transpose()?,
                 skip_special_tokens,
+                // Structured output from Python: not a keyword yet (the server has it).
+                structured: None,
             };
             Ok(SamplingParams {
                 inner: validated(inner)?,

@@ -256,6 +256,7 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
             skip_special_tokens: true,
+            structured: None,
         }
     }
 }

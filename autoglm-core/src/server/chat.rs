@@ -15,6 +15,7 @@ use super::logprobs::ChatLogprobs;
 use super::models::lease_or_404;
 use super::protocol::{check_logprobs, in_messages, parse_json, resolve_max_tokens, ChatRequest};
 use super::state::Record;
+use super::tools;
 use crate::engine::RequestOutput;
 use crate::tokenizer::Tokenizer;
 
@@ -45,6 +46,22 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     rec.model = Some(lease.name.clone());
     let lp = want_logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let mut params = req.common.params(lp)?;
+    let (tool_plan, tool_grammar) = tools::plan(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    if let Some(g) = tool_grammar {
+        if params.structured.is_some() {
+            return Err(ApiError::bad_param(
+                "tool_choice",
+                "tool_choice \"required\" or a named function cannot be combined with response_format or another structured-output field.",
+            ));
+        }
+        if req.common.stream() {
+            return Err(ApiError::bad_param(
+                "stream",
+                "streaming tool calls (tool_choice \"required\" or a named function) is not supported yet; send stream: false.",
+            ));
+        }
+        params.structured = Some(g);
+    }
     let choices = state.check_choices(1, params.n)?;
     let tok = lease
         .engine
@@ -155,11 +172,21 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     }
     let choices: Vec<Value> = (0..n)
         .map(|i| {
+            let calls = (finish[i] == Some("stop"))
+                .then(|| tools::tool_calls(&tool_plan, &text[i], &format!("{}_{i}", job.rec.id)))
+                .flatten();
+            let (message, finish_reason) = match calls {
+                Some(calls) => (
+                    json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                    Some("tool_calls"),
+                ),
+                None => (json!({"role": "assistant", "content": text[i]}), finish[i]),
+            };
             let mut v = json!({
                 "index": i,
-                "message": {"role": "assistant", "content": text[i]},
+                "message": message,
                 "logprobs": logprobs[i],
-                "finish_reason": finish[i],
+                "finish_reason": finish_reason,
             });
             if return_ids {
                 v["token_ids"] = json!(token_ids[i]);

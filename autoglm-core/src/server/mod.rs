@@ -57,6 +57,7 @@ mod ratelimit;
 mod router;
 mod state;
 mod tokenize;
+mod tools;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};

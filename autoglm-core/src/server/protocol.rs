@@ -120,6 +120,7 @@ pub(crate) struct ChatRequest {
     pub(crate) logprobs: Option<bool>,
     pub(crate) top_logprobs: Option<usize>,
     pub(crate) tools: Option<Value>,
+    pub(crate) tool_choice: Option<Value>,
     pub(crate) add_generation_prompt: Option<bool>,
 }
 
@@ -271,31 +272,9 @@ impl Common {
             }
         }
         if let Some(so) = self.structured_outputs.as_ref().filter(|v| !v.is_null()) {
-            let Value::Object(o) = so else {
-                return Err(ApiError::bad_param(
-                    "structured_outputs",
-                    "structured_outputs must be an object such as {\"json\": {...}}.",
-                ));
-            };
-            for (k, v) in o.iter().filter(|(_, v)| !v.is_null()) {
-                let kind = match k.as_str() {
-                    "json" | "regex" | "choice" | "grammar" => k.as_str(),
-                    "json_object" if v == &Value::Bool(true) => "json_object",
-                    "json_object" => continue,
-                    other => {
-                        return Err(ApiError::bad_param(
-                            "structured_outputs",
-                            format!(
-                                "structured_outputs.{other} is not supported (json, regex, choice, grammar, json_object are)."
-                            ),
-                        ))
-                    }
-                };
-                found.push((
-                    "structured_outputs",
-                    constraint("structured_outputs", kind, v)?,
-                ));
-            }
+            let c = StructuredOutput::from_vllm(so)
+                .map_err(|m| ApiError::bad_param("structured_outputs", format!("{m}.")))?;
+            found.extend(c.map(|c| ("structured_outputs", c)));
         }
         match found.len() {
             0 => Ok(None),
@@ -336,34 +315,10 @@ fn response_format(rf: &Value) -> Result<Option<StructuredOutput>, ApiError> {
     }
 }
 
-/// One constraint of kind `kind` (`json`, `regex`, `choice`, `grammar`, `json_object`).
+/// One constraint of kind `kind`, a 400 naming `field` when it is malformed.
 fn constraint(field: &str, kind: &str, v: &Value) -> Result<StructuredOutput, ApiError> {
-    let bad = |what: &str| ApiError::bad_param(field, format!("{field}: {what}."));
-    Ok(match (kind, v) {
-        ("json", Value::Object(_)) => StructuredOutput::Json(v.clone()),
-        // vLLM accepts the schema as a JSON string too.
-        ("json", Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(o @ Value::Object(_)) => StructuredOutput::Json(o),
-            _ => {
-                return Err(bad(
-                    "a JSON schema must be an object (or a string holding one)",
-                ))
-            }
-        },
-        ("json", _) => return Err(bad("a JSON schema must be an object")),
-        ("json_object", _) => StructuredOutput::JsonObject,
-        ("regex", Value::String(s)) => StructuredOutput::Regex(s.clone()),
-        ("grammar", Value::String(s)) => StructuredOutput::Grammar(s.clone()),
-        ("choice", Value::Array(items)) => StructuredOutput::Choice(
-            items
-                .iter()
-                .map(|i| i.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("choice must be a list of strings"))?,
-        ),
-        ("choice", _) => return Err(bad("choice must be a list of strings")),
-        _ => return Err(bad("must be a string")),
-    })
+    StructuredOutput::from_field(kind, v)
+        .map_err(|m| ApiError::bad_param(field, format!("{field}: {m}.")))
 }
 
 fn stop_list(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
