@@ -93,7 +93,8 @@ impl StructuredOutput {
         let set: Vec<(&String, &Value)> = o
             .iter()
             .filter(|(k, v)| {
-                !v.is_null() && !(k.as_str() == "json_object" && v == &&Value::Bool(false))
+                let unset_flag = k.as_str() == "json_object" && **v == Value::Bool(false);
+                !(v.is_null() || unset_flag)
             })
             .collect();
         match set[..] {
