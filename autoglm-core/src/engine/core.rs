@@ -943,7 +943,13 @@ impl<B: Backend> Core<B> {
         let params = &req.req.params;
         if let Some(g) = choice.grammar.as_mut() {
             // Structured output: the grammar's mask, then the usual sampler on what it allows.
-            let masked = g.mask().and_then(|mask| {
+            let waited = std::time::Instant::now();
+            let mask = g.mask();
+            self.stats
+                .grammar_wait_ns
+                .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats.grammar_masks.fetch_add(1, Ordering::Relaxed);
+            let masked = mask.and_then(|mask| {
                 let eos = self.eos.as_slice();
                 match apply_mask(
                     mask,

@@ -154,8 +154,8 @@ fn pool() -> &'static rayon::ThreadPool {
     static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .thread_name(|_| "autoglm-grammar".into())
+            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+            .thread_name(|i| format!("autoglm-grammar-{i}"))
             .build()
             .expect("the grammar thread starts")
     })

@@ -144,6 +144,11 @@ pub struct EngineStats {
     pub images_preprocessed: AtomicU64,
     /// Nanoseconds spent preprocessing them (on the submitting threads).
     pub image_preprocess_ns: AtomicU64,
+    /// Structured-output masks the sampler used.
+    pub grammar_masks: AtomicU64,
+    /// Nanoseconds the engine thread waited for them (the rest was computed beside the forward
+    /// pass, on the grammar thread).
+    pub grammar_wait_ns: AtomicU64,
     /// The pinned pool batches are built in; set when the engine thread starts.
     pinned_pool: std::sync::OnceLock<PinnedPool>,
 }
