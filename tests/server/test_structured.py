@@ -137,3 +137,29 @@ def test_fields_not_built_or_malformed_are_a_400_naming_them(client, extra, para
         assert body["param"] == param, body
     else:
         assert "regex" in body["message"], body
+
+
+def test_streamed_tool_calls_arrive_as_deltas_that_parse(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required", seed=3,
+        max_tokens=300, stream=True,
+    )
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for ch in chunk.choices:
+            assert not ch.delta.content, "a tool call streams no content"
+            for tc in ch.delta.tool_calls or []:
+                c = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.id:
+                    c["id"] = tc.id
+                if tc.function.name:
+                    c["name"] += tc.function.name
+                if tc.function.arguments:
+                    c["arguments"] += tc.function.arguments
+            finish = ch.finish_reason or finish
+    assert finish == "tool_calls"
+    assert calls
+    for c in calls.values():
+        assert c["id"] and c["name"] in ("tap", "launch")
+        json.loads(c["arguments"])

@@ -54,12 +54,6 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
                 "tool_choice \"required\" or a named function cannot be combined with response_format or another structured-output field.",
             ));
         }
-        if req.common.stream() {
-            return Err(ApiError::bad_param(
-                "stream",
-                "streaming tool calls (tool_choice \"required\" or a named function) is not supported yet; send stream: false.",
-            ));
-        }
         params.structured = Some(g);
     }
     let choices = state.check_choices(1, params.n)?;
@@ -128,6 +122,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     )?;
     let id = format!("chatcmpl-{}", job.rec.id);
     let created = unix_now();
+    let params_n = job.num_choices();
     let fmt = ChatFormat {
         plain: EventTemplate::new(
             &id,
@@ -143,6 +138,11 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         logprobs: want_logprobs,
         tok,
         return_ids,
+        tools: (tool_plan != tools::ToolPlan::None).then(|| ToolStream {
+            plan: tool_plan.clone(),
+            text: vec![String::new(); params_n],
+            call_id: job.rec.id.to_string(),
+        }),
     };
     if req.common.stream() {
         let events = sse_stream(job, fmt, req.common.include_usage()).await;
@@ -219,6 +219,14 @@ struct ChatFormat {
     logprobs: bool,
     tok: Tokenizer,
     return_ids: bool,
+    /// A tool call being generated: its text is held back and sent as `tool_calls` at the end.
+    tools: Option<ToolStream>,
+}
+
+struct ToolStream {
+    plan: tools::ToolPlan,
+    text: Vec<String>,
+    call_id: String,
 }
 
 #[derive(Serialize)]
@@ -227,6 +235,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -252,6 +262,64 @@ impl ChatFormat {
     }
 }
 
+impl ChatFormat {
+    /// A constrained tool call: nothing until the choice ends, then its `tool_calls` delta and
+    /// the `tool_calls` finish (or, when it ran out of tokens, the text it got as content).
+    fn tool_event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {
+        let Some(ts) = self.tools.as_mut() else {
+            return;
+        };
+        let Some(text) = ts.text.get_mut(index) else {
+            return;
+        };
+        text.push_str(&out.text);
+        let Some(finish) = out.finish_reason.map(|f| f.as_str()) else {
+            return;
+        };
+        let text = std::mem::take(text);
+        let calls = (finish == "stop")
+            .then(|| tools::tool_calls(&ts.plan, &text, &format!("{}_{index}", ts.call_id)))
+            .flatten()
+            .map(|mut calls| {
+                // Streamed calls carry their position in the list.
+                if let Some(list) = calls.as_array_mut() {
+                    for (i, c) in list.iter_mut().enumerate() {
+                        c["index"] = json!(i);
+                    }
+                }
+                calls
+            });
+        let (content, tool_calls, finish_reason) = match &calls {
+            Some(c) => (None, Some(c), "tool_calls"),
+            None => (Some(&text[..]), None, finish),
+        };
+        let delta = StreamChoice {
+            index,
+            delta: Delta {
+                role: None,
+                content,
+                tool_calls,
+            },
+            logprobs: None,
+            finish_reason: None,
+            token_ids: None,
+        };
+        push_sse_event(buf, &self.envelope(&delta));
+        let end = StreamChoice {
+            index,
+            delta: Delta {
+                role: None,
+                content: None,
+                tool_calls: None,
+            },
+            logprobs: None,
+            finish_reason: Some(finish_reason),
+            token_ids: None,
+        };
+        push_sse_event(buf, &self.envelope(&end));
+    }
+}
+
 impl StreamFormat for ChatFormat {
     fn prelude(&mut self, num_choices: usize, buf: &mut BytesMut) {
         for index in 0..num_choices {
@@ -262,6 +330,7 @@ impl StreamFormat for ChatFormat {
                     delta: Delta {
                         role: Some("assistant"),
                         content: Some(""),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -272,6 +341,9 @@ impl StreamFormat for ChatFormat {
     }
 
     fn event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {
+        if self.tools.is_some() {
+            return self.tool_event(index, out, buf);
+        }
         let finish_reason = out.finish_reason.map(|f| f.as_str());
         if finish_reason.is_none() && !self.logprobs && !self.return_ids {
             if !out.text.is_empty() {
@@ -296,6 +368,7 @@ impl StreamFormat for ChatFormat {
             delta: Delta {
                 role: None,
                 content: (!out.text.is_empty() || finish_reason.is_none()).then_some(&out.text[..]),
+                tool_calls: None,
             },
             logprobs,
             finish_reason,
