@@ -83,7 +83,8 @@ PY
 echo "== starting the servers"
 # Command substitution runs in a subshell: start each server in this shell, its URL via a file.
 start_server --model glm4-tiny=tests/fixtures/glm4-tiny --model glm4v-tiny=tests/fixtures/glm4v-tiny \
-  --limit-mm-per-prompt '{"image": 3}' --allowed-local-media-path "$media" >"$media/url1"
+  --limit-mm-per-prompt '{"image": 3}' --allowed-local-media-path "$media" \
+  --tool-call-parser glm45 --enable-auto-tool-choice >"$media/url1"
 start_server --model glm4v-tiny=tests/fixtures/glm4v-tiny --chat-template-content-format openai \
   >"$media/url2"
 url=$(cat "$media/url1")

@@ -159,6 +159,13 @@ struct Cli {
     /// it); without it, loading by path is refused.
     #[arg(long)]
     model_root: Option<PathBuf>,
+    /// How tool calls are read out of the model's text for tool_choice "auto": glm45 (GLM-4.5
+    /// and later, also glm4_moe / glm47) or glm4 (GLM-4, GLM-4-0414), as vLLM names them.
+    #[arg(long)]
+    tool_call_parser: Option<String>,
+    /// Requests with tools and no tool_choice mean "auto" (needs --tool-call-parser).
+    #[arg(long)]
+    enable_auto_tool_choice: bool,
     /// Seconds between SIGTERM/SIGINT and the listeners' stop: /ready answers 503 at once while
     /// new connections are still accepted and served, so load balancers take the instance out of
     /// rotation first (a Kubernetes preStop window; 0: stop accepting at once).
@@ -347,6 +354,12 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
     c.stream_write_timeout = secs(cli.stream_write_timeout);
     c.prefix_cache_scope = cli.prefix_cache_scope.parse()?;
     c.model_root = cli.model_root.clone();
+    c.tool_call_parser = cli
+        .tool_call_parser
+        .as_deref()
+        .map(str::parse)
+        .transpose()?;
+    c.enable_auto_tool_choice = cli.enable_auto_tool_choice;
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     c.shutdown_drain_delay = non_negative_secs("--shutdown-drain-delay", cli.shutdown_drain_delay)?;
     c.unload_timeout = non_negative_secs("--unload-timeout", cli.unload_timeout)?;

@@ -55,7 +55,8 @@ def base_url():
         pytest.skip("no server: set AUTOGLM_SERVER_URL or build the serve example (--release)")
     port = _free_port()
     proc = subprocess.Popen(
-        [str(binary), "--host", "127.0.0.1", "--port", str(port), "--model", f"{MODEL}={FIXTURE}"],
+        [str(binary), "--host", "127.0.0.1", "--port", str(port), "--model", f"{MODEL}={FIXTURE}",
+         "--tool-call-parser", "glm45", "--enable-auto-tool-choice"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -123,7 +123,6 @@ def test_named_tool_choice_calls_that_function(client):
         ({"continue_final_message": True}, "continue_final_message"),
         ({"guided_regex": "(unclosed"}, None),
         ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
-        ({"tool_choice": "auto", "tools": TOOLS}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS},
          "tool_choice"),
     ],
@@ -163,3 +162,52 @@ def test_streamed_tool_calls_arrive_as_deltas_that_parse(client):
     for c in calls.values():
         assert c["id"] and c["name"] in ("tap", "launch")
         json.loads(c["arguments"])
+
+
+# The servers of these tests run with --tool-call-parser glm45 --enable-auto-tool-choice. A random
+# model never writes a GLM-4.5 tool call by itself, so a regex makes it write one: what the
+# parser reads out of it must come back as tool_calls, the text before it as content.
+CALL_REGEX = (r"Checking\.\n<tool_call>launch\n<arg_key>app</arg_key>\n"
+              r"<arg_value>(Settings|Maps)</arg_value>\n</tool_call>")
+
+
+def test_auto_tool_choice_reads_glm45_calls_out_of_the_text(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="auto", seed=1, max_tokens=200,
+        extra_body={"guided_regex": CALL_REGEX},
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "launch"
+    assert json.loads(call.function.arguments)["app"] in ("Settings", "Maps")
+
+
+def test_auto_tool_calls_stream_text_then_the_call(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, seed=2, max_tokens=200, stream=True,
+        extra_body={"guided_regex": CALL_REGEX},
+    )
+    content, args, names, finish = "", "", [], None
+    for chunk in stream:
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                names.append(tc.function.name)
+                args += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    # No byte of the call leaks into the streamed content.
+    assert content.strip() == "Checking."
+    assert names == ["launch"] and finish == "tool_calls"
+    assert json.loads(args)["app"] in ("Settings", "Maps")
+
+
+def test_auto_without_a_call_is_plain_content(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=50,
+        extra_body={"guided_choice": ["Sunny <tool", "Rain"]},
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert choice.message.content in ("Sunny <tool", "Rain")

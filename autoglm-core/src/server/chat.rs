@@ -46,7 +46,12 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     rec.model = Some(lease.name.clone());
     let lp = want_logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let mut params = req.common.params(lp)?;
-    let (tool_plan, tool_grammar) = tools::plan(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let (tool_plan, tool_grammar) = tools::plan(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        state.config.tool_call_parser,
+        state.config.enable_auto_tool_choice,
+    )?;
     if let Some(g) = tool_grammar {
         if params.structured.is_some() {
             return Err(ApiError::bad_param(
@@ -141,6 +146,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         tools: (tool_plan != tools::ToolPlan::None).then(|| ToolStream {
             plan: tool_plan.clone(),
             text: vec![String::new(); params_n],
+            sent: vec![0; params_n],
             call_id: job.rec.id.to_string(),
         }),
     };
@@ -172,15 +178,27 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     }
     let choices: Vec<Value> = (0..n)
         .map(|i| {
-            let calls = (finish[i] == Some("stop"))
-                .then(|| tools::tool_calls(&tool_plan, &text[i], &format!("{}_{i}", job.rec.id)))
-                .flatten();
+            let call_id = format!("{}_{i}", job.rec.id);
+            let (content, calls) = match &tool_plan {
+                tools::ToolPlan::Auto(parser, functions) => {
+                    tools::parse_auto(*parser, functions, &text[i], &call_id)
+                }
+                plan => {
+                    let calls = (finish[i] == Some("stop"))
+                        .then(|| tools::tool_calls(plan, &text[i], &call_id))
+                        .flatten();
+                    match calls {
+                        Some(c) => (None, Some(c)),
+                        None => (Some(std::mem::take(&mut text[i])), None),
+                    }
+                }
+            };
             let (message, finish_reason) = match calls {
                 Some(calls) => (
-                    json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                    json!({"role": "assistant", "content": content, "tool_calls": calls}),
                     Some("tool_calls"),
                 ),
-                None => (json!({"role": "assistant", "content": text[i]}), finish[i]),
+                None => (json!({"role": "assistant", "content": content}), finish[i]),
             };
             let mut v = json!({
                 "index": i,
@@ -226,6 +244,8 @@ struct ChatFormat {
 struct ToolStream {
     plan: tools::ToolPlan,
     text: Vec<String>,
+    /// Bytes of `text` already sent as content (`"auto"`).
+    sent: Vec<usize>,
     call_id: String,
 }
 
@@ -266,32 +286,83 @@ impl ChatFormat {
     /// A constrained tool call: nothing until the choice ends, then its `tool_calls` delta and
     /// the `tool_calls` finish (or, when it ran out of tokens, the text it got as content).
     fn tool_event(&mut self, index: usize, out: &RequestOutput, buf: &mut BytesMut) {
-        let Some(ts) = self.tools.as_mut() else {
-            return;
-        };
+        if let Some(mut ts) = self.tools.take() {
+            self.tool_event_in(&mut ts, index, out, buf);
+            self.tools = Some(ts);
+        }
+    }
+
+    fn tool_event_in(
+        &self,
+        ts: &mut ToolStream,
+        index: usize,
+        out: &RequestOutput,
+        buf: &mut BytesMut,
+    ) {
         let Some(text) = ts.text.get_mut(index) else {
             return;
         };
         text.push_str(&out.text);
-        let Some(finish) = out.finish_reason.map(|f| f.as_str()) else {
-            return;
-        };
-        let text = std::mem::take(text);
-        let calls = (finish == "stop")
-            .then(|| tools::tool_calls(&ts.plan, &text, &format!("{}_{index}", ts.call_id)))
-            .flatten()
-            .map(|mut calls| {
-                // Streamed calls carry their position in the list.
-                if let Some(list) = calls.as_array_mut() {
-                    for (i, c) in list.iter_mut().enumerate() {
-                        c["index"] = json!(i);
-                    }
+        let finish = out.finish_reason.map(|f| f.as_str());
+        let call_id = format!("{}_{index}", ts.call_id);
+        let mut pending = "";
+        let calls = match (&ts.plan, finish) {
+            // "auto": text streams as content up to where a call may begin.
+            (tools::ToolPlan::Auto(parser, functions), _) => {
+                let hold = tools::auto_hold(*parser, functions, text);
+                let sent = ts.sent[index];
+                let (upto, calls) = match finish {
+                    None => (hold, None),
+                    Some(_) => match tools::parse_auto(*parser, functions, text, &call_id).1 {
+                        Some(c) => (hold, Some(c)),
+                        None => (text.len(), None),
+                    },
+                };
+                if upto > sent {
+                    let delta = StreamChoice {
+                        index,
+                        delta: Delta {
+                            role: None,
+                            content: Some(&text[sent..upto]),
+                            tool_calls: None,
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                        token_ids: None,
+                    };
+                    ts.sent[index] = upto;
+                    push_sse_event(buf, &self.envelope(&delta));
+                }
+                if finish.is_none() {
+                    return;
                 }
                 calls
-            });
+            }
+            (_, None) => return,
+            (plan, Some(f)) => {
+                let c = (f == "stop")
+                    .then(|| tools::tool_calls(plan, text, &call_id))
+                    .flatten();
+                if c.is_none() {
+                    pending = text;
+                }
+                c
+            }
+        };
+        let finish = finish.unwrap_or("stop");
+        let text = pending;
+        let calls = calls.map(|mut calls| {
+            // Streamed calls carry their position in the list.
+            if let Some(list) = calls.as_array_mut() {
+                for (i, c) in list.iter_mut().enumerate() {
+                    c["index"] = json!(i);
+                }
+            }
+            calls
+        });
         let (content, tool_calls, finish_reason) = match &calls {
             Some(c) => (None, Some(c), "tool_calls"),
-            None => (Some(&text[..]), None, finish),
+            None => ((!text.is_empty()).then_some(text), None, finish),
         };
         let delta = StreamChoice {
             index,
@@ -304,7 +375,9 @@ impl ChatFormat {
             finish_reason: None,
             token_ids: None,
         };
-        push_sse_event(buf, &self.envelope(&delta));
+        if content.is_some() || tool_calls.is_some() {
+            push_sse_event(buf, &self.envelope(&delta));
+        }
         let end = StreamChoice {
             index,
             delta: Delta {

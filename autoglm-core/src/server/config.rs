@@ -120,6 +120,38 @@ pub struct ServerConfig {
     /// `POST /admin/models` loads only directories under this one (`--model-root`); `None`
     /// refuses loading by path.
     pub model_root: Option<std::path::PathBuf>,
+    /// How tool calls are read out of the model's text for `tool_choice: "auto"`
+    /// (`--tool-call-parser`); `None` refuses `"auto"`.
+    pub tool_call_parser: Option<ToolCallParser>,
+    /// `tools` without a `tool_choice` mean `"auto"` (`--enable-auto-tool-choice`; needs a
+    /// parser). Without it they mean `"none"`: the tools reach the template, calls stay text.
+    pub enable_auto_tool_choice: bool,
+}
+
+/// The model's own tool-call format (vLLM's `--tool-call-parser`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolCallParser {
+    /// GLM-4.5 and later (`glm45`, vLLM's `glm4_moe` / `glm47`): `<tool_call>NAME
+    /// <arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>`.
+    Glm45,
+    /// GLM-4 (`glm-4-9b-chat`, GLM-4-0414): the reply starts with the function's name on its own
+    /// line, then its arguments as a JSON object.
+    Glm4,
+}
+
+impl std::str::FromStr for ToolCallParser {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "glm45" | "glm4_moe" | "glm47" => Ok(ToolCallParser::Glm45),
+            "glm4" => Ok(ToolCallParser::Glm4),
+            _ => Err(Error::config(
+                "tool_call_parser",
+                format!("{s:?} is not a known parser (glm45, glm4_moe, glm47, glm4)"),
+            )),
+        }
+    }
 }
 
 /// How far the prefix cache is shared (`--prefix-cache-scope`). A reused prefix answers much
@@ -174,6 +206,8 @@ impl Default for ServerConfig {
             stream_write_timeout: Some(Duration::from_secs(30)),
             prefix_cache_scope: PrefixCacheScope::default(),
             model_root: None,
+            tool_call_parser: None,
+            enable_auto_tool_choice: false,
         }
     }
 }
@@ -183,6 +217,12 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<()> {
         if self.listen.is_empty() {
             return Err(Error::config("listen", "no address to listen on"));
+        }
+        if self.enable_auto_tool_choice && self.tool_call_parser.is_none() {
+            return Err(Error::config(
+                "enable_auto_tool_choice",
+                "needs a tool_call_parser (--tool-call-parser glm45 or glm4)",
+            ));
         }
         for (field, d) in [
             ("limits.body_read_timeout", self.limits.body_read_timeout),

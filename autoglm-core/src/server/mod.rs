@@ -68,7 +68,7 @@ use tokio::sync::watch;
 pub use audit::AuditConfig;
 pub use auth::{read_api_keys_file, ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
-pub use config::{Limits, PrefixCacheScope, ServerConfig, MAX_STREAM_INTERVAL};
+pub use config::{Limits, PrefixCacheScope, ServerConfig, ToolCallParser, MAX_STREAM_INTERVAL};
 pub use models::{ModelEntry, ModelLease, ModelRegistry, Unload};
 pub use ratelimit::RateLimits;
 
