@@ -35,6 +35,23 @@ fn seed(v: i128) -> PyResult<u64> {
     u64::try_from(v).map_err(|_| invalid(format!("seed = {v}: must be in 0..2**64")))
 }
 
+/// `structured_outputs`: a dict with one of vLLM's kinds (read through Python's `json`, so any
+/// JSON-able mapping works).
+fn structured(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<core::StructuredOutput>> {
+    let Some(o) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    let text: String = o
+        .py()
+        .import("json")?
+        .call_method1("dumps", (o,))
+        .map_err(|e| invalid(format!("structured_outputs: not JSON-serializable: {e}")))?
+        .extract()?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("structured_outputs: {e}")))?;
+    core::StructuredOutput::from_vllm(&v).map_err(|m| invalid(format!("structured_outputs: {m}")))
+}
+
 /// `stop` may be one string or a list of strings, as in vLLM and the OpenAI API.
 fn stop_strings(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
     match obj {
@@ -100,6 +117,7 @@ fields! {
         ignore_eos = false,
         logprobs = None,
         skip_special_tokens = true,
+        structured_outputs = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -118,6 +136,7 @@ fields! {
         ignore_eos: bool,
         logprobs: Option<i64>,
         skip_special_tokens: bool,
+        structured_outputs: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         guard(|| {
             let inner = core::SamplingParams {
@@ -140,12 +159,39 @@ fields! {
                 ignore_eos,
                 logprobs: logprobs.map(|k| count("logprobs", k)).transpose()?,
                 skip_special_tokens,
-                // Structured output from Python: not a keyword yet (the server has it).
-                structured: None,
+                structured: structured(structured_outputs)?,
             };
             Ok(SamplingParams {
                 inner: validated(inner)?,
             })
+        })
+    }
+
+    /// The grammar the output must match, as vLLM's `structured_outputs`: `{"json": schema}`,
+    /// `{"regex": str}`, `{"choice": [str, ...]}`, `{"grammar": lark}` or `{"json_object": True}`;
+    /// `None` leaves the output free.
+    #[getter]
+    fn structured_outputs<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        guard(|| {
+            let Some(c) = &self.inner.structured else {
+                return Ok(None);
+            };
+            let v = match c {
+                core::StructuredOutput::JsonObject => serde_json::json!({"json_object": true}),
+                other => serde_json::to_value(other).map_err(|e| invalid(e.to_string()))?,
+            };
+            let json = py.import("json")?;
+            Ok(Some(json.call_method1("loads", (v.to_string(),))?))
+        })
+    }
+
+    #[setter]
+    fn set_structured_outputs(&mut self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        guard(|| {
+            let mut p = self.inner.clone();
+            p.structured = structured(value)?;
+            self.inner = validated(p)?;
+            Ok(())
         })
     }
 
@@ -203,6 +249,7 @@ fields! {
             d.set_item("ignore_eos", p.ignore_eos)?;
             d.set_item("logprobs", p.logprobs)?;
             d.set_item("skip_special_tokens", p.skip_special_tokens)?;
+            d.set_item("structured_outputs", self.structured_outputs(py)?)?;
             Ok(d)
         })
     }
@@ -265,7 +312,7 @@ impl SamplingParams {
 }
 
 /// The constructor's keyword arguments.
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 16] = [
     "n",
     "max_tokens",
     "temperature",
@@ -281,6 +328,7 @@ const FIELDS: [&str; 15] = [
     "ignore_eos",
     "logprobs",
     "skip_special_tokens",
+    "structured_outputs",
 ];
 
 /// The parameters of a call: none (defaults), one for every prompt, or one per prompt.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -184,3 +185,34 @@ def test_close_and_context_manager() -> None:
         e.stats()
     # The tokenizer outlives the engine thread.
     assert e.tokenizer.encode("Hello")
+
+
+def test_structured_outputs_constrain_the_text(engine: autoglm.Engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"action": {"enum": ["tap", "back"]}, "x": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["action", "x"],
+        "additionalProperties": False,
+    }
+    p = autoglm.SamplingParams(max_tokens=200, seed=3, structured_outputs={"json": schema})
+    assert p.structured_outputs == {"json": schema}
+    assert p.to_dict()["structured_outputs"] == {"json": schema}
+    for seed in range(3):
+        out = engine.generate("Tap the icon.", p.replace(seed=seed))
+        v = json.loads(out.outputs[0].text)
+        assert v["action"] in ("tap", "back") and 0 <= v["x"] <= 99
+    out = engine.generate("Yes or no?", autoglm.SamplingParams(max_tokens=20, structured_outputs={"choice": ["yes", "no"]}))
+    assert out.outputs[0].text in ("yes", "no")
+    q = autoglm.SamplingParams(structured_outputs={"json_object": True})
+    assert q.structured_outputs == {"json_object": True}
+    q.structured_outputs = None
+    assert q.structured_outputs is None
+
+
+def test_bad_structured_outputs_raise_naming_them(engine: autoglm.Engine) -> None:
+    with pytest.raises(autoglm.InvalidRequestError, match="structured_outputs"):
+        autoglm.SamplingParams(structured_outputs={"json": {}, "regex": "a"})
+    with pytest.raises(autoglm.InvalidRequestError, match="structured_outputs"):
+        autoglm.SamplingParams(structured_outputs={"nope": 1})
+    with pytest.raises(autoglm.InvalidRequestError, match="regex"):
+        engine.generate("x", autoglm.SamplingParams(structured_outputs={"regex": "(unclosed"}))

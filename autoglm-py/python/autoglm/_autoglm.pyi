@@ -182,7 +182,15 @@ class SamplingParams:
         ignore_eos: bool = False,
         logprobs: int | None = None,
         skip_special_tokens: bool = True,
+        structured_outputs: Mapping[str, Any] | None = None,
     ) -> SamplingParams: ...
+    @property
+    def structured_outputs(self) -> dict[str, Any] | None:
+        """The grammar the output must match, as vLLM's ``structured_outputs``: ``{"json":
+        schema}``, ``{"regex": str}``, ``{"choice": [str, ...]}``, ``{"grammar": lark}`` or
+        ``{"json_object": True}``; ``None`` leaves the output free."""
+    @structured_outputs.setter
+    def structured_outputs(self, value: Mapping[str, Any] | None) -> None: ...
     @property
     def stop(self) -> list[str]: ...
     @stop.setter
