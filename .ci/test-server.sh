@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The server's OpenAI-client tests: builds the serve example, starts two servers on free loopback
+# The server's OpenAI-client tests: builds the `autoglm` binary, starts two servers on free loopback
 # ports (the bundled tiny text model and the glm4v-tiny model; glm4v-tiny again with the `openai`
 # content format), waits for /ready, runs pytest tests/server with the official `openai` package
 # (from a venv at .venv), and stops the servers whatever happens.
@@ -15,8 +15,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q openai pytest pillow
 
-echo "== build the serve example"
-cargo build --release --example serve
+echo "== build the autoglm binary"
+cargo build --release -p autoglm-cli
 
 # Two servers: the text model and the Glm4v model as Open-AutoGLM's recommended vLLM command runs
 # them (content format `string`), and the Glm4v model with content format `openai` (the fixture has
@@ -52,7 +52,7 @@ start_server() {
   local log
   log=$(mktemp)
   logs+=("$log")
-  "${CARGO_TARGET_DIR:-target}"/release/examples/serve --host 127.0.0.1 --port 0 "$@" >"$log" 2>&1 &
+  "${CARGO_TARGET_DIR:-target}"/release/autoglm serve --host 127.0.0.1 --port 0 "$@" >"$log" 2>&1 &
   pids+=($!)
   python3 - "$log" "$!" <<'PY' || { echo "--- server log" >&2; cat "$log" >&2; return 1; }
 import os, re, sys, time, urllib.request

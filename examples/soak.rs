@@ -4,12 +4,12 @@
 //! lost.
 //!
 //! ```text
-//! cargo build --release -p autoglm-examples --example serve --example soak
+//! cargo build --release -p autoglm-cli -p autoglm-examples --example soak
 //! target/release/examples/soak --duration 600 --csv docs/soak.csv
 //! benches/python/plot_soak.py docs/soak.csv docs/soak.png
 //! ```
 //!
-//! The server is `examples/serve` as its own process (found beside this program, or
+//! The server is `autoglm serve` as its own process (`target/release/autoglm`, or
 //! `--serve-bin`), so its RSS and fd count are its own: it serves the glm4v-tiny fixture (random
 //! weights) on a free loopback port, with a small KV pool (`--kv-cache-mb`) so blocks in use are
 //! a visible share of it; its stderr goes to `--server-log`. `--concurrency` client tasks (one
@@ -74,7 +74,7 @@ struct Cli {
     /// Where to write the samples (CSV).
     #[arg(long, default_value = "soak.csv")]
     csv: PathBuf,
-    /// The `serve` example binary (default: beside this program).
+    /// The `autoglm` binary (default: target/release/autoglm, beside examples/).
     #[arg(long)]
     serve_bin: Option<PathBuf>,
     /// Model directory to serve (default: the glm4v-tiny fixture); named by its directory.
@@ -810,12 +810,14 @@ fn free_port() -> u16 {
 
 fn start_server(cli: &Cli, model_dir: &std::path::Path, port: u16) -> ServerProcess {
     let bin = cli.serve_bin.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .expect("this program's path")
-            .with_file_name("serve")
+        // target/release/examples/soak -> target/release/autoglm
+        let exe = std::env::current_exe().expect("this program's path");
+        let dir = exe.parent().and_then(|d| d.parent()).expect("target/release");
+        dir.join("autoglm")
     });
     let log = std::fs::File::create(&cli.server_log).expect("server log");
     let child = Command::new(&bin)
+        .arg("serve")
         .arg("--model")
         .arg(model_dir)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -827,7 +829,7 @@ fn start_server(cli: &Cli, model_dir: &std::path::Path, port: u16) -> ServerProc
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot start {} ({e}); build it with `cargo build --release -p autoglm-examples --example serve`",
+                "cannot start {} ({e}); build it with `cargo build --release -p autoglm-cli`",
                 bin.display()
             )
         });

@@ -148,6 +148,59 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Images (Glm4v models).
     pub multimodal: MultiModalConfig,
+    /// Tokenizer, chat template and sampling defaults from elsewhere than the checkpoint.
+    pub overrides: ModelOverrides,
+}
+
+/// What replaces the checkpoint directory's own tokenizer, chat template or sampling defaults.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelOverrides {
+    /// A directory whose tokenizer files (`tokenizer.json`, `tokenizer_config.json`) are used
+    /// instead of the model's (vLLM's `--tokenizer`).
+    pub tokenizer: Option<PathBuf>,
+    /// Jinja source of a chat template used instead of the model's (vLLM's `--chat-template`,
+    /// read from its file by the caller).
+    pub chat_template: Option<String>,
+    /// Where the defaults of unset sampling fields come from (vLLM's `--generation-config`).
+    pub generation_config: GenerationConfigSource,
+}
+
+/// Where an engine's defaults for the sampling fields a request leaves unset come from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum GenerationConfigSource {
+    /// The checkpoint's `generation_config.json` (vLLM's `auto`, the default).
+    #[default]
+    Auto,
+    /// The engine's own defaults, ignoring the file (vLLM's `vllm`).
+    Builtin,
+    /// The `generation_config.json` in this directory.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for GenerationConfigSource {
+    type Err = Error;
+    /// `auto`, `vllm` (also `none` and `builtin`) or a directory.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(GenerationConfigSource::Auto),
+            "vllm" | "none" | "builtin" => Ok(GenerationConfigSource::Builtin),
+            "" => Err(Error::config(
+                "generation_config",
+                "expected auto, vllm or a directory holding generation_config.json",
+            )),
+            dir => {
+                let p = PathBuf::from(dir);
+                if p.is_dir() {
+                    Ok(GenerationConfigSource::Dir(p))
+                } else {
+                    Err(Error::config(
+                        "generation_config",
+                        format!("{dir:?} is not auto, vllm or a directory"),
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// How a Glm4v engine takes images.

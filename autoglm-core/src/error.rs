@@ -34,7 +34,7 @@ pub enum Error {
         msg: String,
     },
     /// `config.json` names an architecture this engine does not implement.
-    #[error("unsupported architecture {0:?} (supported: GlmForCausalLM, Glm4ForCausalLM, Glm4vForConditionalGeneration)")]
+    #[error("unsupported architecture {0:?} (supported: GlmForCausalLM, Glm4ForCausalLM, Glm4vForConditionalGeneration){hint}", hint = architecture_hint(.0))]
     UnsupportedArchitecture(String),
     /// A configuration value is out of range or inconsistent.
     #[error("invalid config `{field}`: {msg}")]
@@ -85,6 +85,21 @@ pub enum Error {
         /// Bytes the pool holds in all (in use and free, after freeing what it could).
         pinned: usize,
     },
+}
+
+/// What to use instead of an architecture that is close to a supported one.
+fn architecture_hint(name: &str) -> &'static str {
+    match name {
+        "ChatGLMModel" | "ChatGLMForConditionalGeneration" => {
+            ": this is the original THUDM checkpoint layout, which needs trust_remote_code; use \
+             its transformers-native `-hf` variant (e.g. zai-org/glm-4-9b-chat-hf), whose \
+             config.json says GlmForCausalLM"
+        }
+        "Glm4MoeForCausalLM" | "Glm4vMoeForConditionalGeneration" => {
+            ": the GLM-4.5 mixture-of-experts models are not implemented yet"
+        }
+        _ => "",
+    }
 }
 
 impl Error {

@@ -23,6 +23,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod hub;
 pub mod media;
 pub mod memory;
 pub mod model;
@@ -36,9 +37,9 @@ pub mod threading;
 pub mod tokenizer;
 
 pub use config::{
-    CacheConfig, CudaConfig, Device, EngineConfig, MultiModalConfig, SchedulerConfig,
-    ThreadingConfig,
+    CacheConfig, CudaConfig, Device, EngineConfig, GenerationConfigSource, ModelOverrides,
+    MultiModalConfig, SchedulerConfig, ThreadingConfig,
 };
 pub use engine::{Engine, RequestOutput, RequestStream};
 pub use error::{Error, Result};
-pub use sampling::{FinishReason, SamplingParams, StructuredOutput};
+pub use sampling::{FinishReason, SamplingDefaults, SamplingParams, StructuredOutput};

@@ -178,6 +178,110 @@ impl Default for SamplingParams {
     }
 }
 
+/// Defaults for the sampling fields a request leaves unset, as a model's `generation_config.json`
+/// recommends them (vLLM's `--generation-config auto`): `temperature`, `top_k`, `top_p`, `min_p`,
+/// `repetition_penalty` and `max_new_tokens` (as `max_tokens`). Like vLLM, other keys
+/// (`do_sample`, `max_length`, ...) are not used. All `None`: the engine's own defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    /// Default `temperature`.
+    pub temperature: Option<f32>,
+    /// Default `top_k` (0: all tokens).
+    pub top_k: Option<usize>,
+    /// Default `top_p`.
+    pub top_p: Option<f32>,
+    /// Default `min_p`.
+    pub min_p: Option<f32>,
+    /// Default `repetition_penalty`.
+    pub repetition_penalty: Option<f32>,
+    /// Default `max_tokens` (`max_new_tokens` in the file).
+    pub max_tokens: Option<usize>,
+}
+
+impl SamplingDefaults {
+    /// Reads the defaults of a `generation_config.json`; a missing file gives none. A value of the
+    /// wrong type or out of range is an error naming the file and the key.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let json: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        let bad = |key: &str, want: &str| {
+            Error::config(
+                format!("{}: {key}", path.display()),
+                format!("{} is not {want}", json[key]),
+            )
+        };
+        let float = |key: &str| -> Result<Option<f32>> {
+            match json.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .map(|x| Some(x as f32))
+                    .ok_or_else(|| bad(key, "a number")),
+            }
+        };
+        let int = |key: &str| -> Result<Option<i64>> {
+            match json.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_i64().map(Some).ok_or_else(|| bad(key, "an integer")),
+            }
+        };
+        let top_k = match int("top_k")? {
+            None => None,
+            // transformers' 0 and vLLM's -1 both mean every token.
+            Some(0) | Some(-1) => Some(0),
+            Some(k) if k > 0 => Some(k as usize),
+            Some(_) => return Err(bad("top_k", "-1, 0 or a positive integer")),
+        };
+        let max_tokens = match int("max_new_tokens")? {
+            None => None,
+            Some(m) if m > 0 => Some(m as usize),
+            Some(_) => return Err(bad("max_new_tokens", "a positive integer")),
+        };
+        let d = SamplingDefaults {
+            temperature: float("temperature")?,
+            top_k,
+            top_p: float("top_p")?,
+            min_p: float("min_p")?,
+            repetition_penalty: float("repetition_penalty")?,
+            max_tokens,
+        };
+        d.params().validate().map_err(|e| {
+            Error::config(
+                path.display().to_string(),
+                e.to_string().trim_start_matches("invalid request: "),
+            )
+        })?;
+        Ok(d)
+    }
+
+    /// Whether no default is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// [`SamplingParams::default`] with these defaults applied.
+    pub fn params(&self) -> SamplingParams {
+        let d = SamplingParams::default();
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            max_tokens: self.max_tokens.unwrap_or(d.max_tokens),
+            ..d
+        }
+    }
+}
+
 impl SamplingParams {
     /// Greedy decoding (temperature 0), other fields default.
     pub fn greedy() -> Self {

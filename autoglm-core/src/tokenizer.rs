@@ -109,6 +109,28 @@ impl Tokenizer {
         })
     }
 
+    /// This tokenizer with `source` (Jinja) as its only chat template, replacing the model's
+    /// (vLLM's `--chat-template`). A template that does not compile is an error.
+    pub fn with_chat_template(&self, source: &str) -> Result<Self> {
+        let origin = PathBuf::from("--chat-template");
+        let mut env = new_environment();
+        env.add_template_owned("default".to_string(), source.to_string())
+            .map_err(|e| template_error(&origin, "default", &e))?;
+        let i = &self.inner;
+        let inner = Inner {
+            tok: i.tok.clone(),
+            eos: i.eos.clone(),
+            env,
+            templates: vec!["default".into()],
+            template_origin: origin,
+            special: i.special.clone(),
+            bytes: std::sync::OnceLock::new(),
+        };
+        Ok(Tokenizer {
+            inner: Arc::new(inner),
+        })
+    }
+
     /// Encodes `text`; with `add_special_tokens` the tokenizer's post-processor adds its tokens.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self

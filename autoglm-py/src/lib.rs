@@ -29,6 +29,24 @@ fn _panic_for_tests(message: &str) -> PyResult<()> {
     errors::guard(|| panic!("{message}"))
 }
 
+/// Runs the `autoglm` command (the same clap definition as the Rust binary) on `argv` (the
+/// program name first) with the GIL released, and returns its exit status. SIGINT and SIGTERM
+/// stop a server gracefully; a panic is status 1, never an exception.
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(|| {
+        std::panic::catch_unwind(|| autoglm_cli::run(argv)).unwrap_or_else(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!("error: internal error (a bug; please report it): {msg}");
+            1
+        })
+    })
+}
+
 /// The native part of autoglm; import the `autoglm` package instead.
 #[pymodule]
 fn _autoglm(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -46,6 +64,7 @@ fn _autoglm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::RequestStream>()?;
     m.add_class::<stream::AsyncRequestStream>()?;
     m.add_class::<server::Server>()?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     // The tiny checkpoint of the source tree this module was built from (it may be gone since).
     m.add(
         "_BUNDLED_MODEL",

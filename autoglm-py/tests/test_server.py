@@ -30,7 +30,7 @@ import openai
 import pytest
 
 import autoglm
-from autoglm import _autoglm, cli
+from autoglm import cli
 from conftest import FIXTURES, greedy
 
 TINY = FIXTURES / "glm4-tiny"
@@ -461,7 +461,7 @@ def test_console_script_serves_and_exits_0_on_signal(sig: signal.Signals, glm4: 
         "--model", f"tiny={TINY}", "--port", "0", "--api-key", "sk-cli", "--stream-interval", "4"
     )
     try:
-        url = served.expect(r"serving tiny on (http://127\.0\.0\.1:\d+)").group(1)
+        url = served.expect(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
         c = glm4["cases"][1]
         r = client_for(url, "sk-cli").completions.create(
             model="tiny", prompt=c["prompt_token_ids"], max_tokens=24, temperature=0,
@@ -479,7 +479,7 @@ def test_console_script_serves_and_exits_0_on_signal(sig: signal.Signals, glm4: 
         served.proc.send_signal(sig)
         assert served.proc.wait(timeout=30) == 0, served.stderr()
         assert time.monotonic() - t0 < 10
-        served.expect(r"autoglm: stopped", timeout=5)
+        served.expect(r"autoglm_cli::serve: stopped", timeout=5)
         assert f"{sig.name}: stopping" in served.stderr()
         assert refused(int(url.rsplit(":", 1)[1]))
     finally:
@@ -510,7 +510,7 @@ def test_console_script_pins_engine_and_http_threads_apart() -> None:
         "--compute-cores", str(engine), "--http-cores", str(http),
     )
     try:
-        url = served.expect(r"serving glm4-tiny on (http://127\.0\.0\.1:\d+)").group(1)
+        url = served.expect(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
         r = client_for(url).completions.create(model=NAME, prompt="hi", max_tokens=4)
         assert r.usage is not None and r.usage.completion_tokens == 4
         threads = thread_cores(served.proc.pid)
@@ -531,7 +531,7 @@ def test_console_script_keeps_the_engine_loop_apart_by_default(no_pin: bool) -> 
     everywhere = {mine.group(1)}
     served = Served("--model", str(TINY), "--port", "0", *(["--no-pin"] if no_pin else []))
     try:
-        url = served.expect(r"serving glm4-tiny on (http://127\.0\.0\.1:\d+)").group(1)
+        url = served.expect(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
         r = client_for(url).completions.create(model=NAME, prompt="hi", max_tokens=4)
         assert r.usage is not None and r.usage.completion_tokens == 4
         threads = thread_cores(served.proc.pid)
@@ -552,7 +552,7 @@ def test_console_script_keeps_the_engine_loop_apart_by_default(no_pin: bool) -> 
 def test_console_script_second_signal_forces_the_stop() -> None:
     served = Served("--model", str(TINY), "--port", "0", "--shutdown-grace", "60")
     try:
-        port = int(served.expect(r"serving glm4-tiny on http://127\.0\.0\.1:(\d+)").group(1))
+        port = int(served.expect(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(
                 b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"
@@ -573,11 +573,10 @@ def test_console_script_second_signal_forces_the_stop() -> None:
 
 
 def test_console_script_without_model_serves_the_bundled_one(tmp_path: Path) -> None:
-    assert cli.bundled_model() == TINY.resolve()
     served = Served("--port", "0", cwd=tmp_path)
     try:
-        served.expect(r"no --model given; serving the bundled tiny GLM-4 model")
-        url = served.expect(r"serving glm4-tiny on (http://127\.0\.0\.1:\d+)").group(1)
+        served.expect(r"no model given; serving the bundled tiny GLM-4 model")
+        url = served.expect(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
         assert [m.id for m in client_for(url).models.list()] == [NAME]
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=30) == 0, served.stderr()
@@ -594,7 +593,7 @@ def test_console_script_errors(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 1
-    assert "autoglm: error:" in proc.stderr and str(missing) in proc.stderr
+    assert "error:" in proc.stderr and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr
 
     proc = subprocess.run(
@@ -609,24 +608,18 @@ def test_console_script_errors(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--http-cores" in proc.stderr and "'0,x'" in proc.stderr
 
 
-def test_cli_port_in_use_and_no_bundled_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_port_in_use(capfd: pytest.CaptureFixture[str]) -> None:
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         assert cli.main(["serve", "--model", str(TINY), "--port", str(port), "--device", "cpu"]) == 1
-    assert "already in use" in capsys.readouterr().err
-    # serve() put the signal handlers back.
+    err = capfd.readouterr().err
+    # Found before the model loads (the Rust command writes to the process's stderr).
+    assert "already in use" in err and f"127.0.0.1:{port}" in err and "loaded" not in err
+    # cli.main() put the signal handlers back.
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-
-    monkeypatch.setattr(_autoglm, "_BUNDLED_MODEL", str(tmp_path / "gone"))
-    monkeypatch.chdir(tmp_path)
-    assert cli.bundled_model() is None
-    assert cli.main(["serve"]) == 1
-    assert "the bundled tiny model was not found" in capsys.readouterr().err
 
 
 def test_python_m_autoglm_version() -> None:

@@ -1,8 +1,8 @@
 """Fixtures for the OpenAI-client tests of the autoglm server.
 
 With AUTOGLM_SERVER_URL set (as .ci/test-server.sh does), the tests use that server. Otherwise they
-start target/release/examples/serve on a free loopback port (build it first with
-`cargo build --release --example serve`) and stop it afterwards.
+start `target/release/autoglm serve` on a free loopback port (build it first with
+`cargo build --release -p autoglm-cli`) and stop it afterwards.
 """
 
 from __future__ import annotations
@@ -50,15 +50,16 @@ def base_url():
     if url:
         yield url.rstrip("/")
         return
-    binary = ROOT / "target" / "release" / "examples" / "serve"
+    binary = ROOT / "target" / "release" / "autoglm"
     if not binary.exists():
-        pytest.skip("no server: set AUTOGLM_SERVER_URL or build the serve example (--release)")
+        pytest.fail("no server: set AUTOGLM_SERVER_URL or build `autoglm` (cargo build --release -p autoglm-cli)")
     port = _free_port()
     proc = subprocess.Popen(
-        [str(binary), "--host", "127.0.0.1", "--port", str(port), "--model", f"{MODEL}={FIXTURE}",
+        [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", f"{MODEL}={FIXTURE}",
          "--tool-call-parser", "glm45", "--enable-auto-tool-choice"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # Not a pipe: one nobody reads would fill with the access log and block the server.
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:

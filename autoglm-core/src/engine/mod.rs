@@ -25,12 +25,12 @@ use serde::{Deserialize, Serialize};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, CudaOptions};
 use crate::backend::Backend;
-use crate::config::{Device, EngineConfig};
+use crate::config::{Device, EngineConfig, GenerationConfigSource};
 use crate::error::{Error, Result};
 use crate::media::{ImageProcessorConfig, ProcessedImage};
 use crate::memory::{PinnedPool, PoolStats};
 use crate::model::{GlmModel, ModelConfig};
-use crate::sampling::{FinishReason, SamplingParams, TokenLogprobs};
+use crate::sampling::{FinishReason, SamplingDefaults, SamplingParams, TokenLogprobs};
 use crate::tokenizer::Tokenizer;
 
 /// Identifies a request.
@@ -185,6 +185,8 @@ struct Shared {
     media_pool: Mutex<Option<Arc<rayon::ThreadPool>>>,
     /// Structured-output grammars for this tokenizer.
     grammars: grammar::GrammarCompiler,
+    /// Defaults of the sampling fields a request leaves unset.
+    sampling_defaults: SamplingDefaults,
 }
 
 impl Drop for Shared {
@@ -233,14 +235,7 @@ impl Engine {
     /// the engine thread.
     pub fn from_dir(dir: &Path, config: EngineConfig) -> Result<Engine> {
         config.validate()?;
-        if !dir.is_dir() {
-            let err =
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found");
-            return Err(Error::Io {
-                path: dir.to_owned(),
-                source: err,
-            });
-        }
+        let dir = &crate::hub::resolve_model_dir(dir)?;
         let cuda = match config.device {
             Device::Cpu => None,
             Device::Cuda(n) => Some(CudaBackend::new(cuda_options(n, &config))?),
@@ -253,7 +248,20 @@ impl Engine {
                 Err(e) => return Err(e),
             },
         };
-        let tokenizer = Tokenizer::from_dir(dir)?;
+        let o = &config.overrides;
+        let mut tokenizer = Tokenizer::from_dir(o.tokenizer.as_deref().unwrap_or(dir))?;
+        if let Some(source) = &o.chat_template {
+            tokenizer = tokenizer.with_chat_template(source)?;
+        }
+        let defaults = match &o.generation_config {
+            GenerationConfigSource::Auto => {
+                SamplingDefaults::from_file(&dir.join("generation_config.json"))?
+            }
+            GenerationConfigSource::Builtin => SamplingDefaults::default(),
+            GenerationConfigSource::Dir(d) => {
+                SamplingDefaults::from_file(&d.join("generation_config.json"))?
+            }
+        };
         let images = ImageProcessorConfig::from_dir(dir)?;
         let engine = match cuda {
             Some(backend) => {
@@ -268,7 +276,31 @@ impl Engine {
                 Engine::new(backend, model, Some(tokenizer), config)
             }
         }?;
-        engine.with_image_processor(images)
+        engine
+            .with_image_processor(images)?
+            .with_sampling_defaults(defaults)
+    }
+
+    /// Replaces the defaults of the sampling fields a request leaves unset (by default those of
+    /// the checkpoint's `generation_config.json`; see [`GenerationConfigSource`]). The server
+    /// applies them; [`Engine::submit`] takes complete [`SamplingParams`] and does not.
+    pub fn with_sampling_defaults(self, defaults: SamplingDefaults) -> Result<Engine> {
+        defaults.params().validate()?;
+        let mut shared = Arc::try_unwrap(self.shared).map_err(|_| {
+            Error::config(
+                "generation_config",
+                "the sampling defaults can only be set before the engine is shared",
+            )
+        })?;
+        shared.sampling_defaults = defaults;
+        Ok(Engine {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The defaults of the sampling fields a request leaves unset.
+    pub fn sampling_defaults(&self) -> &SamplingDefaults {
+        &self.shared.sampling_defaults
     }
 
     /// Replaces the image preprocessing settings (by default `preprocessor_config.json`'s, or
@@ -397,6 +429,7 @@ impl Engine {
                 tokenizer,
                 max_model_len,
                 images: None,
+                sampling_defaults: SamplingDefaults::default(),
                 media_pool: Mutex::new(None),
                 model_config,
                 config,

@@ -45,7 +45,8 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let lease = lease_or_404(&state.models, req.common.model.as_deref())?;
     rec.model = Some(lease.name.clone());
     let lp = want_logprobs.then(|| req.top_logprobs.unwrap_or(0));
-    let mut params = req.common.params(lp)?;
+    let defaults = lease.engine.sampling_defaults();
+    let mut params = req.common.params(lp, defaults)?;
     let (tool_plan, tool_grammar) = tools::plan(
         req.tools.as_ref(),
         req.tool_choice.as_ref(),
@@ -100,7 +101,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     };
     let (field, requested) = match req.max_completion_tokens {
         Some(m) => ("max_completion_tokens", Some(m)),
-        None => ("max_tokens", req.common.max_tokens),
+        None => ("max_tokens", req.common.max_tokens.or(defaults.max_tokens)),
     };
     params.max_tokens = resolve_max_tokens(
         field,

@@ -36,7 +36,8 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let state = rec.state.clone();
     let lease = lease_or_404(&state.models, req.common.model.as_deref())?;
     rec.model = Some(lease.name.clone());
-    let base = req.common.params(req.logprobs)?;
+    let defaults = lease.engine.sampling_defaults();
+    let base = req.common.params(req.logprobs, defaults)?;
     if rec.wants_prompt_text() {
         rec.prompt_text = match &req.prompt {
             Some(PromptField::Inputs(inputs)) => Some(match &inputs[..] {
@@ -53,7 +54,12 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let tok = lease.engine.tokenizer().ok().cloned();
     let add_special = req.add_special_tokens.unwrap_or(true);
     let max_len = lease.engine.max_model_len();
-    let requested = Some(req.common.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+    let requested = Some(
+        req.common
+            .max_tokens
+            .or(defaults.max_tokens)
+            .unwrap_or(DEFAULT_MAX_TOKENS),
+    );
     let inputs = prompts(req.prompt.take())?;
     // Before any tokenizing: a small body must not be able to queue unbounded work.
     let choices = state.check_choices(inputs.len(), base.n)?;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::sampling::{SamplingParams, StructuredOutput, MAX_LOGPROBS};
+use crate::sampling::{SamplingDefaults, SamplingParams, StructuredOutput, MAX_LOGPROBS};
 use crate::tokenizer::Tokenizer;
 
 /// Parses a JSON body, with distinct errors for bad UTF-8, bad JSON and wrong types.
@@ -138,7 +138,13 @@ impl Common {
 
     /// Sampling parameters, except `max_tokens` (resolved against the context by
     /// [`resolve_max_tokens`]).
-    pub(crate) fn params(&self, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+    /// Fields the request leaves unset take the model's `defaults` (its `generation_config.json`),
+    /// then the engine's own.
+    pub(crate) fn params(
+        &self,
+        logprobs: Option<usize>,
+        defaults: &SamplingDefaults,
+    ) -> Result<SamplingParams, ApiError> {
         if let Some(salt) = &self.cache_salt {
             let max = crate::engine::MAX_CACHE_SALT_BYTES;
             if salt.is_empty() || salt.len() > max {
@@ -167,7 +173,8 @@ impl Common {
             }
         }
         let top_k = match self.top_k {
-            None | Some(-1) | Some(0) => 0,
+            None => defaults.top_k.unwrap_or(0),
+            Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
             Some(k) => {
                 return Err(ApiError::bad_param(
@@ -178,11 +185,11 @@ impl Common {
         };
         self.refuse_unbuilt()?;
         let structured = self.structured_output()?;
-        let d = SamplingParams::default();
+        let d = defaults.params();
         let p = SamplingParams {
             n,
             max_tokens: 1,
-            temperature: self.temperature.unwrap_or(1.0),
+            temperature: self.temperature.unwrap_or(d.temperature),
             top_k,
             top_p: self.top_p.unwrap_or(d.top_p),
             min_p: self.min_p.unwrap_or(d.min_p),

@@ -580,6 +580,10 @@ class Server:
         /,
     ) -> bool: ...
 
+def cli_main(argv: list[str]) -> int:
+    """Runs the ``autoglm`` command (the Rust binary's own definition) on ``argv``, program name
+    first, with the GIL released; returns the exit status."""
+
 _BUNDLED_MODEL: str
 """The tiny test checkpoint in the source tree the module was built from (may no longer exist)."""
 
