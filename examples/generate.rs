@@ -18,7 +18,7 @@ use autoglm_core::engine::{Completion, GenerateOutput, ImageInput, Usage};
 use autoglm_core::media::ProcessedImage;
 use autoglm_core::sampling::TokenLogprobs;
 use autoglm_core::{Engine, Error, SamplingParams};
-use autoglm_examples::{model_dir, EngineArgs, List, SamplingArgs};
+use autoglm_examples::{init_logging, model_dir, EngineArgs, List, LogFormat, SamplingArgs};
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -51,6 +51,13 @@ struct Cli {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Log level of autoglm's events (error, warn, info, debug, trace; others' are at warn), or a
+    /// full filter such as `info,autoglm::engine=debug`. RUST_LOG, when set, wins.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// How logs are written to stderr: text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
@@ -59,6 +66,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

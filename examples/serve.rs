@@ -25,7 +25,7 @@ use autoglm_core::server::{
     ServerConfig,
 };
 use autoglm_core::{Engine, Error};
-use autoglm_examples::{bundled_model, EngineArgs, List};
+use autoglm_examples::{bundled_model, init_logging, EngineArgs, List, LogFormat};
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 #[derive(Debug, Parser)]
@@ -204,6 +204,16 @@ struct Cli {
     /// HTTP threads on the others.
     #[arg(long)]
     no_pin: bool,
+    /// Log level of autoglm's events (error, warn, info, debug, trace; others' are at warn), or a
+    /// full filter such as `info,autoglm::engine=debug`. RUST_LOG, when set, wins.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// How logs are written to stderr: text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// No access-log line per request (target `autoglm::access`).
+    #[arg(long)]
+    disable_log_requests: bool,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -216,6 +226,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -412,6 +426,7 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
         requests_per_minute: cli.requests_per_minute,
         tokens_per_minute: cli.tokens_per_minute,
     };
+    c.access_log = !cli.disable_log_requests;
     if let Some(path) = &cli.audit_log {
         c.audit = Some(AuditConfig {
             path: path.clone(),
@@ -479,7 +494,8 @@ fn run(cli: Cli) -> Result<(), Error> {
     for (name, dir) in specs {
         let t0 = std::time::Instant::now();
         let engine = Engine::from_dir(&dir, engine_config.clone())?;
-        eprintln!(
+        tracing::info!(
+            target: "autoglm::serve",
             "loaded `{name}` ({}, {} layers, context {}) from {} on {} in {:.2}s",
             engine.model_config().architecture.name(),
             engine.model_config().num_layers,

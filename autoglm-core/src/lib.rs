@@ -23,6 +23,7 @@ pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod logs;
 pub mod media;
 pub mod memory;
 pub mod model;

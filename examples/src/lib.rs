@@ -1,12 +1,12 @@
-//! Command-line pieces shared by the example programs: engine and sampling flags, and the bundled
-//! default model.
+//! Command-line pieces shared by the example programs: engine and sampling flags, logging, and
+//! the bundled default model.
 
 use std::path::PathBuf;
 
 use autoglm_core::chat::ContentFormat;
 use autoglm_core::config::MultiModalConfig;
 use autoglm_core::{EngineConfig, Error, SamplingParams};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 /// The tiny GLM-4 checkpoint shipped with the repository (random weights).
 pub fn bundled_model() -> PathBuf {
@@ -22,6 +22,61 @@ pub fn model_dir(model: Option<PathBuf>) -> PathBuf {
         );
         bundled_model()
     })
+}
+
+/// How [`init_logging`] writes events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's
+    /// fields at the top level.
+    Json,
+}
+
+/// The filter [`init_logging`] uses without `RUST_LOG`: `level` for autoglm's own events (a
+/// level name), warn for every other crate's. A `level` holding `=` or `,` is taken as a full
+/// filter (`RUST_LOG` syntax).
+pub fn log_filter(level: &str) -> String {
+    if level.contains(['=', ',']) {
+        return level.to_string();
+    }
+    format!("warn,autoglm={level},autoglm_core={level},autoglm_examples={level}")
+}
+
+/// Installs the process's `tracing` subscriber, writing to stderr: `RUST_LOG` when set (e.g.
+/// `RUST_LOG=autoglm::engine=debug`), else [`log_filter`] of `level` (default `info`). Fails if a
+/// subscriber is already installed or the filter does not parse.
+pub fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.trim().is_empty() => {
+            EnvFilter::try_new(&env).map_err(|e| format!("RUST_LOG={env:?}: {e}"))?
+        }
+        _ => {
+            let spec = log_filter(level.unwrap_or("info"));
+            EnvFilter::try_new(&spec).map_err(|e| format!("--log-level {spec:?}: {e}"))?
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .try_init()
+        }
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+    installed.map_err(|e| format!("cannot install the log subscriber: {e}"))
 }
 
 /// A comma-separated list of numbers on the command line, e.g. `1,2,3`.
@@ -87,6 +142,13 @@ pub struct EngineArgs {
     /// CUDA: launch every kernel of every decode step instead of replaying CUDA graphs.
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Seconds between the engine's stats lines (throughput, queue, KV cache and prefix-cache
+    /// use; logged only when something happened).
+    #[arg(long, default_value_t = 10.0)]
+    pub log_stats_interval: f64,
+    /// No periodic stats lines.
+    #[arg(long)]
+    pub disable_log_stats: bool,
     #[command(flatten)]
     pub multimodal: MultiModalArgs,
 }
@@ -185,6 +247,18 @@ impl EngineArgs {
         c.threading.num_threads = self.threads;
         c.cuda.memory_utilization = self.gpu_memory_utilization;
         c.cuda.graphs = !self.enforce_eager;
+        c.log_stats_interval = if self.disable_log_stats {
+            None
+        } else {
+            let secs = self.log_stats_interval;
+            if !(secs > 0.0 && secs.is_finite()) {
+                return Err(Error::config(
+                    "log_stats_interval",
+                    format!("{secs} (must be a positive number of seconds)"),
+                ));
+            }
+            Some(std::time::Duration::from_secs_f64(secs))
+        };
         self.multimodal.apply(&mut c.multimodal)?;
         Ok(c)
     }

@@ -58,7 +58,9 @@ def base_url():
         [str(binary), "--host", "127.0.0.1", "--port", str(port), "--model", f"{MODEL}={FIXTURE}",
          "--tool-call-parser", "glm45", "--enable-auto-tool-choice"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # Not a pipe nobody reads: the access log (a line per request) would fill it and block
+        # the server.
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
