@@ -265,6 +265,8 @@ async fn access_events(buf: &Buffer, seen: &mut Vec<Value>, want: usize) {
     panic!("{want} access lines expected: {seen:?}");
 }
 
+// The turn is held for the whole test on purpose: the other tests must not log meanwhile.
+#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_has_a_line_per_request_and_no_prompt() {
     let (_turn, buf) = capture();
