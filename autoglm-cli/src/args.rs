@@ -95,6 +95,13 @@ pub struct EngineArgs {
     /// CUDA: launch every kernel of every decode step instead of replaying CUDA graphs.
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Seconds between the engine's stats lines (throughput, queue, KV cache and prefix-cache
+    /// use; logged only when something happened).
+    #[arg(long, default_value_t = 10.0)]
+    pub log_stats_interval: f64,
+    /// No periodic stats lines (vLLM's flag).
+    #[arg(long)]
+    pub disable_log_stats: bool,
     /// Tokenizer files from this directory instead of the model's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -245,6 +252,18 @@ impl EngineArgs {
         c.threading.num_threads = self.threads;
         c.cuda.memory_utilization = self.gpu_memory_utilization;
         c.cuda.graphs = !self.enforce_eager;
+        c.log_stats_interval = if self.disable_log_stats {
+            None
+        } else {
+            let secs = self.log_stats_interval;
+            if !(secs > 0.0 && secs.is_finite()) {
+                return Err(Error::config(
+                    "--log-stats-interval",
+                    format!("{secs} (must be a positive number of seconds)"),
+                ));
+            }
+            Some(std::time::Duration::from_secs_f64(secs))
+        };
         self.multimodal.apply(&mut c.multimodal)?;
         c.overrides.tokenizer = self.tokenizer.clone();
         c.overrides.chat_template = self

@@ -195,6 +195,9 @@ pub struct ServeArgs {
     /// HTTP threads on the others.
     #[arg(long)]
     no_pin: bool,
+    /// No access-log line per request (target `autoglm::access`; vLLM's flag).
+    #[arg(long, visible_alias = "disable-uvicorn-access-log")]
+    disable_log_requests: bool,
     /// Seed of the engine's random numbers, for requests that give no seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -330,6 +333,7 @@ fn server_config(cli: &ServeArgs, workers: usize) -> Result<ServerConfig, Error>
         requests_per_minute: cli.requests_per_minute,
         tokens_per_minute: cli.tokens_per_minute,
     };
+    c.access_log = !cli.disable_log_requests;
     if let Some(path) = &cli.audit_log {
         c.audit = Some(AuditConfig {
             path: path.clone(),

@@ -132,7 +132,7 @@ impl Default for CudaConfig {
 }
 
 /// Everything an [`Engine`](crate::Engine) needs besides the model.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     /// Where the model runs.
     pub device: Device,
@@ -150,6 +150,27 @@ pub struct EngineConfig {
     pub multimodal: MultiModalConfig,
     /// Tokenizer, chat template and sampling defaults from elsewhere than the checkpoint.
     pub overrides: ModelOverrides,
+    /// How often the engine thread logs its throughput, queue and cache usage (an info event at
+    /// target `autoglm::stats`, like vLLM's "Avg prompt throughput" line): at most once per
+    /// interval, and only when something happened since the last one. `None` turns it off
+    /// (vLLM's `--disable-log-stats`). Default 10 s.
+    pub log_stats_interval: Option<std::time::Duration>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            device: Device::default(),
+            cuda: CudaConfig::default(),
+            cache: CacheConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            threading: ThreadingConfig::default(),
+            seed: 0,
+            multimodal: MultiModalConfig::default(),
+            log_stats_interval: Some(std::time::Duration::from_secs(10)),
+            overrides: ModelOverrides::default(),
+        }
+    }
 }
 
 /// What replaces the checkpoint directory's own tokenizer, chat template or sampling defaults.
@@ -199,9 +220,6 @@ impl std::str::FromStr for GenerationConfigSource {
                     ))
                 }
             }
-        }
-    }
-}
 
 /// How a Glm4v engine takes images.
 #[derive(Debug, Clone, PartialEq)]
@@ -360,6 +378,12 @@ impl MultiModalConfig {
 impl EngineConfig {
     /// Checks ranges and consistency.
     pub fn validate(&self) -> Result<()> {
+        if self.log_stats_interval.is_some_and(|d| d.is_zero()) {
+            return Err(Error::config(
+                "log_stats_interval",
+                "must be positive (None turns the stats log off)",
+            ));
+        }
         let m = &self.multimodal;
         if m.max_pixels == Some(0) || m.min_pixels == Some(0) || m.max_image_pixels == Some(0) {
             return Err(Error::config(

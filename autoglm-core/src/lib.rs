@@ -24,6 +24,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod logs;
 pub mod media;
 pub mod memory;
 pub mod model;

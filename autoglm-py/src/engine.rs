@@ -29,7 +29,7 @@ use crate::tokenizer::{render, Tokenizer};
 use crate::wait::{self, CancelOnDone, CancelSignal};
 
 /// The engine options `Engine(...)` accepts as keywords, besides `device`.
-pub(crate) const OPTIONS: [&str; 20] = [
+pub(crate) const OPTIONS: [&str; 21] = [
     "block_size",
     "num_blocks",
     "kv_cache_mb",
@@ -50,6 +50,7 @@ pub(crate) const OPTIONS: [&str; 20] = [
     "encoder_cache_mb",
     "media_nice",
     "inline_encoder",
+    "log_stats_interval",
 ];
 
 fn option_err(name: &str, v: &Bound<'_, PyAny>, want: &str) -> PyErr {
@@ -215,6 +216,19 @@ pub(crate) fn engine_config(
                         .map_err(|_| option_err(n, &v, "must be a bool"))?;
                 }
             }
+            "log_stats_interval" => {
+                if !v.is_none() {
+                    let secs = v
+                        .extract::<f64>()
+                        .ok()
+                        .filter(|s| {
+                            *s >= 0.0 && s.is_finite() && !v.is_instance_of::<pyo3::types::PyBool>()
+                        })
+                        .ok_or_else(|| option_err(n, &v, "must be a number of seconds >= 0"))?;
+                    cfg.log_stats_interval =
+                        (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs));
+                }
+            }
             "limit_mm_per_prompt" | "mm_processor_kwargs" | "chat_template_content_format" => {}
             "seed" => {
                 if !v.is_none() {
@@ -356,6 +370,8 @@ fn results(py: Python<'_>, finished: Vec<Finished>, single: bool) -> PyResult<Bo
 /// (0..19, default 19: the nice value of the threads that preprocess and, on the CPU, encode
 /// images beside the engine's steps, so decoding streams take shared cores first),
 /// inline_encoder (run the vision tower on the engine thread between steps instead).
+/// log_stats_interval: seconds between the engine's stats records (logger `autoglm.stats`, info;
+/// default 10, 0 turns them off).
 /// Use it as a context manager, or call `close()`, to stop the engine thread deterministically.
 #[pyclass(module = "autoglm", frozen)]
 pub(crate) struct Engine {
@@ -500,6 +516,7 @@ impl Engine {
     ) -> PyResult<Self> {
         guard(|| {
             let config = engine_config(device, options)?;
+            crate::refresh_log_levels();
             let engine = py
                 .detach(|| CoreEngine::from_dir(&model, config))
                 .map_err(|e| to_py(e, Phase::Load))?;

@@ -9,6 +9,16 @@
 //!
 //! Every wait happens detached from the interpreter (`py.detach`), so any number of Python
 //! threads can submit and wait at once while the engine batches their requests.
+//!
+//! Logs: the engine's `tracing` events reach Python's `logging` as records of the loggers
+//! `autoglm.model`, `autoglm.engine`, `autoglm.stats`, `autoglm.access`, ... (pyo3-log, installed
+//! at import). A record takes the GIL on the thread that emits it (the engine thread, a loader
+//! thread), which is safe because no thread waits for those while holding the GIL (every wait
+//! is detached). pyo3-log caches each logger's level after its first record, so records below
+//! it (Python's default is WARNING) cost no GIL; the cache is cleared whenever an `Engine` or
+//! `Server` is created, so levels set before that take effect.
+
+use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
@@ -47,10 +57,27 @@ fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
     })
 }
 
+/// Clears pyo3-log's cached logger levels (see the module docs).
+static LOG_LEVELS: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
+
+/// Makes the Python loggers' current levels apply to the records emitted from now on.
+pub(crate) fn refresh_log_levels() {
+    if let Some(h) = LOG_LEVELS.get() {
+        h.reset();
+    }
+}
+
 /// The native part of autoglm; import the `autoglm` package instead.
 #[pymodule]
 fn _autoglm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Debug and up are offered to Python (trace is never emitted); `install` fails only when this
+    // module's `log` logger is already set (a second initialisation), and then that one stays.
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter(log::LevelFilter::Debug);
+    if let Ok(handle) = logger.install() {
+        let _ = LOG_LEVELS.set(handle);
+    }
     errors::register(m)?;
     m.add_class::<engine::Engine>()?;
     m.add_class::<params::SamplingParams>()?;

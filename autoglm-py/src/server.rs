@@ -819,6 +819,7 @@ impl Server {
     /// for an address that cannot be bound. Returns the server itself.
     fn start(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
         guard(|| {
+            crate::refresh_log_levels();
             let py = slf.py();
             let this = slf.get();
             let cancel = CancelSignal::new();

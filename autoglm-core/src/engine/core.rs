@@ -11,6 +11,7 @@ use super::events::{EventSender, Sent};
 use super::grammar::{apply_mask, GrammarSlot};
 use super::scheduler::{Scheduler, SchedulerOutput};
 use super::sequence::{PromptImages, SeqId, Sequence};
+use super::stats_log::StatsLog;
 use super::{Command, EngineStats, Request, RequestId, RequestOutput, Usage};
 use crate::backend::{Backend, RowSampling};
 use crate::config::EngineConfig;
@@ -95,6 +96,8 @@ struct Core<B: Backend> {
     waits_scratch: Vec<(usize, usize)>,
     /// Requests held back because their stream's queue is full, until it is taken.
     paused: HashSet<RequestId>,
+    /// The periodic stats line; `None` when off.
+    stats_log: Option<StatsLog>,
 }
 
 struct PendingImage {
@@ -256,6 +259,19 @@ pub(crate) fn run<B: Backend>(
         let encoder = Encoder::new(&backend, model.vision_shared(), &config, stats.clone())?;
         stats.pinned_pool.get_or_init(|| pinned.clone());
         let grammar_eos = super::grammar::trie_eos(tokenizer.as_deref());
+        let stats_log = StatsLog::new(config.log_stats_interval, &stats);
+        tracing::info!(
+            target: "autoglm::engine",
+            backend = %backend.name(),
+            kv_blocks = num_blocks,
+            block_size = bs,
+            kv_cache_mib = kv_bytes >> 20,
+            max_model_len,
+            max_num_seqs = config.scheduler.max_num_seqs,
+            max_num_batched_tokens = config.scheduler.max_num_batched_tokens,
+            prefix_caching = config.cache.enable_prefix_caching,
+            "engine started"
+        );
         let core = Core {
             backend,
             model,
@@ -281,6 +297,7 @@ pub(crate) fn run<B: Backend>(
             image_pins: HashMap::default(),
             waits_scratch: Vec::new(),
             paused: HashSet::default(),
+            stats_log,
         };
         Ok((core, pool))
     })();
@@ -296,6 +313,7 @@ pub(crate) fn run<B: Backend>(
         pool.install(|| core.run_loop(&rx))
     }));
     if result.is_err() {
+        tracing::error!(target: "autoglm::engine", "the engine thread panicked; failing its requests");
         core.fail_all(|| Error::Backend("the engine thread panicked; see stderr".into()));
     }
 }
@@ -320,6 +338,9 @@ impl<B: Backend> Core<B> {
                     self.step(),
                     Progress::WaitingForEncoder | Progress::WaitingForStreams
                 );
+            if let Some(log) = self.stats_log.as_mut() {
+                log.tick(&self.stats);
+            }
         }
     }
 
@@ -329,12 +350,40 @@ impl<B: Backend> Core<B> {
             Command(std::result::Result<Command, flume::RecvError>),
             Encoded(std::result::Result<Encoded<T>, flume::RecvError>),
         }
-        let event = match self.encoder.results() {
-            Some(results) if self.encoder.outstanding() => flume::Selector::new()
+        // While the stats log has something unlogged, wake up at its window's end to log it.
+        let deadline = self
+            .stats_log
+            .as_ref()
+            .and_then(|log| log.deadline(&self.stats));
+        let event = match (self.encoder.results(), deadline) {
+            (Some(results), Some(deadline)) if self.encoder.outstanding() => flume::Selector::new()
                 .recv(rx, Event::Command)
                 .recv(results, Event::Encoded)
-                .wait(),
-            _ => Event::Command(rx.recv()),
+                .wait_deadline(deadline)
+                .ok(),
+            (Some(results), None) if self.encoder.outstanding() => Some(
+                flume::Selector::new()
+                    .recv(rx, Event::Command)
+                    .recv(results, Event::Encoded)
+                    .wait(),
+            ),
+            (_, Some(deadline)) => match rx.recv_deadline(deadline) {
+                Err(flume::RecvTimeoutError::Timeout) => None,
+                Ok(cmd) => Some(Event::Command(Ok(cmd))),
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    Some(Event::Command(Err(flume::RecvError::Disconnected)))
+                }
+            },
+            (_, None) => Some(Event::Command(rx.recv())),
+        };
+        if let Some(log) = self.stats_log.as_mut() {
+            if deadline.is_none() {
+                log.woke_from_idle();
+            }
+        }
+        let Some(event) = event else {
+            // The stats window ended: the loop's tick logs it.
+            return true;
         };
         match event {
             Event::Command(Ok(cmd)) => self.handle(cmd),
@@ -346,8 +395,9 @@ impl<B: Backend> Core<B> {
             }
             Event::Encoded(Err(_)) => {
                 // The encoder thread is gone; what it had is encoded in the steps that need it.
-                eprintln!(
-                    "autoglm: the image encoder thread stopped; encoding on the engine thread"
+                tracing::warn!(
+                    target: "autoglm::engine",
+                    "the image encoder thread stopped; encoding on the engine thread"
                 );
                 self.encoder = Encoder::Inline {
                     queue: Default::default(),
@@ -570,6 +620,16 @@ impl<B: Backend> Core<B> {
             prompt_tokens: req.prompt.len(),
             ..Default::default()
         };
+        tracing::debug!(
+            target: "autoglm::engine",
+            request = id,
+            prompt_tokens = req.prompt.len(),
+            max_tokens = max_output,
+            n,
+            images = images.as_ref().map_or(0, |im| im.images.len()),
+            priority = req.priority,
+            "request added"
+        );
         self.requests.insert(
             id,
             RequestState {
@@ -594,6 +654,21 @@ impl<B: Backend> Core<B> {
             self.scheduler.remove(*seq);
             self.choices.remove(seq);
             self.release_images(*seq, None);
+        }
+        match &err {
+            Some(e) => tracing::debug!(
+                target: "autoglm::engine",
+                request = id,
+                completion_tokens = state.usage.completion_tokens,
+                error = %e,
+                "request aborted"
+            ),
+            None => tracing::debug!(
+                target: "autoglm::engine",
+                request = id,
+                completion_tokens = state.usage.completion_tokens,
+                "request cancelled"
+            ),
         }
         if let Some(e) = err {
             let _ = state.tx.send(Err(e));
@@ -693,6 +768,9 @@ impl<B: Backend> Core<B> {
     }
 
     fn step(&mut self) -> Progress {
+        // The clock is read only for a listener of the per-step event.
+        let started =
+            crate::logs::log_enabled!("autoglm::engine", DEBUG).then(std::time::Instant::now);
         for e in self
             .encoder
             .encode_inline(self.model.vision(), &self.backend, &self.stats)
@@ -704,6 +782,15 @@ impl<B: Backend> Core<B> {
         self.stats
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        if !plan.preempted.is_empty() {
+            tracing::debug!(
+                target: "autoglm::engine",
+                preempted = plan.preempted.len(),
+                running = self.scheduler.num_running(),
+                waiting = self.scheduler.num_waiting(),
+                "preempted sequences: the KV cache is full"
+            );
+        }
         if plan.scheduled.is_empty() {
             // A step that only preempted frees blocks for the next one, and one whose sequences
             // all wait for images has the encoder to wait for. One that did nothing at all
@@ -729,6 +816,23 @@ impl<B: Backend> Core<B> {
             if let Some(c) = self.choices.get_mut(&s.seq_id) {
                 if c.first_schedule {
                     c.first_schedule = false;
+                    let prompt_len = self.scheduler.get(s.seq_id).map_or(0, |q| q.prompt_len);
+                    self.stats
+                        .prefix_cache_queried_tokens
+                        .fetch_add(prompt_len as u64, Ordering::Relaxed);
+                    self.stats
+                        .prefix_cache_hit_tokens
+                        .fetch_add(s.start as u64, Ordering::Relaxed);
+                    if s.start > 0 {
+                        tracing::debug!(
+                            target: "autoglm::engine",
+                            request = c.request,
+                            choice = c.index,
+                            cached_tokens = s.start,
+                            prompt_tokens = prompt_len,
+                            "prefix cache hit"
+                        );
+                    }
                     if c.index == 0 {
                         if let Some(r) = self.requests.get_mut(&c.request) {
                             r.usage.cached_prompt_tokens = s.start;
@@ -832,6 +936,20 @@ impl<B: Backend> Core<B> {
             self.sampled_ids = ids;
         }
         self.publish_stats();
+        if let Some(started) = started {
+            let tokens: usize = plan.scheduled.iter().map(|s| s.len).sum();
+            tracing::debug!(
+                target: "autoglm::engine",
+                seqs = plan.scheduled.len(),
+                prefill_tokens = prompt_computed,
+                decode_tokens = tokens - prompt_computed,
+                preempted = plan.preempted.len(),
+                running = self.scheduler.num_running(),
+                waiting = self.scheduler.num_waiting(),
+                step_ms = started.elapsed().as_secs_f64() * 1e3,
+                "step"
+            );
+        }
         Progress::Ran
     }
 
@@ -1077,6 +1195,15 @@ impl<B: Backend> Core<B> {
             req.choices_left -= 1;
             if req.choices_left == 0 {
                 out.usage = Some(req.usage);
+                tracing::debug!(
+                    target: "autoglm::engine",
+                    request,
+                    finish_reason = finish.map_or("", FinishReason::as_str),
+                    prompt_tokens = req.usage.prompt_tokens,
+                    completion_tokens = req.usage.completion_tokens,
+                    cached_prompt_tokens = req.usage.cached_prompt_tokens,
+                    "request finished"
+                );
                 finished = self.requests.remove(&request);
             }
             // Free the blocks before the client can see the end of its stream.

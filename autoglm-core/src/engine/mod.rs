@@ -14,6 +14,7 @@ mod grammar;
 mod images;
 pub mod scheduler;
 pub mod sequence;
+mod stats_log;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -131,6 +132,11 @@ pub struct EngineStats {
     pub prompt_tokens_computed: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
+    /// Prompt tokens of sequences scheduled for the first time (what the prefix cache was asked
+    /// for).
+    pub prefix_cache_queried_tokens: AtomicU64,
+    /// Of those, tokens whose KV blocks came from the prefix cache.
+    pub prefix_cache_hit_tokens: AtomicU64,
     /// Images run through the vision tower.
     pub images_encoded: AtomicU64,
     /// Image placeholders whose features came from the encoder cache.
@@ -242,7 +248,11 @@ impl Engine {
             Device::Auto => match CudaBackend::new(cuda_options(0, &config)) {
                 Ok(b) => Some(b),
                 Err(Error::CudaUnavailable(reason)) => {
-                    eprintln!("autoglm: CUDA unavailable ({reason}); running on the CPU");
+                    tracing::warn!(
+                        target: "autoglm::engine",
+                        %reason,
+                        "CUDA unavailable; running on the CPU"
+                    );
                     None
                 }
                 Err(e) => return Err(e),

@@ -39,10 +39,30 @@ pub struct GlmModel<B: Backend> {
 
 impl<B: Backend> GlmModel<B> {
     /// Loads `config.json` and the safetensors weights of a checkpoint directory.
+    /// Logs (target `autoglm::model`, info) when it starts, as the weights come in (every
+    /// tenth of their bytes) and when it is done.
     pub fn load(dir: &Path, backend: &B) -> Result<Self> {
+        let started = std::time::Instant::now();
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_source(config, &ckpt, backend)
+        tracing::info!(
+            target: "autoglm::model",
+            dir = %dir.display(),
+            architecture = ?config.architecture,
+            layers = config.num_layers,
+            weight_bytes = ckpt.total_bytes(),
+            files = ckpt.num_files(),
+            backend = %backend.name(),
+            "loading model"
+        );
+        let model = Self::from_source(config, &ckpt, backend)?;
+        tracing::info!(
+            target: "autoglm::model",
+            weight_bytes = ckpt.total_bytes(),
+            seconds = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(model)
     }
 
     /// Builds the model from any weight source (a checkpoint, random weights). Glm4v

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -85,6 +86,10 @@ struct TensorEntry {
 pub struct Checkpoint {
     files: Vec<(PathBuf, Arc<Mmap>)>,
     tensors: HashMap<String, TensorEntry>,
+    /// Bytes of tensor data read so far, and the tenths of [`Checkpoint::total_bytes`] already
+    /// logged: a progress event each time another tenth has been read.
+    read_bytes: AtomicUsize,
+    logged_tenths: AtomicUsize,
 }
 
 impl Checkpoint {
@@ -129,6 +134,8 @@ impl Checkpoint {
         let mut ckpt = Checkpoint {
             files: Vec::new(),
             tensors: HashMap::new(),
+            read_bytes: AtomicUsize::new(0),
+            logged_tenths: AtomicUsize::new(0),
         };
         for name in shard_names {
             if name.contains('/') || name.contains("..") {
@@ -182,6 +189,31 @@ impl Checkpoint {
         self.tensors.values().map(|t| t.end - t.start).sum()
     }
 
+    /// Safetensors files mapped.
+    pub fn num_files(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Counts `bytes` more as read and logs progress when another tenth of the total is.
+    fn note_read(&self, bytes: usize) {
+        let read = self.read_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if !crate::logs::log_enabled!("autoglm::model", INFO) {
+            return;
+        }
+        let total = self.total_bytes().max(1);
+        let tenths = (read.saturating_mul(10) / total).min(10);
+        let logged = self.logged_tenths.fetch_max(tenths, Ordering::Relaxed);
+        if tenths > logged {
+            tracing::info!(
+                target: "autoglm::model",
+                read_bytes = read,
+                total_bytes = total,
+                percent = tenths * 10,
+                "loading weights"
+            );
+        }
+    }
+
     fn some_path(&self) -> PathBuf {
         self.files.first().map(|f| f.0.clone()).unwrap_or_default()
     }
@@ -231,6 +263,7 @@ impl Checkpoint {
                 ))
             }
         };
+        self.note_read(bytes.len());
         Ok(HostTensor {
             shape: shape.to_vec(),
             data,

@@ -74,6 +74,11 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// Audit log.
     pub audit: Option<AuditConfig>,
+    /// One `tracing` event per answered request at target `autoglm::access` (id, principal,
+    /// method, route, status, tokens, latency, client address; never the prompt): info, debug
+    /// for `/health`, `/ready` and `/metrics`. `false` turns it off (vLLM's
+    /// `--disable-log-requests`). Default on.
+    pub access_log: bool,
     /// On shutdown, how long open requests may take to finish once the listeners have stopped
     /// accepting (after `shutdown_drain_delay`). A stream still running then ends with an error
     /// event (code `server_shutdown`) and `[DONE]`, a non-streamed request gets a 503; the
@@ -195,6 +200,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             auth: AuthConfig::default(),
             audit: None,
+            access_log: true,
             shutdown_grace: Some(Duration::from_secs(30)),
             shutdown_drain_delay: None,
             unload_timeout: Some(Duration::from_secs(30)),

@@ -30,9 +30,9 @@ impl HttpHandler for AppHandler {
     fn handle(
         self,
         req: Request<Incoming>,
-        _conn: Arc<ConnInfo>,
+        conn: Arc<ConnInfo>,
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
-        handle(self.0, req)
+        handle(self.0, req, conn.peer)
     }
 
     fn overloaded(&self) -> Response<Body> {
@@ -130,7 +130,11 @@ fn client_request_id(h: &HeaderMap) -> Option<String> {
     ok.then(|| v.to_string())
 }
 
-async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    client: Option<std::net::SocketAddr>,
+) -> Response<Body> {
     let start = Instant::now();
     let id: Arc<str> = state.new_request_id().into();
     let client_id: Option<Arc<str>> = client_request_id(req.headers()).map(Into::into);
@@ -140,6 +144,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
     let quiet = matches!(route, Ok(Route::Health | Route::Ready));
     let mut rec = Record::new(state.clone(), id.clone(), method, label, start);
     rec.client_request_id = client_id.clone();
+    rec.client = client;
     let mut resp = match route {
         Ok(route) => dispatch(&state, &mut rec, route, req)
             .await

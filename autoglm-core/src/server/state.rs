@@ -1,5 +1,6 @@
 //! Server-wide state and the per-request record that feeds metrics, rate limits and the audit log.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -120,6 +121,8 @@ pub(crate) struct Record {
     pub(crate) reserved_tokens: usize,
     /// Leave out of the audit log (health probes).
     pub(crate) quiet: bool,
+    /// The peer's address (`None` on Unix sockets), for the access log.
+    pub(crate) client: Option<SocketAddr>,
     /// Moved into a stream: this copy records nothing.
     detached: bool,
 }
@@ -149,6 +152,7 @@ impl Record {
             in_flight: None,
             reserved_tokens: 0,
             quiet: false,
+            client: None,
             detached: false,
         }
     }
@@ -173,6 +177,7 @@ impl Record {
             in_flight: self.in_flight.take(),
             reserved_tokens: std::mem::take(&mut self.reserved_tokens),
             quiet: self.quiet,
+            client: self.client,
             detached: false,
         }
     }
@@ -205,6 +210,9 @@ impl Drop for Record {
             let used = self.prompt_tokens.saturating_add(self.completion_tokens);
             s.limiter.settle_tokens(p, self.reserved_tokens, used);
         }
+        if s.config.access_log {
+            self.log_access(latency);
+        }
         if let Some(audit) = s.audit.as_ref().filter(|_| !self.quiet) {
             audit.record(&AuditEntry {
                 time: rfc3339_now(),
@@ -221,6 +229,43 @@ impl Drop for Record {
                 latency_ms: (latency.as_secs_f64() * 1e6).round() / 1e3,
                 prompt: self.prompt_text.as_deref(),
             });
+        }
+    }
+}
+
+/// One access-log event at `$level`: tracing fixes an event's level at its call site.
+macro_rules! access_event {
+    ($level:expr, $rec:expr, $latency_ms:expr) => {
+        tracing::event!(
+            target: "autoglm::access",
+            $level,
+            request_id = &*$rec.id,
+            client_request_id = $rec.client_request_id.as_deref(),
+            principal = $rec.principal.as_ref().map(|p| p.name.as_str()),
+            credential_id = $rec.principal.as_ref().map(|p| p.id.as_str()),
+            method = $rec.method,
+            route = $rec.route,
+            status = $rec.status,
+            model = $rec.model.as_deref(),
+            prompt_tokens = $rec.prompt_tokens,
+            completion_tokens = $rec.completion_tokens,
+            latency_ms = $latency_ms,
+            client = $rec.client.map(tracing::field::display),
+            "request"
+        )
+    };
+}
+
+impl Record {
+    /// The access log's line (target `autoglm::access`): info, or debug for probes (`/health`,
+    /// `/ready`, `/metrics`) so they do not flood it. Never the prompt; the principal by name and
+    /// credential id, never the key.
+    fn log_access(&self, latency: std::time::Duration) {
+        let latency_ms = (latency.as_secs_f64() * 1e6).round() / 1e3;
+        if self.quiet || self.route == "/metrics" {
+            access_event!(tracing::Level::DEBUG, self, latency_ms);
+        } else {
+            access_event!(tracing::Level::INFO, self, latency_ms);
         }
     }
 }

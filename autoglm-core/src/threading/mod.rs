@@ -167,11 +167,11 @@ pub fn build_pool_niced(
             // Checked above against the process's cores; a failure here (the mask changed under
             // us) leaves the worker where it was, which costs speed, not correctness.
             if let Err(e) = r {
-                eprintln!("autoglm: {e}");
+                tracing::warn!(target: "autoglm::threading", error = %e, "cannot pin a worker thread");
             }
             if nice != 0 {
                 if let Err(e) = set_current_thread_nice(nice) {
-                    eprintln!("autoglm: {e}");
+                    tracing::warn!(target: "autoglm::threading", error = %e, "cannot renice a worker thread");
                 }
             }
         })

@@ -415,6 +415,7 @@ class Engine:
         encoder_cache_mb: int | None = None,
         media_nice: int | None = None,
         inline_encoder: bool | None = None,
+        log_stats_interval: float | None = None,
         **options: NoReturn,
     ) -> Engine: ...
     @overload
@@ -543,6 +544,7 @@ class Server:
         encoder_cache_mb: int | None = None,
         media_nice: int | None = None,
         inline_encoder: bool | None = None,
+        log_stats_interval: float | None = None,
         **options: NoReturn,
     ) -> Server: ...
     def start(self) -> Server:

@@ -284,9 +284,11 @@ impl CudaBackend {
                 graphs.by_key.insert(key, g);
             }
             Err(e) => {
-                eprintln!(
-                    "autoglm: capturing the decode graph for batch {bucket} failed ({e}); \
-                     decode steps run without CUDA graphs from now on"
+                tracing::warn!(
+                    target: "autoglm::cuda",
+                    batch = bucket,
+                    error = %e,
+                    "capturing the decode graph failed; decode steps run without CUDA graphs from now on"
                 );
                 graphs.off = true;
                 graphs.by_key.clear();

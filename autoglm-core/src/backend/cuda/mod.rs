@@ -333,9 +333,11 @@ impl CudaBackend {
                 Ok(module) => module,
                 Err(e) if origin != compile::CubinOrigin::Compiled => {
                     // A stale or damaged cached cubin: compile afresh once.
-                    eprintln!(
-                        "autoglm: cached kernels of {} rejected ({e}); recompiling",
-                        m.name
+                    tracing::warn!(
+                        target: "autoglm::cuda",
+                        module = m.name,
+                        error = %e,
+                        "cached kernels rejected; recompiling"
                     );
                     compile::evict(m, arch, cache_dir);
                     let (bin, _) = compile::cubin(m, arch, cache_dir)?;
