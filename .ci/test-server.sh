@@ -82,11 +82,14 @@ PY
 
 echo "== starting the servers"
 # Command substitution runs in a subshell: start each server in this shell, its URL via a file.
+# `--generation-config vllm`: the tests' requests leave sampling fields unset meaning the builtin
+# defaults (temperature 1), not the fixtures' generation_config.json (autoglm-cli's tests cover
+# `auto`).
 start_server --model glm4-tiny=tests/fixtures/glm4-tiny --model glm4v-tiny=tests/fixtures/glm4v-tiny \
   --limit-mm-per-prompt '{"image": 3}' --allowed-local-media-path "$media" \
-  --tool-call-parser glm45 --enable-auto-tool-choice >"$media/url1"
+  --tool-call-parser glm45 --enable-auto-tool-choice --generation-config vllm >"$media/url1"
 start_server --model glm4v-tiny=tests/fixtures/glm4v-tiny --chat-template-content-format openai \
-  >"$media/url2"
+  --generation-config vllm >"$media/url2"
 url=$(cat "$media/url1")
 url_openai=$(cat "$media/url2")
 echo "servers at $url and $url_openai"

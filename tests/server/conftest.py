@@ -56,7 +56,7 @@ def base_url():
     port = _free_port()
     proc = subprocess.Popen(
         [str(binary), "serve", "--host", "127.0.0.1", "--port", str(port), "--model", f"{MODEL}={FIXTURE}",
-         "--tool-call-parser", "glm45", "--enable-auto-tool-choice"],
+         "--tool-call-parser", "glm45", "--enable-auto-tool-choice", "--generation-config", "vllm"],
         stdout=subprocess.DEVNULL,
         # Not a pipe: one nobody reads would fill with the access log and block the server.
         stderr=subprocess.DEVNULL,
