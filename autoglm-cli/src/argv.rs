@@ -21,7 +21,7 @@ pub fn configure(cmd: Command) -> Command {
         if a.get_long().is_none() || matches!(a.get_id().as_str(), "help" | "version") {
             return a;
         }
-        let takes_value = a.get_num_args().is_none_or(|n| n.takes_values());
+        let takes_value = a.get_action().takes_values();
         let name = env_name(a.get_id().as_str());
         let a = a.env(name);
         if takes_value {

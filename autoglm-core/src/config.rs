@@ -220,6 +220,9 @@ impl std::str::FromStr for GenerationConfigSource {
                     ))
                 }
             }
+        }
+    }
+}
 
 /// How a Glm4v engine takes images.
 #[derive(Debug, Clone, PartialEq)]
