@@ -166,6 +166,13 @@ struct Cli {
     /// Requests with tools and no tool_choice mean "auto" (needs --tool-call-parser).
     #[arg(long)]
     enable_auto_tool_choice: bool,
+    /// An origin browsers may call the API from (`https://app.example.com`, or `*`); repeat for
+    /// more. Responses to it carry CORS headers, and its preflights are answered (vLLM's flag).
+    #[arg(long = "allowed-origins", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Serve /metrics to anyone, without a key (default: the admin role only).
+    #[arg(long)]
+    metrics_public: bool,
     /// Seconds between SIGTERM/SIGINT and the listeners' stop: /ready answers 503 at once while
     /// new connections are still accepted and served, so load balancers take the instance out of
     /// rotation first (a Kubernetes preStop window; 0: stop accepting at once).
@@ -360,6 +367,8 @@ fn server_config(cli: &Cli, workers: usize) -> Result<ServerConfig, Error> {
         .map(str::parse)
         .transpose()?;
     c.enable_auto_tool_choice = cli.enable_auto_tool_choice;
+    c.cors.allowed_origins = cli.allowed_origins.clone();
+    c.metrics_public = cli.metrics_public;
     c.shutdown_grace = Some(secs(cli.shutdown_grace).unwrap_or_default());
     c.shutdown_drain_delay = non_negative_secs("--shutdown-drain-delay", cli.shutdown_drain_delay)?;
     c.unload_timeout = non_negative_secs("--unload-timeout", cli.unload_timeout)?;
