@@ -5,7 +5,11 @@
 # greedy token ids they print against the fixtures (chat_image: a PNG sent as a byte buffer to
 # glm4v-tiny, against transformers' tokens for the same message; and a truncated PNG must fail
 # naming the image), runs the error-path program, and runs the C programs under valgrind (no
-# definite leaks, no memory errors), the C++ example too.
+# definite leaks, no memory errors), the C++ example too. It also checks the ABI's struct_size
+# rule with a caller built against an older layout (autoglm-capi/tests/c/old_layout.c), that the
+# release libautoglm.so carries no debug info, and autoglm-capi/install.sh: installed to a
+# temporary prefix, a C program built with `cc $(pkg-config --cflags --libs autoglm)` against it
+# runs (and one linked statically from the same .pc file).
 #
 # Run from anywhere on a fresh Debian/Ubuntu machine with a Rust toolchain; installs a C/C++
 # compiler, valgrind and pkg-config with apt-get when they are missing.
@@ -49,6 +53,12 @@ echo "$native"
 step "cargo build --release -p autoglm-capi"
 cargo build --release -p autoglm-capi
 ls -l "$libdir/libautoglm.so" "$libdir/libautoglm.a"
+# autoglm-capi/build.rs links the release .so with --strip-debug: the engine's line tables
+# would otherwise be most of its size (the .a keeps them; programs strip what they link).
+if readelf -S "$libdir/libautoglm.so" | grep -q '\.debug_'; then
+  die "the release libautoglm.so has debug sections"
+fi
+echo "libautoglm.so: $(stat -c %s "$libdir/libautoglm.so") bytes, no debug sections"
 
 step "pkg-config file (autoglm-capi/autoglm.pc.in, prefix = this checkout)"
 sed -e "s|@prefix@|$root|" -e "s|@libdir@|$libdir|" -e "s|@includedir@|\${prefix}/autoglm-capi/include|" \
@@ -77,6 +87,7 @@ for mode in shared static; do
   compile cc C_FLAGS examples/c/chat_image.c "chat_image-$mode" $mode
   compile c++ CXX_FLAGS examples/cpp/generate.cpp "generate-cpp-$mode" $mode
   compile cc C_FLAGS autoglm-capi/tests/c/errors.c "errors-$mode" $mode
+  compile cc C_FLAGS autoglm-capi/tests/c/old_layout.c "old_layout-$mode" $mode
 done
 for exe in generate-c-static chat_image-static generate-cpp-static errors-static; do
   if ldd "$build/$exe" | grep -q libautoglm; then die "$exe links libautoglm.so"; fi
@@ -170,11 +181,44 @@ step "error paths"
 "$build/errors-shared" | tail -3
 "$build/errors-static" | tail -1
 
+step "a caller built against an older layout (struct_size)"
+"$build/old_layout-shared" tests/fixtures/glm4-tiny
+"$build/old_layout-static" tests/fixtures/glm4-tiny | tail -1
+
+step "install.sh to a temporary prefix, then build against the installed .pc"
+prefix=$(mktemp -d "${TMPDIR:-/tmp}/autoglm-prefix.XXXXXX")
+trap 'rm -rf "$prefix"' EXIT
+autoglm-capi/install.sh --prefix "$prefix" --no-build
+[ -f "$prefix/include/autoglm.h" ] && [ -f "$prefix/lib/libautoglm.a" ] ||
+  die "install.sh did not install the header and the static library"
+grep -q "^prefix=$prefix\$" "$prefix/lib/pkgconfig/autoglm.pc" || die "autoglm.pc names another prefix"
+(
+  export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
+  # shellcheck disable=SC2046
+  (set -x; cc -std=c99 -Wall -Wextra -Werror -pedantic examples/c/generate.c -o "$build/installed-shared" \
+    $(pkg-config --cflags --libs autoglm) -Wl,-rpath,"$prefix/lib")
+  ldd "$build/installed-shared" | grep -q "$prefix/lib/libautoglm.so" ||
+    die "installed-shared does not load the installed library"
+  # shellcheck disable=SC2046
+  (set -x; cc -std=c99 -Wall -Wextra -Werror -pedantic examples/c/generate.c -o "$build/installed-static" \
+    $(pkg-config --cflags autoglm) "$prefix/lib/libautoglm.a" \
+    $(pkg-config --static --libs autoglm | sed 's/-lautoglm//'))
+  dir=tests/fixtures/glm4-tiny
+  want=$(field "$dir" greedy_token_ids list)
+  read -r -a prompt <<<"$(field "$dir" prompt_token_ids args)"
+  for exe in installed-shared installed-static; do
+    got=$("$build/$exe" "$dir" "${prompt[@]}" | sed -n 's/^greedy_token_ids: //p')
+    [ "$got" = "$want" ] || die "$exe: got $got, want $want"
+    printf '%-20s ok %s\n' "$exe" "$got"
+  done
+)
+
 step "valgrind"
 vg=(valgrind --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite
   --error-exitcode=1)
 for run in "generate-c-shared tests/fixtures/glm4-tiny 277" "errors-shared" \
   "generate-cpp-shared tests/fixtures/glm-tiny-bf16 490 153 64 174 242" \
+  "old_layout-shared tests/fixtures/glm4-tiny" \
   "chat_image-shared --max-tokens 4 --ignore-eos tests/fixtures/glm4v-tiny"; do
   name=${run%% *}
   log=$build/valgrind-$name.log

@@ -168,6 +168,13 @@ typedef struct autoglm_tokenizer autoglm_tokenizer;
  */
 typedef struct autoglm_engine_options {
     /**
+     * `sizeof(autoglm_engine_options)` as the caller was compiled: set by
+     * `autoglm_engine_options_default()`; leave it. The library reads only the fields it covers
+     * (older callers pass a smaller size); 0 or less than the first published layout is
+     * `AUTOGLM_STATUS_INVALID_ARGUMENT`.
+     */
+    size_t struct_size;
+    /**
      * `"auto"` (a CUDA device when one is usable, else the CPU), `"cpu"`, `"cuda"` or
      * `"cuda:N"`. NULL means `"auto"`. Default NULL.
      */
@@ -261,6 +268,12 @@ typedef struct autoglm_engine_options {
  * value may be passed to calls on several threads at once.
  */
 typedef struct autoglm_sampling_params {
+    /**
+     * `sizeof(autoglm_sampling_params)` as the caller was compiled: set by
+     * `autoglm_sampling_params_default()`; leave it. The library reads only the fields it
+     * covers; 0 or less than the first published layout is `AUTOGLM_STATUS_INVALID_ARGUMENT`.
+     */
+    size_t struct_size;
     /**
      * Independent completions of the prompt, 1..=128. Default 1.
      */

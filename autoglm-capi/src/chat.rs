@@ -59,7 +59,7 @@ unsafe fn submit_chat(
         let messages = ffi::str_arg(messages_json, "messages_json")?;
         let tools = ffi::opt_str_arg(tools_json, "tools_json")?;
         let bufs = ffi::slice_arg(images, images_len, "images")?;
-        let params = match ffi::opt_ref_arg(params, "params")? {
+        let params = match ffi::opt_sized_arg(params, "params")? {
             Some(p) => p.to_params()?,
             None => Default::default(),
         };

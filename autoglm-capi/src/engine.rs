@@ -52,7 +52,7 @@ pub unsafe extern "C" fn autoglm_engine_new(
             let mut out = ffi::out_arg(out_engine, "out_engine")?;
             out.write(std::ptr::null_mut());
             let dir = ffi::str_arg(model_dir, "model_dir")?;
-            (out, dir, ffi::opt_ref_arg(options, "options")?)
+            (out, dir, ffi::opt_sized_arg(options, "options")?)
         };
         let config = match options {
             // SAFETY: `options` points to valid options (see # Safety).

@@ -105,20 +105,70 @@ pub(crate) unsafe fn ref_arg<'a, T>(p: *const T, name: &str) -> Result<&'a T, Ca
     Ok(unsafe { &*p })
 }
 
-/// An optional pointer to one value: NULL is `None`.
+/// An options struct C fills, whose first field is `size_t struct_size`: the size of the layout
+/// the caller was compiled against, set by the struct's `_default()` initialiser. Fields are only
+/// ever appended, so a caller built against an older header passes a smaller size and the
+/// library reads only the fields that size covers; the rest keep their defaults. A size larger
+/// than the library's (a newer caller) is read up to the fields this library knows.
+pub(crate) trait SizedStruct: Copy {
+    /// The initialiser C calls, named in errors.
+    const INIT: &'static str;
+    /// The values of the fields a caller's size does not cover.
+    fn defaults() -> Self;
+    /// Where each field ends (offset plus size), in declaration order.
+    fn field_ends() -> Vec<usize>;
+    /// The smallest size accepted: the end of the last field of the first published layout.
+    fn min_size() -> usize;
+}
+
+/// The size of field `f` of a `T` (for [`SizedStruct::field_ends`]).
+pub(crate) fn field_size<T, F>(_f: impl Fn(&T) -> &F) -> usize {
+    std::mem::size_of::<F>()
+}
+
+/// An optional pointer to a [`SizedStruct`], read as far as its `struct_size` says: NULL is
+/// `None`; a size of zero or below [`SizedStruct::min_size`] is `AUTOGLM_STATUS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 ///
-/// As [`ref_arg`].
-pub(crate) unsafe fn opt_ref_arg<'a, T>(
+/// `p` is NULL or points to at least `struct_size` readable bytes that begin with that
+/// `size_t`, laid out as the first `struct_size` bytes of a `T`, unchanged during the call.
+pub(crate) unsafe fn opt_sized_arg<T: SizedStruct>(
     p: *const T,
     name: &str,
-) -> Result<Option<&'a T>, CapiError> {
+) -> Result<Option<T>, CapiError> {
     if p.is_null() {
         return Ok(None);
     }
-    // SAFETY: forwarded contract.
-    unsafe { ref_arg(p, name) }.map(Some)
+    if !p.is_aligned() {
+        return Err(misaligned(name));
+    }
+    // SAFETY: non-NULL and aligned; by contract its first field is a `size_t`.
+    let size = unsafe { p.cast::<usize>().read() };
+    let min = T::min_size();
+    if size < min {
+        return Err(CapiError::invalid_argument(format!(
+            "`{name}->struct_size` is {size} (at least {min}): initialise it with {}",
+            T::INIT
+        )));
+    }
+    let covered = if size >= std::mem::size_of::<T>() {
+        std::mem::size_of::<T>()
+    } else {
+        T::field_ends()
+            .into_iter()
+            .take_while(|&end| end <= size)
+            .last()
+            .unwrap_or(0)
+    };
+    let mut v = T::defaults();
+    // SAFETY: the caller's `size` bytes are readable by contract and `covered <= size`; the
+    // destination is a whole `T` and `covered <= size_of::<T>()`. The bytes copied are whole
+    // fields of the same `repr(C)` layout, each valid for its type by contract.
+    unsafe {
+        std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&mut v as *mut T).cast::<u8>(), covered);
+    }
+    Ok(Some(v))
 }
 
 /// A required pointer to a value this call may mutate (a non-thread-safe handle).

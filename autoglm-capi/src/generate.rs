@@ -231,7 +231,7 @@ unsafe fn submit(
     let (engine, prompt, params) = unsafe {
         let engine = ffi::ref_arg(engine, "engine")?;
         let prompt = ffi::slice_arg(prompt_token_ids, prompt_len, "prompt_token_ids")?;
-        let params = match ffi::opt_ref_arg(params, "params")? {
+        let params = match ffi::opt_sized_arg(params, "params")? {
             Some(p) => p.to_params()?,
             None => Default::default(),
         };
@@ -413,7 +413,7 @@ pub(crate) unsafe fn check_single(
     instead: &str,
 ) -> Result<(), CapiError> {
     // SAFETY: forwarded contract.
-    let n = unsafe { ffi::opt_ref_arg(params, "params") }?.map_or(1, |p| p.n);
+    let n = unsafe { ffi::opt_sized_arg(params, "params") }?.map_or(1, |p| p.n);
     if n != 1 {
         return Err(CapiError::new(
             autoglm_status::InvalidRequest,

@@ -2,7 +2,16 @@
 //! `autoglm_*_default()` initialiser (llama.cpp's `llama_context_default_params`).
 //!
 //! Always start from the `_default()` value and change fields: zero-initialising the struct
-//! yourself gives invalid values (a `top_p` of 0, for one).
+//! yourself gives invalid values (a `top_p` of 0, for one), and a `struct_size` of 0, which is
+//! refused.
+//!
+//! ABI evolution: each struct begins with `size_t struct_size`, which `_default()` sets to the
+//! size of the layout the caller was compiled against. New fields are only appended; the library
+//! reads the fields the caller's size covers and gives the others their defaults, so a program
+//! built against an older `autoglm.h` keeps working with a newer library without a rebuild
+//! ([`ffi::opt_sized_arg`]). The first published layouts are the minimum: for
+//! `autoglm_engine_options`, up to `seed` (the multimodal strings came later); for
+//! `autoglm_sampling_params`, up to `skip_special_tokens`.
 
 use std::ffi::c_char;
 use std::path::PathBuf;
@@ -23,6 +32,11 @@ use crate::status::CapiError;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct autoglm_engine_options {
+    /// `sizeof(autoglm_engine_options)` as the caller was compiled: set by
+    /// `autoglm_engine_options_default()`; leave it. The library reads only the fields it covers
+    /// (older callers pass a smaller size); 0 or less than the first published layout is
+    /// `AUTOGLM_STATUS_INVALID_ARGUMENT`.
+    pub struct_size: usize,
     /// `"auto"` (a CUDA device when one is usable, else the CPU), `"cpu"`, `"cuda"` or
     /// `"cuda:N"`. NULL means `"auto"`. Default NULL.
     pub device: *const c_char,
@@ -81,6 +95,7 @@ pub struct autoglm_engine_options {
 pub extern "C" fn autoglm_engine_options_default() -> autoglm_engine_options {
     let d = EngineConfig::default();
     let fallback = autoglm_engine_options {
+        struct_size: std::mem::size_of::<autoglm_engine_options>(),
         device: std::ptr::null(),
         block_size: 16,
         num_blocks: 0,
@@ -113,6 +128,47 @@ pub extern "C" fn autoglm_engine_options_default() -> autoglm_engine_options {
             ..fallback
         }
     })
+}
+
+/// The end offset of each named field of `$t`, in order.
+macro_rules! field_ends {
+    ($t:ty: $($f:ident),+ $(,)?) => {
+        vec![$(std::mem::offset_of!($t, $f) + ffi::field_size(|o: &$t| &o.$f)),+]
+    };
+}
+
+impl ffi::SizedStruct for autoglm_engine_options {
+    const INIT: &'static str = "autoglm_engine_options_default()";
+    fn defaults() -> Self {
+        autoglm_engine_options_default()
+    }
+    fn field_ends() -> Vec<usize> {
+        field_ends!(autoglm_engine_options: struct_size, device, block_size, num_blocks,
+            kv_cache_mb, enable_prefix_caching, max_num_seqs, max_num_batched_tokens,
+            max_model_len, num_threads, engine_core, compute_cores, num_compute_cores, seed,
+            limit_mm_per_prompt, mm_processor_kwargs, chat_template_content_format,
+            allowed_local_media_path)
+    }
+    fn min_size() -> usize {
+        // The first C API (7e4a811) ended at `seed`.
+        std::mem::offset_of!(autoglm_engine_options, seed) + std::mem::size_of::<u64>()
+    }
+}
+
+impl ffi::SizedStruct for autoglm_sampling_params {
+    const INIT: &'static str = "autoglm_sampling_params_default()";
+    fn defaults() -> Self {
+        autoglm_sampling_params_default()
+    }
+    fn field_ends() -> Vec<usize> {
+        field_ends!(autoglm_sampling_params: struct_size, n, max_tokens, temperature, top_k,
+            top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, has_seed, seed,
+            stop_token_ids, stop_token_ids_len, stop, stop_len, ignore_eos, has_logprobs,
+            logprobs, skip_special_tokens)
+    }
+    fn min_size() -> usize {
+        std::mem::offset_of!(autoglm_sampling_params, skip_special_tokens) + 1
+    }
 }
 
 fn narrow(v: usize) -> u32 {
@@ -242,6 +298,10 @@ impl autoglm_engine_options {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct autoglm_sampling_params {
+    /// `sizeof(autoglm_sampling_params)` as the caller was compiled: set by
+    /// `autoglm_sampling_params_default()`; leave it. The library reads only the fields it
+    /// covers; 0 or less than the first published layout is `AUTOGLM_STATUS_INVALID_ARGUMENT`.
+    pub struct_size: usize,
     /// Independent completions of the prompt, 1..=128. Default 1.
     pub n: u32,
     /// Most tokens to generate per completion, at least 1. Default 16.
@@ -299,6 +359,7 @@ const _: () = assert!(AUTOGLM_MAX_LOGPROBS as usize == autoglm_core::sampling::M
 #[no_mangle]
 pub extern "C" fn autoglm_sampling_params_default() -> autoglm_sampling_params {
     let fallback = autoglm_sampling_params {
+        struct_size: std::mem::size_of::<autoglm_sampling_params>(),
         n: 1,
         max_tokens: 16,
         temperature: 1.0,
@@ -404,5 +465,28 @@ mod tests {
         let p = autoglm_sampling_params_default();
         // SAFETY: the default params hold no pointers.
         assert_eq!(unsafe { p.to_params() }.unwrap(), SamplingParams::default());
+    }
+
+    #[test]
+    fn field_ends_cover_every_field_in_order() {
+        use ffi::SizedStruct;
+        for (ends, size, min) in [
+            (
+                autoglm_engine_options::field_ends(),
+                std::mem::size_of::<autoglm_engine_options>(),
+                autoglm_engine_options::min_size(),
+            ),
+            (
+                autoglm_sampling_params::field_ends(),
+                std::mem::size_of::<autoglm_sampling_params>(),
+                autoglm_sampling_params::min_size(),
+            ),
+        ] {
+            assert!(ends.windows(2).all(|w| w[0] < w[1]), "{ends:?}");
+            // The last field ends within the struct, past at most its tail padding.
+            let last = *ends.last().unwrap();
+            assert!(last <= size && size - last < 8, "{last} {size}");
+            assert!(ends.contains(&min));
+        }
     }
 }

@@ -195,6 +195,23 @@ pub struct ServeArgs {
     /// HTTP threads on the others.
     #[arg(long)]
     no_pin: bool,
+    /// Origins browsers may call the API from (`https://app.example.com`, or `*`; repeatable, or
+    /// vLLM's JSON list `'["*"]'`). Responses to them carry CORS headers and their preflights are
+    /// answered. Default: none (no CORS headers).
+    #[arg(long = "allowed-origins", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Methods a CORS preflight allows (default `*`: each route's own; or a JSON list).
+    #[arg(long = "allowed-methods", value_name = "METHOD")]
+    allowed_methods: Vec<String>,
+    /// Request headers a CORS preflight allows (default `*`; or a JSON list).
+    #[arg(long = "allowed-headers", value_name = "HEADER")]
+    allowed_headers: Vec<String>,
+    /// Allow credentialed cross-origin requests (Access-Control-Allow-Credentials).
+    #[arg(long)]
+    allow_credentials: bool,
+    /// Serve /metrics to anyone, without a key (default: the admin role only).
+    #[arg(long)]
+    metrics_public: bool,
     /// No access-log line per request (target `autoglm::access`; vLLM's flag).
     #[arg(long, visible_alias = "disable-uvicorn-access-log")]
     disable_log_requests: bool,
@@ -235,6 +252,21 @@ fn invalid(field: &str, msg: impl Into<String>) -> Error {
         field: field.into(),
         msg: msg.into(),
     }
+}
+
+/// Values of a repeatable flag, each a plain value or vLLM's JSON list (`'["a", "b"]'`).
+fn json_lists(flag: &str, values: &[String]) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for v in values {
+        if v.trim_start().starts_with('[') {
+            let list: Vec<String> = serde_json::from_str(v)
+                .map_err(|e| invalid(flag, format!("{v:?} is not a JSON list of strings: {e}")))?;
+            out.extend(list);
+        } else {
+            out.push(v.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// The server configuration the flags describe.
@@ -334,6 +366,16 @@ fn server_config(cli: &ServeArgs, workers: usize) -> Result<ServerConfig, Error>
         tokens_per_minute: cli.tokens_per_minute,
     };
     c.access_log = !cli.disable_log_requests;
+    let origins = json_lists("allowed_origins", &cli.allowed_origins)?;
+    c.cors.allowed_origins = origins;
+    if !cli.allowed_methods.is_empty() {
+        c.cors.allowed_methods = json_lists("allowed_methods", &cli.allowed_methods)?;
+    }
+    if !cli.allowed_headers.is_empty() {
+        c.cors.allowed_headers = json_lists("allowed_headers", &cli.allowed_headers)?;
+    }
+    c.cors.allow_credentials = cli.allow_credentials;
+    c.metrics_public = cli.metrics_public;
     if let Some(path) = &cli.audit_log {
         c.audit = Some(AuditConfig {
             path: path.clone(),

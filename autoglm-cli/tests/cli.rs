@@ -222,13 +222,20 @@ fn positional_model_environment_and_config_file() {
             cfg.to_str().unwrap(),
             "--api-key",
             "sk-cli",
+            "--metrics-public",
         ],
         &[("AUTOGLM_SERVED_MODEL_NAME", "from-env")],
     );
     let port = s.port();
-    // The command line's key replaced the file's: without a key the API is refused.
+    // The command line's key replaced the file's: without a key the API is refused, but
+    // /metrics is public.
     let (status, _) = http(port, "GET", "/v1/models", None);
     assert_eq!(status, 401);
+    let mut m = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(m, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    m.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200") && raw.contains("autoglm_"), "{raw}");
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let body = serde_json::json!({"model": "from-env", "prompt": prompt, "max_tokens": greedy.len(),
         "temperature": 0, "ignore_eos": true, "return_token_ids": true})

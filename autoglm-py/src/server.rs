@@ -34,7 +34,7 @@ use crate::errors::{guard, invalid, new_err, panic_message, server_err, to_py, K
 use crate::wait::{self, CancelSignal};
 
 /// The keyword options of `Server(...)` besides the model ones and the engine options.
-const SERVER_OPTIONS: [&str; 32] = [
+const SERVER_OPTIONS: [&str; 34] = [
     "host",
     "port",
     "unix_socket",
@@ -62,6 +62,8 @@ const SERVER_OPTIONS: [&str; 32] = [
     "unload_timeout",
     "prefix_cache_scope",
     "model_root",
+    "allowed_origins",
+    "metrics_public",
     "workers",
     "http_cores",
     "reuse_port",
@@ -299,6 +301,9 @@ enum State {
 /// ending them; default 30, 0: forever), `prefix_cache_scope` (`"principal"`, the default: one
 /// credential never reuses another's cached prompt blocks; `"global"`: all share), `model_root`
 /// (`POST /admin/models` loads only directories under it; without it, not at all),
+/// `allowed_origins` (a list of origins browsers may call from, or `["*"]`: their responses carry
+/// CORS headers and their preflights are answered; default none, no CORS), `metrics_public`
+/// (`/metrics` without a key; default False: the admin role only),
 /// `stream_interval` (streamed token events written together; default 1),
 /// `stream_write_timeout` (seconds a response's socket may take no byte before the connection is
 /// closed and its request cancelled; default 30, 0: none). `tokens_per_minute` reserves a
@@ -513,6 +518,8 @@ impl Server {
         unload_timeout = None,
         prefix_cache_scope = None,
         model_root = None,
+        allowed_origins = None,
+        metrics_public = None,
         workers = None,
         http_cores = None,
         reuse_port = None,
@@ -529,7 +536,7 @@ impl Server {
         max_choices_per_request=None, max_body_bytes=None, request_timeout=None, \
         idle_timeout=None, stream_interval=None, stream_write_timeout=None, shutdown_grace=None, \
         shutdown_drain_delay=None, unload_timeout=None, prefix_cache_scope=None, \
-        model_root=None, workers=None, http_cores=None, \
+        model_root=None, allowed_origins=None, metrics_public=None, workers=None, http_cores=None, \
         reuse_port=None, config=None, device='auto', **options)"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -564,6 +571,8 @@ impl Server {
         unload_timeout: Option<&Bound<'_, PyAny>>,
         prefix_cache_scope: Option<String>,
         model_root: Option<PathBuf>,
+        allowed_origins: Option<Vec<String>>,
+        metrics_public: Option<bool>,
         workers: Option<&Bound<'_, PyAny>>,
         http_cores: Option<&Bound<'_, PyAny>>,
         reuse_port: Option<bool>,
@@ -799,6 +808,12 @@ impl Server {
             }
             if let Some(root) = model_root {
                 c.model_root = Some(root);
+            }
+            if let Some(origins) = allowed_origins {
+                c.cors.allowed_origins = origins;
+            }
+            if let Some(public) = metrics_public {
+                c.metrics_public = public;
             }
             c.validate().map_err(server_err)?;
 

@@ -174,6 +174,37 @@ def test_several_models_with_api_keys(glm4: dict[str, Any]) -> None:
             assert m.status == 200
 
 
+def test_cors_origins_and_public_metrics() -> None:
+    origin = "https://app.example.com"
+    with autoglm.Server(
+        TINY,
+        port=0,
+        device="cpu",
+        api_keys="sk-user",
+        allowed_origins=[origin],
+        metrics_public=True,
+    ) as s:
+        # /metrics without any key.
+        with urllib.request.urlopen(s.url + "/metrics", timeout=10) as m:
+            assert m.status == 200
+        # A preflight needs no key; the response to the origin names it.
+        req = urllib.request.Request(
+            s.url + "/v1/models",
+            method="OPTIONS",
+            headers={"origin": origin, "access-control-request-method": "GET"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 204
+            assert r.headers["access-control-allow-origin"] == origin
+            assert "authorization" in r.headers["access-control-allow-headers"]
+        req = urllib.request.Request(
+            s.url + "/v1/models", headers={"origin": origin, "authorization": "Bearer sk-user"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["access-control-allow-origin"] == origin
+            assert r.headers["vary"] == "Origin"
+
+
 def test_stop_frees_the_port_is_idempotent_and_the_server_starts_again() -> None:
     s = autoglm.Server(TINY, port=0, device="cpu", served_model_name="tiny")
     assert not s.running and s.models == ["tiny"] and s.addresses == ["127.0.0.1:0"]
@@ -355,6 +386,7 @@ def test_unreadable_tls_files_are_server_errors(tmp_path: Path) -> None:
         ({"unload_timeout": -1}, "unload_timeout = -1"),
         ({"unload_timeout": 1e10}, "unload_timeout"),
         ({"prefix_cache_scope": "tenant"}, "prefix_cache_scope"),
+        ({"allowed_origins": ["https://app.example.com/"]}, "cors.allowed_origins"),
         ({"request_timeout": float("nan")}, "request_timeout"),
         ({"requests_per_minute": 0}, "requests_per_minute = 0: must be > 0"),
         ({"tls_cert": "cert.pem"}, "tls_cert and tls_key"),

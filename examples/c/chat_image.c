@@ -219,6 +219,8 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    /* Always from _default(): it sets opts.struct_size, which lets the library read a struct
+     * laid out by an older or newer autoglm.h. A zeroed struct is refused. */
     autoglm_engine_options opts = autoglm_engine_options_default();
     opts.device = "cpu";
     opts.kv_cache_mb = 16; /* plenty for the tiny model */

@@ -175,6 +175,8 @@ static void print_ids(const char *label, const std::vector<uint32_t> &ids) {
 
 int main(int argc, char **argv) try {
     const std::string model_dir = argc > 1 ? argv[1] : "tests/fixtures/glm4-tiny";
+    // Always from _default(): it sets opts.struct_size, which lets the library read a struct
+    // laid out by an older or newer autoglm.h. A zeroed (value-initialised) struct is refused.
     autoglm_engine_options opts = autoglm_engine_options_default();
     opts.device = "cpu";
     opts.kv_cache_mb = 16;  // plenty for the tiny model

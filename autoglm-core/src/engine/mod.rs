@@ -615,8 +615,23 @@ pub fn collect(stream: RequestStream, n: usize) -> Result<GenerateOutput> {
     Ok(out)
 }
 
-/// The events of one request. Iterating blocks; [`RequestStream::recv_async`] awaits. Dropping it
-/// before the end cancels the request.
+/// The events of one request. Iterating blocks; [`RequestStream::recv_async`] awaits, and it is a
+/// [`futures_core::Stream`] for any async runtime (it needs none: the engine thread wakes the
+/// task). Dropping it before the end cancels the request.
+///
+/// It is an [`Iterator`] as well, so a `StreamExt` method whose name `Iterator` also has (`next`,
+/// `map`, `take`, ...) is called by path, or the stream is handed to something that takes a
+/// `Stream`:
+///
+/// ```no_run
+/// # async fn run(engine: autoglm_core::Engine) -> autoglm_core::Result<()> {
+/// use futures_util::StreamExt;
+/// let mut stream = engine.submit(vec![1, 2, 3], Default::default())?;
+/// while let Some(out) = StreamExt::next(&mut stream).await {
+///     print!("{}", out?.text);
+/// }
+/// # Ok(()) }
+/// ```
 pub struct RequestStream {
     id: RequestId,
     rx: events::EventReceiver,
@@ -726,6 +741,30 @@ impl Iterator for RequestStream {
     type Item = Result<RequestOutput>;
     fn next(&mut self) -> Option<Self::Item> {
         self.recv()
+    }
+}
+
+impl futures_core::Stream for RequestStream {
+    type Item = Result<RequestOutput>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        // `RequestStream` is `Unpin`: nothing in it is pinned.
+        let this = self.get_mut();
+        if this.closed {
+            return std::task::Poll::Ready(None);
+        }
+        let ev = std::task::ready!(this.rx.poll_recv(cx));
+        this.resume_if_taken_full();
+        std::task::Poll::Ready(this.on_event(ev))
+    }
+}
+
+impl futures_core::FusedStream for RequestStream {
+    fn is_terminated(&self) -> bool {
+        self.closed
     }
 }
 

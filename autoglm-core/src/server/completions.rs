@@ -38,6 +38,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     rec.model = Some(lease.name.clone());
     let defaults = lease.engine.sampling_defaults();
     let base = req.common.params(req.logprobs, defaults)?;
+    let skip_special_tokens = base.skip_special_tokens;
     if rec.wants_prompt_text() {
         rec.prompt_text = match &req.prompt {
             Some(PromptField::Inputs(inputs)) => Some(match &inputs[..] {
@@ -114,6 +115,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
         model: job.lease.name.clone(),
         logprobs: req.logprobs.is_some().then(|| tok.clone()),
         offsets: vec![0; job.num_choices()],
+        skip_special_tokens,
         n: job.n,
         prompt_ids,
         prompt_sent: vec![!return_ids; job.num_choices()],
@@ -142,6 +144,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
                 tok.as_ref(),
                 &out.logprobs,
                 &mut fmt.offsets[i],
+                fmt.skip_special_tokens,
             );
         }
         c.finish = out.finish_reason.map(|f| f.as_str()).or(c.finish);
@@ -194,6 +197,8 @@ struct CompletionFormat {
     logprobs: Option<Option<Tokenizer>>,
     /// Text offset of each choice, for logprobs.
     offsets: Vec<usize>,
+    /// Whether special tokens are left out of the text (and so of the offsets).
+    skip_special_tokens: bool,
     n: usize,
     return_ids: bool,
     prompt_ids: Vec<Vec<u32>>,
@@ -233,7 +238,12 @@ impl StreamFormat for CompletionFormat {
         }
         let logprobs = self.logprobs.as_ref().map(|tok| {
             let mut lp = CompletionLogprobs::default();
-            lp.push(tok.as_ref(), &out.logprobs, &mut self.offsets[index]);
+            lp.push(
+                tok.as_ref(),
+                &out.logprobs,
+                &mut self.offsets[index],
+                self.skip_special_tokens,
+            );
             lp
         });
         let first = !std::mem::replace(&mut self.prompt_sent[index], true);

@@ -131,6 +131,85 @@ pub struct ServerConfig {
     /// `tools` without a `tool_choice` mean `"auto"` (`--enable-auto-tool-choice`; needs a
     /// parser). Without it they mean `"none"`: the tools reach the template, calls stay text.
     pub enable_auto_tool_choice: bool,
+    /// Cross-origin requests from browsers (vLLM's `--allowed-origins` and friends). Off (no
+    /// CORS header on any response) unless origins are given.
+    pub cors: CorsConfig,
+    /// `/metrics` answers anyone, without a key (`--metrics-public`), for a Prometheus that
+    /// scrapes without credentials on a private network. Off: only the `admin` role (or a role
+    /// granted `/metrics`) reads it when authentication is on.
+    pub metrics_public: bool,
+}
+
+/// Cross-origin resource sharing, as vLLM configures it (FastAPI's `CORSMiddleware`). A request
+/// whose `Origin` is allowed gets `Access-Control-Allow-Origin: <its origin>` and `Vary: Origin`
+/// on its response (streams too); a preflight (`OPTIONS` with `Access-Control-Request-Method`)
+/// from an allowed origin to an API route is answered 204 before authentication, since browsers
+/// send preflights without credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed (`https://app.example.com`), or `*` for any; empty turns CORS off.
+    pub allowed_origins: Vec<String>,
+    /// Methods a preflight allows; `*` (the default) allows every method a route serves.
+    pub allowed_methods: Vec<String>,
+    /// Request headers a preflight allows; `*` (the default) allows those the preflight asks for
+    /// plus `authorization`, `content-type` and `x-request-id` (a literal `*` would not cover
+    /// `Authorization` in browsers).
+    pub allowed_headers: Vec<String>,
+    /// Send `Access-Control-Allow-Credentials: true` (cookies, client certificates).
+    pub allow_credentials: bool,
+    /// How long a browser may cache a preflight's answer (`Access-Control-Max-Age`), in seconds.
+    pub max_age_s: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: Vec::new(),
+            allowed_methods: vec!["*".into()],
+            allowed_headers: vec!["*".into()],
+            allow_credentials: false,
+            max_age_s: 600,
+        }
+    }
+}
+
+impl CorsConfig {
+    /// Whether CORS is on.
+    pub fn enabled(&self) -> bool {
+        !self.allowed_origins.is_empty()
+    }
+
+    /// Whether `origin` may read responses.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+
+    fn validate(&self) -> Result<()> {
+        // Each ends up in a header value: it must be one.
+        for (field, list) in [
+            ("cors.allowed_origins", &self.allowed_origins),
+            ("cors.allowed_methods", &self.allowed_methods),
+            ("cors.allowed_headers", &self.allowed_headers),
+        ] {
+            let bad = |v: &String| v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic());
+            if let Some(v) = list.iter().find(|v| bad(v)) {
+                return Err(Error::config(
+                    field,
+                    format!("{v:?} (must be non-empty visible ASCII, without spaces)"),
+                ));
+            }
+        }
+        if self.allowed_origins.iter().any(|o| o.ends_with('/')) {
+            return Err(Error::config(
+                "cors.allowed_origins",
+                "an origin has no path or trailing slash (`https://app.example.com`)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The model's own tool-call format (vLLM's `--tool-call-parser`).
@@ -214,6 +293,8 @@ impl Default for ServerConfig {
             model_root: None,
             tool_call_parser: None,
             enable_auto_tool_choice: false,
+            cors: CorsConfig::default(),
+            metrics_public: false,
         }
     }
 }
@@ -307,6 +388,7 @@ impl ServerConfig {
                 ),
             ));
         }
+        self.cors.validate()?;
         check_rate_limits("auth.default_limits", &self.auth.default_limits)?;
         for (i, k) in self.auth.api_keys.iter().enumerate() {
             if let Some(l) = &k.limits {
@@ -420,6 +502,24 @@ mod tests {
         assert!(e.contains("stream_write_timeout"), "{e}");
         c.stream_write_timeout = None;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn cors_lists_are_checked_by_name() {
+        let mut c = ServerConfig::default();
+        assert!(!c.cors.enabled());
+        c.cors.allowed_origins = vec!["https://a.example".into()];
+        c.validate().unwrap();
+        assert!(c.cors.allows_origin("https://A.example"));
+        assert!(!c.cors.allows_origin("https://b.example"));
+        c.cors.allowed_origins.push("https://b.example/".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cors.allowed_origins"), "{e}");
+        c.cors.allowed_origins = vec!["*".into()];
+        assert!(c.cors.allows_origin("http://localhost:3000"));
+        c.cors.allowed_headers = vec!["x y".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cors.allowed_headers"), "{e}");
     }
 
     #[test]

@@ -32,15 +32,24 @@ pub(crate) struct CompletionLogprobs {
 }
 
 impl CompletionLogprobs {
-    /// Appends tokens; `offset` is the text length before them and advances past each token.
+    /// Appends tokens; `offset` is the text length (in characters) before them and advances
+    /// past each token by what the token adds to the choice's `text`: nothing for a special
+    /// token when `skip_special_tokens` drops it from the text, though `tokens` still shows it.
     pub(crate) fn push(
         &mut self,
         tok: Option<&Tokenizer>,
         lps: &[TokenLogprobs],
         offset: &mut usize,
+        skip_special_tokens: bool,
     ) {
         for lp in lps {
             let text = token_text(tok, lp.token_id);
+            let in_text = match tok {
+                Some(t) if skip_special_tokens => t
+                    .decode(&[lp.token_id], true)
+                    .map_or(0, |s| s.chars().count()),
+                _ => text.chars().count(),
+            };
             let mut top = Map::new();
             for &(id, l) in &lp.top {
                 top.insert(token_text(tok, id), Value::from(finite(l)));
@@ -49,7 +58,7 @@ impl CompletionLogprobs {
             top.entry(text.clone())
                 .or_insert_with(|| Value::from(finite(lp.logprob)));
             self.text_offset.push(*offset);
-            *offset += text.chars().count();
+            *offset += in_text;
             self.tokens.push(text);
             self.token_logprobs.push(finite(lp.logprob));
             self.top_logprobs.push(top);
@@ -103,5 +112,47 @@ impl ChatLogprobs {
                 top_logprobs,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lp(token_id: u32) -> TokenLogprobs {
+        TokenLogprobs {
+            token_id,
+            logprob: -1.0,
+            top: vec![(token_id, -1.0)],
+        }
+    }
+
+    #[test]
+    fn text_offset_skips_what_the_text_skips() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/glm4-tiny");
+        let tok = Tokenizer::from_dir(dir.as_ref()).unwrap();
+        // "Hi", then <|user|> (593, special), then "Hi" again.
+        let hi = tok.encode("Hi", false).unwrap();
+        let ids: Vec<u32> = hi.iter().copied().chain([593]).chain(hi.clone()).collect();
+        let lps: Vec<_> = ids.iter().map(|&id| lp(id)).collect();
+        let hi_len = tok.decode(&hi, true).unwrap().chars().count();
+        let first = hi.len();
+
+        let mut skipped = CompletionLogprobs::default();
+        let mut offset = 0;
+        skipped.push(Some(&tok), &lps[..first + 1], &mut offset, true);
+        skipped.push(Some(&tok), &lps[first + 1..], &mut offset, true);
+        let text = tok.decode(&ids, true).unwrap();
+        assert_eq!(offset, text.chars().count());
+        // The special token is listed, and the token after it starts where it did.
+        assert_eq!(skipped.tokens[first], "<|user|>");
+        assert_eq!(skipped.text_offset[first], hi_len);
+        assert_eq!(skipped.text_offset[first + 1], hi_len);
+
+        let mut kept = CompletionLogprobs::default();
+        let mut offset = 0;
+        kept.push(Some(&tok), &lps, &mut offset, false);
+        assert_eq!(offset, tok.decode(&ids, false).unwrap().chars().count());
+        assert_eq!(kept.text_offset[first + 1], hi_len + "<|user|>".len());
     }
 }

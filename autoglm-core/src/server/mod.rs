@@ -44,6 +44,7 @@ mod body;
 mod chat;
 mod completions;
 mod config;
+mod cors;
 mod error;
 #[doc(hidden)]
 pub mod fuzz;
@@ -68,7 +69,9 @@ use tokio::sync::watch;
 pub use audit::AuditConfig;
 pub use auth::{read_api_keys_file, ApiKey, AuthConfig, JwtConfig, Principal};
 pub use body::Body;
-pub use config::{Limits, PrefixCacheScope, ServerConfig, ToolCallParser, MAX_STREAM_INTERVAL};
+pub use config::{
+    CorsConfig, Limits, PrefixCacheScope, ServerConfig, ToolCallParser, MAX_STREAM_INTERVAL,
+};
 pub use models::{ModelEntry, ModelLease, ModelRegistry, Unload};
 pub use ratelimit::RateLimits;
 

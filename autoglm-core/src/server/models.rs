@@ -312,36 +312,39 @@ pub(crate) fn list(reg: &ModelRegistry, show_paths: bool) -> Response<Body> {
         .snapshot()
         .iter()
         .filter(|m| !m.is_draining())
-        .map(|m| {
-            json!({
-                "id": m.name,
-                "object": "model",
-                "created": m.created,
-                "owned_by": "autoglm",
-                "root": m.path.as_ref().filter(|_| show_paths).map(|p| p.display().to_string()).unwrap_or_else(|| m.name.clone()),
-                "parent": null,
-                "max_model_len": m.engine.max_model_len(),
-            })
-        })
+        .map(|m| model_card(m, show_paths))
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
-/// `GET /v1/models/{id}`.
-pub(crate) fn get(reg: &ModelRegistry, id: &str) -> Result<Response<Body>, ApiError> {
+/// A model as `/v1/models` lists it and `/v1/models/{id}` returns it (vLLM's `ModelCard`):
+/// `root` is the checkpoint's path for admins, the name for everyone else.
+fn model_card(m: &ModelEntry, show_paths: bool) -> serde_json::Value {
+    let root = match m.path.as_ref().filter(|_| show_paths) {
+        Some(p) => p.display().to_string(),
+        None => m.name.clone(),
+    };
+    json!({
+        "id": m.name,
+        "object": "model",
+        "created": m.created,
+        "owned_by": "autoglm",
+        "root": root,
+        "parent": null,
+        "max_model_len": m.engine.max_model_len(),
+    })
+}
+
+/// `GET /v1/models/{id}`: the same object as its entry in the list.
+pub(crate) fn get(
+    reg: &ModelRegistry,
+    id: &str,
+    show_paths: bool,
+) -> Result<Response<Body>, ApiError> {
     let m = reg
         .lease(Some(id))
         .ok_or_else(|| ApiError::model_not_found(id))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "id": m.name,
-            "object": "model",
-            "created": m.created,
-            "owned_by": "autoglm",
-            "max_model_len": m.engine.max_model_len(),
-        }),
-    ))
+    Ok(json_response(StatusCode::OK, &model_card(&m, show_paths)))
 }
 
 /// Body of `POST /admin/models`.

@@ -8,11 +8,17 @@
 //! no request can take more than the bucket holds. A refusal is a 429 whose `Retry-After` is the
 //! time until the bucket refills enough for it; a generation that could cost more than the
 //! capacity itself could never be admitted, and is told so (a 400) instead.
+//!
+//! Responses to a principal with limits carry OpenAI's `x-ratelimit-*` headers for each limited
+//! bucket (on 429s too): `limit` (the per-minute rate), `remaining` (whole units in the bucket
+//! now) and `reset` (until the bucket is full again, as a Go duration such as `1s`, `6m0s` or
+//! `20ms`, the way OpenAI writes it).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Principal;
@@ -46,6 +52,11 @@ impl Bucket {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.level = (self.level + dt * per_minute / 60.0).min(per_minute);
         self.last = now;
+    }
+
+    /// Seconds until the bucket is full again.
+    fn until_full(&self, per_minute: f64) -> f64 {
+        ((per_minute - self.level) / (per_minute / 60.0)).max(0.0)
     }
 
     /// Whole seconds until the level reaches `want` (at most `per_minute`: a minute at most).
@@ -136,6 +147,69 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Writes the principal's `x-ratelimit-*` headers, for each bucket it has a limit for.
+    pub(crate) fn write_headers(&self, p: &Principal, h: &mut HeaderMap) {
+        let (rpm, tpm) = (p.limits.requests_per_minute, p.limits.tokens_per_minute);
+        if rpm.is_none() && tpm.is_none() {
+            return;
+        }
+        let state = self.with(p, |b, now| {
+            let mut state = [None, None];
+            for (slot, (bucket, rate)) in state
+                .iter_mut()
+                .zip([(&mut b.requests, rpm), (&mut b.tokens, tpm)])
+            {
+                if let Some(rate) = rate {
+                    let bucket = bucket.get_or_insert_with(|| Bucket::full(rate, now));
+                    bucket.refill(rate, now);
+                    *slot = Some((rate, bucket.level, bucket.until_full(rate)));
+                }
+            }
+            state
+        });
+        for (what, s) in ["requests", "tokens"].into_iter().zip(state) {
+            let Some((rate, level, reset)) = s else {
+                continue;
+            };
+            let mut put = |name: &str, value: String| {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::try_from(format!("x-ratelimit-{name}-{what}")),
+                    HeaderValue::try_from(value),
+                ) {
+                    h.insert(n, v);
+                }
+            };
+            put("limit", format!("{}", rate.floor() as u64));
+            put("remaining", format!("{}", level.max(0.0).floor() as u64));
+            put("reset", go_duration(reset));
+        }
+    }
+}
+
+/// A duration in seconds as Go's `time.Duration` prints it, to the millisecond, which is how
+/// OpenAI writes `x-ratelimit-reset-*`: `0s`, `20ms`, `1.5s`, `6m0s`, `1h2m3s`.
+fn go_duration(secs: f64) -> String {
+    let ms = (secs.max(0.0) * 1000.0).ceil() as u64;
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (h, m, s_ms) = (ms / 3_600_000, ms / 60_000 % 60, ms % 60_000);
+    let mut s = format!("{}", s_ms / 1000);
+    if s_ms % 1000 != 0 {
+        let frac = format!("{:03}", s_ms % 1000);
+        s = format!("{s}.{}", frac.trim_end_matches('0'));
+    }
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, m) => format!("{m}m{s}s"),
+        (h, m) => format!("{h}h{m}m{s}s"),
+    }
+}
+
 /// The outcome of [`RateLimiter::reserve_tokens`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Reserve {
@@ -164,6 +238,45 @@ mod tests {
                 tokens_per_minute: tpm,
             },
         }
+    }
+
+    #[test]
+    fn durations_are_written_as_go_does() {
+        for (secs, want) in [
+            (0.0, "0s"),
+            (-1.0, "0s"),
+            (0.0201, "21ms"),
+            (0.5, "500ms"),
+            (1.0, "1s"),
+            (1.5, "1.5s"),
+            (59.25, "59.25s"),
+            (60.0, "1m0s"),
+            (360.0, "6m0s"),
+            (3723.0, "1h2m3s"),
+        ] {
+            assert_eq!(go_duration(secs), want, "{secs}");
+        }
+    }
+
+    #[test]
+    fn headers_show_each_limited_bucket() {
+        let l = RateLimiter::default();
+        let p = principal(Some(60.0), None);
+        let mut h = HeaderMap::new();
+        l.write_headers(&p, &mut h);
+        assert_eq!(h["x-ratelimit-limit-requests"], "60");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "60");
+        assert_eq!(h["x-ratelimit-reset-requests"], "0s");
+        assert!(!h.contains_key("x-ratelimit-limit-tokens"));
+        l.admit_request(&p).unwrap();
+        l.write_headers(&p, &mut h);
+        assert_eq!(h["x-ratelimit-remaining-requests"], "59");
+        // One request refills in a second at 60 a minute.
+        let reset = h["x-ratelimit-reset-requests"].to_str().unwrap();
+        assert!(reset.ends_with("ms") || reset == "1s", "{reset}");
+        let mut h = HeaderMap::new();
+        l.write_headers(&principal(None, None), &mut h);
+        assert!(h.is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::body::{json_response, text_response, Body};
 use super::error::ApiError;
 use super::metrics::{ModelGauges, NetCounts};
 use super::state::{AppState, Record};
-use super::{chat, completions, models, tokenize};
+use super::{chat, completions, cors, models, tokenize};
 use crate::net::{ConnInfo, HttpHandler};
 
 /// The application as the socket layer sees it.
@@ -64,10 +64,10 @@ enum Route {
 }
 
 impl Route {
-    /// Finds the route, or the 404 / 405 answer.
-    fn find(method: &Method, path: &str) -> Result<Route, ApiError> {
+    /// The route at `path` and the methods it serves.
+    fn lookup(path: &str) -> Option<(Route, &'static str)> {
         use Route::*;
-        let (route, allow) = match path {
+        Some(match path {
             "/v1/chat/completions" => (Chat, "POST"),
             "/v1/completions" => (Completions, "POST"),
             "/v1/models" => (Models, "GET"),
@@ -81,8 +81,14 @@ impl Route {
             p if p.len() > "/admin/models/".len() && p.starts_with("/admin/models/") => {
                 (AdminModel, "DELETE")
             }
-            _ => return Err(ApiError::route_not_found(method.as_str(), path)),
-        };
+            _ => return None,
+        })
+    }
+
+    /// Finds the route, or the 404 / 405 answer.
+    fn find(method: &Method, path: &str) -> Result<Route, ApiError> {
+        let (route, allow) =
+            Route::lookup(path).ok_or_else(|| ApiError::route_not_found(method.as_str(), path))?;
         if allow.split(", ").any(|m| m == method.as_str()) {
             Ok(route)
         } else {
@@ -135,6 +141,16 @@ async fn handle(
     req: Request<Incoming>,
     client: Option<std::net::SocketAddr>,
 ) -> Response<Body> {
+    let cors = cors::allowed_origin(&state.config.cors, req.headers());
+    if let Some(origin) = &cors {
+        // Before authentication: browsers send preflights without credentials.
+        if cors::is_preflight(req.method(), req.headers()) {
+            if let Some((route, methods)) = Route::lookup(req.uri().path()) {
+                state.metrics.count_request(route.label(), 204);
+                return cors::preflight(&state.config.cors, origin.clone(), req.headers(), methods);
+            }
+        }
+    }
     let start = Instant::now();
     let id: Arc<str> = state.new_request_id().into();
     let client_id: Option<Arc<str>> = client_request_id(req.headers()).map(Into::into);
@@ -154,7 +170,14 @@ async fn handle(
     let status = resp.status().as_u16();
     rec.status = status;
     rec.quiet = quiet;
+    let principal = rec.principal.clone();
     drop(rec);
+    if let Some(p) = principal {
+        state.limiter.write_headers(&p, resp.headers_mut());
+    }
+    if let Some(origin) = cors {
+        cors::decorate(&state.config.cors, origin, resp.headers_mut());
+    }
     state.metrics.count_request(label, status);
     // The client's id echoed back when it sent one, else ours.
     if let Ok(v) = HeaderValue::from_str(client_id.as_deref().unwrap_or(&id)) {
@@ -170,7 +193,9 @@ async fn dispatch(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
-    if !matches!(route, Route::Health | Route::Ready) {
+    let public = matches!(route, Route::Health | Route::Ready)
+        || (route == Route::Metrics && state.config.metrics_public);
+    if !public {
         if let Some(p) = state.auth.authenticate(req.headers())? {
             rec.principal = Some(p.clone());
             state.auth.authorize(&p, &path)?;
@@ -182,17 +207,12 @@ async fn dispatch(
         Route::Ready => ready(state),
         Route::Metrics => Ok(metrics(state)),
         Route::Models | Route::AdminModels if req.method() == Method::GET => {
-            // Server paths only for callers allowed the admin routes (with auth off nobody is
-            // known to be one).
-            let admin = rec
-                .principal
-                .as_ref()
-                .is_some_and(|p| state.auth.authorize(p, "/admin/models").is_ok());
-            Ok(models::list(&state.models, admin))
+            Ok(models::list(&state.models, shows_paths(state, rec)))
         }
         Route::Model => models::get(
             &state.models,
             &models::name_from_path(&path["/v1/models/".len()..])?,
+            shows_paths(state, rec),
         ),
         Route::AdminModel => {
             let name = models::name_from_path(&path["/admin/models/".len()..])?;
@@ -212,6 +232,14 @@ async fn dispatch(
             }
         }
     }
+}
+
+/// Server paths (a model's `root`) only for callers allowed the admin routes (with auth off
+/// nobody is known to be one).
+fn shows_paths(state: &AppState, rec: &Record) -> bool {
+    rec.principal
+        .as_ref()
+        .is_some_and(|p| state.auth.authorize(p, "/admin/models").is_ok())
 }
 
 /// Reads the body within the size limit (413) and the read timeout (408).

@@ -519,6 +519,8 @@ class Server:
         unload_timeout: float | None = None,
         prefix_cache_scope: str | None = None,
         model_root: str | os.PathLike[str] | None = None,
+        allowed_origins: Sequence[str] | None = None,
+        metrics_public: bool | None = None,
         workers: int | None = None,
         http_cores: Sequence[int] | None = None,
         reuse_port: bool | None = None,
