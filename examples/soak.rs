@@ -812,7 +812,10 @@ fn start_server(cli: &Cli, model_dir: &std::path::Path, port: u16) -> ServerProc
     let bin = cli.serve_bin.clone().unwrap_or_else(|| {
         // target/release/examples/soak -> target/release/autoglm
         let exe = std::env::current_exe().expect("this program's path");
-        let dir = exe.parent().and_then(|d| d.parent()).expect("target/release");
+        let dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target/release");
         dir.join("autoglm")
     });
     let log = std::fs::File::create(&cli.server_log).expect("server log");

@@ -65,7 +65,11 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 512)]
     pub kv_cache_mb: usize,
     /// Disable reuse of cached prompt prefixes (also vLLM's `--no-enable-prefix-caching`).
-    #[arg(long, visible_alias = "no-enable-prefix-caching", overrides_with = "enable_prefix_caching")]
+    #[arg(
+        long,
+        visible_alias = "no-enable-prefix-caching",
+        overrides_with = "enable_prefix_caching"
+    )]
     pub no_prefix_caching: bool,
     /// Reuse cached prompt prefixes (the default; vLLM's flag).
     #[arg(long, overrides_with = "no_prefix_caching")]

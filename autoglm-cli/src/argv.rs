@@ -79,11 +79,8 @@ pub fn prepare(argv: Vec<OsString>, cmd: &Command) -> Result<Vec<OsString>, Stri
                 None => (flag, None),
             };
             if name == "config" {
-                config = value.or_else(|| {
-                    args.get(i + 1)
-                        .and_then(|v| v.to_str())
-                        .map(str::to_string)
-                });
+                config =
+                    value.or_else(|| args.get(i + 1).and_then(|v| v.to_str()).map(str::to_string));
             }
             given.insert(name.to_string());
         }
@@ -96,7 +93,9 @@ pub fn prepare(argv: Vec<OsString>, cmd: &Command) -> Result<Vec<OsString>, Stri
         let name = a.to_str()?;
         cmd.find_subcommand(name).map(|s| (i, s))
     }) else {
-        return Err(format!("--config {path}: give a command (serve, generate) before it"));
+        return Err(format!(
+            "--config {path}: give a command (serve, generate) before it"
+        ));
     };
     let known: HashSet<String> = sub
         .get_arguments()
@@ -192,20 +191,32 @@ mod tests {
     }
 
     fn strings(v: Vec<OsString>) -> Vec<String> {
-        v.into_iter()
-            .map(|s| s.into_string().unwrap())
-            .collect()
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
     }
 
     #[test]
     fn underscores_become_dashes_in_flag_names_only() {
-        let argv = ["autoglm", "serve", "--max_model_len", "25480", "--port=8_0", "x_y"]
-            .map(OsString::from)
-            .to_vec();
+        let argv = [
+            "autoglm",
+            "serve",
+            "--max_model_len",
+            "25480",
+            "--port=8_0",
+            "x_y",
+        ]
+        .map(OsString::from)
+        .to_vec();
         let out = strings(prepare(argv, &cmd()).unwrap());
         assert_eq!(
             out,
-            ["autoglm", "serve", "--max-model-len", "25480", "--port=8_0", "x_y"]
+            [
+                "autoglm",
+                "serve",
+                "--max-model-len",
+                "25480",
+                "--port=8_0",
+                "x_y"
+            ]
         );
     }
 

@@ -54,7 +54,9 @@ pub fn init(level: Option<&str>, format: LogFormat) -> Result<(), String> {
     let _ = match format {
         LogFormat::Text => {
             use std::io::IsTerminal;
-            builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .try_init()
         }
         LogFormat::Json => builder
             .json()
@@ -73,7 +75,10 @@ mod tests {
     #[test]
     fn levels_and_directives() {
         let f = filter_from(None, Some("debug")).unwrap().to_string();
-        assert!(f.contains("autoglm_core=debug") && f.contains("warn"), "{f}");
+        assert!(
+            f.contains("autoglm_core=debug") && f.contains("warn"),
+            "{f}"
+        );
         assert!(filter_from(None, Some("autoglm_core::engine=trace")).is_ok());
         let e = filter_from(None, Some("loud")).unwrap_err();
         assert!(e.contains("--log-level \"loud\""), "{e}");
@@ -81,6 +86,9 @@ mod tests {
         let f = filter_from(Some("autoglm_core=trace"), Some("error"))
             .unwrap()
             .to_string();
-        assert!(f.contains("autoglm_core=trace") && !f.contains("error"), "{f}");
+        assert!(
+            f.contains("autoglm_core=trace") && !f.contains("error"),
+            "{f}"
+        );
     }
 }

@@ -466,7 +466,10 @@ fn check_addresses_free(config: &ServerConfig) -> Result<(), Error> {
                     };
                     return Err(Error::Io {
                         path: sa.to_string().into(),
-                        source: std::io::Error::new(e.kind(), format!("cannot listen: {e}; {hint}")),
+                        source: std::io::Error::new(
+                            e.kind(),
+                            format!("cannot listen: {e}; {hint}"),
+                        ),
                     });
                 }
             }

@@ -113,7 +113,10 @@ impl Served {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "the server did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the server did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -147,11 +150,19 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Valu
     let text = String::from_utf8_lossy(&raw);
     let status = text[9..12].parse().unwrap();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
-    let json = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let json = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         // One chunk is all a small JSON answer takes.
         let (_, chunk) = rest.split_once("\r\n").unwrap();
-        serde_json::from_str(chunk.rsplit_once("\r\n0\r\n").map_or(chunk, |(c, _)| c).trim())
-            .unwrap()
+        serde_json::from_str(
+            chunk
+                .rsplit_once("\r\n0\r\n")
+                .map_or(chunk, |(c, _)| c)
+                .trim(),
+        )
+        .unwrap()
     } else {
         serde_json::from_str(rest).unwrap_or(Value::Null)
     };
@@ -162,7 +173,13 @@ fn greedy_case() -> (Vec<u64>, Vec<u64>) {
     let text = std::fs::read_to_string(fixture("glm4-tiny/expected.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let c = &v["cases"][0];
-    let ids = |k: &str| c[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let ids = |k: &str| {
+        c[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
     (ids("prompt_token_ids"), ids("greedy_token_ids"))
 }
 
@@ -232,14 +249,22 @@ fn positional_model_environment_and_config_file() {
     let (status, _) = http(port, "GET", "/v1/models", None);
     assert_eq!(status, 401);
     let mut m = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(m, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    write!(
+        m,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     m.read_to_string(&mut raw).unwrap();
-    assert!(raw.starts_with("HTTP/1.1 200") && raw.contains("autoglm_"), "{raw}");
+    assert!(
+        raw.starts_with("HTTP/1.1 200") && raw.contains("autoglm_"),
+        "{raw}"
+    );
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let body = serde_json::json!({"model": "from-env", "prompt": prompt, "max_tokens": greedy.len(),
+    let body =
+        serde_json::json!({"model": "from-env", "prompt": prompt, "max_tokens": greedy.len(),
         "temperature": 0, "ignore_eos": true, "return_token_ids": true})
-    .to_string();
+        .to_string();
     write!(c, "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer sk-cli\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut raw = String::new();
     c.read_to_string(&mut raw).unwrap();
@@ -266,7 +291,10 @@ fn a_taken_port_or_socket_fails_before_loading() {
     let out = run(bin().args(["serve", "--device", "cpu", "--port", &port]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let e = stderr(&out);
-    assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("another process listens there"), "{e}");
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("another process listens there"),
+        "{e}"
+    );
     assert!(!e.contains("loaded"), "it loaded a model first: {e}");
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert!(busy.local_addr().is_ok());
@@ -275,10 +303,24 @@ fn a_taken_port_or_socket_fails_before_loading() {
     let sock = dir.join("autoglm.sock");
     let mut first = Served::start(&["--uds", sock.to_str().unwrap()], &[]);
     first.port();
-    let out = run(bin().args(["serve", "--device", "cpu", "--no-tcp", "--uds", sock.to_str().unwrap()]));
+    let out = run(bin().args([
+        "serve",
+        "--device",
+        "cpu",
+        "--no-tcp",
+        "--uds",
+        sock.to_str().unwrap(),
+    ]));
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("a live server accepts on this socket"), "{}", stderr(&out));
-    assert!(sock.exists(), "the second server removed the first one's socket");
+    assert!(
+        stderr(&out).contains("a live server accepts on this socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        sock.exists(),
+        "the second server removed the first one's socket"
+    );
     assert_eq!(first.stop(), 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -287,16 +329,31 @@ fn a_taken_port_or_socket_fails_before_loading() {
 #[test]
 fn pointed_errors() {
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--tensor-parallel-size".into(), "2".into()], "tensor parallelism is not built"),
+        (
+            vec!["--tensor-parallel-size".into(), "2".into()],
+            "tensor parallelism is not built",
+        ),
         (vec!["--dtype".into(), "float32".into()], "only `auto`"),
-        (vec!["--generation-config".into(), "/no/such".into()], "generation_config"),
-        (vec!["--chat-template".into(), "nope.jinja".into()], "neither a file nor a Jinja template"),
-        (vec!["--log-level".into(), "loud".into()], "--log-level \"loud\""),
+        (
+            vec!["--generation-config".into(), "/no/such".into()],
+            "generation_config",
+        ),
+        (
+            vec!["--chat-template".into(), "nope.jinja".into()],
+            "neither a file nor a Jinja template",
+        ),
+        (
+            vec!["--log-level".into(), "loud".into()],
+            "--log-level \"loud\"",
+        ),
     ];
     for (args, want) in cases {
         let out = run(bin().arg("serve").args(&args));
         let e = stderr(&out);
-        assert!(matches!(out.status.code(), Some(1) | Some(2)), "{args:?}: {e}");
+        assert!(
+            matches!(out.status.code(), Some(1) | Some(2)),
+            "{args:?}: {e}"
+        );
         assert!(e.contains(want), "{args:?}: want {want:?} in {e}");
     }
     // A GGUF file, a config.json instead of its directory, a ChatGLMModel checkpoint.
@@ -305,28 +362,48 @@ fn pointed_errors() {
     std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
     let chatglm = dir.join("chatglm");
     std::fs::create_dir_all(&chatglm).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(fixture("glm4-tiny").join(f), chatglm.join(f)).unwrap();
     }
-    let mut cfg: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("glm4-tiny/config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("glm4-tiny/config.json")).unwrap())
+            .unwrap();
     cfg["architectures"] = serde_json::json!(["ChatGLMModel"]);
     std::fs::write(chatglm.join("config.json"), cfg.to_string()).unwrap();
     let config_json = fixture("glm4-tiny/config.json");
     for (model, want) in [
         (gguf.as_path(), "GGUF"),
-        (config_json.as_path(), "is a file, not a checkpoint directory"),
+        (
+            config_json.as_path(),
+            "is a file, not a checkpoint directory",
+        ),
         (chatglm.as_path(), "-hf"),
-        (Path::new("zai-org/no-such-model"), "hf download zai-org/no-such-model"),
+        (
+            Path::new("zai-org/no-such-model"),
+            "hf download zai-org/no-such-model",
+        ),
     ] {
         let out = run(bin()
-            .args(["generate", "--device", "cpu", "--prompt-ids", "1", "--model"])
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--prompt-ids",
+                "1",
+                "--model",
+            ])
             .arg(model)
             .env("HF_HUB_CACHE", &dir));
         assert_eq!(out.status.code(), Some(1), "{model:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(want), "{model:?}: want {want:?} in {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(want),
+            "{model:?}: want {want:?} in {}",
+            stderr(&out)
+        );
     }
     // Unknown flags are clap's usage errors, naming the flag.
     let out = run(bin().args(["serve", "--bogus-flag"]));
@@ -347,17 +424,33 @@ fn hugging_face_ids_come_from_the_local_cache() {
         std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
     }
     std::fs::create_dir_all(cache.join("models--zai-org--glm4-tiny/refs")).unwrap();
-    std::fs::write(cache.join("models--zai-org--glm4-tiny/refs/main"), "0123abcd").unwrap();
+    std::fs::write(
+        cache.join("models--zai-org--glm4-tiny/refs/main"),
+        "0123abcd",
+    )
+    .unwrap();
     let ids: Vec<String> = prompt.iter().map(u64::to_string).collect();
     let out = run(bin()
-        .args(["generate", "--device", "cpu", "--model", "zai-org/glm4-tiny", "--json"])
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            "zai-org/glm4-tiny",
+            "--json",
+        ])
         .args(["--prompt-ids", &ids.join(","), "--ignore-eos"])
         .args(["--max-tokens", &greedy.len().to_string()])
         .env("HF_HOME", cache.parent().unwrap())
         .env("HF_HUB_CACHE", &cache));
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<u64> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let got: Vec<u64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(got, greedy);
     std::fs::remove_dir_all(&cache).unwrap();
 }
@@ -366,7 +459,14 @@ fn hugging_face_ids_come_from_the_local_cache() {
 #[test]
 fn negative_values_and_environment_flags_in_generate() {
     let out = run(bin()
-        .args(["generate", "--device", "cpu", "--prompt-ids", "277", "--json"])
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--prompt-ids",
+            "277",
+            "--json",
+        ])
         .args(["--presence-penalty", "-0.5", "--ignore-eos"])
         .env("AUTOGLM_MAX_TOKENS", "3"));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -392,7 +492,12 @@ fn generation_config_defaults_apply_to_unset_fields() {
     for _ in 0..2 {
         let (status, v) = http(port, "POST", "/v1/completions", Some(&body));
         assert_eq!(status, 200, "{v}");
-        let got: Vec<u64> = v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        let got: Vec<u64> = v["choices"][0]["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         assert_eq!(got, greedy[..3], "{v}");
     }
     assert_eq!(s.stop(), 0);
@@ -410,7 +515,15 @@ fn generation_config_defaults_apply_to_unset_fields() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     let out = run(bin()
-        .args(["generate", "--device", "cpu", "--prompt-ids", "277", "--max-tokens", "2"])
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--prompt-ids",
+            "277",
+            "--max-tokens",
+            "2",
+        ])
         .args(["--log-format", "json", "--log-level", "debug"]));
     assert!(out.status.success(), "{}", stderr(&out));
     let e = stderr(&out);
@@ -420,8 +533,15 @@ fn json_logs_are_one_object_per_line() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|err| panic!("{err}: {l}")))
         .collect();
     assert!(
-        records.iter().any(|r| r["message"].as_str().is_some_and(|m| m.starts_with("loaded"))),
+        records.iter().any(|r| r["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("loaded"))),
         "{e}"
     );
-    assert!(records.iter().all(|r| r["level"].is_string() && r["target"].is_string()), "{e}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["level"].is_string() && r["target"].is_string()),
+        "{e}"
+    );
 }

@@ -35,7 +35,11 @@ pub fn resolve_model_dir_at(spec: &Path, revision: Option<&str>) -> Result<PathB
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, `$HUGGINGFACE_HUB_CACHE`, `$HF_HOME/hub`,
 /// `$XDG_CACHE_HOME/huggingface/hub` or `~/.cache/huggingface/hub`, as `huggingface_hub` looks.
 pub fn hub_cache_dir() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(p) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
         return p;
     }
@@ -131,9 +135,10 @@ fn check_dir(dir: &Path) -> Result<PathBuf> {
         }
     }
     let gguf = std::fs::read_dir(dir).ok().and_then(|d| {
-        d.filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")))
+        d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+            p.extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+        })
     });
     if let Some(f) = gguf {
         return Err(gguf_error(&f));
@@ -199,7 +204,16 @@ mod tests {
     fn repo_ids_are_told_from_paths() {
         assert!(is_repo_id("zai-org/AutoGLM-Phone-9B"));
         assert!(is_repo_id("THUDM/glm-4-9b-chat-hf"));
-        for s in ["model", "./a/b", "/abs/path", "a/b/c", "../x", "a/", "/b", "a b/c"] {
+        for s in [
+            "model",
+            "./a/b",
+            "/abs/path",
+            "a/b/c",
+            "../x",
+            "a/",
+            "/b",
+            "a b/c",
+        ] {
             assert!(!is_repo_id(s), "{s}");
         }
     }
@@ -227,8 +241,13 @@ mod tests {
             .ends_with("snapshots/def456"));
         // The cache folder itself, as a directory, resolves too.
         assert_eq!(check_dir(&repo).unwrap(), main);
-        let e = from_cache(id, Some("nope"), &cache).unwrap_err().to_string();
-        assert!(e.contains("revision \"nope\"") && e.contains("abc123"), "{e}");
+        let e = from_cache(id, Some("nope"), &cache)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("revision \"nope\"") && e.contains("abc123"),
+            "{e}"
+        );
         let e = from_cache("zai-org/other", None, &cache)
             .unwrap_err()
             .to_string();
@@ -256,11 +275,17 @@ mod tests {
         assert!(e.contains("GGUF"), "{e}");
         std::fs::remove_file(&gguf).unwrap();
         let e = resolve_model_dir(&d).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains("not a Hugging Face checkpoint"), "{e}");
+        assert!(
+            e.contains("config.json") && e.contains("not a Hugging Face checkpoint"),
+            "{e}"
+        );
         let cfg = d.join("config.json");
         std::fs::write(&cfg, "{}").unwrap();
         let e = resolve_model_dir(&cfg).unwrap_err().to_string();
-        assert!(e.contains("is a file") && e.contains(&d.display().to_string()), "{e}");
+        assert!(
+            e.contains("is a file") && e.contains(&d.display().to_string()),
+            "{e}"
+        );
         assert_eq!(resolve_model_dir(&d).unwrap(), d);
         let e = resolve_model_dir(Path::new("no/such/dir/here"))
             .unwrap_err()

@@ -1,7 +1,9 @@
 //! Pieces shared by the example programs: the `autoglm` command's engine and sampling flags (from
 //! `autoglm-cli`), the bundled default model, and the machine description of benchmark reports.
 
-pub use autoglm_cli::args::{bundled_model, model_dir, EngineArgs, List, MultiModalArgs, SamplingArgs};
+pub use autoglm_cli::args::{
+    bundled_model, model_dir, EngineArgs, List, MultiModalArgs, SamplingArgs,
+};
 
 /// The machine a benchmark ran on, for its report: "N cores, CPU model" (the cores this process
 /// may run on).

@@ -75,7 +75,9 @@ pub fn completion(engine: &Engine, body: &[u8]) -> Outcome {
     let run = || -> Result<usize, ApiError> {
         let mut req: CompletionRequest = parse_json(body)?;
         check_logprobs("logprobs", req.logprobs)?;
-        let base = req.common.params(req.logprobs, engine.sampling_defaults())?;
+        let base = req
+            .common
+            .params(req.logprobs, engine.sampling_defaults())?;
         let tok = engine.tokenizer().ok();
         let add_special = req.add_special_tokens.unwrap_or(true);
         let requested = Some(req.common.max_tokens.unwrap_or(16));
