@@ -23,7 +23,7 @@ pub fn filter(level: Option<&str>) -> Result<EnvFilter, String> {
 fn filter_from(rust_log: Option<&str>, level: Option<&str>) -> Result<EnvFilter, String> {
     if let Some(v) = rust_log {
         if !v.trim().is_empty() {
-            return EnvFilter::try_new(&v).map_err(|e| format!("RUST_LOG={v:?}: {e}"));
+            return EnvFilter::try_new(v).map_err(|e| format!("RUST_LOG={v:?}: {e}"));
         }
     }
     let level = level.unwrap_or("info");

@@ -473,16 +473,14 @@ fn check_addresses_free(config: &ServerConfig) -> Result<(), Error> {
                     });
                 }
             }
-            BindAddr::Unix(p) => {
-                if std::os::unix::net::UnixStream::connect(p).is_ok() {
-                    return Err(Error::Io {
-                        path: p.clone(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::AddrInUse,
-                            "a live server accepts on this socket; stop it or pick another --uds",
-                        ),
-                    });
-                }
+            BindAddr::Unix(p) if std::os::unix::net::UnixStream::connect(p).is_ok() => {
+                return Err(Error::Io {
+                    path: p.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "a live server accepts on this socket; stop it or pick another --uds",
+                    ),
+                });
             }
             _ => {}
         }
