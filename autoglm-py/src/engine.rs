@@ -559,6 +559,29 @@ impl Engine {
         })
     }
 
+    /// Replies to one conversation: `messages` is a list of `{"role", "content"}` dicts (content
+    /// parts may carry images, as in `generate`), rendered through the chat template with the
+    /// assistant's turn opened. Returns a `RequestOutput`; the same as `generate(messages, ...)`,
+    /// named as vLLM's `LLM.chat`.
+    #[pyo3(signature = (messages, params = None, *, priority = 0))]
+    fn chat<'py>(
+        &self,
+        py: Python<'py>,
+        messages: &Bound<'py, PyAny>,
+        params: Option<&Bound<'py, PyAny>>,
+        priority: i32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let is_messages = messages
+            .cast::<pyo3::types::PyList>()
+            .is_ok_and(|l| l.iter().all(|m| m.cast::<pyo3::types::PyDict>().is_ok()));
+        if !is_messages {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "chat() takes a list of message dicts ({\"role\": ..., \"content\": ...})",
+            ));
+        }
+        self.generate(py, messages, params, priority)
+    }
+
     /// Submits one prompt and returns a `RequestStream`: an iterator of `CompletionChunk` deltas.
     /// Breaking out of the loop (and dropping the stream) cancels the request.
     #[pyo3(signature = (prompt, params = None, *, priority = 0))]

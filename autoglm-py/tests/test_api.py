@@ -94,6 +94,17 @@ def test_single_prompt_gives_one_result_and_list_gives_list(engine: autoglm.Engi
     assert engine.generate([5]).usage.prompt_tokens == 1
 
 
+def test_chat_is_generate_of_one_conversation(engine: autoglm.Engine) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    got = engine.chat(messages, greedy(4))
+    want = engine.generate(messages, greedy(4))
+    assert isinstance(got, autoglm.RequestOutput)
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 4
+    assert got.prompt_token_ids == want.prompt_token_ids
+    with pytest.raises(TypeError, match="list of message dicts"):
+        engine.chat("Hi")  # type: ignore[arg-type]
+
+
 def test_params_per_prompt(engine: autoglm.Engine) -> None:
     outs = engine.generate(["a", "b"], [greedy(max_tokens=2), greedy(max_tokens=5)])
     assert [len(o.token_ids) for o in outs] == [2, 5]

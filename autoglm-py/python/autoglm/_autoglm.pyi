@@ -430,6 +430,9 @@ class Engine:
     def generate(
         self, prompts: _ManyChats, params: _Params = None, *, priority: int = 0
     ) -> list[RequestOutput]: ...
+    def chat(
+        self, messages: Sequence[_Message], params: _Params = None, *, priority: int = 0
+    ) -> RequestOutput: ...
     def stream(
         self, prompt: _PromptInput, params: _Params = None, *, priority: int = 0
     ) -> RequestStream: ...
