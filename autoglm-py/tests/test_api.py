@@ -29,6 +29,7 @@ def test_sampling_params_defaults_and_fields() -> None:
         "ignore_eos": False,
         "logprobs": None,
         "skip_special_tokens": True,
+        "structured_outputs": None,
     }
     q = autoglm.SamplingParams(
         n=2,
