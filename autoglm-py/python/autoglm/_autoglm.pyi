@@ -43,6 +43,7 @@ __all__ = [
     "RequestStream",
     "AsyncRequestStream",
     "Server",
+    "cli_main",
 ]
 
 __version__: str
