@@ -134,14 +134,14 @@ extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
-/// One HTTP/1.1 request on a fresh connection; (status, JSON body).
-fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+/// One HTTP/1.1 request on a fresh connection, with `extra` header lines (each ending in
+/// `\r\n`); (status, head, body as sent, chunks not joined).
+fn raw_http(port: u16, method: &str, path: &str, extra: &str, body: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{extra}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -150,6 +150,19 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Valu
     let text = String::from_utf8_lossy(&raw);
     let status = text[9..12].parse().unwrap();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    (status, head.to_string(), rest.to_string())
+}
+
+/// [`raw_http`] with a JSON body and answer; (status, JSON body).
+fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, head, rest) = raw_http(port, method, path, extra, &body);
     let json = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
@@ -164,23 +177,30 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Valu
         )
         .unwrap()
     } else {
-        serde_json::from_str(rest).unwrap_or(Value::Null)
+        serde_json::from_str(&rest).unwrap_or(Value::Null)
     };
     (status, json)
+}
+
+/// [`http_with`] without extra headers.
+fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    http_with(port, method, path, "", body)
+}
+
+/// A JSON list of token ids.
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 fn greedy_case() -> (Vec<u64>, Vec<u64>) {
     let text = std::fs::read_to_string(fixture("glm4-tiny/expected.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let c = &v["cases"][0];
-    let ids = |k: &str| {
-        c[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect()
-    };
-    (ids("prompt_token_ids"), ids("greedy_token_ids"))
+    (ids(&c["prompt_token_ids"]), ids(&c["greedy_token_ids"]))
 }
 
 /// Open-AutoGLM's recommended vLLM command line, with `autoglm serve` for
@@ -248,34 +268,14 @@ fn positional_model_environment_and_config_file() {
     // /metrics is public.
     let (status, _) = http(port, "GET", "/v1/models", None);
     assert_eq!(status, 401);
-    let mut m = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        m,
-        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    m.read_to_string(&mut raw).unwrap();
-    assert!(
-        raw.starts_with("HTTP/1.1 200") && raw.contains("autoglm_"),
-        "{raw}"
-    );
-    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let body =
-        serde_json::json!({"model": "from-env", "prompt": prompt, "max_tokens": greedy.len(),
-        "temperature": 0, "ignore_eos": true, "return_token_ids": true})
-        .to_string();
-    write!(c, "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer sk-cli\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
-    let mut raw = String::new();
-    c.read_to_string(&mut raw).unwrap();
-    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    let json: Value = serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
-    let got: Vec<u64> = json["choices"][0]["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let (status, _, metrics) = raw_http(port, "GET", "/metrics", "", "");
+    assert!(status == 200 && metrics.contains("autoglm_"), "{metrics}");
+    let body = serde_json::json!({"model": "from-env", "prompt": prompt, "max_tokens": greedy.len(),
+        "temperature": 0, "ignore_eos": true, "return_token_ids": true});
+    let auth = "authorization: Bearer sk-cli\r\n";
+    let (status, json) = http_with(port, "POST", "/v1/completions", auth, Some(&body));
+    assert_eq!(status, 200, "{json}");
+    let got = ids(&json["choices"][0]["token_ids"]);
     assert_eq!(got, greedy);
     assert_eq!(s.stop(), 0);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -429,7 +429,7 @@ fn hugging_face_ids_come_from_the_local_cache() {
         "0123abcd",
     )
     .unwrap();
-    let ids: Vec<String> = prompt.iter().map(u64::to_string).collect();
+    let prompt_ids: Vec<String> = prompt.iter().map(u64::to_string).collect();
     let out = run(bin()
         .args([
             "generate",
@@ -439,18 +439,13 @@ fn hugging_face_ids_come_from_the_local_cache() {
             "zai-org/glm4-tiny",
             "--json",
         ])
-        .args(["--prompt-ids", &ids.join(","), "--ignore-eos"])
+        .args(["--prompt-ids", &prompt_ids.join(","), "--ignore-eos"])
         .args(["--max-tokens", &greedy.len().to_string()])
         .env("HF_HOME", cache.parent().unwrap())
         .env("HF_HUB_CACHE", &cache));
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<u64> = v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let got = ids(&v["token_ids"]);
     assert_eq!(got, greedy);
     std::fs::remove_dir_all(&cache).unwrap();
 }
@@ -492,12 +487,7 @@ fn generation_config_defaults_apply_to_unset_fields() {
     for _ in 0..2 {
         let (status, v) = http(port, "POST", "/v1/completions", Some(&body));
         assert_eq!(status, 200, "{v}");
-        let got: Vec<u64> = v["choices"][0]["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let got = ids(&v["choices"][0]["token_ids"]);
         assert_eq!(got, greedy[..3], "{v}");
     }
     assert_eq!(s.stop(), 0);
