@@ -6,14 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== python venv (.venv) with openai, pytest and pillow"
+echo "== python venv (.venv) with openai, pytest, pillow and prometheus-client"
 if [ ! -x .venv/bin/python ]; then
   if ! python3 -m venv .venv 2>/dev/null; then
     apt-get update -qq && apt-get install -y -qq python3-venv
     python3 -m venv .venv
   fi
 fi
-.venv/bin/python -m pip install -q openai pytest pillow
+.venv/bin/python -m pip install -q openai pytest pillow prometheus-client
 
 echo "== build the autoglm binary"
 cargo build --release -p autoglm-cli

@@ -44,6 +44,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let state = rec.state.clone();
     let lease = lease_or_404(&state.models, req.common.model.as_deref())?;
     rec.model = Some(lease.name.clone());
+    rec.model_metrics = Some(lease.metrics.clone());
     let lp = want_logprobs.then(|| req.top_logprobs.unwrap_or(0));
     let defaults = lease.engine.sampling_defaults();
     let mut params = req.common.params(lp, defaults)?;

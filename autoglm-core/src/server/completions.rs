@@ -36,6 +36,7 @@ pub(crate) async fn handle(rec: &mut Record, body: &[u8]) -> Result<Response<Bod
     let state = rec.state.clone();
     let lease = lease_or_404(&state.models, req.common.model.as_deref())?;
     rec.model = Some(lease.name.clone());
+    rec.model_metrics = Some(lease.metrics.clone());
     let defaults = lease.engine.sampling_defaults();
     let base = req.common.params(req.logprobs, defaults)?;
     let skip_special_tokens = base.skip_special_tokens;

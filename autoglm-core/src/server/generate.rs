@@ -6,6 +6,7 @@
 //! and each event is serialized once into an exact-size buffer handed to hyper as `Bytes`.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -192,6 +193,7 @@ pub(crate) fn submit(
         .request_timeout
         .map(|t| Box::pin(tokio::time::sleep_until((rec.start + t).into())));
     let ending = rec.state.ending.subscribe();
+    rec.choices = n * prompt_lens.len();
     Ok(Job {
         events,
         ending,
@@ -251,15 +253,35 @@ impl Job {
         };
         let now = self.now;
         let metrics = &self.rec.state.metrics;
+        let model = self.rec.model_metrics.as_deref();
         if self.first_token {
             self.first_token = false;
             metrics.ttft.observe(now - self.rec.start);
+            if let Some(m) = model {
+                m.ttft.observe(now - self.rec.start);
+                let prompt_tokens = self.prompt_lens.iter().sum::<usize>();
+                m.prompt_tokens
+                    .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+            }
         }
         let index = prompt * self.n + out.index;
         if let Some(slot) = self.last.get_mut(index) {
             if let Some(prev) = slot.replace(now) {
                 metrics.itl.observe(now - prev);
+                if let Some(m) = model {
+                    m.tpot.observe(now - prev);
+                }
             }
+        }
+        if let Some(m) = model {
+            m.generation_tokens
+                .fetch_add(out.token_ids.len() as u64, Ordering::Relaxed);
+            if out.finish_reason.is_some() {
+                m.count_finished(out.finish_reason, 1);
+            }
+        }
+        if out.finish_reason.is_some() {
+            self.rec.choices_finished += 1;
         }
         self.completion_tokens += out.token_ids.len();
         self.rec.completion_tokens = self.completion_tokens;

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use super::body::{json_response, Body};
 use super::error::ApiError;
+use super::metrics::ModelMetrics;
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -37,6 +38,8 @@ pub struct ModelEntry {
     idle: Notify,
     /// Being unloaded: no new lease, not listed, still in the metrics.
     draining: AtomicBool,
+    /// Its request metrics (vLLM's names, with its `model_name`).
+    pub(crate) metrics: Arc<ModelMetrics>,
 }
 
 /// Keeps a model loaded while a request uses it.
@@ -127,6 +130,7 @@ impl ModelRegistry {
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             draining: AtomicBool::new(false),
+            metrics: Arc::default(),
         }));
         Ok(())
     }

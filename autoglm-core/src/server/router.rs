@@ -306,6 +306,11 @@ fn metrics(state: &AppState) -> Response<Body> {
                 images_encoded: s.images_encoded.load(Ordering::Relaxed),
                 image_encode_ns: s.image_encode_ns.load(Ordering::Relaxed),
                 encoder_cache_hits: s.encoder_cache_hits.load(Ordering::Relaxed),
+                prefix_queried: s.prefix_cache_queried_tokens.load(Ordering::Relaxed),
+                prefix_hits: s.prefix_cache_hit_tokens.load(Ordering::Relaxed),
+                block_size: m.engine.config().cache.block_size,
+                prefix_caching: m.engine.config().cache.enable_prefix_caching,
+                requests: m.metrics.clone(),
             }
         })
         .collect();

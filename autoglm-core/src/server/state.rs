@@ -9,7 +9,7 @@ use super::audit::{rfc3339_now, AuditEntry, AuditLog};
 use super::auth::{Auth, Principal};
 use super::config::ServerConfig;
 use super::error::ApiError;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, ModelMetrics};
 use super::models::ModelRegistry;
 use super::prep::PrepPool;
 use super::ratelimit::RateLimiter;
@@ -110,6 +110,12 @@ pub(crate) struct Record {
     pub(crate) start: Instant,
     pub(crate) status: u16,
     pub(crate) model: Option<String>,
+    /// The model's own metrics (vLLM's names).
+    pub(crate) model_metrics: Option<Arc<ModelMetrics>>,
+    /// Choices the request asked the engine for (prompts times n), and those that finished: the
+    /// rest count as aborted when the record drops.
+    pub(crate) choices: usize,
+    pub(crate) choices_finished: usize,
     pub(crate) prompt_tokens: usize,
     pub(crate) completion_tokens: usize,
     pub(crate) prompt_text: Option<String>,
@@ -145,6 +151,9 @@ impl Record {
             start,
             status: 0,
             model: None,
+            model_metrics: None,
+            choices: 0,
+            choices_finished: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
             prompt_text: None,
@@ -170,6 +179,9 @@ impl Record {
             start: self.start,
             status: 200,
             model: self.model.take(),
+            model_metrics: self.model_metrics.take(),
+            choices: std::mem::take(&mut self.choices),
+            choices_finished: std::mem::take(&mut self.choices_finished),
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             prompt_text: self.prompt_text.take(),
@@ -195,6 +207,15 @@ impl Drop for Record {
         }
         let s = &self.state;
         let latency = self.start.elapsed();
+        if let Some(m) = self.model_metrics.as_ref().filter(|_| self.generation) {
+            if self.status == 200 {
+                m.e2e.observe(latency);
+            }
+            let unfinished = self.choices.saturating_sub(self.choices_finished);
+            if unfinished > 0 {
+                m.count_finished(None, unfinished as u64);
+            }
+        }
         if self.generation && self.status == 200 {
             s.metrics.e2e.observe(latency);
             s.metrics
