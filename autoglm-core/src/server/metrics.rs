@@ -437,12 +437,19 @@ impl Metrics {
 /// `model_name` and `engine` labels. `tests/fixtures/vllm-metrics.txt` lists them; a test checks
 /// the exposition against it.
 fn render_vllm(out: &mut String, models: &[ModelGauges]) {
+    fn kv_usage(g: &ModelGauges) -> f64 {
+        if g.kv_total == 0 {
+            0.0
+        } else {
+            g.kv_used as f64 / g.kv_total as f64
+        }
+    }
     let labels: Vec<String> = models
         .iter()
         .map(|g| format!("model_name=\"{}\",engine=\"0\"", label(&g.model)))
         .collect();
     type Value = fn(&ModelGauges) -> f64;
-    let scalars: [(&str, &str, &str, Value); 8] = [
+    let scalars: [(&str, &str, &str, Value); 9] = [
         (
             "vllm:num_requests_running",
             "gauge",
@@ -459,13 +466,15 @@ fn render_vllm(out: &mut String, models: &[ModelGauges]) {
             "vllm:kv_cache_usage_perc",
             "gauge",
             "KV-cache usage. 1 means 100 percent usage.",
-            |g| {
-                if g.kv_total == 0 {
-                    0.0
-                } else {
-                    g.kv_used as f64 / g.kv_total as f64
-                }
-            },
+            kv_usage,
+        ),
+        (
+            // vLLM's name before 0.9, still what older Gateway API Inference Extension endpoint
+            // pickers read for KV utilisation.
+            "vllm:gpu_cache_usage_perc",
+            "gauge",
+            "GPU KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
+            kv_usage,
         ),
         (
             "vllm:prefix_cache_queries_total",
