@@ -401,6 +401,9 @@ def test_deployment_command_line_serves_and_drains(objs, tmp_path, start_server)
     status, body = server.get("/metrics")
     assert status == 200, f"/metrics without a key: {status}"
     assert "autoglm_num_requests_waiting{" in body
+    # The series the adapter turns into the HPA's metric, for the served model name.
+    served = flag(c["args"], "served-model-name")
+    assert f'vllm:num_requests_waiting{{model_name="{served}",engine="0"}} ' in body, body[-2000:]
     # The API needs a key from the Secret.
     assert server.get("/v1/models")[0] == 401
     status, body = server.get("/v1/models", {"Authorization": f"Bearer {keys['gateway']}"})
