@@ -46,7 +46,8 @@ fi
 for tool in haproxy nginx openssl setpriv; do
   command -v "$tool" >/dev/null 2>&1 || { echo "test-balancers: $tool is still missing" >&2; exit 1; }
 done
-haproxy -vv 2>/dev/null | grep -q 'Built with Lua' || {
+haproxy_build=$(haproxy -vv 2>&1 || true)
+grep -q 'Built with Lua' <<<"$haproxy_build" || {
   echo "test-balancers: this haproxy has no Lua (deploy/haproxy/prefix_key.lua needs it)" >&2
   exit 1
 }

@@ -94,7 +94,7 @@ class Run:
         else:
             time.sleep(5.5)
 
-    def phase(self, name: str, action, warm: float = 1.5, tail: float = 1.5):
+    def phase(self, name: str, action, warm: float = 1.0, tail: float = 1.0):
         c0 = self.bal.counters()
         t0 = time.monotonic()
         load = lb.Load(self.bal, MODEL, clients=CLIENTS, max_tokens=TOKENS, pause=PAUSE,
@@ -130,7 +130,7 @@ class Run:
     # -- phases ------------------------------------------------------------------------------
 
     def steady(self):
-        results, _ = self.phase("steady", lambda: time.sleep(3.0))
+        results, _ = self.phase("steady", lambda: time.sleep(2.5))
         by = collections.Counter(r.server for r in results if r.ok)
         check(all(r.ok for r in results), f"{self.bal.kind} steady: failures {describe(results)}", self.problems)
         check(by.get("s3", 0) == 0, f"{self.bal.kind} steady: the backup s3 got {by.get('s3')} requests", self.problems)
