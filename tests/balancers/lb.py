@@ -635,11 +635,14 @@ class Load:
             if self.pause:
                 time.sleep(self.pause)
 
-    def streaming_on(self, server: str, min_tokens: int = 0) -> int:
-        """Streams of at least `min_tokens` from `server` that have begun and not ended."""
+    def streaming_on(self, server: str, min_tokens: int = 0, within: float = 1e9) -> int:
+        """Streams of at least `min_tokens` from `server` that began (first byte) at most `within`
+        seconds ago and have not ended."""
+        now = time.monotonic()
         with self._lock:
             return sum(1 for r in self.pending.values() if r.server == server and r.first_byte is not None
-                       and r.max_tokens >= min_tokens and not r.done and not r.end)
+                       and now - r.first_byte <= within and r.max_tokens >= min_tokens
+                       and not r.done and not r.end)
 
     def start(self) -> "Load":
         for i in range(self.clients):
