@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import pathlib
 import signal
 import subprocess
@@ -461,10 +462,9 @@ def main() -> int:
            "haproxy = deploy/haproxy/haproxy.cfg as deployed (these chat requests hashed on their first user "
            "message); haproxy-leastconn = the same with AUTOGLM_NO_PREFIX_HASH=1; nginx = deploy/nginx/nginx.conf.",
            f"Command: python tests/balancers/failover.py {' '.join(sys.argv[1:])} (as .ci/test-balancers.sh runs it); "
-           f"{elapsed:.0f}s on {lb.machine()} ("
-           f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
-           f"haproxy {subprocess.run(['haproxy', '-v'], capture_output=True, text=True).stdout.split()[2]}, "
-           f"{subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}).",
+           f"{elapsed:.0f}s on {lb.machine()}, nproc {os.cpu_count()}; "
+           f"HAProxy {subprocess.run(['haproxy', '-v'], capture_output=True, text=True).stdout.split()[2]}, "
+           f"nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip().split('/')[-1]}.",
            "sent = started; completed = [DONE], finish_reason length, all max_tokens tokens; failed = an exception, an HTTP "
            "error or an incomplete stream; retried = the balancer's own retries and redispatches (HAProxy stats "
            "wretr+wredis; nginx access log, upstreams tried beyond the first); lost = no outcome at the end.",

@@ -10,7 +10,8 @@ model's output. The screenshots are generated PNGs larger than HAProxy's buffer 
 screenshots are), so an agent's first step, whose first user message holds its screenshot before
 the task text, carries no prefix key (least connections) and every later step does.
 
-Modes, each with fresh replicas (cold caches) and a fresh balancer:
+Modes, each with fresh replicas and a fresh balancer; each replica computes the system prompt once
+before the agents start (a running service has it cached):
   haproxy leastconn    deploy/haproxy/haproxy.cfg with AUTOGLM_NO_PREFIX_HASH: no affinity
   haproxy header       the client sends X-Session-Id (the agent's id): consistent hash on it
   haproxy body         no header; the balancer hashes the first user message (prefix_key.lua)
@@ -37,9 +38,9 @@ import argparse
 import base64
 import io
 import json
+import os
 import pathlib
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -148,6 +149,15 @@ def run_mode(kind: str, mode: str, args, sys_prompt: str, logdir: pathlib.Path) 
         else:
             bal = lb.Nginx(reps)
         try:
+            # A running service has the shared system prompt cached everywhere: each replica
+            # computes it once, directly, before the agents start (else the first steps that meet
+            # a cold replica at once each compute it, a few points of noise on every row).
+            for r in reps:
+                warm = lb.stream_chat(lb.openai_client(r.url, timeout=120), None, lb.Result(client=-1, start=time.monotonic()),
+                                      model=MODEL, messages=[{"role": "system", "content": sys_prompt},
+                                                             {"role": "user", "content": "warm-up"}], max_tokens=1)
+                if not warm.ok:
+                    raise AssertionError(f"warming {r.name}: {warm.error}")
             m0 = [r.metrics() for r in reps]
             agents = [Agent(i, args.steps, sys_prompt, (args.width, args.height), args.think)
                       for i in range(args.agents)]
@@ -333,10 +343,9 @@ def main() -> int:
     lines = [f"Prefix-cache hit rate by routing: {args.agents} Open-AutoGLM-shaped agents x {args.steps} steps "
              f"(glm4v-tiny, system prompt {len(sys_prompt)} characters, one {args.width}x{args.height} PNG "
              f"screenshot per step, {len(sample) // 1024} KiB as a data URL), three replicas (s1 weight 2, "
-             f"s2 weight 1, s3 backup), fresh caches per mode.",
+             f"s2 weight 1, s3 backup), fresh replicas per mode, the system prompt computed once on each first.",
              f"Command: python tests/balancers/prefix_routing.py {' '.join(sys.argv[1:])}; "
-             f"{elapsed:.0f}s on {lb.machine()} ("
-             f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores).",
+             f"{elapsed:.0f}s on {lb.machine()}, nproc {os.cpu_count()}.",
              "", "| balancer | routing | requests | failed | prompt tokens | cached tokens | hit rate "
                  "(usage) | past the shared prefix | hit rate (/metrics) | follow-ups on the previous replica "
                  "| requests by replica |",
