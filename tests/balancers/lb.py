@@ -98,9 +98,14 @@ def cleanup() -> None:
             pass
 
 
+_dirs: list[pathlib.Path] = []
+
+
 def _on_signal(signum, _frame):
     log(f"signal {signum}: stopping everything")
     cleanup()
+    for d in _dirs:
+        shutil.rmtree(d, True)
     os._exit(128 + signum)
 
 
@@ -114,6 +119,7 @@ def workdir(prefix: str) -> pathlib.Path:
     d = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
     d.chmod(0o755)
     if not os.environ.get("AUTOGLM_LB_KEEP"):
+        _dirs.append(d)
         atexit.register(shutil.rmtree, d, True)
     return d
 
