@@ -472,15 +472,7 @@ def main() -> int:
            "error or an incomplete stream; retried = the balancer's own retries and redispatches (HAProxy stats "
            "wretr+wredis; nginx access log, upstreams tried beyond the first); lost = no outcome at the end.",
            "", table(rows), "", *extra]
-    text = "\n".join(out) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    if problems:
-        print(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
-        return 1
-    print("failover: all assertions held")
-    return 0
+    return lb.report("\n".join(out) + "\n", args.out, problems, "failover")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,18 @@ def log(msg: str) -> None:
     print(f"[{time.monotonic() - T0:7.2f}s] {msg}", flush=True)
 
 
+def report(text: str, out: pathlib.Path | None, problems: list[str], what: str) -> int:
+    """Prints a program's table (and writes it to `out`), then its problems; the exit status."""
+    print(text)
+    if out:
+        out.write_text(text)
+    if problems:
+        print(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        return 1
+    print(f"{what}: all assertions held")
+    return 0
+
+
 def machine() -> str:
     """How the figures' machine is named: $AUTOGLM_MACHINE (e.g. "2-core shared VM"), else the host."""
     return os.environ.get("AUTOGLM_MACHINE") or f"{platform.node() or 'this host'} ({platform.machine()})"

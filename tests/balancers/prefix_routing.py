@@ -358,15 +358,7 @@ def main() -> int:
                      f"{r['sticky']:.0%} | {' '.join(f'{k}:{v}' for k, v in r['servers'].items())} |")
     lines.append("")
     lines.append(f"prefix_key.lua: {n_keys} body shapes checked through HAProxy.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    if problems:
-        print(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
-        return 1
-    print("prefix routing: all assertions held")
-    return 0
+    return lb.report("\n".join(lines) + "\n", args.out, problems, "prefix routing")
 
 
 if __name__ == "__main__":
