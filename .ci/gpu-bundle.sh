@@ -26,6 +26,7 @@ cp "$exe" "$OUT/cuda_fixtures"
 rm -rf "$OUT/fixtures"
 cp -r tests/fixtures "$OUT/fixtures"
 cp .ci/gpu-check.sh "$OUT/gpu-check.sh"
+cp benches/python/xcheck_transformers.py "$OUT/xcheck_transformers.py"
 # Without debug info (symbol names stay for backtraces): about 10 MB instead of 140, so the
 # bundle fits what the device machine takes along (64 MiB).
 strip --strip-debug "$OUT/e2e" "$OUT/cuda_fixtures"

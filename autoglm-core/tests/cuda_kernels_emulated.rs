@@ -49,6 +49,8 @@ fn build(driver: &str) -> PathBuf {
             "-pthread",
             "-Wall",
             "-Werror",
+            // `#pragma unroll` is nvcc's/NVRTC's; the host compiler ignores it.
+            "-Wno-unknown-pragmas",
             "-I",
         ])
         .arg(dir.join("src/backend/cuda/kernels"))
@@ -147,8 +149,9 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 /// Which attention kernel the driver launches after the cache write.
 #[derive(Debug, Clone, Copy)]
 enum Kernel {
-    /// `paged_attention` with this many KV splits (merged by `attention_combine`).
-    Paged { splits: u32 },
+    /// `paged_attention` with this many KV splits (merged by `attention_combine`), each KV
+    /// head's query group served by `group_split` blocks.
+    Paged { splits: u32, group_split: u32 },
     /// `paged_attention_prefill` with this many query tokens a block.
     Prefill { qt: u32 },
 }
@@ -163,7 +166,11 @@ fn run_emulated(
     v: &mut Vec<u16>,
 ) -> EmuOut {
     let (splits, code, qt) = match kernel {
-        Kernel::Paged { splits } => (splits, 0u32, 1u32),
+        // The driver reads the group split from the (otherwise unused) qt field.
+        Kernel::Paged {
+            splits,
+            group_split,
+        } => (splits, 0u32, group_split),
         Kernel::Prefill { qt } => (1, 1, qt),
     };
     let b = &step.batch;
@@ -399,21 +406,65 @@ fn check_shape(s: &AttentionShape, tile: u32, kernel: Kernel) {
 
 #[test]
 fn attention_kernels_match_the_cpu_backend_in_one_tile() {
-    check(64, Kernel::Paged { splits: 1 });
+    check(
+        64,
+        Kernel::Paged {
+            splits: 1,
+            group_split: 1,
+        },
+    );
 }
 
 /// Tiles of 4 positions: every context spans several tiles, some partly filled.
 #[test]
 fn attention_kernels_match_the_cpu_backend_across_tiles() {
-    check(4, Kernel::Paged { splits: 1 });
+    check(
+        4,
+        Kernel::Paged {
+            splits: 1,
+            group_split: 1,
+        },
+    );
 }
 
 /// Split-K: each context cut into 3 ranges (some empty for short contexts), merged by
 /// attention_combine.
 #[test]
 fn split_attention_and_its_merge_match_the_cpu_backend() {
-    check(4, Kernel::Paged { splits: 3 });
-    check(64, Kernel::Paged { splits: 5 });
+    check(
+        4,
+        Kernel::Paged {
+            splits: 3,
+            group_split: 1,
+        },
+    );
+    check(
+        64,
+        Kernel::Paged {
+            splits: 5,
+            group_split: 1,
+        },
+    );
+}
+
+/// Each KV head's two query heads served by two blocks (what small decode batches launch),
+/// alone and with split-K.
+#[test]
+fn attention_with_the_query_group_over_several_blocks_matches_the_cpu_backend() {
+    check(
+        64,
+        Kernel::Paged {
+            splits: 1,
+            group_split: 2,
+        },
+    );
+    check(
+        4,
+        Kernel::Paged {
+            splits: 3,
+            group_split: 2,
+        },
+    );
 }
 
 /// The query-tiled prefill kernel: blocks of 1, 2, 3 and 8 query tokens (the 10- and 3-token
@@ -477,16 +528,42 @@ fn mrope_rope_path_matches_the_cpu_backend() {
             "{other:?} rotates like [2, 3, 3] (difference {e})"
         );
     }
-    check_shape(&s, 64, Kernel::Paged { splits: 1 });
-    check_shape(&s, 4, Kernel::Paged { splits: 3 });
+    check_shape(
+        &s,
+        64,
+        Kernel::Paged {
+            splits: 1,
+            group_split: 1,
+        },
+    );
+    check_shape(
+        &s,
+        4,
+        Kernel::Paged {
+            splits: 3,
+            group_split: 1,
+        },
+    );
     check_shape(&s, 4, Kernel::Prefill { qt: 2 });
 }
 
 /// Runs `sample_rows` (`argmax` false) or `argmax_rows` on rows of `logits`.
 fn sample_emulated(logits: &[f32], cols: usize, params: &[RowSampling], argmax: bool) -> Vec<u32> {
+    sampling_kernel_emulated(logits, cols, params, u32::from(!argmax))
+}
+
+/// Runs kernel `code` of `tests/emu/sampling_driver.cpp` (0 argmax_rows, 1 sample_rows, 2 the
+/// two-pass argmax) on rows of `logits`.
+fn sampling_kernel_emulated(
+    logits: &[f32],
+    cols: usize,
+    params: &[RowSampling],
+    code: u32,
+) -> Vec<u32> {
+    let argmax = code != 1;
     let rows = logits.len() / cols;
     let mut bytes = Vec::new();
-    for x in [rows as u32, cols as u32, u32::from(!argmax)] {
+    for x in [rows as u32, cols as u32, code] {
         bytes.extend(x.to_le_bytes());
     }
     logits.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
@@ -506,7 +583,7 @@ fn sample_emulated(logits: &[f32], cols: usize, params: &[RowSampling], argmax: 
     }
     let raw = run_driver(
         sampling_emulator(),
-        &format!("sampling-{rows}-{cols}-{argmax}"),
+        &format!("sampling-{rows}-{cols}-{code}"),
         &bytes,
     );
     raw.chunks(4)
@@ -553,11 +630,12 @@ fn sample_rows_picks_the_token_whose_share_holds_the_draw() {
     }
 }
 
-/// argmax_rows: the first maximum, -inf rows included, for row widths below, at and above the
-/// block's 256 threads.
+/// argmax_rows and the two-pass argmax of wide rows (chunks of 64 columns here): the first
+/// maximum, -inf rows included, for row widths below, at and above the block's 256 threads and
+/// one chunk (1000 columns: 16 chunks, the last partial).
 #[test]
 fn argmax_rows_takes_the_first_maximum() {
-    for cols in [7usize, 256, 1000] {
+    for cols in [7usize, 64, 256, 1000] {
         let mut logits = Vec::new();
         let mut want = Vec::new();
         for r in 0..6usize {
@@ -579,6 +657,8 @@ fn argmax_rows_takes_the_first_maximum() {
             got, want,
             "{cols} columns (rows: ties, all -inf, first, last, +inf, mixed)"
         );
+        let got = sampling_kernel_emulated(&logits, cols, &[], 2);
+        assert_eq!(got, want, "two-pass argmax, {cols} columns");
     }
 }
 
@@ -1057,5 +1137,39 @@ fn vision_attention_matches_the_cpu_backend_within_each_image() {
             }
             assert_eq!(ob, bf16_bits(&out), "{what}: bf16 copy");
         }
+    }
+}
+
+/// gemv_bf16 (the decode-sized product) against an f64 sum of the same bf16 products, for 1, 3
+/// and 8 rows, a width whose 16-byte chunks do not fill the last warp pass (k = 8 * 37) and an
+/// output count that leaves the last block's warps partly idle (n = 13): every output is
+/// written once (the buffer starts as NaN) and agrees to f32 rounding.
+#[test]
+fn gemv_matches_an_exact_product_of_the_bf16_operands() {
+    let (n, k) = (13usize, 8 * 37usize);
+    let w = bf16_bits(&random(n * k, 21));
+    for m in [1usize, 3, 8] {
+        let x = bf16_bits(&random(m * k, 22 + m as u64));
+        let mut o = OpInput::default()
+            .u32(8)
+            .u32(m as u32)
+            .u32(n as u32)
+            .u32(k as u32)
+            .u16s(&w)
+            .u16s(&x)
+            .run("gemv_bf16");
+        let y = o.f32s(m * n);
+        o.done();
+        let f = |b: u16| bf16::from_bits(b).to_f64();
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (j, r) = (i / n, i % n);
+                (0..k)
+                    .map(|c| f(x[j * k + c]) * f(w[r * k + c]))
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let e = max_rel_err(&y, &want);
+        assert!(e < 1e-5, "{m} rows: relative error {e}");
     }
 }

@@ -590,6 +590,7 @@ pub fn cuda_options(ordinal: usize, config: &EngineConfig) -> CudaOptions {
             None
         },
         graphs: config.cuda.graphs,
+        gemv_max_rows: CudaOptions::default().gemv_max_rows,
     }
 }
 

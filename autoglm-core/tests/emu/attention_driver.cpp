@@ -3,7 +3,7 @@
 // splits > 1) or, with kernel 1, paged_attention_prefill with `qt` query tokens a block.
 // Usage: attention_driver IN OUT. IN (little-endian): u32 tokens, heads, kv_heads, head_dim,
 // rotary_dim, block_size, slots, max_blocks_per_seq, seqs, tile, splits, f32 scale, u32 kernel,
-// qt, rope_stride (1: 1-D rope from the positions, 3: M-RoPE), sec0, sec01 (the M-RoPE section
+// qt (kernel 0: the group split), rope_stride (1: 1-D rope from the positions, 3: M-RoPE), sec0, sec01 (the M-RoPE section
 // bounds; rotary_dim / 2 for 1-D rope); then f32 qkv, u32 positions, slot_mapping, seq_of_token,
 // block_tables, query_start (seqs + 1), with M-RoPE u32 mrope_positions (tokens * 3), then f32
 // inv_freq, bf16 k_cache, v_cache.
@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     std::vector<bf16_t> out_bf16(n_out, 0x7fc0);
     const size_t parts = splits > 1 ? (size_t)tokens * nh * splits : 1;
     std::vector<float> part_acc(splits > 1 ? parts * hd : 1), part_m(parts), part_l(parts);
-    const u32 rows = kernel == 1 ? qt * g : g;
+    const u32 rows = kernel == 1 ? qt * g : g / qt;
     if (4 * (2 * rows * hd + tile * (hd + 1) + rows * tile + 3 * rows) > sizeof emu_dynamic_smem) {
         std::fprintf(stderr, "attention_driver: shared memory too small\n");
         return 2;
@@ -74,10 +74,10 @@ int main(int argc, char** argv) {
                                     qt, out.data(), out_bf16.data());
         });
     } else {
-        emu_launch(dim3{tokens, nkv, splits}, dim3{128, 1, 1}, [&] {
+        emu_launch(dim3{tokens, nkv * qt, splits}, dim3{128, 1, 1}, [&] {
             paged_attention(qkv.data(), k_cache.data(), v_cache.data(), positions.data(),
                             seq_of_token.data(), tables.data(), mbps, bs, nh, nkv, hd, scale, tile, splits,
-                            out.data(), out_bf16.data(), part_acc.data(), part_m.data(), part_l.data());
+                            qt, out.data(), out_bf16.data(), part_acc.data(), part_m.data(), part_l.data());
         });
     }
     if (kernel == 0 && splits > 1) {

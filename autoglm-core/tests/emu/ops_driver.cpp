@@ -5,6 +5,7 @@
 #include "common.cuh"
 #include "elementwise.cu"
 #include "random.cu"
+#include "gemv.cu"
 
 static FILE* in_file;
 template <class T> static std::vector<T> get(size_t n) {
@@ -124,6 +125,23 @@ int main(int argc, char** argv) {
         std::vector<bf16_t> dst(n);
         emu_launch(grid_for(n), row_block, [&] { f32_to_bf16(src.data(), dst.data(), n); });
         put(dst);
+        break;
+    }
+    case 8: {  // gemv_bf16: u32 m, n, k, bf16 w [n, k], bf16 x [m, k] -> y [m, n]
+        const u32 m = one<u32>(), n = one<u32>(), k = one<u32>();
+        auto w = get<bf16_t>((size_t)n * k);
+        auto x = get<bf16_t>((size_t)m * k);
+        // The device reads 16-byte chunks: give the emulated kernel 16-byte-aligned copies.
+        std::vector<uint4> wa(((size_t)n * k + 7) / 8), xa(((size_t)m * k + 7) / 8);
+        std::memcpy(wa.data(), w.data(), w.size() * 2);
+        std::memcpy(xa.data(), x.data(), x.size() * 2);
+        std::vector<float> y((size_t)m * n, NAN);
+        const u32 threads = 256, warps = threads / 32;
+        emu_launch(dim3{(n + warps - 1) / warps, 1, 1}, dim3{threads, 1, 1}, [&] {
+            gemv_bf16(reinterpret_cast<const bf16_t*>(wa.data()), reinterpret_cast<const bf16_t*>(xa.data()),
+                      y.data(), m, n, k);
+        });
+        put(y);
         break;
     }
     default:

@@ -1,6 +1,8 @@
 // Runs the sampling kernels of sampling.cu on the CPU emulator (cuda_emu.h) the way ops.rs
 // launches them. Usage: sampling_driver IN OUT. IN (little-endian): u32 rows, cols, kernel
-// (0: argmax_rows with 256 threads a block, 1: sample_rows with SAMPLE_THREADS), f32 logits
+// (0: argmax_rows with 256 threads a block, 1: sample_rows with SAMPLE_THREADS, 2: the two-pass
+// argmax, argmax_partial over chunks of 64 columns with 256 threads then argmax_combine with 32),
+// f32 logits
 // [rows * cols], then for sample_rows f64 params[rows * 5] (temperature, top_k, top_p, min_p, u).
 // OUT: u32 token per row.
 #include "cuda_emu.h"
@@ -28,6 +30,14 @@ int main(int argc, char** argv) {
     std::vector<u32> out(rows, 0xdeadbeefu);
     if (kernel == 0) {
         emu_launch(dim3{rows, 1, 1}, dim3{256, 1, 1}, [&] { argmax_rows(logits.data(), out.data(), cols); });
+    } else if (kernel == 2) {
+        const u32 chunk = 64, parts = (cols + chunk - 1) / chunk;
+        std::vector<float> part_v((size_t)rows * parts, __uint_as_float(0x7fc00000u));
+        std::vector<u32> part_i((size_t)rows * parts, 0xdeadbeefu);
+        emu_launch(dim3{parts, rows, 1}, dim3{256, 1, 1},
+                   [&] { argmax_partial(logits.data(), part_v.data(), part_i.data(), cols, chunk); });
+        emu_launch(dim3{rows, 1, 1}, dim3{32, 1, 1},
+                   [&] { argmax_combine(part_v.data(), part_i.data(), out.data(), parts); });
     } else {
         emu_launch(dim3{rows, 1, 1}, dim3{SAMPLE_THREADS, 1, 1},
                    [&] { sample_rows(logits.data(), params.data(), out.data(), cols); });

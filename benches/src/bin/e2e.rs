@@ -132,6 +132,10 @@ struct Args {
     /// Decode batch sizes on CUDA, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64,256")]
     gpu_batches: Vec<usize>,
+    /// On CUDA: products of at most this many rows (decode batches) take the GEMV kernel instead
+    /// of cuBLAS (0, the backend's default: cuBLAS for all; at most 8).
+    #[arg(long, default_value_t = 0)]
+    cuda_gemv_max_rows: usize,
     /// Prompt length of the prefill measurement on CUDA.
     #[arg(long, default_value_t = 2048)]
     gpu_prefill_len: usize,
@@ -263,6 +267,7 @@ fn run_cuda(args: &Args, ordinal: usize, config: &ModelConfig) -> ! {
         decode_steps: args.decode_steps,
         warmup_steps: args.warmup_steps,
         batches: args.gpu_batches.clone(),
+        gemv_max_rows: args.cuda_gemv_max_rows,
         bw_bytes: args.bw_mib << 20,
         seed: args.seed,
     };

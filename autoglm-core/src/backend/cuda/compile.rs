@@ -59,7 +59,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "sampling.cu",
         source: include_str!("kernels/sampling.cu"),
-        functions: &["argmax_rows", "sample_rows"],
+        functions: &[
+            "argmax_rows",
+            "argmax_partial",
+            "argmax_combine",
+            "sample_rows",
+        ],
     },
     KernelModule {
         name: "random.cu",
@@ -70,6 +75,11 @@ pub const MODULES: &[KernelModule] = &[
             "fill_f32",
             "fill_bf16",
         ],
+    },
+    KernelModule {
+        name: "gemv.cu",
+        source: include_str!("kernels/gemv.cu"),
+        functions: &["gemv_bf16"],
     },
     KernelModule {
         name: "vision.cu",

@@ -66,7 +66,16 @@ pub struct CudaOptions {
     /// Replay decode steps from CUDA graphs (captured on first use per batch-size bucket);
     /// `false` launches every kernel of every step (vLLM's `--enforce-eager`).
     pub graphs: bool,
+    /// Products of at most this many rows (decode batches) go to the skinny GEMV kernel
+    /// (`kernels/gemv.cu`, at most [`GEMV_MAX_ROWS`]) instead of cuBLAS; 0 (the default) sends
+    /// every product to cuBLAS. On an H200 (docs/BENCHMARKS.md section 12) the kernel's first
+    /// version made a 9B batch-1 step 15.8 ms against cuBLAS's 10.9; the version with deeper
+    /// loads is not measured on a GPU yet, so it stays opt-in (`e2e --cuda-gemv-max-rows 8`).
+    pub gemv_max_rows: usize,
 }
+
+/// The most rows `kernels/gemv.cu` takes (its `GEMV_MAX_ROWS`).
+pub const GEMV_MAX_ROWS: usize = 8;
 
 impl Default for CudaOptions {
     fn default() -> Self {
@@ -75,6 +84,7 @@ impl Default for CudaOptions {
             memory_utilization: 0.9,
             kernel_cache_dir: compile::default_cache_dir(),
             graphs: true,
+            gemv_max_rows: 0,
         }
     }
 }

@@ -24,6 +24,14 @@ static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
+/// Columns per block of the first pass of the two-pass argmax (`argmax_partial`), used for rows
+/// at least twice as wide.
+const ARGMAX_CHUNK: usize = 4096;
+/// Threads per block of the row norms (`rms_norm`, `add_rms_norm`): a row of a 4096-wide model
+/// is 4 loads a thread, not 16 (one block per row is all a decode step has).
+const NORM_THREADS: u32 = 1024;
+/// Threads per block of `gemv_bf16` (a warp per weight row).
+const GEMV_THREADS: u32 = 256;
 /// Threads per block of the attention kernel.
 const ATTN_THREADS: u32 = 128;
 /// Threads per block of the query-tiled prefill attention kernel.
@@ -53,6 +61,14 @@ pub(super) fn rows_grid(rows: usize) -> Result<LaunchConfig> {
         grid_dim: (rows, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
+    })
+}
+
+/// One block of NORM_THREADS per row.
+fn norm_grid(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        block_dim: (NORM_THREADS, 1, 1),
+        ..rows_grid(rows)?
     })
 }
 
@@ -171,6 +187,13 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        if m <= self.options.gemv_max_rows.min(super::GEMV_MAX_ROWS) && k % 8 == 0 {
+            let (wp, _s1) = w.device_ptr(&self.stream);
+            let (xp, _s2) = x.device_ptr(&self.stream);
+            if wp % 16 == 0 && xp % 16 == 0 {
+                return self.gemv_bf16(x, w, y, m, n, k);
+            }
+        }
         self.ctx.bind_to_thread().map_err(driver_err(op))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (wp, _s1) = w.device_ptr(&self.stream);
@@ -203,6 +226,47 @@ impl CudaBackend {
             )
         }
         .map_err(|e| bad(op, format!("cublasGemmEx {m}x{k} @ {n}x{k}: {e}")))
+    }
+
+    /// [`Self::gemm_bf16`] for decode batches: `kernels/gemv.cu`, one warp per weight row (the
+    /// caller checked m <= GEMV_MAX_ROWS, k % 8 == 0, 16-byte-aligned operands and the sizes).
+    fn gemv_bf16(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let op = "linear";
+        let f = self.function("gemv_bf16")?;
+        let (mu, nu, ku) = (
+            u32_of(op, "m", m)?,
+            u32_of(op, "n", n)?,
+            u32_of(op, "k", k)?,
+        );
+        let warps = GEMV_THREADS / 32;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(op, "blocks", n.div_ceil(warps as usize))?, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: w holds n x k, x m x k bf16 and y m x n f32 (checked by gemm_bf16); the
+        // kernel reads 16-byte chunks of rows k % 8 == 0 wide from 16-byte-aligned bases.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(w)
+                .arg(x)
+                .arg(y)
+                .arg(&mu)
+                .arg(&nu)
+                .arg(&ku)
+                .launch(cfg)
+        }
+        .map_err(driver_err("gemv_bf16"))?;
+        Ok(())
     }
 
     /// bf16 copy of an activation (the GEMM operand).
@@ -376,6 +440,18 @@ impl CudaBackend {
         }
         let want = (2 * self.sm_count).div_ceil(blocks.max(1));
         want.min(max_context / 256).clamp(1, 32)
+    }
+
+    /// How many blocks share one KV head's query group in the decode attention kernel: the
+    /// group is halved while the grid (`blocks` = tokens x KV heads x splits) is under two
+    /// blocks per multiprocessor, so a small batch still occupies the GPU (each block then
+    /// re-reads its KV head's keys and values, which a short decode context keeps in L2).
+    pub(super) fn attention_group_split(&self, blocks: usize, group: usize) -> usize {
+        let mut split = 1;
+        while group % (2 * split) == 0 && blocks * split < 2 * self.sm_count {
+            split *= 2;
+        }
+        split
     }
 
     fn generate_part(
@@ -710,7 +786,7 @@ impl Backend for CudaBackend {
                 .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&width)
                 .arg(&eps)
-                .launch(rows_grid(x.rows)?)
+                .launch(norm_grid(x.rows)?)
         }
         .map_err(driver_err("rms_norm"))?;
         Ok(out)
@@ -753,7 +829,7 @@ impl Backend for CudaBackend {
                 .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&width)
                 .arg(&eps)
-                .launch(rows_grid(x.rows)?)
+                .launch(norm_grid(x.rows)?)
         }
         .map_err(driver_err("add_rms_norm"))?;
         Ok(out)
@@ -1047,6 +1123,15 @@ impl Backend for CudaBackend {
             .map_err(driver_err("paged_attention_prefill"))?;
             return Ok(out);
         }
+        // A graph serves every context its block tables can hold.
+        let max_context = if db.graph {
+            batch.max_blocks_per_seq * cache.shape.block_size
+        } else {
+            db.max_context
+        };
+        let splits = self.attention_splits(qkv.rows, nkv, max_context);
+        let group_split = self.attention_group_split(qkv.rows * nkv * splits, g);
+        let g = g / group_split;
         let tile = [64usize, 32, 16, 8, 4, 2, 1]
             .into_iter()
             .find(|&t| attention_smem_bytes(g, hd, t) <= (48 << 10).min(self.max_shared_per_block))
@@ -1059,13 +1144,6 @@ impl Backend for CudaBackend {
                 )
             })?;
         let smem = attention_smem_bytes(g, hd, tile);
-        // A graph serves every context its block tables can hold.
-        let max_context = if db.graph {
-            batch.max_blocks_per_seq * cache.shape.block_size
-        } else {
-            db.max_context
-        };
-        let splits = self.attention_splits(qkv.rows, nkv, max_context);
         let tokens = u("tokens", qkv.rows)?;
         let parts = if splits > 1 {
             qkv.rows * nh * splits
@@ -1078,7 +1156,7 @@ impl Backend for CudaBackend {
         )?;
         let mut part_m = self.alloc::<f32>(parts, "attention partials")?;
         let mut part_l = self.alloc::<f32>(parts, "attention partials")?;
-        let (tile32, splits32) = (tile as u32, splits as u32);
+        let (tile32, splits32, gs32) = (tile as u32, splits as u32, group_split as u32);
         let f = self.function("paged_attention")?;
         // SAFETY: shapes as documented in attention.cu: every block-table entry the kernel reads
         // (positions < context_len, covered by the table) names a block inside the cache
@@ -1102,13 +1180,14 @@ impl Backend for CudaBackend {
                 .arg(&s.scale)
                 .arg(&tile32)
                 .arg(&splits32)
+                .arg(&gs32)
                 .arg(&mut out.data)
                 .arg(out.bf16.as_mut().expect("made with a bf16 twin"))
                 .arg(&mut part_acc)
                 .arg(&mut part_m)
                 .arg(&mut part_l)
                 .launch(LaunchConfig {
-                    grid_dim: (tokens, nkv32, splits32),
+                    grid_dim: (tokens, nkv32 * gs32, splits32),
                     block_dim: (ATTN_THREADS, 1, 1),
                     shared_mem_bytes: smem as u32,
                 })
@@ -1262,7 +1341,49 @@ impl Backend for CudaBackend {
         }
         let err = driver_err("sample_rows");
         self.ctx.bind_to_thread().map_err(&err)?;
-        if greedy {
+        if greedy && x.cols >= 2 * ARGMAX_CHUNK {
+            // Wide rows (a vocabulary): many blocks per row, then one per row to combine.
+            let parts = x.cols.div_ceil(ARGMAX_CHUNK);
+            let mut part_v = self.alloc::<f32>(n * parts, "argmax partials")?;
+            let mut part_i = self.alloc::<u32>(n * parts, "argmax partials")?;
+            let (chunk, parts32) = (ARGMAX_CHUNK as u32, u32_of("sample_rows", "parts", parts)?);
+            // SAFETY: grid (parts, rows) with parts * ARGMAX_CHUNK >= cols: block (p, r) reads
+            // columns [p * chunk, min(cols, (p + 1) * chunk)) of row r < x.rows and writes entry
+            // r * parts + p of the partials, which hold n * parts; blocks of ROW_THREADS (a power
+            // of two <= 1024).
+            unsafe {
+                self.stream
+                    .launch_builder(self.function("argmax_partial")?)
+                    .arg(&x.data)
+                    .arg(&mut part_v)
+                    .arg(&mut part_i)
+                    .arg(&cols)
+                    .arg(&chunk)
+                    .launch(LaunchConfig {
+                        grid_dim: (parts32, u32_of("sample_rows", "rows", n)?, 1),
+                        block_dim: (ROW_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+            }
+            .map_err(&err)?;
+            let threads = parts.next_power_of_two().clamp(32, 1024) as u32;
+            // SAFETY: one block (a power of two <= 1024 threads) per row reads that row's parts
+            // partials; dev_ids has at least n entries.
+            unsafe {
+                self.stream
+                    .launch_builder(self.function("argmax_combine")?)
+                    .arg(&part_v)
+                    .arg(&part_i)
+                    .arg(&mut b.dev_ids)
+                    .arg(&parts32)
+                    .launch(LaunchConfig {
+                        grid_dim: (u32_of("sample_rows", "rows", n)?, 1, 1),
+                        block_dim: (threads, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+            }
+            .map_err(&err)?;
+        } else if greedy {
             // SAFETY: one block of ROW_THREADS (a power of two <= 1024, as the kernel needs) per
             // row of x; dev_ids has at least x.rows entries.
             unsafe {

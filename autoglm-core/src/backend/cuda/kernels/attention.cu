@@ -71,10 +71,13 @@ __device__ __forceinline__ void stage_tile(float* kv, const bf16_t* __restrict__
 
 // Paged attention with an online softmax, for prefill chunks and decodes alike.
 //
-// grid = (tokens, KVH, splits); block = 128 threads. A block serves the G = H / KVH query heads
-// of one KV head for one token, so each K/V element is read once per query group (GQA). The
-// token's context is cut into `splits` contiguous ranges (split-K for long decodes); each block
-// walks its range in tiles of `tile` positions staged in shared memory.
+// grid = (tokens, KVH * group_split, splits); block = 128 threads. A block serves
+// G = H / KVH / group_split adjacent query heads of one KV head's group for one token: with
+// group_split 1 each K/V element is read once per query group (GQA); small decode batches split
+// the group over more blocks (a batch-1 step of a model with 2 KV heads is otherwise 2 blocks on
+// a GPU of 132 multiprocessors). The token's context is cut into `splits` contiguous ranges
+// (split-K for long decodes); each block walks its range in tiles of `tile` positions staged in
+// shared memory.
 //
 // Dynamic shared memory (floats): q [G*D] | acc [G*D] | kv tile [tile*(D+1)] | scores [G*tile] |
 // m [G] | l [G] | alpha [G]; the host computes the same size (ops.rs, attention_smem_bytes).
@@ -90,12 +93,14 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
                                            const u32* __restrict__ seq_of_token, const u32* __restrict__ block_tables,
                                            u32 max_blocks_per_seq, u32 block_size, u32 num_heads,
                                            u32 num_kv_heads, u32 head_dim, float scale, u32 tile, u32 splits,
-                                           float* __restrict__ out, bf16_t* __restrict__ out_bf16,
-                                           float* __restrict__ part_acc,
+                                           u32 group_split, float* __restrict__ out,
+                                           bf16_t* __restrict__ out_bf16, float* __restrict__ part_acc,
                                            float* __restrict__ part_m, float* __restrict__ part_l) {
     DYNAMIC_SMEM(float, smem);
-    const u32 t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const u32 G = num_heads / num_kv_heads, D = head_dim, KS = head_dim + 1;
+    const u32 t = blockIdx.x, kvh = blockIdx.y / group_split, split = blockIdx.z;
+    // This block's heads: G adjacent heads of KV head kvh's group, starting at head0.
+    const u32 G = num_heads / num_kv_heads / group_split, D = head_dim, KS = head_dim + 1;
+    const u32 head0 = kvh * (num_heads / num_kv_heads) + (blockIdx.y % group_split) * G;
     float* q = smem;
     float* acc = q + G * D;
     float* kv = acc + G * D;
@@ -105,7 +110,7 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
     float* alpha = l + G;
 
     const u32 width = (num_heads + 2 * num_kv_heads) * D;
-    const float* qrow = qkv + (u64)t * width + (u64)kvh * G * D;  // the group's heads are adjacent
+    const float* qrow = qkv + (u64)t * width + (u64)head0 * D;  // the group's heads are adjacent
     for (u32 i = threadIdx.x; i < G * D; i += blockDim.x) {
         q[i] = qrow[i];
         acc[i] = 0.0f;
@@ -148,7 +153,7 @@ extern "C" __global__ void paged_attention(const float* __restrict__ qkv, const 
 
     for (u32 i = threadIdx.x; i < G * D; i += blockDim.x) {
         const u32 g = i / D, d = i % D;
-        const u32 h = kvh * G + g;
+        const u32 h = head0 + g;
         if (splits == 1) {
             // n_ctx >= 1, so the single split saw at least one position and l[g] >= 1.
             const u64 o = ((u64)t * num_heads + h) * D + d;

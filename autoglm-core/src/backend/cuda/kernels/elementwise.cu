@@ -13,8 +13,8 @@ extern "C" __global__ void embedding_bf16(const bf16_t* __restrict__ table, cons
 }
 
 // out = rmsnorm(x) * w (and out_bf16 = bf16(out)), one block per row (blockDim a multiple of 32,
-// at most 1024).
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+// at most 1024; ops.rs launches 1024).
+extern "C" __global__ void __launch_bounds__(1024) rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ out, bf16_t* __restrict__ out_bf16, u32 width,
                                     float eps) {
     SHARED_ARRAY(float, scratch, 32);
@@ -34,7 +34,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 }
 
 // residual += x; out = rmsnorm(residual) * w (and out_bf16 = bf16(out)). One block per row.
-extern "C" __global__ void add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm(float* __restrict__ residual, const float* __restrict__ x,
                                         const float* __restrict__ w, float* __restrict__ out,
                                         bf16_t* __restrict__ out_bf16, u32 width, float eps) {
     SHARED_ARRAY(float, scratch, 32);

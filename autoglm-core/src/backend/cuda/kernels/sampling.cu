@@ -1,21 +1,10 @@
 // Device-side sampling support: greedy decoding without copying logits to the host.
 
-// out[r] = index of the largest logit of row r; the first one on ties (as the host sampler and
-// torch.argmax). One block per row, blockDim a power of two <= 1024.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out, u32 cols) {
-    SHARED_ARRAY(float, best_v, 1024);
-    SHARED_ARRAY(u32, best_i, 1024);
-    const float* row = logits + (u64)blockIdx.x * cols;
-    float bv = -INFINITY;
-    u32 bi = 0xffffffffu;
-    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = row[c];
-        // Strictly greater: within one thread indices rise, so the first maximum is kept.
-        if (v > bv || bi == 0xffffffffu) {
-            bv = v;
-            bi = c;
-        }
-    }
+// Reduces each thread's (value, index) candidate to the block's: the largest value, then the
+// smallest index; index 0xffffffff marks an empty candidate, which never wins (blockDim a power
+// of two <= 1024; best_v/best_i hold blockDim entries). Every thread gets the result.
+__device__ __forceinline__ void block_argmax(float bv, u32 bi, float* best_v, u32* best_i, float* v_out,
+                                             u32* i_out) {
     best_v[threadIdx.x] = bv;
     best_i[threadIdx.x] = bi;
     __syncthreads();
@@ -25,7 +14,6 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __
             const u32 oi = best_i[threadIdx.x + s];
             const float mv = best_v[threadIdx.x];
             const u32 mi = best_i[threadIdx.x];
-            // An empty slot (index ~0) never wins; otherwise larger value, then smaller index.
             const bool take = oi != 0xffffffffu &&
                               (mi == 0xffffffffu || ov > mv || (ov == mv && oi < mi));
             if (take) {
@@ -35,7 +23,76 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0xffffffffu ? 0u : best_i[0];
+    *v_out = best_v[0];
+    *i_out = best_i[0];
+}
+
+// The first maximum of x[begin..end) over the block (index 0xffffffff when empty).
+__device__ __forceinline__ void range_argmax(const float* __restrict__ x, u32 begin, u32 end, float* best_v,
+                                             u32* best_i, float* v_out, u32* i_out) {
+    float bv = -INFINITY;
+    u32 bi = 0xffffffffu;
+    for (u32 c = begin + threadIdx.x; c < end; c += blockDim.x) {
+        const float v = x[c];
+        // Strictly greater: within one thread indices rise, so the first maximum is kept.
+        if (v > bv || bi == 0xffffffffu) {
+            bv = v;
+            bi = c;
+        }
+    }
+    block_argmax(bv, bi, best_v, best_i, v_out, i_out);
+}
+
+// out[r] = index of the largest logit of row r; the first one on ties (as the host sampler and
+// torch.argmax). One block per row, blockDim a power of two <= 1024.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32* __restrict__ out, u32 cols) {
+    SHARED_ARRAY(float, best_v, 1024);
+    SHARED_ARRAY(u32, best_i, 1024);
+    float v;
+    u32 i;
+    range_argmax(logits + (u64)blockIdx.x * cols, 0, cols, best_v, best_i, &v, &i);
+    if (threadIdx.x == 0) out[blockIdx.x] = i == 0xffffffffu ? 0u : i;
+}
+
+// argmax_rows for wide rows (a vocabulary), in two passes so that a row is read by many blocks:
+// block (p, r) of grid (parts, rows) reduces columns [p * chunk, (p + 1) * chunk) of row r to
+// part_v/part_i[r * parts + p] (index 0xffffffff for an empty chunk), then argmax_combine (one
+// block per row) picks the largest value, then the smallest index, as argmax_rows does.
+extern "C" __global__ void argmax_partial(const float* __restrict__ logits, float* __restrict__ part_v,
+                                          u32* __restrict__ part_i, u32 cols, u32 chunk) {
+    SHARED_ARRAY(float, best_v, 1024);
+    SHARED_ARRAY(u32, best_i, 1024);
+    const u32 begin = blockIdx.x * chunk;
+    const u32 end = min(cols, begin + chunk);
+    float v;
+    u32 i;
+    range_argmax(logits + (u64)blockIdx.y * cols, min(begin, cols), end, best_v, best_i, &v, &i);
+    if (threadIdx.x == 0) {
+        part_v[(u64)blockIdx.y * gridDim.x + blockIdx.x] = v;
+        part_i[(u64)blockIdx.y * gridDim.x + blockIdx.x] = i;
+    }
+}
+
+extern "C" __global__ void argmax_combine(const float* __restrict__ part_v, const u32* __restrict__ part_i,
+                                          u32* __restrict__ out, u32 parts) {
+    SHARED_ARRAY(float, best_v, 1024);
+    SHARED_ARRAY(u32, best_i, 1024);
+    const u64 base = (u64)blockIdx.x * parts;
+    // The partial maxima in chunk order; an empty chunk's index (~0) never wins.
+    float bv = -INFINITY;
+    u32 bi = 0xffffffffu;
+    for (u32 p = threadIdx.x; p < parts; p += blockDim.x) {
+        const float v = part_v[base + p];
+        const u32 i = part_i[base + p];
+        if (i != 0xffffffffu && (bi == 0xffffffffu || v > bv)) {
+            bv = v;
+            bi = i;
+        }
+    }
+    float v;
+    u32 i;
+    block_argmax(bv, bi, best_v, best_i, &v, &i);
+    if (threadIdx.x == 0) out[blockIdx.x] = i == 0xffffffffu ? 0u : i;
 }
 
 // ---------------------------------------------------------------------------------------------
