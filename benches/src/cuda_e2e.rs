@@ -6,7 +6,7 @@
 //! Timing: wall clock around work that ends in a device synchronization (each decode step ends
 //! with the device argmax copying the tokens back; prefill synchronizes explicitly), after warm-up
 //! steps; medians reported. Decode is measured eagerly and then with CUDA graphs, on the same
-//! sequences, through `Backend::run_step` as the engine calls it. NOT YET RUN ON A GPU (see docs/BENCHMARKS.md).
+//! sequences, through `Backend::run_step` as the engine calls it. First run on an H200: docs/BENCHMARKS.md section 6.
 
 use std::time::Instant;
 

@@ -68,7 +68,7 @@ pub struct CudaOptions {
     pub graphs: bool,
     /// Products of at most this many rows (decode batches) go to the skinny GEMV kernel
     /// (`kernels/gemv.cu`, at most [`GEMV_MAX_ROWS`]) instead of cuBLAS; 0 (the default) sends
-    /// every product to cuBLAS. On an H200 (docs/BENCHMARKS.md section 12) the kernel's first
+    /// every product to cuBLAS. On an H200 (docs/BENCHMARKS.md section 6) the kernel's first
     /// version made a 9B batch-1 step 15.8 ms against cuBLAS's 10.9; the version with deeper
     /// loads is not measured on a GPU yet, so it stays opt-in (`e2e --cuda-gemv-max-rows 8`).
     pub gemv_max_rows: usize,
