@@ -128,3 +128,53 @@ fn engine_greedy_continuations_and_top5_logprobs_match() {
         }
     }
 }
+
+/// A bf16 checkpoint's matrices stay bf16 on the CPU backend, as views of the mapped file (no
+/// copy, no widening: half the memory of f32), while the norms are widened; its logits are the
+/// fixture's (the tests above), and they equal those of a backend that widens everything.
+#[test]
+fn bf16_matrices_stay_mapped_and_compute_what_widened_ones_do() {
+    use autoglm_core::model::{Checkpoint, HalfData, HalfKind};
+    let dir = fixture("glm-tiny-bf16");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let config = autoglm_core::model::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let shape = [config.hidden_size, config.intermediate_size];
+    let t = ckpt
+        .half_tensor("model.layers.0.mlp.down_proj.weight", &shape)
+        .unwrap()
+        .expect("stored as bf16");
+    assert_eq!(t.kind, HalfKind::Bf16);
+    assert!(
+        matches!(t.data, HalfData::Mapped { .. }),
+        "a view of the map"
+    );
+    // A shape mismatch is still an error naming the tensor.
+    let err = ckpt
+        .half_tensor("model.layers.0.mlp.down_proj.weight", &[1, 2])
+        .err()
+        .expect("wrong shape")
+        .to_string();
+    assert!(
+        err.contains("down_proj") && err.contains("expected [1, 2]"),
+        "{err}"
+    );
+
+    let kept = CpuBackend::new();
+    let wide = CpuBackend::widening();
+    let a = GlmModel::load(&dir, &kept).unwrap();
+    let b = GlmModel::load(&dir, &wide).unwrap();
+    for case in expected("glm-tiny-bf16")["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_token_ids"]);
+        let run = |m: &GlmModel<CpuBackend>, be: &CpuBackend| {
+            let mut cache = be.alloc_kv_cache(m.kv_cache_shape(64, 4)).unwrap();
+            let blocks: Vec<u32> = (0..prompt.len().div_ceil(4) as u32).collect();
+            let mut fb = ForwardBatch::new(blocks.len());
+            fb.push_seq(&prompt, 0, &blocks, 4);
+            fb.logits_indices = (0..prompt.len() as u32).collect();
+            m.forward(be, &fb, &mut cache).unwrap()
+        };
+        let (x, y) = (run(&a, &kept), run(&b, &wide));
+        let e = rel_err(&x, &y);
+        assert!(e < 1e-5, "prompt of {}: relative error {e}", prompt.len());
+    }
+}

@@ -267,7 +267,7 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    /// Named presets: "50M", "300M" and "9B" (GLM-4 proportions: GQA, ffn about 3.5x hidden, untied head).
+    /// Named presets: "50M", "300M", "1.45B" and "9B" (GLM-4 proportions: GQA, ffn about 3.5x hidden, untied head).
     pub fn preset(name: &str) -> Option<Self> {
         match name.to_ascii_uppercase().as_str() {
             // 50.9M parameters.
@@ -289,6 +289,17 @@ impl ModelShape {
                 ffn: 3584,
                 vocab: 32768,
                 head_dim: 64,
+            }),
+            // GLM-4-0414 proportions at 1.45B parameters (issue 18's comparison with llama.cpp):
+            // 2.9 GB in bf16.
+            "1.45B" | "1B" => Some(ModelShape {
+                hidden: 2048,
+                layers: 16,
+                heads: 16,
+                kv_heads: 2,
+                ffn: 6848,
+                vocab: 151552,
+                head_dim: 128,
             }),
             // GLM-4-9B (glm-4-9b-chat-hf's shape): 9.4B parameters, 18.8 GB in bf16.
             "9B" => Some(ModelShape {

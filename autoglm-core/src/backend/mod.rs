@@ -9,7 +9,7 @@ pub mod null;
 
 use crate::error::{Error, Result};
 use crate::memory::{HostAllocator, MmapAllocator};
-use crate::model::{FillPart, HostTensor};
+use crate::model::{FillPart, HalfTensor, HostTensor};
 use crate::runner::{ForwardBatch, VisionBatch};
 
 /// Shape of the paged KV cache.
@@ -159,6 +159,22 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
     /// Takes a host tensor onto the device (converting to the backend's storage type).
     fn upload(&self, t: HostTensor) -> Result<Self::Weight>;
+    /// Whether `linear` and `embedding` compute with bf16/f16 weights as the checkpoint stores
+    /// them, so the loader offers such matrices through [`Backend::upload_half`] unwidened.
+    fn keeps_half_weights(&self) -> bool {
+        false
+    }
+    /// A matrix read only by `linear` and `embedding`, given as 16-bit parts (one format) stacked
+    /// along the first dimension. The default widens them to f32 and calls [`Backend::upload`].
+    fn upload_half(&self, parts: Vec<HalfTensor>) -> Result<Self::Weight> {
+        let mut wide: Vec<HostTensor> = parts.iter().map(HalfTensor::to_f32).collect();
+        let t = if wide.len() == 1 {
+            wide.pop().expect("one part")
+        } else {
+            HostTensor::concat_rows(&wide)
+        };
+        self.upload(t)
+    }
     /// Allocates a zeroed KV cache.
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache>;
     /// Rows `ids` of `table`.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::vision::{ImageRows, VisionModel};
-use super::{load_stacked, Checkpoint, ModelConfig, TextWeights, WeightSource};
+use super::{load_matrix, load_stacked, Checkpoint, ModelConfig, TextWeights, WeightSource};
 use crate::backend::{AttentionShape, Backend, KvCacheShape};
 use crate::error::Result;
 use crate::runner::ForwardBatch;
@@ -81,11 +81,15 @@ impl<B: Backend> GlmModel<B> {
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
         let load = |parts: &[(String, Vec<usize>)]| load_stacked(src, backend, parts);
         let one = |name: String, shape: &[usize]| load(&[(name, shape.to_vec())]);
+        // Matrices only `linear` / `embedding` read: kept in the checkpoint's 16-bit format on
+        // backends that compute with it.
+        let matrix = |parts: &[(String, Vec<usize>)]| load_matrix(src, backend, parts);
+        let one_matrix = |name: String, shape: &[usize]| matrix(&[(name, shape.to_vec())]);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let n = |name: &str| format!("{p}.{name}");
-            let qkv = load(&[
+            let qkv = matrix(&[
                 (n("self_attn.q_proj.weight"), vec![q, h]),
                 (n("self_attn.k_proj.weight"), vec![kv, h]),
                 (n("self_attn.v_proj.weight"), vec![kv, h]),
@@ -110,19 +114,19 @@ impl<B: Backend> GlmModel<B> {
                 input_norm: one(n("input_layernorm.weight"), &[h])?,
                 qkv,
                 qkv_bias,
-                o_proj: one(n("self_attn.o_proj.weight"), &[h, q])?,
+                o_proj: one_matrix(n("self_attn.o_proj.weight"), &[h, q])?,
                 post_self_attn_norm: post("post_self_attn_layernorm.weight")?,
                 post_attention_norm: one(n("post_attention_layernorm.weight"), &[h])?,
-                gate_up: one(n("mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?,
-                down: one(n("mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                gate_up: one_matrix(n("mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?,
+                down: one_matrix(n("mlp.down_proj.weight"), &[h, c.intermediate_size])?,
                 post_mlp_norm: post("post_mlp_layernorm.weight")?,
             });
         }
-        let embed = one("model.embed_tokens.weight".into(), &[c.vocab_size, h])?;
+        let embed = one_matrix("model.embed_tokens.weight".into(), &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
             None
         } else {
-            Some(one("lm_head.weight".into(), &[c.vocab_size, h])?)
+            Some(one_matrix("lm_head.weight".into(), &[c.vocab_size, h])?)
         };
         let norm = one("model.norm.weight".into(), &[h])?;
         let attn = AttentionShape {

@@ -1,8 +1,9 @@
 //! Safetensors checkpoints, single-file or sharded, memory-mapped.
 //!
 //! Each file is mapped once; a tensor is read once, when the backend takes it. f32 tensors that are
-//! aligned in the map are handed out as views of the map (no copy); bf16/f16 are widened to f32 in
-//! parallel. A missing file, a truncated file, a missing tensor or a wrong shape is an error naming
+//! aligned in the map are handed out as views of the map (no copy). bf16/f16 tensors are widened
+//! to f32 in parallel ([`Checkpoint::tensor`]), or, for a backend that computes with them as they
+//! are (the CPU backend), handed out as 16-bit views of the map ([`Checkpoint::half_tensor`]). A missing file, a truncated file, a missing tensor or a wrong shape is an error naming
 //! the file and tensor.
 
 use std::collections::HashMap;
@@ -70,6 +71,78 @@ impl HostTensor {
         let mut shape = parts[0].shape.clone();
         shape[0] = parts.iter().map(|p| p.shape[0]).sum();
         HostTensor::owned(shape, data)
+    }
+}
+
+/// The 16-bit float formats a checkpoint may store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfKind {
+    /// bfloat16: the upper half of an f32 (widening is a shift).
+    Bf16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl HalfKind {
+    /// The value of one element's bits.
+    pub fn to_f32(self, bits: u16) -> f32 {
+        match self {
+            HalfKind::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            HalfKind::F16 => half::f16::from_bits(bits).to_f32(),
+        }
+    }
+}
+
+/// 16-bit elements (bit patterns) either borrowed from a memory map or owned.
+pub enum HalfData {
+    /// A view into a mapped file (2-byte aligned).
+    Mapped {
+        /// The mapping that owns the bytes.
+        map: Arc<Mmap>,
+        /// Byte offset of the first element.
+        offset: usize,
+        /// Number of elements.
+        len: usize,
+    },
+    /// Data copied or built in memory.
+    Owned(Vec<u16>),
+}
+
+impl std::ops::Deref for HalfData {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        match self {
+            HalfData::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + len * 2])
+            }
+            HalfData::Owned(v) => v,
+        }
+    }
+}
+
+/// A bf16 or f16 tensor on the host, row-major, as the checkpoint stores it.
+pub struct HalfTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// The element format.
+    pub kind: HalfKind,
+    /// `shape.iter().product()` elements.
+    pub data: HalfData,
+}
+
+impl HalfTensor {
+    /// The same values in f32 (exact).
+    pub fn to_f32(&self) -> HostTensor {
+        let kind = self.kind;
+        let mut out = vec![0f32; self.data.len()];
+        out.par_chunks_mut(1 << 16)
+            .zip(self.data.par_chunks(1 << 16))
+            .for_each(|(d, s)| {
+                for (d, &b) in d.iter_mut().zip(s) {
+                    *d = kind.to_f32(b);
+                }
+            });
+        HostTensor::owned(self.shape.clone(), out)
     }
 }
 
@@ -218,21 +291,62 @@ impl Checkpoint {
         self.files.first().map(|f| f.0.clone()).unwrap_or_default()
     }
 
-    /// Reads `name` as f32, checking it has `shape`.
-    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
         let entry = self.tensors.get(name).ok_or_else(|| {
             Error::checkpoint(self.some_path(), format!("tensor {name:?} is missing"))
         })?;
-        let (path, map) = &self.files[entry.file];
         if entry.shape != shape {
             return Err(Error::checkpoint(
-                path,
+                &self.files[entry.file].0,
                 format!(
                     "tensor {name:?} has shape {:?}, expected {:?}",
                     entry.shape, shape
                 ),
             ));
         }
+        Ok(entry)
+    }
+
+    /// Reads `name` as it is stored when that is bf16 or f16 (a view of the map when it is
+    /// 2-byte aligned there, else a copy), checking it has `shape`; `None` for other dtypes.
+    pub fn half_tensor(&self, name: &str, shape: &[usize]) -> Result<Option<HalfTensor>> {
+        let entry = self.entry(name, shape)?;
+        let kind = match entry.dtype {
+            Dtype::BF16 => HalfKind::Bf16,
+            Dtype::F16 => HalfKind::F16,
+            _ => return Ok(None),
+        };
+        let map = &self.files[entry.file].1;
+        let bytes = &map[entry.start..entry.end];
+        let len = shape.iter().product::<usize>();
+        let data = if cfg!(target_endian = "little")
+            && bytemuck::try_cast_slice::<u8, u16>(bytes).is_ok()
+        {
+            HalfData::Mapped {
+                map: map.clone(),
+                offset: entry.start,
+                len,
+            }
+        } else {
+            HalfData::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            )
+        };
+        self.note_read(bytes.len());
+        Ok(Some(HalfTensor {
+            shape: shape.to_vec(),
+            kind,
+            data,
+        }))
+    }
+
+    /// Reads `name` as f32, checking it has `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let entry = self.entry(name, shape)?;
+        let (path, map) = &self.files[entry.file];
         let bytes = &map[entry.start..entry.end];
         let len = shape.iter().product::<usize>();
         let data = match entry.dtype {

@@ -9,7 +9,7 @@ pub mod vision;
 
 pub use config::{Architecture, ModelConfig, VisionConfig};
 pub use glm::GlmModel;
-pub use loader::{Checkpoint, F32Data, HostTensor};
+pub use loader::{Checkpoint, F32Data, HalfData, HalfKind, HalfTensor, HostTensor};
 pub use random::RandomWeights;
 
 use crate::backend::Backend;
@@ -27,6 +27,13 @@ pub trait WeightSource {
     fn generator(&self, name: &str) -> Option<Fill> {
         let _ = name;
         None
+    }
+    /// `name` as the source stores it when that is bf16 or f16, for backends that compute with
+    /// 16-bit weights as they are ([`Backend::keeps_half_weights`]); `None` (the default) when
+    /// the source holds it in another format.
+    fn half_tensor(&self, name: &str, shape: &[usize]) -> Result<Option<HalfTensor>> {
+        let _ = (name, shape);
+        Ok(None)
     }
 }
 
@@ -61,6 +68,34 @@ impl WeightSource for Checkpoint {
     fn contains(&self, name: &str) -> bool {
         Checkpoint::contains(self, name)
     }
+    fn half_tensor(&self, name: &str, shape: &[usize]) -> Result<Option<HalfTensor>> {
+        Checkpoint::half_tensor(self, name, shape)
+    }
+}
+
+/// [`load_stacked`] for a matrix that only `linear` and `embedding` read: when the backend keeps
+/// 16-bit weights as they are and the source stores every part in one 16-bit format, the parts
+/// go to [`Backend::upload_half`] unconverted (views of the mapped checkpoint, no copy).
+pub(crate) fn load_matrix<B: Backend>(
+    src: &dyn WeightSource,
+    backend: &B,
+    parts: &[(String, Vec<usize>)],
+) -> Result<B::Weight> {
+    if backend.keeps_half_weights() && parts.iter().all(|(name, _)| src.generator(name).is_none()) {
+        let mut halves = Vec::with_capacity(parts.len());
+        for (name, shape) in parts {
+            match src.half_tensor(name, shape)? {
+                Some(t) if halves.first().is_none_or(|f: &HalfTensor| f.kind == t.kind) => {
+                    halves.push(t)
+                }
+                _ => break,
+            }
+        }
+        if halves.len() == parts.len() {
+            return backend.upload_half(halves);
+        }
+    }
+    load_stacked(src, backend, parts)
 }
 
 /// One weight from one or more tensors stacked along the first dimension: generated on the
@@ -140,6 +175,9 @@ impl WeightSource for Renamed<'_> {
     }
     fn generator(&self, name: &str) -> Option<Fill> {
         self.inner.generator(&self.name(name))
+    }
+    fn half_tensor(&self, name: &str, shape: &[usize]) -> Result<Option<HalfTensor>> {
+        self.inner.half_tensor(&self.name(name), shape)
     }
 }
 

@@ -123,7 +123,17 @@ pub fn matmul_nt_skinny_with(
     }
 }
 
-fn rows_kernel(block: usize, out: &mut [f32], m: usize, x: &[f32], w: &[f32], k: usize, acc: bool) {
+/// For the weight rows `w` (`[rows, k]`) and the `m` rows of `x`: `out[r * m + i] (+)= x_i . w_r`
+/// (for `m == 1`, `out[r]`), `block` (1, 2, 4 or 8) weight rows at a time.
+pub(super) fn rows_kernel(
+    block: usize,
+    out: &mut [f32],
+    m: usize,
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    acc: bool,
+) {
     match block {
         1 => rows_kernel_r::<1>(out, m, x, w, k, acc),
         2 => rows_kernel_r::<2>(out, m, x, w, k, acc),

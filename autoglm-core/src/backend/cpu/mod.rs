@@ -5,13 +5,14 @@
 
 mod attention;
 pub mod gemv;
+pub mod half;
 mod vision;
 
 use rayon::prelude::*;
 
 use super::{AttentionShape, Backend, KvCacheShape, VisionAttentionShape};
 use crate::error::{Error, Result};
-use crate::model::{F32Data, HostTensor};
+use crate::model::{F32Data, HalfTensor, HostTensor};
 use crate::runner::{ForwardBatch, VisionBatch};
 
 /// Rows per rayon task in element-wise kernels: keeps tasks big enough to amortise scheduling.
@@ -36,10 +37,13 @@ impl CpuTensor {
     }
 }
 
-/// A weight: a host tensor, possibly still a view of the mapped checkpoint.
+/// A weight: a host tensor, possibly still a view of the mapped checkpoint. Matrices that only
+/// `linear` and `embedding` read stay in a 16-bit checkpoint's format (`half`; `data` is then
+/// empty).
 pub struct CpuWeight {
     shape: Vec<usize>,
     data: F32Data,
+    half: Option<half::HalfWeight>,
 }
 
 impl CpuWeight {
@@ -48,6 +52,17 @@ impl CpuWeight {
     }
     fn cols(&self) -> usize {
         self.shape.get(1).copied().unwrap_or(1)
+    }
+    /// Bytes of weight data this weight holds (mapped or owned).
+    pub fn bytes(&self) -> usize {
+        match &self.half {
+            Some(h) => h.bytes(),
+            None => 4 * self.data.len(),
+        }
+    }
+    /// Whether it is kept as bf16/f16.
+    pub fn is_half(&self) -> bool {
+        self.half.is_some()
     }
 }
 
@@ -59,13 +74,28 @@ pub struct CpuKvCache {
 }
 
 /// The CPU backend (stateless; threads come from the current rayon pool).
-#[derive(Debug, Default, Clone)]
-pub struct CpuBackend;
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    /// Whether bf16/f16 matrices stay in that format ([`half`]) or are widened to f32 at load.
+    keep_half: bool,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::new()
+    }
+}
 
 impl CpuBackend {
-    /// A CPU backend.
+    /// A CPU backend; bf16/f16 checkpoints' matrices are computed with as they are stored.
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { keep_half: true }
+    }
+
+    /// A CPU backend that widens every bf16/f16 weight to f32 at load (twice the memory and the
+    /// bytes read per decode step; what autoglm did before 16-bit weights were kept).
+    pub fn widening() -> Self {
+        CpuBackend { keep_half: false }
     }
 }
 
@@ -77,7 +107,7 @@ fn shape_err(op: &str, msg: String) -> Error {
 pub const SKINNY_ROWS: usize = 8;
 
 /// One gemm call: `dst[m, n] (+)= lhs[m, k] @ rhs^T`, with `dst` rows `dst_rs` apart.
-fn gemm_call(
+pub(super) fn gemm_call(
     dst: &mut [f32],
     dst_rs: usize,
     lhs: &[f32],
@@ -190,13 +220,47 @@ impl Backend for CpuBackend {
 
     /// Stateless: every call computes in its own buffers on the calling thread's rayon pool.
     fn concurrent_handle(&self) -> Option<Self> {
-        Some(CpuBackend)
+        Some(self.clone())
     }
 
     fn upload(&self, t: HostTensor) -> Result<CpuWeight> {
         Ok(CpuWeight {
             shape: t.shape,
             data: t.data,
+            half: None,
+        })
+    }
+
+    /// 16-bit matrices are computed with as they are (see [`half`]), unless made
+    /// [`CpuBackend::widening`].
+    fn keeps_half_weights(&self) -> bool {
+        self.keep_half
+    }
+
+    fn upload_half(&self, parts: Vec<HalfTensor>) -> Result<CpuWeight> {
+        let (first, cols) = match parts.first() {
+            Some(p) if p.shape.len() == 2 => (p, p.shape[1]),
+            _ => return Err(shape_err("upload_half", "expected 2-D parts".into())),
+        };
+        let kind = first.kind;
+        if parts
+            .iter()
+            .any(|p| p.kind != kind || p.shape.len() != 2 || p.shape[1] != cols)
+        {
+            return Err(shape_err(
+                "upload_half",
+                "parts of different formats or widths".into(),
+            ));
+        }
+        let w = half::HalfWeight::new(
+            kind,
+            cols,
+            parts.into_iter().map(|p| (p.shape[0], p.data)).collect(),
+        );
+        Ok(CpuWeight {
+            shape: vec![w.rows, cols],
+            data: F32Data::Owned(Vec::new()),
+            half: Some(w),
         })
     }
 
@@ -223,7 +287,10 @@ impl Backend for CpuBackend {
                     "token id {id} is outside the vocabulary ({vocab})"
                 )));
             }
-            row.copy_from_slice(&table.data[id * width..(id + 1) * width]);
+            match &table.half {
+                Some(h) => h.widen_rows(id, 1, row),
+                None => row.copy_from_slice(&table.data[id * width..(id + 1) * width]),
+            }
         }
         Ok(CpuTensor::new(ids.len(), width, out))
     }
@@ -298,7 +365,10 @@ impl Backend for CpuBackend {
                 row.copy_from_slice(&b.data);
             }
         }
-        matmul_nt(&mut out, &x.data, &w.data, x.rows, n, k, bias.is_some());
+        match &w.half {
+            Some(h) => half::matmul_nt_half(&mut out, &x.data, h, x.rows, bias.is_some()),
+            None => matmul_nt(&mut out, &x.data, &w.data, x.rows, n, k, bias.is_some()),
+        }
         Ok(CpuTensor::new(x.rows, n, out))
     }
 
