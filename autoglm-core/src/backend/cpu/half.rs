@@ -44,6 +44,18 @@ impl HalfWeight {
         2 * self.rows * self.cols
     }
 
+    /// Row `r`'s `cols` elements.
+    fn row(&self, r: usize) -> &[u16] {
+        let mut base = 0;
+        for (rows, data) in &self.parts {
+            if r < base + rows {
+                return &data[(r - base) * self.cols..(r - base + 1) * self.cols];
+            }
+            base += rows;
+        }
+        panic!("row {r} of a {}-row weight", self.rows)
+    }
+
     /// Widens rows `r0 .. r0 + n` into `dst` (`n * cols` values).
     pub(super) fn widen_rows(&self, r0: usize, n: usize, dst: &mut [f32]) {
         let (c, end) = (self.cols, r0 + n);
@@ -84,6 +96,13 @@ fn with_wide<T>(w: &HalfWeight, r0: usize, n: usize, f: impl FnOnce(&[f32]) -> T
     })
 }
 
+/// Widened rows handled at once by a decode task: 16K values (64 KiB of f32), so the staging
+/// buffer stays in L2 between the widening and the dot products.
+const DECODE_SUB_ELEMS: usize = 16 * 1024;
+/// Widened rows per prefill chunk: 4M values (16 MiB of f32). Each chunk is one parallel GEMM, so
+/// `x` is packed once per chunk; the buffer is reused.
+const PREFILL_CHUNK_ELEMS: usize = 4 << 20;
+
 /// `dst[m, n] (+)= x[m, k] @ w^T`, as [`super::matmul_nt`] for a 16-bit weight.
 pub fn matmul_nt_half(dst: &mut [f32], x: &[f32], w: &HalfWeight, m: usize, accumulate: bool) {
     let (n, k) = (w.rows, w.cols);
@@ -96,51 +115,81 @@ pub fn matmul_nt_half(dst: &mut [f32], x: &[f32], w: &HalfWeight, m: usize, accu
     }
     let threads = rayon::current_num_threads();
     if m <= SKINNY_ROWS {
-        // Decode: tasks of whole 8-row blocks and about 64 KiB of widened weights (in L2), at
-        // least a few per thread; each runs the f32 skinny kernel on its rows.
+        // Decode: tasks of whole 8-row blocks, a few per thread; inside each, sub-blocks of about
+        // 64 KiB of widened weights (in L2) go through the f32 skinny kernel.
         let block = if m == 1 { 8 } else { 4 };
-        let rows_per_task = n
-            .div_ceil(threads * 4)
-            .max((16 * 1024 / k.max(1)).max(block))
-            .div_ceil(block)
-            * block;
+        let rows_per_task = n.div_ceil(threads * 4).max(block).div_ceil(block) * block;
+        let sub = (DECODE_SUB_ELEMS / k.max(1)).max(1).div_ceil(block) * block;
+        let run = |t: usize, out: &mut [f32], acc: bool| {
+            let rows = out.len() / m;
+            let mut r = 0;
+            while r < rows {
+                let nr = sub.min(rows - r);
+                with_wide(w, t * rows_per_task + r, nr, |wr| {
+                    gemv::rows_kernel(block, &mut out[r * m..(r + nr) * m], m, x, wr, k, acc)
+                });
+                r += nr;
+            }
+        };
         if m == 1 {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(dot8) = x86::fused_dot8(w.kind) {
+                // Batch 1: the weight rows widen in registers inside the dot products (no staging
+                // buffer), eight rows at a time.
+                dst.par_chunks_mut(rows_per_task)
+                    .enumerate()
+                    .for_each(|(t, out)| {
+                        let g0 = t * rows_per_task;
+                        for (b, o) in out.chunks_mut(8).enumerate() {
+                            let r0 = g0 + 8 * b;
+                            if o.len() == 8 {
+                                let rows: [&[u16]; 8] = std::array::from_fn(|j| w.row(r0 + j));
+                                // SAFETY: fused_dot8 returned this kernel only when the CPU has
+                                // the features it needs; x and every row hold k elements.
+                                let d = unsafe { dot8(x, &rows) };
+                                for (o, d) in o.iter_mut().zip(d) {
+                                    *o = if accumulate { *o + d } else { d };
+                                }
+                            } else {
+                                with_wide(w, r0, o.len(), |wr| {
+                                    gemv::rows_kernel(1, o, 1, x, wr, k, accumulate)
+                                });
+                            }
+                        }
+                    });
+                return;
+            }
             dst.par_chunks_mut(rows_per_task)
                 .enumerate()
-                .for_each(|(t, out)| {
-                    with_wide(w, t * rows_per_task, out.len(), |wr| {
-                        gemv::rows_kernel(block, out, 1, x, wr, k, accumulate)
-                    })
-                });
+                .for_each(|(t, out)| run(t, out, accumulate));
             return;
         }
         let mut tmp = vec![0f32; n * m];
         tmp.par_chunks_mut(rows_per_task * m)
             .enumerate()
-            .for_each(|(t, out)| {
-                with_wide(w, t * rows_per_task, out.len() / m, |wr| {
-                    gemv::rows_kernel(block, out, m, x, wr, k, false)
-                })
-            });
+            .for_each(|(t, out)| run(t, out, false));
         scatter_transposed(dst, &tmp, m, n, accumulate);
         return;
     }
-    // Prefill: panels of weight rows, each widened once and multiplied with all of x by the gemm
-    // crate on one thread (the panels are the parallelism): tmp[rows, m] = w_panel @ x^T.
-    let panel = (256 * 1024 / k.max(1))
-        .clamp(16, 256)
-        .min(n.div_ceil(threads))
-        .max(1);
-    let mut tmp = vec![0f32; n * m];
-    tmp.par_chunks_mut(panel * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            let rows = out.len() / m;
-            with_wide(w, t * panel, rows, |wr| {
-                gemm_call(out, m, wr, x, (rows, m, k), false, gemm::Parallelism::None)
-            })
+    // Prefill: chunks of weight rows widened (in parallel) into one buffer, then one parallel
+    // GEMM per chunk writing its columns of dst in place: dst[:, j0..j0 + rows] (+)= x @ chunk^T.
+    let chunk = (PREFILL_CHUNK_ELEMS / k.max(1)).max(16).min(n);
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut wide = vec![0f32; chunk * k];
+    let mut j0 = 0;
+    while j0 < n {
+        let rows = chunk.min(n - j0);
+        let buf = &mut wide[..rows * k];
+        buf.par_chunks_mut(8 * k).enumerate().for_each(|(i, b)| {
+            w.widen_rows(j0 + 8 * i, b.len() / k, b);
         });
-    scatter_transposed(dst, &tmp, m, n, accumulate);
+        gemm_call(&mut dst[j0..], n, x, buf, (m, rows, k), accumulate, par);
+        j0 += rows;
+    }
 }
 
 /// `dst[i * n + j] (+)= tmp[j * m + i]`.
@@ -190,8 +239,97 @@ fn widen_portable(kind: HalfKind, src: &[u16], dst: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over the accumulator arrays read best here
 mod x86 {
     use std::arch::x86_64::*;
+
+    use crate::model::HalfKind;
+
+    /// Eight dot products `x . row_j` with 16-bit rows widened in registers.
+    pub(super) type Dot8 = unsafe fn(&[f32], &[&[u16]; 8]) -> [f32; 8];
+
+    /// The fused batch-1 kernel for `kind` when this CPU has what it needs.
+    pub(super) fn fused_dot8(kind: HalfKind) -> Option<Dot8> {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma")) {
+            return None;
+        }
+        match kind {
+            HalfKind::Bf16 => Some(dot8_bf16),
+            HalfKind::F16 if has!("f16c") => Some(dot8_f16),
+            HalfKind::F16 => None,
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every row must have `x.len()` elements.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot8_bf16(x: &[f32], rows: &[&[u16]; 8]) -> [f32; 8] {
+        let k = x.len();
+        assert!(rows.iter().all(|r| r.len() == k), "dot8_bf16: row lengths");
+        let mut a = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        // SAFETY: (whole block) i + 8 <= k bounds every load of x and of each row.
+        unsafe {
+            while i + 8 <= k {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for r in 0..8 {
+                    let h = _mm_loadu_si128(rows[r].as_ptr().add(i) as *const __m128i);
+                    let w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                    a[r] = _mm256_fmadd_ps(w, xv, a[r]);
+                }
+                i += 8;
+            }
+        }
+        let mut out = [0f32; 8];
+        for r in 0..8 {
+            out[r] = hsum(a[r]);
+            for j in i..k {
+                out[r] += f32::from_bits((rows[r][j] as u32) << 16) * x[j];
+            }
+        }
+        out
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; every row must have `x.len()` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot8_f16(x: &[f32], rows: &[&[u16]; 8]) -> [f32; 8] {
+        let k = x.len();
+        assert!(rows.iter().all(|r| r.len() == k), "dot8_f16: row lengths");
+        let mut a = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        // SAFETY: (whole block) i + 8 <= k bounds every load of x and of each row.
+        unsafe {
+            while i + 8 <= k {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+                for r in 0..8 {
+                    let h = _mm_loadu_si128(rows[r].as_ptr().add(i) as *const __m128i);
+                    a[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(h), xv, a[r]);
+                }
+                i += 8;
+            }
+        }
+        let mut out = [0f32; 8];
+        for r in 0..8 {
+            out[r] = hsum(a[r]);
+            for j in i..k {
+                out[r] += half::f16::from_bits(rows[r][j]).to_f32() * x[j];
+            }
+        }
+        out
+    }
 
     // A plain shift, which LLVM vectorises at the enabled width.
     #[target_feature(enable = "avx2")]
@@ -270,13 +408,19 @@ mod tests {
 
     /// The product equals the f32 path on the widened weights (to f32 summation order) for decode
     /// and prefill row counts, with the weight in three parts (q, k, v) whose boundaries fall
-    /// inside the tasks, with and without accumulation.
+    /// inside the tasks and inside the batch-1 kernel's 8-row blocks (the last block partial),
+    /// with and without accumulation.
     #[test]
     fn products_equal_the_f32_path_on_the_widened_weights() {
-        let k = 72;
         let parts_rows = [40usize, 7, 13];
         let n: usize = parts_rows.iter().sum();
-        for kind in [HalfKind::Bf16, HalfKind::F16] {
+        // k = 75: the vector loops leave a scalar tail.
+        for (kind, k) in [
+            (HalfKind::Bf16, 72),
+            (HalfKind::F16, 72),
+            (HalfKind::Bf16, 75),
+            (HalfKind::F16, 75),
+        ] {
             let wide = data(n * k, 2);
             let b = bits(kind, &wide);
             let wide: Vec<f32> = b.iter().map(|&v| kind.to_f32(v)).collect();
