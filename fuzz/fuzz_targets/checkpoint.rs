@@ -42,7 +42,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         ),
         _ => return,
     }
-    if let Err(e) = GlmModel::load(dir, &CpuBackend) {
+    if let Err(e) = GlmModel::load(dir, &CpuBackend::new()) {
         let msg = e.to_string();
         assert!(
             msg.contains(&*dir.to_string_lossy())
