@@ -243,6 +243,7 @@ fn widen_portable(kind: HalfKind, src: &[u16], dst: &mut [f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::gemv::avx2::hsum;
     use crate::model::HalfKind;
 
     /// Eight dot products `x . row_j` with 16-bit rows widened in registers.
@@ -259,17 +260,6 @@ mod x86 {
             HalfKind::F16 if has!("f16c") => Some(dot8_f16),
             HalfKind::F16 => None,
         }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// # Safety
