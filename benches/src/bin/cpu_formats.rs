@@ -29,7 +29,7 @@ use std::time::Instant;
 use autoglm_benches::{median, CpuUsage, Machine, ModelShape};
 use autoglm_core::backend::cpu::CpuBackend;
 use autoglm_core::backend::Backend;
-use autoglm_core::model::{GlmModel, ModelConfig, RandomWeights, WeightSource};
+use autoglm_core::model::{GlmModel, RandomWeights, WeightSource};
 use autoglm_core::runner::ForwardBatch;
 use clap::Parser;
 use serde_json::{json, Value};
@@ -101,7 +101,7 @@ fn main() {
         }
         return;
     }
-    if let Err(e) = write_checkpoint(&dir, &shape, &config) {
+    if let Err(e) = write_checkpoint(&dir, &shape) {
         eprintln!("error: writing the checkpoint under {}: {e}", dir.display());
         std::process::exit(1);
     }
@@ -175,7 +175,7 @@ fn cpu_flags() -> String {
 }
 
 /// Writes `dir/config.json` and `dir/model.safetensors` (bf16) unless they exist for this shape.
-fn write_checkpoint(dir: &Path, shape: &ModelShape, config: &ModelConfig) -> std::io::Result<()> {
+fn write_checkpoint(dir: &Path, shape: &ModelShape) -> std::io::Result<()> {
     let st = dir.join("model.safetensors");
     let cfg_path = dir.join("config.json");
     let config_json = json!({
@@ -279,7 +279,6 @@ fn write_checkpoint(dir: &Path, shape: &ModelShape, config: &ModelConfig) -> std
         &cfg_path,
         serde_json::to_string_pretty(&config_json).expect("config"),
     )?;
-    let _ = config;
     eprintln!(
         "wrote {} ({:.2} GB) in {:.1} s",
         st.display(),
